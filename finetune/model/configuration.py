@@ -1,0 +1,119 @@
+"""MiniCPMVConfig: reads and writes the published (transformers 4.40) config.json layout.
+
+The published config is a LlamaConfig with the vision tower's config nested under `vision_config`, the
+slicing parameters under `slice_config`, and `rope_theta` at top level. transformers 5 stores RoPE as
+`rope_parameters`; we accept both and always write the 4.40 layout back, so the hub's remote code and other
+tools keep reading checkpoints this project saves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import LlamaConfig
+from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
+
+from .image_processing import SliceSettings
+
+# The published vision tower: SigLIP-so400m-patch14 at 980 px (70 x 70 learned positions).
+DEFAULT_VISION_CONFIG = {
+    "hidden_size": 1152,
+    "image_size": 980,
+    "intermediate_size": 4304,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 27,
+    "patch_size": 14,
+}
+DEFAULT_SLICE_CONFIG = {"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 448}
+# The hub's remote code, named in config.json so that trust_remote_code=True keeps finding it.
+PUBLISHED_AUTO_MAP = {
+    "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+    "AutoModel": "modeling_minicpmv.MiniCPMV",
+    "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
+}
+
+
+def vision_config_from(value: Any) -> Idefics2VisionConfig:
+    """The published checkpoint says model_type "idefics2"; tiny ones say "idefics2_vision": accept both."""
+    if isinstance(value, Idefics2VisionConfig):
+        return value
+    fields = dict(DEFAULT_VISION_CONFIG)
+    fields.update({k: v for k, v in (value or {}).items() if k not in ("model_type", "transformers_version")})
+    return Idefics2VisionConfig(**fields)
+
+
+class MiniCPMVConfig(LlamaConfig):
+    """Config of MiniCPM-Llama3-V-2.5: a Llama-3 LLM config plus the vision and slicing settings."""
+
+    model_type = "minicpmv"
+    # Lets transformers pass the attention implementation chosen at load time on to the vision tower.
+    sub_configs = {"vision_config": Idefics2VisionConfig}
+
+    query_num: int = 96
+    image_size: int = 448
+    patch_size: int = 14
+    drop_vision_last_layer: bool = False
+    batch_vision_input: bool = True
+    slice_mode: bool = True
+    slice_config: dict | None = None
+    vision_config: dict | Idefics2VisionConfig | None = None
+
+    def __post_init__(self, **kwargs):
+        slice_config = dict(DEFAULT_SLICE_CONFIG)
+        slice_config.update({k: v for k, v in (self.slice_config or {}).items() if k != "model_type"})
+        self.slice_config = slice_config
+        self.vision_config = vision_config_from(self.vision_config)
+        super().__post_init__(**kwargs)
+        if self.hidden_size < 128 or self.hidden_size % 128:
+            # The resampler uses hidden // 128 heads (published code): any other size silently breaks it.
+            raise ValueError(f"MiniCPMVConfig: hidden_size must be a multiple of 128, got {self.hidden_size}")
+
+    # --- what the rest of the project reads ------------------------------------------------------------
+
+    @property
+    def slice_settings(self) -> SliceSettings:
+        return SliceSettings(
+            scale_resolution=int(self.slice_config.get("scale_resolution", 448)),
+            patch_size=int(self.slice_config.get("patch_size", self.patch_size)),
+            max_slice_nums=int(self.slice_config.get("max_slice_nums", 9)),
+            query_num=int(self.query_num),
+            slicing=bool(self.slice_mode),
+        )
+
+    @property
+    def llm_config(self) -> LlamaConfig:
+        """A plain LlamaConfig for `llm`: LlamaForCausalLM must not see the multimodal fields."""
+        fields = {k: v for k, v in super().to_dict().items() if k not in _MULTIMODAL_KEYS}
+        llm_config = LlamaConfig(**fields)
+        llm_config._attn_implementation = self._attn_implementation
+        return llm_config
+
+    # --- the published layout on disk ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        rope = output.pop("rope_parameters", None) or {}
+        output["rope_theta"] = float(rope.get("rope_theta", 500000.0))
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
+        output["rope_scaling"] = (dict(scaling, rope_type=rope["rope_type"]) if scaling else None)
+        if isinstance(output.get("vision_config"), dict):
+            output["vision_config"]["model_type"] = "idefics2"
+        output["slice_config"] = dict(self.slice_config, model_type="minicpmv")
+        output.setdefault("auto_map", PUBLISHED_AUTO_MAP)
+        output.setdefault("architectures", ["MiniCPMV"])
+        if "dtype" in output:  # transformers 4.40 reads torch_dtype
+            output["torch_dtype"] = output["dtype"]
+        return output
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # The full dict, so that every field the hub code reads is written explicitly.
+        output = self.to_dict()
+        output.pop("_name_or_path", None)
+        return output
+
+
+_MULTIMODAL_KEYS = {
+    "query_num", "image_size", "patch_size", "drop_vision_last_layer", "batch_vision_input", "slice_mode",
+    "slice_config", "vision_config", "auto_map", "architectures", "model_type", "version", "mm_use_im_start_end",
+    "rope_theta", "rope_scaling", "transformers_version", "torch_dtype",
+}

@@ -1,0 +1,293 @@
+"""MiniCPMV: Llama-3 + Idefics2 (SigLIP) vision tower + perceiver resampler, on transformers' own modules.
+
+Parameter names and shapes equal the published checkpoint's (`llm.*`, `vpm.*`, `resampler.*`), and the call
+interface is the published one: `model(data={input_ids, position_ids, pixel_values, tgt_sizes, image_bound},
+**llm_kwargs)`. Numerics follow spec section 4, with one deliberate definition: a sample's vision features
+are the ones it gets when run alone (how the published `chat()` runs), whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
+
+from .checkpoint import validate_checkpoint_dir
+from .configuration import MiniCPMVConfig
+from .image_processing import image_bounds, image_placeholder, image_views
+from .resampler import Resampler
+from .tokenization import SpecialTokens
+
+IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
+
+
+class MiniCPMVPreTrainedModel(PreTrainedModel):
+    config_class = MiniCPMVConfig
+    base_model_prefix = "minicpmv"
+    main_input_name = "data"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "Idefics2EncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, Resampler):
+            nn.init.trunc_normal_(module.query, std=0.02)
+            nn.init.normal_(module.proj, std=module.embed_dim**-0.5)
+            module._pos_table.clear()
+        elif isinstance(module, nn.MultiheadAttention):
+            nn.init.xavier_uniform_(module.in_proj_weight)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            nn.init.zeros_(module.bias)
+        elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
+            nn.init.ones_(module.weight)
+
+
+class MiniCPMV(MiniCPMVPreTrainedModel):
+    def __init__(self, config: MiniCPMVConfig):
+        super().__init__(config)
+        # The LLM reads the same config object (a LlamaConfig subclass), as in the published code, so that
+        # the attention implementation chosen at load time reaches it.
+        self.llm = LlamaForCausalLM(config)
+        self.vpm = Idefics2VisionTransformer(config.vision_config)
+        if config.drop_vision_last_layer:
+            self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
+        self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
+        self.post_init()
+
+    # --- loading: refuse anything that would leave weights random ------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            validate_checkpoint_dir(pretrained_model_name_or_path, kwargs.get("config"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # --- embeddings (PEFT and resizing go through these) ---------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_output_embeddings(value)
+
+    # --- vision --------------------------------------------------------------------------------------------
+
+    def _as_strip(self, view: torch.Tensor) -> torch.Tensor:
+        """Accept the published [3, p, L*p] strip, or a [3, H, W] view (re-laid into a strip)."""
+        patch = self.config.patch_size
+        if view.shape[1] == patch:
+            return view
+        channels, height, width = view.shape
+        rows, cols = height // patch, width // patch
+        patches = view.reshape(channels, rows, patch, cols, patch).permute(0, 2, 1, 3, 4)
+        return patches.reshape(channels, patch, rows * cols * patch)
+
+    def vision_features(self, pixel_values: list[list[torch.Tensor]], tgt_sizes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, [n_views, query_num, hidden]; an empty tensor for a sample without images.
+
+        The published vision tower pads every strip of a call to the call's longest strip and attends over
+        the padding (its patch mask is all True). We pad each sample's strips to that sample's own longest
+        strip, so every sample gets exactly its features-when-alone; samples sharing a length run together.
+        """
+        dtype, device = self.vpm.embeddings.patch_embedding.weight.dtype, self.vpm.embeddings.patch_embedding.weight.device
+        patch = self.config.patch_size
+        groups: dict[int, list[int]] = {}
+        strips_per_sample = []
+        for index, views in enumerate(pixel_values):
+            strips = [self._as_strip(v) for v in views]
+            strips_per_sample.append(strips)
+            if strips:
+                groups.setdefault(max(s.shape[-1] for s in strips) // patch, []).append(index)
+
+        features: list[torch.Tensor | None] = [None] * len(pixel_values)
+        for length, members in groups.items():
+            strips = [s for i in members for s in strips_per_sample[i]]
+            batch = torch.zeros(len(strips), 3, patch, length * patch, dtype=dtype, device=device)
+            for j, strip in enumerate(strips):
+                batch[j, :, :, : strip.shape[-1]] = strip.to(device=device, dtype=dtype)
+            sizes = torch.cat([torch.as_tensor(tgt_sizes[i]).reshape(-1, 2) for i in members]).to(device)
+            hidden = self.vpm(batch).last_hidden_state
+            queries = self.resampler(hidden, sizes)
+            offset = 0
+            for i in members:
+                count = len(strips_per_sample[i])
+                features[i] = queries[offset : offset + count]
+                offset += count
+        empty = torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=self.llm.dtype, device=device)
+        return [f if f is not None else empty for f in features]
+
+    def _dummy_vision_feature(self) -> torch.Tensor:
+        """What the published code runs when a training call has no image: an all-zero 224 x 224 image."""
+        weight = self.vpm.embeddings.patch_embedding.weight
+        dummy = torch.zeros(1, 3, 224, 224, dtype=weight.dtype, device=weight.device)
+        side = 224 // self.config.patch_size
+        sizes = torch.tensor([[side, side]], dtype=torch.int64, device=weight.device)
+        return self.resampler(self.vpm(dummy).last_hidden_state, sizes)
+
+    # --- the published interface ----------------------------------------------------------------------------
+
+    def get_vllm_embedding(self, data: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Text embeddings with each sample's view features written over its image_bound positions."""
+        input_ids = data["input_ids"]
+        if data.get("vision_hidden_states") is not None:
+            vision_hidden_states = data["vision_hidden_states"]
+        else:
+            vision_hidden_states = self.vision_features(data["pixel_values"], data["tgt_sizes"])
+
+        embeddings = self.llm.get_input_embeddings()(input_ids)
+        if getattr(self.config, "scale_emb", None):  # MiniCPM-V 2.0's LLM scales embeddings; Llama-3 does not
+            embeddings = embeddings * self.config.scale_emb
+        merged = []
+        for index, features in enumerate(vision_hidden_states):
+            bounds = torch.as_tensor(data["image_bound"][index]).reshape(-1, 2)
+            row = embeddings[index]
+            if len(bounds):
+                positions = torch.cat([torch.arange(s, e, device=row.device) for s, e in bounds.tolist()])
+                flat = features.reshape(-1, features.shape[-1]).to(row.dtype)
+                if len(positions) != len(flat):
+                    raise ValueError(
+                        f"sample {index}: image_bound covers {len(positions)} positions but its views give "
+                        f"{len(flat)} features ({len(features)} views x {features.shape[1] if features.dim() == 3 else '?'} queries)"
+                    )
+                row = row.index_put((positions,), flat)  # written over, not added: out of place for autograd
+            merged.append(row)
+        embeddings = torch.stack(merged)
+
+        no_image_anywhere = all(len(f) == 0 for f in vision_hidden_states)
+        if self.training and no_image_anywhere and any(p.requires_grad for p in self._vision_parameters()):
+            # Keeps every vision parameter in the graph (zero gradient) so DDP / ZeRO ranks stay in step.
+            embeddings = embeddings + self._dummy_vision_feature().mean() * 0
+        return embeddings, vision_hidden_states
+
+    def _vision_parameters(self):
+        yield from self.vpm.parameters()
+        yield from self.resampler.parameters()
+
+    def forward(self, data: dict[str, Any] | None = None, **kwargs):
+        """Returns the LLM's output (logits, and the loss when `labels` is passed)."""
+        if data is None:  # allow model(**batch) where the batch carries the published fields at top level
+            data = {k: kwargs.pop(k) for k in list(kwargs) if k in _DATA_KEYS}
+        inputs_embeds, _ = self.get_vllm_embedding(data)
+        position_ids = data.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[0], -1)
+        return self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
+
+    # --- inference ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def chat(
+        self,
+        image: Image.Image | list[Image.Image] | None,
+        msgs: list[dict[str, Any]],
+        tokenizer,
+        max_new_tokens: int = 1024,
+        sampling: bool = True,
+        max_inp_length: int = 2048,
+        system_prompt: str = "",
+        streamer=None,
+        **generation_kwargs,
+    ) -> str:
+        """The published `chat()`: images go in as markers in the first user turn, then placeholder text."""
+        prompt, images = render_chat_prompt(image, msgs, tokenizer, system_prompt)
+        data = self.prepare_inputs(prompt, images, tokenizer, max_inp_length)
+        tokens = SpecialTokens.from_tokenizer(tokenizer)
+        if sampling:
+            config = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
+        else:
+            config = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
+        config.update(generation_kwargs)
+        inputs_embeds, _ = self.get_vllm_embedding(data)
+        output = self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokens.pad,
+            eos_token_id=tokens.stop_ids,
+            streamer=streamer,
+            **config,
+        )
+        return tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
+    def prepare_inputs(self, prompt: str, images: list[Image.Image], tokenizer, max_length: int | None = None) -> dict:
+        """The published processor: replace each marker with its image's placeholder, tokenize, find bounds."""
+        settings = self.config.slice_settings
+        pieces = prompt.split(IMAGE_MARKER)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(f"prompt has {len(pieces) - 1} image markers but {len(images)} images were given")
+        text, pixel_values, sizes = pieces[0], [], []
+        for image, rest in zip(images, pieces[1:]):
+            strips, tgt, plan = image_views(image, settings)
+            pixel_values += strips
+            sizes.append(tgt)
+            text += image_placeholder(plan, settings.query_num, tokenizer.unk_token or "<unk>") + rest
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(f"prompt is {len(ids)} tokens, over max_inp_length={max_length}")
+        tokens = SpecialTokens.from_tokenizer(tokenizer)
+        device = self.llm.device
+        dtype = self.vpm.embeddings.patch_embedding.weight.dtype
+        return {
+            "input_ids": ids[None].to(device),
+            "position_ids": torch.arange(len(ids), device=device)[None],
+            "pixel_values": [[p.to(device=device, dtype=dtype) for p in pixel_values]],
+            "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
+            "image_bound": [image_bounds(ids, tokens.image_start, tokens.image_end)],
+        }
+
+
+_DATA_KEYS = ("input_ids", "position_ids", "pixel_values", "tgt_sizes", "image_bound", "vision_hidden_states")
+
+
+def render_chat_prompt(image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "") -> tuple[str, list[Image.Image]]:
+    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images)."""
+    msgs = deepcopy(msgs)
+    if not msgs or msgs[0].get("role") != "user":
+        raise ValueError("chat messages must start with a user turn")
+    if image is not None:
+        leading = image if isinstance(image, list) else [image]
+        first = msgs[0]["content"]
+        msgs[0]["content"] = leading + (first if isinstance(first, list) else [first])
+    images: list[Image.Image] = []
+    for message in msgs:
+        content = message["content"] if isinstance(message["content"], list) else [message["content"]]
+        parts = []
+        for item in content:
+            if isinstance(item, Image.Image):
+                images.append(item)
+                parts.append(IMAGE_MARKER)
+            else:
+                parts.append(str(item))
+        message["content"] = "\n".join(parts)
+    if system_prompt:
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return prompt, images

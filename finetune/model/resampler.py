@@ -1,0 +1,88 @@
+"""The perceiver resampler: 96 learned queries attend over one view's vision features (spec section 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POS_TABLE_SIDE = 70  # the published table is 70 x 70; it grows when a view needs more
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """E(pos) = [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (dim/2)), in float32 like the published numpy."""
+    omega = np.arange(dim // 2, dtype=np.float32)
+    omega /= dim / 2.0
+    omega = 1.0 / 10000**omega
+    angles = np.einsum("hw,d->hwd", positions, omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+
+def sincos_2d_table(dim: int, rows: int, cols: int) -> torch.Tensor:
+    """[rows, cols, dim]; entry (r, c) = concat(E(c), E(r)): first half encodes the column, second the row."""
+    grid_cols, grid_rows = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+    table = np.concatenate([sincos_1d(dim // 2, grid_cols), sincos_1d(dim // 2, grid_rows)], axis=-1)
+    return torch.from_numpy(table)
+
+
+class Resampler(nn.Module):
+    """Parameters are stored like torch.nn.MultiheadAttention (attn.in_proj_weight, attn.out_proj) to match
+    the checkpoint; the attention itself runs through scaled_dot_product_attention."""
+
+    def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_queries, self.embed_dim = num_queries, embed_dim
+        self.num_heads = embed_dim // 128
+        self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
+        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
+        self.attn = nn.MultiheadAttention(embed_dim, self.num_heads)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=eps)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=eps)
+        self.ln_post = nn.LayerNorm(embed_dim, eps=eps)
+        self.proj = nn.Parameter(torch.zeros(embed_dim, embed_dim))
+        # Not a buffer on purpose: a non-persistent buffer is not in the checkpoint and transformers 5 leaves it
+        # uninitialised on load. A plain cache, rebuilt on demand, cannot be corrupted that way.
+        self._pos_table: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+    def position_table(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        side_r, side_c = max(rows, POS_TABLE_SIDE), max(cols, POS_TABLE_SIDE)
+        key = (device, side_r, side_c)
+        if key not in self._pos_table:
+            self._pos_table[key] = sincos_2d_table(self.embed_dim, side_r, side_c).to(device)
+        return self._pos_table[key]
+
+    def key_positions(self, tgt_sizes: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+        """[N, length, D] float32: view j's top-left h_j x w_j block of the table, row-major, zero-padded."""
+        sizes = tgt_sizes.tolist()
+        table = self.position_table(max(h for h, _ in sizes), max(w for _, w in sizes), device)
+        out = torch.zeros(len(sizes), length, self.embed_dim, device=device)
+        for j, (h, w) in enumerate(sizes):
+            out[j, : h * w] = table[:h, :w].reshape(h * w, -1)
+        return out
+
+    def forward(self, features: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """features [N, L, kv_dim] (vision output, padded), tgt_sizes [N, 2] -> [N, num_queries, embed_dim]."""
+        num_views, length, _ = features.shape
+        device = features.device
+        patch_counts = (tgt_sizes[:, 0] * tgt_sizes[:, 1]).to(device)
+        keep = torch.arange(length, device=device)[None, :] < patch_counts[:, None]  # True = attend
+
+        x = self.ln_kv(self.kv_proj(features))
+        keys = x + self.key_positions(tgt_sizes, length, device).to(x.dtype)
+        queries = self.ln_q(self.query).unsqueeze(0).expand(num_views, -1, -1)
+
+        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
+        heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(num_views, -1, heads, head_dim).transpose(1, 2)
+
+        q = split_heads(F.linear(queries, w_q, b_q))
+        k = split_heads(F.linear(keys, w_k, b_k))
+        v = split_heads(F.linear(x, w_v, b_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        out = out.transpose(1, 2).reshape(num_views, self.num_queries, self.embed_dim)
+        out = self.attn.out_proj(out)
+        return self.ln_post(out) @ self.proj
