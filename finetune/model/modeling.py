@@ -165,21 +165,31 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         embeddings = self.llm.get_input_embeddings()(input_ids)
         if getattr(self.config, "scale_emb", None):  # MiniCPM-V 2.0's LLM scales embeddings; Llama-3 does not
             embeddings = embeddings * self.config.scale_emb
-        merged = []
+        # Packed batches (finetune.dataset packing mode) list images per original sample, with the row and
+        # start offset of each sample; unpacked batches have one entry per row and offset 0.
+        rows = data.get("row_of_sample")
+        offsets = data.get("sample_offsets")
+        flat_rows, flat_positions, flat_features = [], [], []
         for index, features in enumerate(vision_hidden_states):
             bounds = torch.as_tensor(data["image_bound"][index]).reshape(-1, 2)
-            row = embeddings[index]
-            if len(bounds):
-                positions = torch.cat([torch.arange(s, e, device=row.device) for s, e in bounds.tolist()])
-                flat = features.reshape(-1, features.shape[-1]).to(row.dtype)
-                if len(positions) != len(flat):
-                    raise ValueError(
-                        f"sample {index}: image_bound covers {len(positions)} positions but its views give "
-                        f"{len(flat)} features ({len(features)} views x {features.shape[1] if features.dim() == 3 else '?'} queries)"
-                    )
-                row = row.index_put((positions,), flat)  # written over, not added: out of place for autograd
-            merged.append(row)
-        embeddings = torch.stack(merged)
+            if not len(bounds):
+                continue
+            row = int(rows[index]) if rows is not None else index
+            offset = int(offsets[index]) if offsets is not None else 0
+            positions = torch.cat([torch.arange(s, e) for s, e in bounds.tolist()]) + offset
+            features = features.reshape(-1, features.shape[-1])
+            if len(positions) != len(features):
+                raise ValueError(
+                    f"sample {index}: image_bound covers {len(positions)} positions but its views give "
+                    f"{len(features)} features"
+                )
+            flat_rows.append(torch.full_like(positions, row))
+            flat_positions.append(positions)
+            flat_features.append(features)
+        if flat_features:
+            index = (torch.cat(flat_rows).to(embeddings.device), torch.cat(flat_positions).to(embeddings.device))
+            # Written over, not added (published semantics); out of place so autograd sees both paths.
+            embeddings = embeddings.index_put(index, torch.cat(flat_features).to(embeddings.dtype))
 
         no_image_anywhere = all(len(f) == 0 for f in vision_hidden_states)
         if self.training and no_image_anywhere and any(p.requires_grad for p in self._vision_parameters()):
@@ -264,7 +274,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         }
 
 
-_DATA_KEYS = ("input_ids", "position_ids", "pixel_values", "tgt_sizes", "image_bound", "vision_hidden_states")
+_DATA_KEYS = (
+    "input_ids", "position_ids", "pixel_values", "tgt_sizes", "image_bound", "vision_hidden_states",
+    "row_of_sample", "sample_offsets",
+)  # fmt: skip
 
 
 def render_chat_prompt(image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "") -> tuple[str, list[Image.Image]]:

@@ -1,0 +1,226 @@
+"""The native model against the published code's outputs (golden tiny), and its loading/saving contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer
+
+import finetune  # noqa: F401  (registers the Auto classes)
+from finetune.model import MiniCPMV, SpecialTokens
+from finetune.model.checkpoint import CheckpointError
+
+
+def case_data(case: dict) -> dict:
+    return {
+        "input_ids": case["input_ids"][None],
+        "position_ids": torch.arange(len(case["input_ids"]))[None],
+        "pixel_values": [case.get("pixel_values", [])],
+        "tgt_sizes": [case["tgt_sizes"]],
+        "image_bound": [case["image_bound"]],
+    }
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def golden_model(request, golden_dir):
+    return AutoModel.from_pretrained(golden_dir, dtype=torch.float32, attn_implementation=request.param)
+
+
+def test_auto_classes_give_native_model_and_tokenizer(golden_dir):
+    model = AutoModel.from_pretrained(golden_dir)
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    assert type(model) is MiniCPMV
+    assert type(tokenizer).__name__ == "MiniCPMVTokenizerFast"
+    assert model.config.query_num == 16 and model.config.slice_settings.scale_resolution == 112
+    text = "Hello  world\n\n  spaced\tout"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_golden_logits(golden_model, golden_cases, index):
+    case = golden_cases[index]
+    golden_model.train(case["train_mode"])
+    with torch.no_grad():
+        embeddings, _ = golden_model.get_vllm_embedding(case_data(case))
+        logits = golden_model(data=case_data(case)).logits[0]
+    torch.testing.assert_close(embeddings[0], case["inputs_embeds"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, case["logits"], atol=1e-4, rtol=0)
+
+
+def test_golden_preprocessing(golden_dir, golden_cases, golden_images):
+    """Prompt -> ids, bounds, tgt_sizes and pixels exactly as the published processor made them."""
+    model = AutoModel.from_pretrained(golden_dir)
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    for case in golden_cases:
+        images = [Image.open(golden_images / f"{stem}.png") for stem in case["images"]]
+        data = model.prepare_inputs(case["prompt"], images, tokenizer)
+        assert torch.equal(data["input_ids"][0], case["input_ids"]), case["name"]
+        assert torch.equal(data["image_bound"][0], case["image_bound"]), case["name"]
+        assert torch.equal(data["tgt_sizes"][0].long(), case["tgt_sizes"].long()), case["name"]
+        assert len(data["pixel_values"][0]) == len(case.get("pixel_values", []))
+        for ours, theirs in zip(data["pixel_values"][0], case.get("pixel_values", [])):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_chat_prompt_matches_published_rendering(golden_dir, golden_cases, golden_images):
+    from finetune.model import render_chat_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    case = golden_cases[0]
+    image = Image.open(golden_images / "wide_260x150.png")
+    prompt, images = render_chat_prompt(image, [{"role": "user", "content": "What is in the picture?"}], tokenizer)
+    assert prompt == case["prompt"] and images == [image]
+
+
+def test_sample_alone_equals_sample_batched_with_longer_slices(golden_dir, golden_cases):
+    """Batching must not change a sample's features (the published code pads strips to the call's max)."""
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="eager").eval()
+    small, two = golden_cases[1], golden_cases[2]  # 'two_images' has a 910-px strip, longer than small's 882
+    assert max(p.shape[-1] for p in two["pixel_values"]) > max(p.shape[-1] for p in small["pixel_values"])
+    length = max(len(small["input_ids"]), len(two["input_ids"]))
+
+    def padded(ids):
+        return torch.cat([ids, torch.zeros(length - len(ids), dtype=ids.dtype)])
+
+    data = {
+        "input_ids": torch.stack([padded(small["input_ids"]), padded(two["input_ids"])]),
+        "position_ids": torch.arange(length).expand(2, -1),
+        "pixel_values": [small["pixel_values"], two["pixel_values"]],
+        "tgt_sizes": [small["tgt_sizes"], two["tgt_sizes"]],
+        "image_bound": [small["image_bound"], two["image_bound"]],
+    }
+    mask = torch.zeros(2, length, dtype=torch.long)
+    mask[0, : len(small["input_ids"])] = 1
+    mask[1, : len(two["input_ids"])] = 1
+    with torch.no_grad():
+        batched = model(data=data, attention_mask=mask).logits
+        alone = model(data=case_data(small)).logits[0]
+    torch.testing.assert_close(batched[0, : len(small["input_ids"])], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[0, : len(small["input_ids"])], small["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched[1, : len(two["input_ids"])], two["logits"], atol=1e-4, rtol=0)
+
+
+def test_packed_row_equals_samples_alone(golden_dir, golden_cases):
+    """Padding-free packing: two samples in one row, position ids restarting, no attention mask."""
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa").eval()
+    first, second = golden_cases[0], golden_cases[2]
+    ids = torch.cat([first["input_ids"], second["input_ids"]])[None]
+    data = {
+        "input_ids": ids,
+        "position_ids": torch.cat([torch.arange(len(first["input_ids"])), torch.arange(len(second["input_ids"]))])[None],
+        "pixel_values": [first["pixel_values"], second["pixel_values"]],
+        "tgt_sizes": [first["tgt_sizes"], second["tgt_sizes"]],
+        "image_bound": [first["image_bound"], second["image_bound"]],
+        "row_of_sample": torch.tensor([0, 0]),
+        "sample_offsets": torch.tensor([0, len(first["input_ids"])]),
+    }
+    with torch.no_grad():
+        logits = model(data=data).logits[0]
+    split = len(first["input_ids"])
+    torch.testing.assert_close(logits[:split], first["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[split:], second["logits"], atol=1e-4, rtol=0)
+
+
+def test_text_only_training_keeps_vision_in_graph(golden_dir, golden_cases):
+    model = AutoModel.from_pretrained(golden_dir).train()
+    case = golden_cases[3]
+    labels = case["input_ids"][None].clone()
+    model(data=case_data(case), labels=labels).loss.backward()
+    grads = [p.grad for p in model.vpm.parameters()] + [p.grad for p in model.resampler.parameters()]
+    assert all(g is not None for g in grads), "the dummy image must put every vision parameter in the graph"
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_dtype_cast_on_load(golden_dir):
+    model = AutoModel.from_pretrained(golden_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_save_load_round_trip_is_bit_exact_and_published_layout(golden_dir, tmp_path):
+    model = AutoModel.from_pretrained(golden_dir)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "minicpmv" and config["rope_theta"] == 500000.0
+    assert config["rope_scaling"] is None and "rope_parameters" not in config
+    assert config["auto_map"]["AutoModel"] == "modeling_minicpmv.MiniCPMV"
+    assert config["vision_config"]["hidden_size"] == 32 and config["slice_config"]["scale_resolution"] == 112
+    saved = load_file(tmp_path / "model.safetensors")
+    original = load_file(golden_dir / "model.safetensors")
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in original)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def copy_checkpoint(src, dst):
+    shutil.copytree(src, dst)
+    for path in dst.iterdir():
+        path.chmod(0o644)
+    return dst
+
+
+def test_missing_tensor_is_refused(golden_dir, tmp_path):
+    target = copy_checkpoint(golden_dir, tmp_path / "ckpt")
+    tensors = load_file(target / "model.safetensors")
+    del tensors["resampler.proj"]
+    save_file(tensors, target / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"resampler\.proj .* is missing"):
+        AutoModel.from_pretrained(target)
+
+
+def test_wrong_shape_is_refused(golden_dir, tmp_path):
+    target = copy_checkpoint(golden_dir, tmp_path / "ckpt")
+    tensors = load_file(target / "model.safetensors")
+    tensors["resampler.query"] = torch.zeros(8, 256)
+    save_file(tensors, target / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"resampler\.query in model\.safetensors has shape \[8, 256\], expected \[16, 256\]"):
+        AutoModel.from_pretrained(target)
+
+
+def test_missing_weights_file_is_refused(golden_dir, tmp_path):
+    target = copy_checkpoint(golden_dir, tmp_path / "ckpt")
+    (target / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        MiniCPMV.from_pretrained(target)
+
+
+def test_other_model_type_is_refused(golden_dir, tmp_path):
+    target = copy_checkpoint(golden_dir, tmp_path / "ckpt")
+    config = json.loads((target / "config.json").read_text())
+    config["model_type"] = "llava"
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="model_type is 'llava'"):
+        MiniCPMV.from_pretrained(target)
+
+
+def test_chat_greedy_generation(golden_dir, golden_images):
+    model = AutoModel.from_pretrained(golden_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    image = Image.open(golden_images / "small_90x70.png")
+    msgs = [{"role": "user", "content": "Describe it."}]
+    greedy = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 8}
+    first = model.chat(image, msgs, tokenizer, **greedy)
+    second = model.chat(image, msgs, tokenizer, **greedy)
+    assert isinstance(first, str) and first == second
+    # The same greedy continuation computed by hand from the forward pass.
+    prompt_data = model.prepare_inputs(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n(<image>./</image>)\nDescribe it.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n", [image], tokenizer)
+    ids = prompt_data["input_ids"]
+    stop = SpecialTokens.from_tokenizer(tokenizer).stop_ids
+    generated = []
+    with torch.no_grad():
+        for _ in range(8):
+            data = dict(prompt_data, input_ids=ids, position_ids=torch.arange(ids.shape[1])[None])
+            next_id = int(model(data=data).logits[0, -1].argmax())
+            if next_id in stop:
+                break
+            generated.append(next_id)
+            ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+    assert first == tokenizer.decode(generated, skip_special_tokens=True).strip()
