@@ -224,3 +224,22 @@ def test_chat_greedy_generation(golden_dir, golden_images):
             generated.append(next_id)
             ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
     assert first == tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+
+def test_label_position_loss_equals_full_logits_loss(golden_dir, golden_cases):
+    """The fast loss (label positions only, chunked, recomputed) equals LlamaForCausalLM's, value and grads."""
+    case = golden_cases[2]
+    labels = case["input_ids"][None].clone()
+    labels[:, :120] = -100  # only the tail is trained, as with a real answer
+    results = []
+    for return_logits in (True, False):
+        model = AutoModel.from_pretrained(golden_dir).train()
+        loss = model(data=case_data(case), labels=labels, num_items_in_batch=torch.tensor(37), return_logits=return_logits).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (plain_loss, plain_grads), (fast_loss, fast_grads) = results
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-6, rtol=1e-6)
+    assert plain_grads.keys() == fast_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)

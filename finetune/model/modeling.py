@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from .checkpoint import validate_checkpoint_dir
@@ -114,35 +116,37 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         """Per sample, [n_views, query_num, hidden]; an empty tensor for a sample without images.
 
         The published vision tower pads every strip of a call to the call's longest strip and attends over
-        the padding (its patch mask is all True). We pad each sample's strips to that sample's own longest
-        strip, so every sample gets exactly its features-when-alone; samples sharing a length run together.
+        that padding (its patch mask ends up all True), so a sample's features depend on its batch. We define
+        the reference as the sample alone: each strip is padded to its own sample's longest strip L_i (those
+        zero patches take part, as when the sample runs alone), and a patch mask hides everything beyond L_i,
+        which also gives NaViT position ids for a 1 x L_i grid. All views of the call then run in ONE vision
+        tower call, which keeps ZeRO-3's parameter gathering in step across ranks.
         """
-        dtype, device = self.vpm.embeddings.patch_embedding.weight.dtype, self.vpm.embeddings.patch_embedding.weight.device
+        weight = self.vpm.embeddings.patch_embedding.weight
         patch = self.config.patch_size
-        groups: dict[int, list[int]] = {}
-        strips_per_sample = []
-        for index, views in enumerate(pixel_values):
-            strips = [self._as_strip(v) for v in views]
-            strips_per_sample.append(strips)
-            if strips:
-                groups.setdefault(max(s.shape[-1] for s in strips) // patch, []).append(index)
+        strips, own_length, sizes, counts = [], [], [], []
+        for views, sample_sizes in zip(pixel_values, tgt_sizes):
+            sample_strips = [self._as_strip(v) for v in views]
+            counts.append(len(sample_strips))
+            if not sample_strips:
+                continue
+            longest = max(s.shape[-1] for s in sample_strips) // patch
+            strips += sample_strips
+            own_length += [longest] * len(sample_strips)
+            sizes.append(torch.as_tensor(sample_sizes).reshape(-1, 2))
+        empty = torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        if not strips:
+            return [empty for _ in counts]
 
-        features: list[torch.Tensor | None] = [None] * len(pixel_values)
-        for length, members in groups.items():
-            strips = [s for i in members for s in strips_per_sample[i]]
-            batch = torch.zeros(len(strips), 3, patch, length * patch, dtype=dtype, device=device)
-            for j, strip in enumerate(strips):
-                batch[j, :, :, : strip.shape[-1]] = strip.to(device=device, dtype=dtype)
-            sizes = torch.cat([torch.as_tensor(tgt_sizes[i]).reshape(-1, 2) for i in members]).to(device)
-            hidden = self.vpm(batch).last_hidden_state
-            queries = self.resampler(hidden, sizes)
-            offset = 0
-            for i in members:
-                count = len(strips_per_sample[i])
-                features[i] = queries[offset : offset + count]
-                offset += count
-        empty = torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=self.llm.dtype, device=device)
-        return [f if f is not None else empty for f in features]
+        length = max(own_length)
+        batch = torch.zeros(len(strips), 3, patch, length * patch, dtype=weight.dtype, device=weight.device)
+        for j, strip in enumerate(strips):
+            batch[j, :, :, : strip.shape[-1]] = strip.to(device=weight.device, dtype=weight.dtype)
+        lengths = torch.tensor(own_length, device=weight.device)
+        patch_mask = (torch.arange(length, device=weight.device)[None, :] < lengths[:, None])[:, None, :]
+        hidden = self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state
+        queries = self.resampler(hidden, torch.cat(sizes).to(weight.device))
+        return list(queries.split(counts))  # a sample without images gets a [0, Q, D] tensor
 
     def _dummy_vision_feature(self) -> torch.Tensor:
         """What the published code runs when a training call has no image: an all-zero 224 x 224 image."""
@@ -192,8 +196,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             embeddings = embeddings.index_put(index, torch.cat(flat_features).to(embeddings.dtype))
 
         no_image_anywhere = all(len(f) == 0 for f in vision_hidden_states)
-        if self.training and no_image_anywhere and any(p.requires_grad for p in self._vision_parameters()):
-            # Keeps every vision parameter in the graph (zero gradient) so DDP / ZeRO ranks stay in step.
+        vision_trained = self.training and any(p.requires_grad for p in self._vision_parameters())
+        if no_image_anywhere and (vision_trained or _distributed()):
+            # The published dummy image: keeps every vision parameter in the graph (zero gradient) so DDP ranks
+            # stay in step, and makes every rank run the vision tower once so ZeRO-3's gathers match.
             embeddings = embeddings + self._dummy_vision_feature().mean() * 0
         return embeddings, vision_hidden_states
 
@@ -201,15 +207,33 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         yield from self.vpm.parameters()
         yield from self.resampler.parameters()
 
-    def forward(self, data: dict[str, Any] | None = None, **kwargs):
-        """Returns the LLM's output (logits, and the loss when `labels` is passed)."""
+    def forward(
+        self,
+        data: dict[str, Any] | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        return_logits: bool = False,
+        **kwargs,
+    ):
+        """Returns the LLM's output. With `labels`, the loss is computed on label positions only (the full
+        [tokens, vocab] logits are never materialised) unless `return_logits=True`, which runs the plain
+        LlamaForCausalLM loss. Both divide the summed token loss by `num_items_in_batch` when given (the
+        Trainer's count of label tokens in the whole optimizer step), else take the mean."""
         if data is None:  # allow model(**batch) where the batch carries the published fields at top level
             data = {k: kwargs.pop(k) for k in list(kwargs) if k in _DATA_KEYS}
         inputs_embeds, _ = self.get_vllm_embedding(data)
         position_ids = data.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[0], -1)
-        return self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
+        if labels is None or return_logits:
+            if labels is not None:
+                kwargs.update(labels=labels, num_items_in_batch=num_items_in_batch)
+            return self.llm(inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
+
+        kwargs.pop("use_cache", None)
+        hidden = self.llm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **kwargs)
+        loss = label_position_loss(hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss)
 
     # --- inference ------------------------------------------------------------------------------------------
 
@@ -272,6 +296,45 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
             "image_bound": [image_bounds(ids, tokens.image_start, tokens.image_end)],
         }
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def label_position_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """Causal-LM cross-entropy computed only where a next-token label exists, in fp32, chunk by chunk.
+
+    Equal to transformers' ForCausalLMLoss (shift, fp32 upcast, ignore -100), but the logits of the
+    [tokens, vocab] matrix exist only for `chunk_size` label positions at a time, and each chunk's logits are
+    recomputed in backward instead of kept: with a 128k vocabulary that is gigabytes saved per 2k tokens.
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)
+    selected = shifted != -100
+    targets = shifted[selected]
+    states = hidden[selected]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_size):
+        chunk_states, chunk_targets = states[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and chunk_states.requires_grad:
+            total = total + checkpoint(_chunk_loss, chunk_states, chunk_targets, lm_head, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(chunk_states, chunk_targets, lm_head)
+    if num_items_in_batch is None:
+        return total / max(len(targets), 1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
 
 
 _DATA_KEYS = (
