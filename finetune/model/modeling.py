@@ -24,7 +24,7 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransfo
 from .checkpoint import validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views
-from .resampler import Resampler
+from .resampler import Resampler, ResamplerAttention
 from .tokenization import SpecialTokens
 
 IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
@@ -33,7 +33,7 @@ IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; re
 class MiniCPMVPreTrainedModel(PreTrainedModel):
     config_class = MiniCPMVConfig
     base_model_prefix = "minicpmv"
-    main_input_name = "data"
+    main_input_name = "input_ids"  # inside `data`; the trainer reads it there
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "Idefics2EncoderLayer"]
     _supports_sdpa = True
@@ -47,7 +47,7 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.query, std=0.02)
             nn.init.normal_(module.proj, std=module.embed_dim**-0.5)
             module._pos_table.clear()
-        elif isinstance(module, nn.MultiheadAttention):
+        elif isinstance(module, ResamplerAttention):
             nn.init.xavier_uniform_(module.in_proj_weight)
             nn.init.zeros_(module.in_proj_bias)
         elif isinstance(module, nn.Linear):
@@ -166,6 +166,15 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         else:
             vision_hidden_states = self.vision_features(data["pixel_values"], data["tgt_sizes"])
 
+        # A call without any image still runs the vision tower once, on the published dummy image, when vision
+        # parameters train (they stay in the graph with zero gradient, so DDP ranks stay in step) or under
+        # torch.distributed (ZeRO-3 gathers must match across ranks: same modules, same order, before the LLM).
+        dummy = None
+        if all(len(f) == 0 for f in vision_hidden_states):
+            vision_trained = self.training and any(p.requires_grad for p in self._vision_parameters())
+            if vision_trained or _distributed():
+                dummy = self._dummy_vision_feature()
+
         embeddings = self.llm.get_input_embeddings()(input_ids)
         if getattr(self.config, "scale_emb", None):  # MiniCPM-V 2.0's LLM scales embeddings; Llama-3 does not
             embeddings = embeddings * self.config.scale_emb
@@ -195,12 +204,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             # Written over, not added (published semantics); out of place so autograd sees both paths.
             embeddings = embeddings.index_put(index, torch.cat(flat_features).to(embeddings.dtype))
 
-        no_image_anywhere = all(len(f) == 0 for f in vision_hidden_states)
-        vision_trained = self.training and any(p.requires_grad for p in self._vision_parameters())
-        if no_image_anywhere and (vision_trained or _distributed()):
-            # The published dummy image: keeps every vision parameter in the graph (zero gradient) so DDP ranks
-            # stay in step, and makes every rank run the vision tower once so ZeRO-3's gathers match.
-            embeddings = embeddings + self._dummy_vision_feature().mean() * 0
+        if dummy is not None:
+            embeddings = embeddings + dummy.mean() * 0
         return embeddings, vision_hidden_states
 
     def _vision_parameters(self):

@@ -26,9 +26,36 @@ def sincos_2d_table(dim: int, rows: int, cols: int) -> torch.Tensor:
     return torch.from_numpy(table)
 
 
+class ResamplerAttention(nn.Module):
+    """Multi-head attention with torch.nn.MultiheadAttention's parameter names (in_proj_weight, in_proj_bias,
+    out_proj), batch first, through scaled_dot_product_attention. A module of its own, called through its
+    forward, so that ZeRO-3's hooks gather its parameters (reading another module's parameters would not)."""
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """query [N, Q, D], key/value [N, L, D], key_mask [N, L] (True = attend) -> [N, Q, D]."""
+        batch, heads, head_dim = query.shape[0], self.num_heads, self.embed_dim // self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        q = split_heads(F.linear(query, w_q, b_q))
+        k = split_heads(F.linear(key, w_k, b_k))
+        v = split_heads(F.linear(value, w_v, b_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return self.out_proj(out.transpose(1, 2).reshape(batch, -1, self.embed_dim))
+
+
 class Resampler(nn.Module):
-    """Parameters are stored like torch.nn.MultiheadAttention (attn.in_proj_weight, attn.out_proj) to match
-    the checkpoint; the attention itself runs through scaled_dot_product_attention."""
+    """Parameters are stored like the published one (attn.in_proj_weight, attn.out_proj, ...)."""
 
     def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -36,7 +63,7 @@ class Resampler(nn.Module):
         self.num_heads = embed_dim // 128
         self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, self.num_heads)
+        self.attn = ResamplerAttention(embed_dim, self.num_heads)
         self.ln_q = nn.LayerNorm(embed_dim, eps=eps)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=eps)
         self.ln_post = nn.LayerNorm(embed_dim, eps=eps)
@@ -72,17 +99,5 @@ class Resampler(nn.Module):
         keys = x + self.key_positions(tgt_sizes, length, device).to(x.dtype)
         queries = self.ln_q(self.query).unsqueeze(0).expand(num_views, -1, -1)
 
-        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
-        heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
-
-        def split_heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(num_views, -1, heads, head_dim).transpose(1, 2)
-
-        q = split_heads(F.linear(queries, w_q, b_q))
-        k = split_heads(F.linear(keys, w_k, b_k))
-        v = split_heads(F.linear(x, w_v, b_v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        out = out.transpose(1, 2).reshape(num_views, self.num_queries, self.embed_dim)
-        out = self.attn.out_proj(out)
+        out = self.attn(queries, keys, x, keep)
         return self.ln_post(out) @ self.proj
