@@ -1,0 +1,455 @@
+"""Building MiniCPM-Llama3-V-2.5 artefacts locally: a demo tokenizer, tiny random checkpoints in the published
+layout, sharded copies of them, and the full-size architecture with random weights (for memory / speed runs).
+
+Nothing here needs the network or the real weights. The tokenizer is a Llama-3-style byte-level BPE trained on
+a small corpus, with all 256 Llama-3 / MiniCPM-V special tokens in the real order right after the ordinary
+vocabulary (as the real one has them at 128000..128255), so code that looks special tokens up by string or by
+relative position behaves as with the real tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .configuration import MiniCPMVConfig
+from .tokenization import INFERENCE_CHAT_TEMPLATE, MiniCPMVTokenizerFast
+
+# --- the real tokenizer's special tokens ------------------------------------------------------------------
+
+# Llama-3 reserves ids 128000..128255; MiniCPM-Llama3-V-2.5 renamed reserved_0 to <unk> and reserved_5..16 to
+# its image / grounding tags. Order = tokenizer_config.json's added_tokens_decoder (ids 128000 + k).
+_NAMED_SPECIALS = {
+    0: "<|begin_of_text|>", 1: "<|end_of_text|>", 2: "<unk>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+    9: "<|eot_id|>", 10: "<image>", 11: "</image>", 12: "<ref>", 13: "</ref>", 14: "<box>", 15: "</box>",
+    16: "<quad>", 17: "</quad>", 18: "<point>", 19: "</point>", 20: "<slice>", 21: "</slice>",
+}  # fmt: skip
+_RESERVED_NUMBER = {3: 1, 4: 2, 5: 3, 8: 4}  # ids below 10 that stay reserved; from 10 on: k - 5
+SPECIAL_TOKENS: tuple[str, ...] = tuple(
+    _NAMED_SPECIALS.get(k, f"<|reserved_special_token_{_RESERVED_NUMBER.get(k, k - 5)}|>") for k in range(256)
+)
+BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "<unk>", "!"
+
+# Llama-3's pre-tokenizer split (tokenizer.json of Meta-Llama-3-8B), followed by byte-level mapping.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The published config.json (openbmb/MiniCPM-Llama3-V-2_5), minus _name_or_path: the full-size architecture.
+REFERENCE_CONFIG: dict = {
+    "version": "2.5",
+    "architectures": ["MiniCPMV"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+        "AutoModel": "modeling_minicpmv.MiniCPMV",
+        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
+    },
+    "batch_vision_input": True,
+    "bos_token_id": 128000,
+    "drop_vision_last_layer": False,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "image_size": 448,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "mm_use_im_start_end": True,
+    "model_type": "minicpmv",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "patch_size": 14,
+    "pretraining_tp": 1,
+    "query_num": 96,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 500000.0,
+    "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
+    "slice_mode": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.40.0",
+    "use_cache": False,
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 980,
+        "intermediate_size": 4304,
+        "model_type": "idefics2",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+    },
+    "vocab_size": 128256,
+}
+
+# preprocessor_config.json of the published model; scale_resolution / image_feature_size follow the config.
+_PREPROCESSOR_CONFIG: dict = {
+    "image_processor_type": "MiniCPMVImageProcessor",
+    "auto_map": {
+        "AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
+        "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor",
+    },
+    "processor_class": "MiniCPMVProcessor",
+    "max_slice_nums": 9,
+    "scale_resolution": 448,
+    "patch_size": 14,
+    "image_feature_size": 96,
+    "im_start": "<image>",
+    "im_end": "</image>",
+    "slice_start": "<slice>",
+    "slice_end": "</slice>",
+    "unk": "<unk>",
+    "norm_mean": [0.5, 0.5, 0.5],
+    "norm_std": [0.5, 0.5, 0.5],
+    "version": 2.5,
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# --- tokenizer ----------------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map; its iteration order gives "!" first (id 0 in Llama-3)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])  # fmt: skip
+
+
+def train_bpe_merges(corpus: Iterable[str], vocab: dict[str, int], max_vocab: int) -> list[tuple[str, str]]:
+    """Plain BPE training, deterministic: most frequent adjacent pair first, ties broken by the pair itself.
+
+    Adds each merged symbol to `vocab` (in place) until it holds `max_vocab` entries or no pair is left.
+    """
+    pre_tokenizer = _pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for text in corpus:
+        for piece, _ in pre_tokenizer.pre_tokenize_str(text):
+            counts[piece] += 1
+    words = [[list(word), count] for word, count in sorted(counts.items())]
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < max_vocab:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words:
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs.items(), key=lambda item: (-item[1], item[0]))[0]
+        merged = best[0] + best[1]
+        merges.append(best)
+        if merged not in vocab:
+            vocab[merged] = len(vocab)
+        for entry in words:
+            symbols = entry[0]
+            if len(symbols) < 2:
+                continue
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == best[0] and symbols[i + 1] == best[1]:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            entry[0] = out
+    return merges
+
+
+def build_backend_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1024):
+    """The `tokenizers.Tokenizer`: 256 byte symbols, merges up to vocab_size - 256, then the 256 specials."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    if vocab_size < 512:
+        raise ValueError(f"vocab_size must be at least 512 (256 byte symbols + 256 special tokens), got {vocab_size}")
+    if corpus is None:
+        from ..demo_data import demo_corpus
+
+        corpus = demo_corpus()
+    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
+    merges = train_bpe_merges(corpus, vocab, vocab_size - len(SPECIAL_TOKENS))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = _pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False) for t in SPECIAL_TOKENS]
+    )
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    if bos_id != len(vocab):
+        raise AssertionError(f"special tokens did not land right after the vocabulary ({bos_id} != {len(vocab)})")
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+        processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A:0",
+            pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
+            special_tokens=[(BOS_TOKEN, bos_id)],
+        ),
+    ])  # fmt: skip
+    return tokenizer
+
+
+def _token_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def build_tokenizer(
+    out_dir: str | Path | None,
+    corpus: list[str] | None = None,
+    vocab_size: int = 1024,
+    model_max_length: int = 8192,
+) -> MiniCPMVTokenizerFast:
+    """Build, save (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and load back the tokenizer.
+
+    `corpus` defaults to the demo dataset's texts. With `out_dir=None` the files go to a temporary directory.
+    The special tokens get ids base .. base+255, base = 256 + number of merges (at most vocab_size - 256).
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return build_tokenizer(tmp, corpus, vocab_size, model_max_length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backend = build_backend_tokenizer(corpus, vocab_size)
+    backend.save(str(out_dir / "tokenizer.json"))
+    base = backend.token_to_id(BOS_TOKEN)
+    tokenizer_config = {
+        # As published. Without it transformers 5 maps model_type "minicpmv" to its generic TokenizersBackend
+        # whenever config.json sits next to the tokenizer; with it, `import finetune` gives MiniCPMVTokenizerFast
+        # (the hub code it names is absent: loading without trust_remote_code uses the native class).
+        "auto_map": {"AutoTokenizer": ["tokenization_minicpmv_fast.MiniCPMVTokenizerFast", None]},
+        "added_tokens_decoder": {str(base + k): dict(_token_entry(t), special=True) for k, t in enumerate(SPECIAL_TOKENS)},
+        "bos_token": BOS_TOKEN,
+        "chat_template": INFERENCE_CHAT_TEMPLATE,
+        # The published file says True; transformers 5 ignores it for BPE anyway, and False keeps decode exact.
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS_TOKEN,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": model_max_length,
+        "pad_token": PAD_TOKEN,
+        "padding_side": "right",
+        "tokenizer_class": "MiniCPMVTokenizerFast",
+        "truncation_side": "right",
+        "unk_token": UNK_TOKEN,
+    }
+    special_tokens_map = {
+        "bos_token": _token_entry(BOS_TOKEN),
+        "eos_token": _token_entry(EOS_TOKEN),
+        "pad_token": PAD_TOKEN,
+        "unk_token": _token_entry(UNK_TOKEN),
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n")
+    return MiniCPMVTokenizerFast.from_pretrained(str(out_dir))
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+
+def full_size_config(**overrides) -> MiniCPMVConfig:
+    """The published model's config (REFERENCE_CONFIG), with optional overrides."""
+    fields = json.loads(json.dumps(REFERENCE_CONFIG))
+    fields.update(overrides)
+    return MiniCPMVConfig.from_dict(fields)
+
+
+def tiny_config(tokenizer=None, **overrides) -> MiniCPMVConfig:
+    """A tiny MiniCPMVConfig like the golden one (LLM hidden 256, 2 layers; vision hidden 32, 2 layers; 16 queries;
+    scale_resolution 112). Vocabulary and bos/eos/pad ids come from `tokenizer` (default: build_tokenizer(None))."""
+    if tokenizer is None:
+        tokenizer = _default_tokenizer()
+    vocab = tokenizer.get_vocab()
+    fields = json.loads(json.dumps(REFERENCE_CONFIG))
+    fields.update(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        vocab_size=len(tokenizer),
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=vocab.get(PAD_TOKEN, 0),
+        query_num=16,
+        torch_dtype="float32",
+        slice_config={"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 112},
+        vision_config={
+            "hidden_size": 32,
+            "image_size": 980,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "patch_size": 14,
+        },
+    )
+    fields.update(overrides)
+    config = MiniCPMVConfig.from_dict(fields)
+    config.dtype = torch.float32
+    return config
+
+
+_DEFAULT_TOKENIZER = None
+
+
+def _default_tokenizer():
+    global _DEFAULT_TOKENIZER
+    if _DEFAULT_TOKENIZER is None:
+        _DEFAULT_TOKENIZER = build_tokenizer(None)
+    return _DEFAULT_TOKENIZER
+
+
+# --- tiny checkpoints ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _make_non_trivial(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Norm weights (all ones after init) and biases (all zeros) get small random values, so that a test would
+    notice a norm or bias that is dropped, transposed or mis-loaded."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        elif param.dim() == 1 and ("norm" in name or name.split(".")[-2].startswith("ln_")):
+            param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def build_tiny_model(config: MiniCPMVConfig | None = None, seed: int = 0):
+    """A random-weight tiny MiniCPMV in fp32 (the model's own init under torch.manual_seed(seed), then norms and
+    biases perturbed deterministically), in eval mode."""
+    from .modeling import MiniCPMV
+
+    config = config if config is not None else tiny_config()
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = MiniCPMV._from_config(config, dtype=torch.float32)
+    _make_non_trivial(model, torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path,
+    seed: int = 0,
+    corpus: list[str] | None = None,
+    vocab_size: int = 1024,
+    config_overrides: dict | None = None,
+) -> Path:
+    """Write a random-weight tiny checkpoint in the published layout: config.json, model.safetensors (fp32),
+    tokenizer.json / tokenizer_config.json / special_tokens_map.json, preprocessor_config.json,
+    generation_config.json. Deterministic in (seed, corpus, vocab_size)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir, corpus=corpus, vocab_size=vocab_size)
+    config = tiny_config(tokenizer, **(config_overrides or {}))
+    model = build_tiny_model(config, seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    write_sidecar_files(out_dir, config)
+    return out_dir
+
+
+def write_sidecar_files(out_dir: str | Path, config: MiniCPMVConfig) -> None:
+    """preprocessor_config.json and generation_config.json as the published model has them."""
+    out_dir = Path(out_dir)
+    settings = config.slice_settings
+    preprocessor = dict(
+        _PREPROCESSOR_CONFIG,
+        max_slice_nums=settings.max_slice_nums,
+        scale_resolution=settings.scale_resolution,
+        patch_size=settings.patch_size,
+        image_feature_size=settings.query_num,
+    )
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=4) + "\n")
+    generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+# --- the published sharded layout ---------------------------------------------------------------------------
+
+
+def write_published_shards(src_dir: str | Path, out_dir: str | Path, num_shards: int) -> Path:
+    """Copy a single-file checkpoint into `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`
+    (metadata.total_size = bytes of tensor data, weight_map), with every other file of src_dir copied as is."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    source = src_dir / "model.safetensors"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: write_published_shards needs a single-file checkpoint")
+    with safe_open(str(source), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    names = list(tensors)
+    if not 1 <= num_shards <= len(names):
+        raise ValueError(f"num_shards must be between 1 and {len(names)} (the number of tensors), got {num_shards}")
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    total = sum(sizes)
+
+    # Contiguous groups of roughly total / num_shards bytes, none empty.
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for index, (name, size) in enumerate(zip(names, sizes)):
+        shards_left = num_shards - len(groups)
+        tensors_left = len(names) - index
+        if groups[-1] and shards_left > 0 and (filled >= total * len(groups) / num_shards or tensors_left <= shards_left):
+            groups.append([])
+        groups[-1].append(name)
+        filled += size
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in src_dir.iterdir():
+        if path.is_file() and path.name != "model.safetensors" and not path.name.startswith("model-"):
+            shutil.copy2(path, out_dir / path.name)
+    weight_map = {}
+    for k, group in enumerate(groups, start=1):
+        shard = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in group}, str(out_dir / shard), metadata={"format": "pt"})
+        (out_dir / shard).chmod(0o644)
+        weight_map.update({n: shard for n in group})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
+# --- the full-size architecture -----------------------------------------------------------------------------
+
+
+def build_full_size_random(
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    config: MiniCPMVConfig | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int | None = 0,
+):
+    """The full-size MiniCPM-Llama3-V-2.5 (8.54 B parameters) with random weights, created directly on `device` in
+    `dtype` (no CPU copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
+    from .modeling import MiniCPMV
+
+    config = config if config is not None else full_size_config()
+    device = torch.device(device)
+    if seed is not None and device.type != "meta":
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = MiniCPMV._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
