@@ -1,0 +1,341 @@
+"""Fine-tune MiniCPM-Llama3-V-2.5 (LoRA or full) on JSON conversations with images.
+
+Launch (what users run; the launcher reads MODEL, DATA, EVAL_DATA, LLM_TYPE, OUTPUT_DIR, GPUS_PER_NODE, ...):
+
+    cd finetune && sh finetune_lora.sh                        # LoRA, DeepSpeed ZeRO-2, every GPU of the node
+    bash finetune/finetune_lora.sh --max_steps 100            # from the repository root; extra flags pass through
+    torchrun --nproc_per_node 8 finetune/finetune.py --model_name_or_path openbmb/MiniCPM-Llama3-V-2_5 \\
+        --data_path train.json --use_lora true --deepspeed finetune/ds_config_zero2.json --output_dir out
+
+Then load the adapter: `PeftModel.from_pretrained(AutoModel.from_pretrained(base), out_dir)`.
+
+Tested on: CPU with the tiny model (CI: in-process, torchrun DDP, DeepSpeed ZeRO-2/3 over gloo, two nodes on
+one host) and 1-2 NVIDIA H200 with the full-size architecture (see bench/).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# `python finetune/finetune.py` and torchrun put finetune/ itself on sys.path; the package lives one level up.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import transformers
+from transformers import AutoModel, AutoTokenizer, HfArgumentParser
+
+import finetune  # noqa: F401  (registers the native model with the Auto classes)
+from finetune.dataset import DataCollator, SupervisedDataset, summarize
+from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
+from finetune.model.tokenization import SpecialTokens, detect_llm_type
+from finetune.trainer import MiniCPMVTrainer
+
+logger = logging.getLogger("finetune")
+
+DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+# --- arguments ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="openbmb/MiniCPM-Llama3-V-2_5", metadata={"help": "hub id or local checkpoint directory"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "use the hub's model code (needs its files) instead of the native class"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 (when flash-attn is installed)"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "training data: file.json[l], or a mix 'a.json:0.7,b.jsonl:0.3'"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
+    image_folder: str | None = field(default=None, metadata={"help": "where relative image paths are looked up too"})
+    max_slice_nums: int | None = field(default=None, metadata={"help": "override the checkpoint's max_slice_nums"})
+    scale_resolution: int | None = field(default=None, metadata={"help": "override the checkpoint's scale_resolution"})
+    slicing: bool = field(default=True, metadata={"help": "false: every image is one view (no adaptive slicing)"})
+    packing: bool = field(default=False, metadata={"help": "padding-free packing of a micro-batch into one row"})
+    validate_data: bool = field(default=True, metadata={"help": "check every sample before training (recommended)"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "samples longer are cut at whole turns or skipped"})
+    llm_type: str | None = field(default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"})
+    tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
+    tune_llm: bool = field(default=False, metadata={"help": "full fine-tuning of the LLM (not with --use_lora)"})
+    tune_embeddings: bool = field(default=False, metadata={"help": "also train embed_tokens and lm_head (1 GB per adapter)"})
+    use_lora: bool = field(default=True)
+    # Defaults that work for LoRA (upstream's fp16 + lr 1e-6 gave NaN losses and a learning rate stuck at 0).
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    bf16: bool = field(default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    gradient_checkpointing: bool = True
+    gradient_checkpointing_kwargs: dict | str | None = field(default_factory=lambda: {"use_reentrant": False})
+    remove_unused_columns: bool = False
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"])
+    prediction_loss_only: bool = True
+    report_to: None | str | list[str] = "tensorboard"
+    output_dir: str = "output/output__lora"
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 64
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
+    lora_bias: str = "none"
+    q_lora: bool = field(default=False, metadata={"help": "4-bit NF4 base (bitsandbytes, CUDA only)"})
+
+
+class UsageError(ValueError):
+    """A command line that cannot work; reported in one line before any model memory is touched."""
+
+
+# --- checks that need no model weights ------------------------------------------------------------------------
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    if data_args.data_path is None:
+        raise UsageError("--data_path is required")
+    for spec in filter(None, (data_args.data_path, data_args.eval_data_path)):
+        for part in spec.split(","):
+            path = part.rsplit(":", 1)[0] if re.search(r":[0-9.]+$", part) else part
+            if not Path(path).is_file():
+                raise UsageError(f"data file not found: {path}")
+    if training_args.use_lora and training_args.tune_llm:
+        raise UsageError("--use_lora true with --tune_llm true: choose LoRA or full LLM fine-tuning (finetune_ds.sh)")
+    if lora_args.q_lora and not training_args.use_lora:
+        raise UsageError("--q_lora true needs --use_lora true")
+    if lora_args.q_lora and not torch.cuda.is_available():
+        raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+    if training_args.use_lora:
+        try:
+            re.compile(lora_args.lora_target_modules)
+        except re.error as error:
+            raise UsageError(f"--lora_target_modules is not a valid regex: {error}") from error
+    path = Path(model_args.model_name_or_path)
+    if path.is_dir() and not model_args.trust_remote_code:
+        try:
+            validate_checkpoint_dir(path)
+        except CheckpointError as error:
+            raise UsageError(f"--model_name_or_path: {error}") from error
+    elif not path.is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in str(path):
+        raise UsageError(f"--model_name_or_path {path}: no such directory")
+
+
+def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:
+    """Linear modules whose full name matches the regex (PEFT's rule for a string target)."""
+    regex = re.compile(pattern)
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and regex.fullmatch(name)]
+
+
+# --- model ------------------------------------------------------------------------------------------------------
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments):
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    kwargs = {"dtype": dtype, "attn_implementation": model_args.attn_implementation, "trust_remote_code": model_args.trust_remote_code}
+    if lora_args.q_lora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["vpm", "resampler", "lm_head"],
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    model = AutoModel.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def configure_trainable(model, training_args: TrainingArguments, lora_args: LoraArguments):
+    """Freeze what is not trained; wrap the LLM in LoRA. Returns the model to train."""
+    model.requires_grad_(False)
+    model.llm.requires_grad_(training_args.tune_llm)
+    model.resampler.requires_grad_(True)
+    model.vpm.requires_grad_(training_args.tune_vision)
+    if training_args.tune_embeddings:
+        model.llm.get_input_embeddings().requires_grad_(True)
+        model.llm.get_output_embeddings().requires_grad_(True)
+    if not training_args.use_lora:
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = lora_targets(model, lora_args.lora_target_modules)
+    if not targets:
+        raise UsageError(f"--lora_target_modules {lora_args.lora_target_modules!r} matches no linear module of the model")
+    if lora_args.q_lora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+    # Everything trained besides LoRA is saved inside the adapter (modules_to_save), so that
+    # PeftModel.from_pretrained(base, out_dir) restores it with no side files.
+    modules_to_save = ["resampler"] + (["vpm"] if training_args.tune_vision else [])
+    if training_args.tune_embeddings:
+        modules_to_save += ["embed_tokens", "lm_head"]
+    config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        bias=lora_args.lora_bias,
+        target_modules=lora_args.lora_target_modules,
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+def build_datasets(data_args: DataArguments, training_args: TrainingArguments, tokenizer, config):
+    detected = detect_llm_type(tokenizer)
+    if training_args.llm_type and training_args.llm_type != detected:
+        raise UsageError(f"--llm_type {training_args.llm_type} but the model's tokenizer is {detected}")
+    common = dict(
+        tokenizer=tokenizer,
+        config=config,
+        image_folder=data_args.image_folder,
+        model_max_length=training_args.model_max_length,
+        max_slice_nums=data_args.max_slice_nums,
+        scale_resolution=data_args.scale_resolution,
+        slicing=data_args.slicing,
+        llm_type=detected,
+        seed=training_args.seed,
+    )
+    datasets = []
+    for name, spec in (("train", data_args.data_path), ("eval", data_args.eval_data_path)):
+        if spec is None:
+            datasets.append(None)
+            continue
+        dataset = SupervisedDataset(spec, **common)
+        if data_args.validate_data:
+            summary = summarize(dataset)
+            logger.info("%s data %s: %s", name, spec, summary)
+            if training_args.process_index == 0:
+                print(f"[data] {name}: {summary}", flush=True)
+            if summary.bad:
+                listing = "\n".join(f"  {sample}: {reason}" for sample, reason in summary.bad_samples)
+                raise UsageError(f"{summary.bad} bad {name} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
+            dataset = SupervisedDataset(spec, indices=summary.usable_indices, **common)
+        if len(dataset) == 0:
+            raise UsageError(f"no usable {name} samples in {spec}")
+        datasets.append(dataset)
+    return datasets
+
+
+# --- distributed set-up on CPU -----------------------------------------------------------------------------------
+
+
+def prepare_cpu_distributed(argv: list[str]) -> list[str]:
+    """Without a GPU, torchrun must still give ONE distributed training, not N independent ones.
+
+    DeepSpeed needs a gloo process group set up before TrainingArguments exist (TrainingArguments would give
+    accelerate no backend and it would count one process), and a rendezvous even for one process; plain DDP
+    needs accelerate told to use the CPU. Nothing changes on GPU machines. Returns the extended arguments.
+    """
+    if torch.cuda.is_available():
+        return argv
+    if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
+        from accelerate import PartialState
+
+        if "LOCAL_RANK" not in os.environ:  # plain `python finetune.py --deepspeed ...`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")  # initialises deepspeed.comm over gloo with the real world size
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    return argv
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
+    """One JSON per rank saying how this process really trained (tests assert on it, not on exit codes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = trainer.accelerator.state
+    report = {
+        "process_index": trainer.args.process_index,
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(state.distributed_type),
+        "backend": getattr(state, "backend", None),
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+    }
+    (directory / f"rank{trainer.args.process_index}.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = prepare_cpu_distributed(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args, training_args, lora_args)
+
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args, lora_args)
+    train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, model.config)
+    model = configure_trainable(model, training_args, lora_args)
+    trainable, total = count_parameters(model)
+    if training_args.process_index == 0:
+        print(f"[model] {type(model).__name__}: {trainable:,} trainable of {total:,} parameters", flush=True)
+
+    collator = DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad, packing=data_args.packing)
+    trainer = MiniCPMVTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        base_model_dir=model_args.model_name_or_path,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+    if os.environ.get("FINETUNE_RUN_REPORT"):
+        write_run_report(trainer, Path(os.environ["FINETUNE_RUN_REPORT"]))
+    if training_args.process_index == 0:
+        print(f"[done] adapter and tokenizer saved to {Path(training_args.output_dir).resolve()}", flush=True)
+    return trainer
+
+
+def cli() -> None:
+    try:
+        main()
+    except UsageError as error:
+        print(f"finetune.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

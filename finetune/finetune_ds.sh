@@ -1,0 +1,11 @@
+#!/bin/sh
+# Full fine-tuning (LLM + resampler + vision tower, no LoRA) of MiniCPM-Llama3-V-2.5 under DeepSpeed ZeRO-3.
+# Same environment variables as finetune_lora.sh, with full-tuning defaults; extra arguments pass through.
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output_full"}
+DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero3.json"}
+LR=${LR:-1e-5}
+export OUTPUT_DIR DS_CONFIG LR
+# Later flags win in finetune.py's parser, so these override the LoRA launcher's choices.
+exec sh "$HERE/finetune_lora.sh" --use_lora false --tune_llm true "$@"

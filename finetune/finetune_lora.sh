@@ -1,0 +1,65 @@
+#!/bin/sh
+# LoRA fine-tuning of MiniCPM-Llama3-V-2.5. POSIX sh: `cd finetune && sh finetune_lora.sh` or
+# `bash finetune/finetune_lora.sh` from the repository root. Edit the defaults below or set them in the
+# environment; any extra arguments are passed on to finetune.py (e.g. `sh finetune_lora.sh --max_steps 100`).
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+MODEL=${MODEL:-"openbmb/MiniCPM-Llama3-V-2_5"}   # hub id or local checkpoint directory
+DATA=${DATA:-"path/to/training_data.json"}          # file.json[l], or a mix "a.json:0.7,b.jsonl:0.3"
+EVAL_DATA=${EVAL_DATA:-""}                          # optional held-out set
+LLM_TYPE=${LLM_TYPE:-"llama3"}                      # llama3 for MiniCPM-Llama3-V-2.5 (checked against the model)
+OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output__lora"}
+DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero2.json"} # "" to train without DeepSpeed
+MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-2048}
+MAX_SLICE_NUMS=${MAX_SLICE_NUMS:-9}
+
+# Distributed set-up: one node with every GPU by default; several nodes via NNODES/NODE_RANK/MASTER_ADDR.
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+    GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    [ "${GPUS_PER_NODE:-0}" -gt 0 ] 2>/dev/null || GPUS_PER_NODE=1   # no GPU: one CPU process
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6001}
+
+EVAL_ARGS=""
+if [ -n "$EVAL_DATA" ]; then
+    EVAL_ARGS="--eval_data_path $EVAL_DATA --eval_strategy steps --eval_steps ${EVAL_STEPS:-1000}"
+fi
+DS_ARGS=""
+if [ -n "$DS_CONFIG" ]; then
+    DS_ARGS="--deepspeed $DS_CONFIG"
+fi
+
+echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes -> $OUTPUT_DIR"
+# shellcheck disable=SC2086  # EVAL_ARGS and DS_ARGS are lists of words on purpose
+exec torchrun \
+    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    "$HERE/finetune.py" \
+    --model_name_or_path "$MODEL" \
+    --llm_type "$LLM_TYPE" \
+    --data_path "$DATA" \
+    $EVAL_ARGS \
+    --use_lora true \
+    --tune_vision ${TUNE_VISION:-true} \
+    --tune_llm false \
+    --lora_target_modules "${LORA_TARGET_MODULES:-llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)}" \
+    --model_max_length "$MODEL_MAX_LENGTH" \
+    --max_slice_nums "$MAX_SLICE_NUMS" \
+    --output_dir "$OUTPUT_DIR" \
+    --max_steps ${MAX_STEPS:-10000} \
+    --per_device_train_batch_size ${BATCH_SIZE:-1} \
+    --per_device_eval_batch_size 1 \
+    --gradient_accumulation_steps ${GRAD_ACCUM:-1} \
+    --save_strategy steps --save_steps ${SAVE_STEPS:-1000} --save_total_limit 10 \
+    --learning_rate ${LR:-1e-4} --weight_decay 0.1 --adam_beta2 0.95 \
+    --warmup_steps 0.03 --lr_scheduler_type cosine \
+    --logging_steps 1 \
+    --gradient_checkpointing true \
+    --report_to ${REPORT_TO:-tensorboard} \
+    $DS_ARGS \
+    "$@"

@@ -1,0 +1,49 @@
+"""MiniCPMVTrainer: transformers.Trainer with only what MiniCPM-V needs changed.
+
+What differs from the library's Trainer, and nothing else:
+- Nothing in the loss path: batches are `{"data": {...published fields...}, "labels", "attention_mask"}`, so
+  the library's compute_loss calls `model(data=..., labels=..., attention_mask=..., num_items_in_batch=...)`,
+  the published interface that the native class and the hub's remote-code class both accept. The model
+  divides the summed token loss by `num_items_in_batch`, the Trainer's count of label tokens in the whole
+  optimizer step (all micro-batches, all ranks), so every label token weighs the same; the library then
+  undoes the rank averaging of DDP/DeepSpeed. We only check at start-up that the model takes that count.
+- Saving: the adapter (or model) as the library writes it, plus the base model's tokenizer, preprocessor and
+  generation files copied byte for byte, so the output directory is self-contained and the inference chat
+  template is exactly the published one (re-serialising a tokenizer can rewrite it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from transformers import Trainer
+
+# Files of the base model that inference needs beside the weights; copied verbatim into every save.
+PASSTHROUGH_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "preprocessor_config.json", "generation_config.json",
+)  # fmt: skip
+
+
+class MiniCPMVTrainer(Trainer):
+    def __init__(self, *args, base_model_dir: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_model_dir = base_model_dir
+        if not self.model_accepts_loss_kwargs:
+            # Without it the Trainer would average per micro-batch means: tokens of short samples would weigh
+            # more than tokens of long ones. Both MiniCPMV classes accept it (forward(data, **kwargs)).
+            raise TypeError(f"{type(self.model).__name__}.forward must accept num_items_in_batch")
+
+    def floating_point_ops(self, inputs) -> int:
+        # The library looks for input_ids at the top level of the batch; ours sit inside `data`.
+        return super().floating_point_ops(inputs["data"])
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = Path(output_dir or self.args.output_dir)
+        if self.base_model_dir and Path(self.base_model_dir).is_dir():
+            for name in PASSTHROUGH_FILES:
+                source = Path(self.base_model_dir) / name
+                if source.is_file():
+                    shutil.copyfile(source, output_dir / name)
