@@ -300,8 +300,13 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = prepare_cpu_distributed(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
-    model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # unknown flags and invalid values: one line, not a traceback
+        raise UsageError(str(error)) from error
     check_arguments(model_args, data_args, training_args, lora_args)
+    # Before anything random: LoRA's initial weights must not depend on what ran earlier in the process.
+    transformers.set_seed(training_args.seed)
 
     model, tokenizer = load_model_and_tokenizer(model_args, training_args, lora_args)
     train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, model.config)

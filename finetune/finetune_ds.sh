@@ -4,7 +4,7 @@
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output_full"}
-DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero3.json"}
+DS_CONFIG=${DS_CONFIG-"$HERE/ds_config_zero3.json"}
 LR=${LR:-1e-5}
 export OUTPUT_DIR DS_CONFIG LR
 # Later flags win in finetune.py's parser, so these override the LoRA launcher's choices.

@@ -11,7 +11,7 @@ DATA=${DATA:-"path/to/training_data.json"}          # file.json[l], or a mix "a.
 EVAL_DATA=${EVAL_DATA:-""}                          # optional held-out set
 LLM_TYPE=${LLM_TYPE:-"llama3"}                      # llama3 for MiniCPM-Llama3-V-2.5 (checked against the model)
 OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output__lora"}
-DS_CONFIG=${DS_CONFIG:-"$HERE/ds_config_zero2.json"} # "" to train without DeepSpeed
+DS_CONFIG=${DS_CONFIG-"$HERE/ds_config_zero2.json"}  # DS_CONFIG="" trains without DeepSpeed
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-2048}
 MAX_SLICE_NUMS=${MAX_SLICE_NUMS:-9}
 

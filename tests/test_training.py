@@ -1,0 +1,249 @@
+"""The training suite end to end on CPU with the tiny model: in-process, launchers, torchrun, DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import finetune  # noqa: F401
+from finetune.dataset import DataCollator, SupervisedDataset
+from finetune.demo_data import write_demo_dataset
+from finetune.finetune import UsageError, main
+from finetune.model.builders import build_tiny_checkpoint
+from finetune.model.tokenization import SpecialTokens
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(out, num_train=24, num_eval=6)
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_samples(tmp_path_factory, demo) -> Path:
+    """One image sample and one text-only sample: with 2 ranks and batch 1, every step puts one on each rank."""
+    samples = json.loads((demo / "train.json").read_text())
+    with_image = next(s for s in samples if isinstance(s.get("image"), str))
+    text_only = next(s for s in samples if "image" not in s)
+    with_image = dict(with_image, image=str(demo / with_image["image"]))
+    path = tmp_path_factory.mktemp("two") / "two.json"
+    path.write_text(json.dumps([with_image, text_only]))
+    return path
+
+
+def training_flags(*extra: str) -> list[str]:
+    return [
+        "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "no", "--learning_rate", "2e-3", "--warmup_steps", "0", "--seed", "0",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out), *training_flags(*extra)]
+
+
+def losses(log_history: list[dict], key: str = "loss") -> list[float]:
+    return [entry[key] for entry in log_history if key in entry]
+
+
+# --- in process ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "30", "--eval_data_path",
+                     str(demo / "eval.json"), "--eval_strategy", "steps", "--eval_steps", "15")  # fmt: skip
+    trainer = main(args)
+    return trainer, out
+
+
+def test_loss_falls_and_eval_loss_is_logged(trained):
+    trainer, _ = trained
+    history = losses(trainer.state.log_history)
+    assert len(history) == 30
+    assert sum(history[-5:]) / 5 < 0.85 * sum(history[:5]) / 5, history
+    evals = losses(trainer.state.log_history, "eval_loss")
+    assert len(evals) == 2 and evals[1] < evals[0]
+
+
+def test_adapter_restores_everything_trained(trained, tiny_model, demo):
+    trainer, out = trained
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved) and any(".resampler." in k for k in saved)
+    assert any(".vpm." in k for k in saved), "the vision tower is tuned by default: it must be in the adapter"
+    assert not any("embed_tokens" in k for k in saved), "embed_tokens is trained only on request"
+    assert (out / "tokenizer_config.json").read_bytes() == (tiny_model / "tokenizer_config.json").read_bytes()
+
+    reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), out).eval()
+    trained_model = trainer.model.eval()
+    tokenizer = trainer.train_dataset.encoder.tokenizer
+    dataset = SupervisedDataset(str(demo / "eval.json"), tokenizer, reloaded.base_model.model.config)
+    batch = DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad)([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        expected = trained_model(data=batch["data"], attention_mask=batch["attention_mask"]).logits
+        actual = reloaded(data=batch["data"], attention_mask=batch["attention_mask"]).logits
+        base = AutoModel.from_pretrained(tiny_model).eval()(data=batch["data"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert (actual - base).abs().max() > 1e-3, "the adapter must change the model"
+
+
+def test_loss_weighs_every_label_token_of_the_step_equally(tiny_model, demo, tmp_path):
+    """Batch 2 in one micro-batch == batch 1 with 2 accumulation steps (SGD: the update is the gradient)."""
+    results = []
+    for batch, accumulation in ((2, 1), (1, 2)):
+        out = tmp_path / f"b{batch}"
+        args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "1", "--optim", "sgd",
+                         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
+                         "--lora_dropout", "0", "--max_grad_norm", "0", "--weight_decay", "0")  # fmt: skip
+        trainer = main(args)
+        results.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
+    extra = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--lora_dropout", "0"]
+    straight = main(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
+    resumed = main(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra))  # same run, then resume
+    checkpoint = tmp_path / "b" / "checkpoint-3"
+    again = main(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint)))
+    assert losses(resumed.state.log_history) == losses(straight.state.log_history)
+    curve = losses(again.state.log_history)  # the first 3 come back with the checkpoint's trainer state
+    assert len(curve) == 6 and curve[:3] == losses(straight.state.log_history)[:3]
+    torch.testing.assert_close(torch.tensor(curve[3:]), torch.tensor(losses(straight.state.log_history)[3:]), atol=1e-5, rtol=0)
+
+
+# --- bad command lines: one clear error before the model is touched ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--use_lora", "true", "--tune_llm", "true"], "choose LoRA or full LLM fine-tuning"),
+        (["--lora_target_modules", r"llm\..*nothing_here"], "matches no linear module"),
+        (["--llm_type", "minicpm"], "--llm_type minicpm but the model's tokenizer is llama3"),
+    ],
+)
+def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
+    with pytest.raises(UsageError, match=message):
+        main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
+
+
+def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
+    with pytest.raises(UsageError, match="data file not found: .*nope.json"):
+        main(base_args(tiny_model, tmp_path / "nope.json", tmp_path))
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(UsageError, match="config.json: missing"):
+        main(base_args(not_a_model, demo / "train.json", tmp_path))
+
+
+def test_cli_unknown_flag_is_one_line_error(tiny_model, demo, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "finetune" / "finetune.py"), *base_args(tiny_model, demo / "train.json", tmp_path), "--no_such_flag", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--no_such_flag" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- launchers and torchrun --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_env(report: Path) -> dict:
+    env = dict(os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def read_reports(report: Path, ranks: int) -> list[dict]:
+    found = sorted(report.glob("rank*.json"))
+    assert len(found) == ranks, f"expected {ranks} rank reports, found {[p.name for p in found]}"
+    return [json.loads(p.read_text()) for p in found]
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "wrapper"),
+    [(None, "DistributedDataParallel"), ("ds_config_zero2.json", "DeepSpeedEngine"), ("ds_config_zero3.json", "DeepSpeedEngine")],
+)
+def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_path, deepspeed, wrapper):
+    out, report = tmp_path / "out", tmp_path / "report"
+    args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1")
+    if deepspeed:
+        args += ["--deepspeed", str(ROOT / "finetune" / deepspeed)]
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
+    result = subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in read_reports(report, 2):
+        assert rank["wrapper"] == wrapper and rank["num_processes"] == 2 and rank["global_step"] == 3
+    assert (out / "adapter_model.safetensors").is_file()
+    # ZeRO-3 gathers the partitioned weights for saving: the adapter must hold real tensors, not empty shards.
+    saved = load_file(out / "adapter_model.safetensors")
+    assert all(t.numel() > 0 for t in saved.values())
+    PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), out)
+
+
+def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path):
+    out, report, port = tmp_path / "out", tmp_path / "report", free_port()
+    flags = training_flags("--max_steps", "2", "--per_device_train_batch_size", "1")
+    launcher = ROOT / "finetune" / "finetune_lora.sh"
+    processes = []
+    for node in (0, 1):
+        env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out), GPUS_PER_NODE="1",
+                   NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_CONFIG="", REPORT_TO="none")  # fmt: skip
+        processes.append(subprocess.Popen(["sh", str(launcher), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][-2000:] + outputs[1][-2000:]
+    for rank in read_reports(report, 2):
+        assert rank["wrapper"] == "DistributedDataParallel" and rank["num_processes"] == 2
+
+
+def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model, two_samples, tmp_path):
+    """The seed's exact command, `cd finetune && sh finetune_lora.sh`, on a copy of finetune/ (so that the
+    default output directory, finetune/output/output__lora, is the copy's and no user run is overwritten)."""
+    copy = tmp_path / "repo" / "finetune"
+    shutil.copytree(ROOT / "finetune", copy, ignore=shutil.ignore_patterns("output", "__pycache__"))
+    report = tmp_path / "report"
+    env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), MAX_STEPS="1", REPORT_TO="none", SAVE_STEPS="100")
+    env.pop("GPUS_PER_NODE", None)
+    result = subprocess.run(["sh", "finetune_lora.sh"], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "nodes=1 x 1 processes" in result.stdout  # GPUS_PER_NODE detected on a CPU machine
+    (rank,) = read_reports(report, 1)
+    assert rank["wrapper"] == "DeepSpeedEngine", "the launcher trains under DeepSpeed ZeRO-2 by default"
+    assert (copy / "output" / "output__lora" / "adapter_model.safetensors").is_file()
+    # The published snippet, run from finetune/: PeftModel.from_pretrained(base, "output/output__lora")
+    cwd = os.getcwd()
+    try:
+        os.chdir(copy)
+        PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), "output/output__lora")
+    finally:
+        os.chdir(cwd)
