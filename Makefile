@@ -1,0 +1,26 @@
+# README command 1: `make demo` (tiny model + bundled demo data, CPU, a few minutes).
+# README command 2: `make test` (the whole test suite; CI runs it through .ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU machine gets the CPU build of torch; where a GPU exists, TORCH_SPEC can name any build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo_run
+
+.PHONY: setup demo test clean-demo
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" sh scripts/demo.sh "$(DEMO_DIR)"
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+clean-demo:
+	rm -rf "$(DEMO_DIR)"
