@@ -29,11 +29,12 @@ if __package__ in (None, ""):
 
 import torch
 import transformers
-from transformers import AutoModel, AutoTokenizer, HfArgumentParser
+from transformers import AutoTokenizer, HfArgumentParser
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
 from finetune.dataset import DataCollator, SupervisedDataset, summarize
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
+from finetune.model.loading import load_pretrained
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
 from finetune.trainer import MiniCPMVTrainer
 
@@ -154,10 +155,18 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            # Only the LLM's decoder linears (llm.model.layers.*) become NF4: the vision tower, the resampler and
+            # lm_head stay in `dtype` (transformers matches these names as module-name prefixes/components).
             llm_int8_skip_modules=["vpm", "resampler", "lm_head"],
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    model = AutoModel.from_pretrained(model_args.model_name_or_path, **kwargs)
+        if torch.cuda.is_available():
+            # bitsandbytes quantizes when the weights reach the GPU, and the Trainer never moves a 4-bit model:
+            # every process (torchrun / DeepSpeed ZeRO-2 rank) loads its own copy onto its own GPU.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    # The tokenizer is always the native class over tokenizer.json as it is, also with --trust_remote_code: the
+    # hub's tokenizer class loses every space and newline on transformers 5 (spec section "Why").
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    model = load_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False
     return model, tokenizer
 
@@ -174,13 +183,18 @@ def configure_trainable(model, training_args: TrainingArguments, lora_args: Lora
     if not training_args.use_lora:
         return model
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, lora_args.lora_target_modules)
     if not targets:
         raise UsageError(f"--lora_target_modules {lora_args.lora_target_modules!r} matches no linear module of the model")
     if lora_args.q_lora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
+        # Not peft's prepare_model_for_kbit_training: it casts every non-4-bit parameter to fp32 (vision tower,
+        # resampler, embed_tokens, lm_head: 1.56 B parameters, 2.9 -> 5.8 GiB on the full-size model), which defeats QLoRA's
+        # purpose; norms and frozen bf16 modules work as they are under bf16 autocast. What it does besides:
+        # input gradients for reentrant checkpointing (the Trainer enables checkpointing itself).
+        if training_args.gradient_checkpointing:
+            model.enable_input_require_grads()
     # Everything trained besides LoRA is saved inside the adapter (modules_to_save), so that
     # PeftModel.from_pretrained(base, out_dir) restores it with no side files.
     modules_to_save = ["resampler"] + (["vpm"] if training_args.tune_vision else [])

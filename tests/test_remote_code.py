@@ -1,0 +1,64 @@
+"""trust_remote_code=True with the checkpoint's code files present uses that code; training runs on it.
+
+(transformers 5 prefers our explicitly registered class in AutoModel even then, so finetune.model.loading
+loads the remote code from the checkpoint's auto_map itself.)"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import finetune  # noqa: F401
+from finetune.finetune import main
+from finetune.model import MiniCPMV
+from finetune.model.loading import load_pretrained
+
+STANDIN = Path(__file__).resolve().parent / "remote_code_standin"
+
+
+def checkpoint_with_code(golden_dir: Path, target: Path) -> Path:
+    shutil.copytree(golden_dir, target)
+    for name in ("modeling_minicpmv.py", "configuration_minicpm.py"):
+        shutil.copyfile(STANDIN / name, target / name)
+    for path in target.iterdir():
+        path.chmod(0o644)
+    return target
+
+
+def test_native_without_and_hub_class_with_trust_remote_code(golden_dir, golden_cases, tmp_path):
+    directory = checkpoint_with_code(golden_dir, tmp_path / "ckpt")
+    native = AutoModel.from_pretrained(directory)
+    remote = load_pretrained(str(directory), trust_remote_code=True)
+    assert type(native) is MiniCPMV
+    assert type(remote) is not MiniCPMV and getattr(remote, "is_remote_code_standin", False)
+    assert type(remote).__module__.startswith("transformers_modules")
+    case = golden_cases[0]
+    data = {
+        "input_ids": case["input_ids"][None], "position_ids": torch.arange(len(case["input_ids"]))[None],
+        "pixel_values": [case["pixel_values"]], "tgt_sizes": [case["tgt_sizes"]], "image_bound": [case["image_bound"]],
+    }  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(remote.eval()(data=data).logits[0], case["logits"], atol=1e-4, rtol=0)
+    # The tokenizer stays the native one over tokenizer.json (the hub class drops spaces on transformers 5).
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert tokenizer.decode(tokenizer("a b\nc", add_special_tokens=False)["input_ids"]) == "a b\nc"
+
+
+def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
+    directory = checkpoint_with_code(golden_dir, tmp_path / "ckpt")
+    images = Path(golden_dir).parent / "images"
+    data = tmp_path / "train.json"
+    data.write_text(
+        '[{"id": "a", "image": "%s", "conversations": [{"role": "user", "content": "<image>\\nWhat?"},'
+        ' {"role": "assistant", "content": "A picture."}]}]' % (images / "small_90x70.png")
+    )
+    trainer = main([
+        "--model_name_or_path", str(directory), "--trust_remote_code", "true", "--data_path", str(data),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--report_to", "none", "--save_strategy", "no",
+        "--disable_tqdm", "true",
+    ])  # fmt: skip
+    assert getattr(trainer.model.get_base_model(), "is_remote_code_standin", False)
+    assert trainer.state.global_step == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
