@@ -123,6 +123,12 @@ def test_loss_weighs_every_label_token_of_the_step_equally(tiny_model, demo, tmp
         torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):
+    trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
+    dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
+
+
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     extra = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--lora_dropout", "0"]
     straight = main(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
