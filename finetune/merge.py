@@ -1,0 +1,313 @@
+"""Fold a LoRA adapter (and its trained resampler / vision tower) into a full MiniCPM-Llama3-V-2.5 checkpoint.
+
+    python -m finetune.merge --base openbmb/MiniCPM-Llama3-V-2_5 --adapter output/output__lora --out merged \\
+        [--dtype bf16|fp16|fp32] [--max_shard_size 5GB] [--device cpu|cuda] [--overwrite]
+
+The output is in the PUBLISHED layout: `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`
+(tensor names as the hub's checkpoint: `llm.*`, `vpm.*`, `resampler.*`), config.json written by the model's
+save_pretrained (model_type minicpmv, rope_theta at top level, the hub's auto_map), and the tokenizer,
+preprocessor and generation files copied byte for byte from the adapter directory (the trainer copied them from
+the base there) or else from the base. Load it with `AutoModel.from_pretrained(out)` after `import finetune`
+(native class), or with trust_remote_code and the hub's code files copied in.
+
+Order of work, so that a mistake costs nothing:
+1. check the base directory (headers only) and the adapter against it: every target module exists, every
+   adapter tensor maps to a base module of matching shape -- an adapter of another base is refused here,
+   naming the tensor, before any weight is loaded or any file written;
+2. load the base ONCE in the target dtype, apply the adapter (PeftModel), merge_and_unload (no second copy);
+3. write everything into `OUT.tmp-<pid>`, check it, and rename it to OUT only at the end. An interrupted run
+   leaves at most the `.tmp-<pid>` directory, never a directory named OUT that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.model.checkpoint import CheckpointError, stored_shapes, validate_checkpoint_dir
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# Files inference needs beside the weights (the trainer's PASSTHROUGH_FILES), copied verbatim.
+PASSTHROUGH_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "preprocessor_config.json", "generation_config.json",
+)  # fmt: skip
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class MergeError(ValueError):
+    """The merge cannot be done faithfully (missing files, an adapter of another base, an existing output)."""
+
+
+@dataclass
+class AdapterCheck:
+    """What was verified about an adapter: the LoRA-wrapped modules and the fully saved tensors."""
+
+    lora_modules: list[str]
+    saved_tensors: list[str]
+
+
+# --- checks (headers only: no weights loaded) --------------------------------------------------------------------
+
+
+def resolve_base(base: str) -> Path:
+    """A local checkpoint directory, or a hub id resolved through the local cache / a download."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    if base.startswith((".", "/", "~")) or base.count("/") != 1:  # a path, not an "org/name" hub id
+        raise MergeError(f"--base {base}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base))
+    except Exception as error:  # offline, unknown id, ...
+        raise MergeError(f"--base {base}: not a local directory and not downloadable ({error})") from error
+
+
+def _linear_shapes(base_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Module name -> weight shape of every 2-D weight (the candidates for LoRA)."""
+    return {name[: -len(".weight")]: shape for name, shape in base_shapes.items() if name.endswith(".weight") and len(shape) == 2}
+
+
+def _target_matches(target_modules, module: str) -> bool:
+    """PEFT's rule: a string is a regex that must fullmatch; a list matches by exact name or dotted suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck:
+    """Raise MergeError unless the adapter in `adapter_dir` was trained on the base in `base_dir`.
+
+    Reads only adapter_config.json and the safetensors headers of both. Checks: a LoRA adapter; its
+    target_modules match at least one linear module of the base (each entry, for a list); every
+    `<module>.lora_A.weight` has in_features (and every lora_B out_features) of that base module, with
+    matching ranks; every other tensor (modules_to_save: resampler, vpm, ...) exists in the base with the same
+    shape; every modules_to_save entry names a module of the base.
+    """
+    from safetensors import safe_open
+
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise MergeError(f"--adapter {adapter_dir}: no such directory")
+    config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise MergeError(f"{config_path}: missing: not a PEFT adapter directory (the training output_dir)")
+    if not weights_path.is_file():
+        bin_hint = " (adapter_model.bin is not supported: re-save with safetensors)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise MergeError(f"{weights_path}: missing{bin_hint}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{config_path}: not valid JSON ({error})") from error
+    if config.get("peft_type") != "LORA":
+        raise MergeError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged")
+
+    try:
+        validate_checkpoint_dir(base_dir)
+        base = {name: shape for name, (shape, _) in stored_shapes(base_dir).items()}
+    except CheckpointError as error:
+        raise MergeError(f"--base: {error}") from error
+    linears = _linear_shapes(base)
+    modules = {name.rsplit(".", 1)[0] for name in base} | set(linears)
+    # every prefix is a module too (resampler, vpm, llm.model.layers.0, ...)
+    modules |= {".".join(m.split(".")[:k]) for m in list(modules) for k in range(1, m.count(".") + 1)}
+
+    targets = config.get("target_modules")
+    if not targets:
+        raise MergeError(f"{config_path}: no target_modules")
+    if isinstance(targets, str):
+        if not any(_target_matches(targets, m) for m in linears):
+            raise MergeError(f"{config_path}: target_modules {targets!r} matches no linear module of the base {base_dir}")
+    else:
+        for target in targets:
+            if not any(_target_matches([target], m) for m in linears):
+                raise MergeError(f"{config_path}: target module {target!r} does not exist in the base {base_dir}")
+    for name in config.get("modules_to_save") or []:
+        if not any(m == name or m.endswith("." + name) for m in modules):
+            raise MergeError(f"{config_path}: modules_to_save entry {name!r} is not a module of the base {base_dir}")
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            adapter = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:
+        raise MergeError(f"{weights_path}: unreadable safetensors file ({error})") from error
+    if not adapter:
+        raise MergeError(f"{weights_path}: holds no tensors")
+
+    lora_modules, saved, ranks = set(), [], {}
+    for key, shape in sorted(adapter.items()):
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        where = f"{weights_path.name}: tensor {key} {list(shape)}"
+        match = re.match(r"^(.*)\.(lora_[A-Za-z_]+?)(?:\.weight)?$", name)
+        if match:
+            module, kind = match.groups()
+            if module not in linears:
+                raise MergeError(f"{where}: the base {base_dir} has no linear module {module}")
+            out_features, in_features = linears[module]
+            if kind == "lora_A":
+                if len(shape) != 2 or shape[1] != in_features:
+                    raise MergeError(f"{where}: LoRA A needs in_features {in_features} of the base's {module} {[out_features, in_features]}")
+                ranks.setdefault(module, {})["A"] = shape[0]
+            elif kind == "lora_B":
+                if len(shape) != 2 or shape[0] != out_features:
+                    raise MergeError(f"{where}: LoRA B needs out_features {out_features} of the base's {module} {[out_features, in_features]}")
+                ranks.setdefault(module, {})["B"] = shape[1]
+            elif kind == "lora_magnitude_vector" and shape[-1] != out_features:  # DoRA
+                raise MergeError(f"{where}: DoRA magnitude needs {out_features} entries for the base's {module}")
+            lora_modules.add(module)
+            continue
+        if name not in base:
+            raise MergeError(f"{where}: the base {base_dir} has no tensor {name}")
+        if base[name] != shape:
+            raise MergeError(f"{where}: the base's {name} has shape {list(base[name])}")
+        saved.append(name)
+    for module, rank in ranks.items():
+        if rank.get("A") != rank.get("B"):
+            raise MergeError(f"{weights_path.name}: {module}: lora_A rank {rank.get('A')} != lora_B rank {rank.get('B')} (or one is missing)")
+    return AdapterCheck(sorted(lora_modules), saved)
+
+
+def prepare_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty OUT unless overwrite; returns the temporary directory to write into."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    return out.with_name(f"{out.name}.tmp-{os.getpid()}")
+
+
+def copy_passthrough_files(adapter_dir: Path, base_dir: Path, out: Path) -> list[str]:
+    """Tokenizer / preprocessor / generation files, byte for byte; the adapter's copy wins over the base's."""
+    copied = []
+    for name in PASSTHROUGH_FILES:
+        for source in (adapter_dir / name, base_dir / name):
+            if source.is_file():
+                shutil.copyfile(source, out / name)
+                copied.append(name)
+                break
+    missing = {"tokenizer.json", "tokenizer_config.json"} - set(copied)
+    if missing:
+        raise MergeError(f"no {', '.join(sorted(missing))} in {adapter_dir} or {base_dir}: the merged model would have no tokenizer")
+    return copied
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary directory to OUT (replacing an old OUT only now, when all is written)."""
+    if out.is_dir():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+# --- the merge ------------------------------------------------------------------------------------------------------
+
+
+def merge(
+    base: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    max_shard_size: str | int = "5GB",
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> Path:
+    """Check, merge, write atomically. Returns the output directory. Raises MergeError before writing anything
+    when the adapter does not fit the base or OUT is in the way."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    import finetune  # noqa: F401  (registers the native model with the Auto classes)
+
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    base_dir, adapter_dir, out = resolve_base(str(base)), Path(adapter), Path(out)
+    check_adapter(base_dir, adapter_dir)
+    tmp = prepare_output(out, overwrite)
+
+    model = AutoModel.from_pretrained(base_dir, dtype=DTYPES[dtype], device_map=device if device != "cpu" else None)
+    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    model = model.merge_and_unload(progressbar=False, safe_merge=True)
+    model.config.use_cache = False
+
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        if (tmp / "model.safetensors").is_file():  # one shard: still the published sharded layout
+            _single_to_index(tmp)
+        copy_passthrough_files(adapter_dir, base_dir, tmp)
+        validate_checkpoint_dir(tmp)
+        _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _single_to_index(directory: Path) -> None:
+    """model.safetensors -> model-00001-of-00001.safetensors + index (what the hub's loaders expect to find)."""
+    from safetensors import safe_open
+
+    single = directory / "model.safetensors"
+    with safe_open(str(single), framework="pt") as handle:
+        names = list(handle.keys())
+        total = sum(_nbytes(handle, n) for n in names)
+    shard = "model-00001-of-00001.safetensors"
+    single.rename(directory / shard)
+    index = {"metadata": {"total_size": total}, "weight_map": {n: shard for n in sorted(names)}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _nbytes(handle, name: str) -> int:
+    sl = handle.get_slice(name)
+    size = 1
+    for dim in sl.get_shape():
+        size *= dim
+    return size * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}.get(sl.get_dtype(), 4)
+
+
+# --- command line ------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="base checkpoint directory (or hub id)")
+    parser.add_argument("--adapter", required=True, help="LoRA adapter directory (the training output_dir)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the merged weights (default bf16)")
+    parser.add_argument("--max_shard_size", default="5GB", help="shard size, e.g. 5GB (default) or 500MB")
+    parser.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = merge(args.base, args.adapter, args.out, args.dtype, args.max_shard_size, args.device, args.overwrite)
+    except (MergeError, CheckpointError) as error:
+        print(f"finetune.merge: error: {error}", file=sys.stderr)
+        return 2
+    print(f"[merge] merged model written to {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
