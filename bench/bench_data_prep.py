@@ -82,7 +82,7 @@ def main() -> None:
             image_views(image, settings)
 
         from finetune.dataset import view_strip
-        from finetune.model.image_processing import plan_slices, slice_image
+        from finetune.model.image_processing import slice_image
 
         def decode() -> Image.Image:
             image = Image.open(record.images[0][1])

@@ -32,7 +32,6 @@ from PIL import Image
 from transformers import TextStreamer
 
 from finetune.model.modeling import IMAGE_MARKER, render_chat_prompt
-from finetune.model.tokenization import SpecialTokens
 
 TRAINING_MARKER = "<image>"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -157,7 +156,6 @@ def generation_config(greedy: bool, beams: int = 1, repetition_penalty: float | 
     return {"do_sample": False, "num_beams": beams, "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty}
 
 
-@torch.inference_mode()
 def generate(
     model,
     tokenizer,
@@ -168,20 +166,9 @@ def generate(
     max_inp_length: int | None = None,
     **config,
 ) -> str:
-    """What the published `chat()` does after building its prompt: placeholders, vision features, llm.generate."""
-    data = model.prepare_inputs(prompt, list(images), tokenizer, max_inp_length)
-    tokens = SpecialTokens.from_tokenizer(tokenizer)
-    inputs_embeds, _ = model.get_vllm_embedding(data)
-    output = model.llm.generate(
-        inputs_embeds=inputs_embeds,
-        attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokens.pad,
-        eos_token_id=tokens.stop_ids,
-        streamer=streamer,
-        **config,
-    )
-    return tokenizer.decode(output[0], skip_special_tokens=True).strip()
+    """What the published `chat()` does after building its prompt (MiniCPMV.generate_text; reached through a
+    PeftModel wrapper too)."""
+    return model.generate_text(prompt, list(images), tokenizer, max_new_tokens, streamer, max_inp_length, **config)
 
 
 class Streamer(TextStreamer):

@@ -28,12 +28,11 @@ from finetune.dataset import (
     open_source,
     parse_data_spec,
     parse_record,
-    prepare_sample,
     summarize,
     view_strip,
 )
 from finetune.model import MiniCPMVConfig
-from finetune.model.image_processing import SliceGrid, image_placeholder, image_views, normalize_view, plan_slices, slice_image, to_patch_strip
+from finetune.model.image_processing import image_placeholder, image_views, normalize_view, plan_slices, slice_image, to_patch_strip
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "golden_tiny", "checkpoint")
 IMAGES = os.path.join(os.path.dirname(__file__), "golden_tiny", "images")

@@ -257,13 +257,27 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     ) -> str:
         """The published `chat()`: images go in as markers in the first user turn, then placeholder text."""
         prompt, images = render_chat_prompt(image, msgs, tokenizer, system_prompt)
-        data = self.prepare_inputs(prompt, images, tokenizer, max_inp_length)
-        tokens = SpecialTokens.from_tokenizer(tokenizer)
         if sampling:
             config = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
         else:
             config = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
         config.update(generation_kwargs)
+        return self.generate_text(prompt, images, tokenizer, max_new_tokens, streamer, max_inp_length, **config)
+
+    @torch.inference_mode()
+    def generate_text(
+        self,
+        prompt: str,
+        images: list[Image.Image],
+        tokenizer,
+        max_new_tokens: int = 1024,
+        streamer=None,
+        max_inp_length: int | None = None,
+        **generation_config,
+    ) -> str:
+        """What `chat()` does once it has its prompt: placeholders, vision features, llm.generate, decode."""
+        data = self.prepare_inputs(prompt, list(images), tokenizer, max_inp_length)
+        tokens = SpecialTokens.from_tokenizer(tokenizer)
         inputs_embeds, _ = self.get_vllm_embedding(data)
         output = self.llm.generate(
             inputs_embeds=inputs_embeds,
@@ -272,7 +286,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             pad_token_id=tokens.pad,
             eos_token_id=tokens.stop_ids,
             streamer=streamer,
-            **config,
+            **generation_config,
         )
         return tokenizer.decode(output[0], skip_special_tokens=True).strip()
 
