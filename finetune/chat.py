@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 import torch
+import transformers
 from PIL import Image
 from transformers import TextStreamer
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep the terminal for the answers
     from finetune.model.checkpoint import CheckpointError
 
     try:

@@ -27,6 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
+import transformers
+
 from finetune.chat import ChatError, build_prompt, generate, generation_config, load_image, load_model
 
 # --- metrics (pure) ------------------------------------------------------------------------------------------------
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # keep the terminal for the answers
     from finetune.model.checkpoint import CheckpointError
 
     out = args.out or str(Path(args.adapter or ".") / "predictions.jsonl")
