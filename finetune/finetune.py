@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
 from finetune.trainer import MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
+# transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; the old names are what 5.17
+# understands, so we keep them and silence the rename notice.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -69,6 +73,12 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "samples longer are cut at whole turns or skipped"})
+    loss_chunk_size: int = field(default=2048, metadata={"help": "label positions whose vocabulary logits exist at once"})
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "allow torch's cuDNN attention kernels; they re-plan every new sequence length on the CPU, "
+                  "which made variable-length multimodal steps 1.5x slower on H200 (bench/README.md)"},
+    )
     llm_type: str | None = field(default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"})
     tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
     tune_llm: bool = field(default=False, metadata={"help": "full fine-tuning of the LLM (not with --use_lora)"})
@@ -80,7 +90,9 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_steps: float = 0.03
     weight_decay: float = 0.1
     adam_beta2: float = 0.95
-    bf16: bool = field(default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # None = decide in __post_init__. (A default_factory would not work: HfArgumentParser gives a bool field
+    # without a plain default the value False, which silently trained in fp32 on GPUs.)
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it"})
     gradient_checkpointing: bool = True
     gradient_checkpointing_kwargs: dict | str | None = field(default_factory=lambda: {"use_reentrant": False})
     remove_unused_columns: bool = False
@@ -90,6 +102,18 @@ class TrainingArguments(transformers.TrainingArguments):
     dataloader_num_workers: int = field(default_factory=lambda: min(4, (os.cpu_count() or 1) // 2))
     report_to: None | str | list[str] = "tensorboard"
     output_dir: str = "output/output__lora"
+
+
+    def __post_init__(self):
+        self.bf16 = resolve_bf16(self.bf16, self.fp16, self.use_cpu)
+        super().__post_init__()
+
+
+def resolve_bf16(bf16: bool | None, fp16: bool, use_cpu: bool) -> bool:
+    """An explicit --bf16 wins; otherwise bf16 on a GPU that supports it, unless fp16 or the CPU was asked for."""
+    if bf16 is not None:
+        return bf16
+    return not fp16 and not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @dataclass
@@ -171,6 +195,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = load_pretrained(model_args.model_name_or_path, **kwargs)
     model.config.use_cache = False
+    model.loss_chunk_size = training_args.loss_chunk_size
     return model, tokenizer
 
 
@@ -193,9 +218,9 @@ def configure_trainable(model, training_args: TrainingArguments, lora_args: Lora
         raise UsageError(f"--lora_target_modules {lora_args.lora_target_modules!r} matches no linear module of the model")
     if lora_args.q_lora:
         # Not peft's prepare_model_for_kbit_training: it casts every non-4-bit parameter to fp32 (vision tower,
-        # resampler, embed_tokens, lm_head: 1.56 B parameters, 2.9 -> 5.8 GiB on the full-size model), which defeats QLoRA's
-        # purpose; norms and frozen bf16 modules work as they are under bf16 autocast. What it does besides:
-        # input gradients for reentrant checkpointing (the Trainer enables checkpointing itself).
+        # resampler, embed_tokens, lm_head: 1.56 B parameters, 2.9 -> 5.8 GiB on the full-size model), which
+        # defeats QLoRA's purpose; frozen bf16 modules and norms work as they are under bf16 autocast. What it
+        # does besides: input gradients for reentrant checkpointing (the Trainer enables checkpointing itself).
         if training_args.gradient_checkpointing:
             model.enable_input_require_grads()
     # Everything trained besides LoRA is saved inside the adapter (modules_to_save), so that
@@ -228,8 +253,11 @@ def keep_fp32_master_weights(model) -> int:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    def size(parameter) -> int:  # ZeRO-3 partitions leave numel() == 0; ds_numel is the full size
+        return getattr(parameter, "ds_numel", parameter.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(size(p) for p in model.parameters())
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -338,6 +366,8 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
     # Before anything random: LoRA's initial weights must not depend on what ran earlier in the process.
     transformers.set_seed(training_args.seed)
 
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(training_args.cudnn_attention)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args, lora_args)
     train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, model.config)
     model = configure_trainable(model, training_args, lora_args)

@@ -123,6 +123,24 @@ def test_loss_weighs_every_label_token_of_the_step_equally(tiny_model, demo, tmp
         torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_bf16_is_the_default_where_supported(monkeypatch):
+    """Regression: a bool default_factory reached HfArgumentParser as False, and GPU runs trained in fp32."""
+    from transformers import HfArgumentParser
+
+    import finetune.finetune as entry
+
+    (action,) = [a for a in HfArgumentParser(entry.TrainingArguments)._actions if a.dest == "bf16"]
+    assert action.default is None, "the parser must leave bf16 undecided when the flag is absent"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert entry.resolve_bf16(None, fp16=False, use_cpu=False) is True
+    assert entry.resolve_bf16(None, fp16=True, use_cpu=False) is False
+    assert entry.resolve_bf16(None, fp16=False, use_cpu=True) is False
+    assert entry.resolve_bf16(False, fp16=False, use_cpu=False) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert entry.resolve_bf16(None, fp16=False, use_cpu=False) is False
+
+
 def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):
     trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
     dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
@@ -202,7 +220,9 @@ def read_reports(report: Path, ranks: int) -> list[dict]:
 )
 def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_path, deepspeed, wrapper):
     out, report = tmp_path / "out", tmp_path / "report"
-    args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1")
+    # A loss chunk of 4 label positions: the ranks' samples have different label counts, so different numbers
+    # of lm_head calls unless the model keeps them in step (ZeRO-3 gathers per call).
+    args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4")
     if deepspeed:
         args += ["--deepspeed", str(ROOT / "finetune" / deepspeed)]
     command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
@@ -215,6 +235,19 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
     saved = load_file(out / "adapter_model.safetensors")
     assert all(t.numel() > 0 for t in saved.values())
     PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), out)
+
+
+def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path):
+    """Regression: with ranks holding different label counts the loss made different numbers of lm_head calls,
+    i.e. ZeRO-3 gathers, and gloo/NCCL aborted with a collective mismatch."""
+    out, report = tmp_path / "out", tmp_path / "report"
+    args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "4", "--packing", "true", "--loss_chunk_size", "4",
+                     "--deepspeed", str(ROOT / "finetune" / "ds_config_zero3.json"))  # fmt: skip
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
+    result = subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in read_reports(report, 2):
+        assert rank["wrapper"] == "DeepSpeedEngine" and rank["num_processes"] == 2 and rank["global_step"] == 4
 
 
 def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path):

@@ -67,6 +67,9 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
 
 
 class MiniCPMV(MiniCPMVPreTrainedModel):
+    # Label positions whose logits exist at once in the loss: 2048 x 128256 fp32 logits = 1 GiB.
+    loss_chunk_size: int = 2048
+
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
         # The LLM reads the same config object (a LlamaConfig subclass), as in the published code, so that
@@ -237,7 +240,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
         kwargs.pop("use_cache", None)
         hidden = self.llm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **kwargs)
-        loss = label_position_loss(hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch)
+        loss = label_position_loss(hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, self.loss_chunk_size)
         return CausalLMOutputWithPast(loss=loss)
 
     # --- inference ------------------------------------------------------------------------------------------
@@ -339,7 +342,15 @@ def label_position_loss(
     targets = shifted[selected]
     states = hidden[selected]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), chunk_size):
+    num_chunks = max(1, -(-len(targets) // chunk_size))
+    if _distributed():
+        # Every chunk calls lm_head; under ZeRO-3 each call gathers its weight, so all ranks must make the same
+        # number of calls whatever their label counts: the extra chunks are empty.
+        count = torch.tensor(num_chunks, device=hidden.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        num_chunks = int(count)
+    for index in range(num_chunks):
+        start = index * chunk_size
         chunk_states, chunk_targets = states[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and chunk_states.requires_grad:
             total = total + checkpoint(_chunk_loss, chunk_states, chunk_targets, lm_head, use_reentrant=False)
