@@ -1,0 +1,443 @@
+"""Memory planner: the settings that fit the card you have, from an explicit per-GPU memory model.
+
+    python -m finetune.plan --gpus 1 --gpu-mem 24 [--q_lora] [--tune-vision true|false] [--target-global-batch 16]
+    python -m finetune.plan --gpus 2 --gpu-mem 80 --data train.json --model openbmb/MiniCPM-Llama3-V-2_5
+    python -m finetune.plan --gpus 1 --gpu-mem 24 --emit-args      # only the flags (AUTO=1 finetune_lora.sh)
+    python -m finetune.plan --validate bench/results.json ...      # predicted vs measured peaks (markdown)
+
+The model (GiB per GPU, predicting torch.cuda.max_memory_allocated; the card additionally needs the CUDA context
+and allocator slack, HEADROOM_GIB, before a plan is said to fit):
+
+    weights        bf16: 2 B x all parameters (8.54 B -> 15.9 GiB); q_lora: NF4 ~0.527 B (4 bits + double-quantised
+                   absmax, measured) x the LLM's decoder linears + 2 B x the rest (vision, resampler, embeddings,
+                   lm_head). ZeRO-3 divides them by N (never with q_lora: bnb 4-bit weights cannot be sharded).
+    trainable      LoRA r on q/k/v/o (counted on the meta-device full-size model: 54.5 M at r64), resampler 89 M,
+                   vision tower 418 M when tuned. Without DeepSpeed: LoRA fp32 weight 4 + grad 4 + Adam 8 bytes;
+                   resampler / vision (PEFT modules_to_save copies): a measured 6.03 B a parameter in bf16, 14 B
+                   when finetune.py keeps them in fp32. DeepSpeed bf16: bf16 weights and copies on every rank,
+                   fp32 master 4 + Adam 8 + fp32 grad 4 + bf16 grad 2 sharded over N (stage 1/2: optimizer +
+                   grads; stage 3: weights too), plus the reduce buckets; offload moves master + Adam + fp32 grads
+                   to the CPU.
+    activations    tokens per micro-batch x a per-token constant, with activation checkpointing or without;
+                   images: a per-448-px-view constant (tuned or frozen vision tower); finetune.py's Trainer under
+                   DeepSpeed: an extra per-token charge (measured, cause not found; see plan_validation.md).
+    logits         the chunked loss keeps one chunk of min(tokens, 2048) x vocab logits (bf16 + fp32 + fp32 grad).
+    overhead       a fixed constant (buffers, cuBLAS workspaces, allocator rounding).
+
+Calibration: bench/plan_validation.md (predicted vs measured, % error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+GiB = 1024**3
+HERE = Path(__file__).resolve().parent
+DS_CONFIGS = {
+    (2, False): HERE / "ds_config_zero2.json",
+    (2, True): HERE / "ds_config_zero2_offload.json",
+    (3, False): HERE / "ds_config_zero3.json",
+    (3, True): HERE / "ds_config_zero3_offload.json",
+}
+LOSS_CHUNK = 2048  # finetune.py's --loss_chunk_size default (label_position_loss's chunk)
+HEADROOM_GIB = 1.5  # CUDA context (~0.5 GiB, outside torch's counters) + reserved-vs-allocated slack
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The memory model's calibrated constants (bytes unless named otherwise)."""
+
+    # Calibrated on H200 peaks (bench/plan_validation.md): bench_qlora.py rows and bench_train.py suite rows.
+    nf4_bytes_per_param: float = 0.527  # 6.98 B decoder linears -> 3.43 GiB (4 bits + double-quantised absmax)
+    act_gc_bytes_per_token: float = 0.373e6  # checkpointed LLM (32 x 4096 x 2 B layer inputs + one layer recomputed)
+    act_nogc_bytes_per_token: float = 6.2e6  # every decoder layer's saved tensors (LoRA q/k/v/o)
+    full_bytes_bf16: float = 6.03  # per trained resampler / vision parameter, bf16 copy (PEFT modules_to_save)
+    full_bytes_fp32: float = 14.0  # the same kept in fp32 (finetune.py without DeepSpeed): NOT measured yet
+    logit_bytes_per_element: float = 10.0  # bf16 logits + fp32 upcast + fp32 grad of one loss chunk (analytical)
+    vision_gc_bytes_per_view: float = 96.7e6  # tuned vision tower (checkpointed) + trained resampler, per view
+    vision_frozen_bytes_per_view: float = 95.6e6  # frozen vision tower + trained resampler, per view
+    vision_nogc_bytes_per_view: float = 1.4e9  # tuned vision tower, not checkpointed: analytical, NOT measured
+    ds_bucket_elements: float = 2e8  # reduce_bucket_size of ds_config_zero2.json
+    zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each): NOT measured
+    overhead_gib: float = 0.32  # buffers (rotary, resampler tables; 0.07 GiB) + workspaces
+    # finetune.py's Trainer path under DeepSpeed ZeRO-2 peaked 20.5 GiB above the same micro-batch in the
+    # bench loop (2 x H200, multimodal, 4 packed samples). Cause not found yet; charged per token so that plans
+    # stay safe. Fitted on that ONE row.
+    trainer_ds_extra_bytes_per_token: float = 3.68e6
+
+
+CONSTANTS = Constants()
+
+
+@dataclass(frozen=True)
+class Counts:
+    total: int
+    decoder_linears: int
+    vision: int
+    resampler: int
+    vocab: int
+    lora_per_rank: int  # LoRA parameters per unit of rank on the default q/k/v/o targets
+
+
+@lru_cache(maxsize=None)
+def parameter_counts() -> Counts:
+    """Counted on the meta device from the published config (no memory, no weights)."""
+    import re
+
+    import torch
+
+    from finetune.finetune import DEFAULT_LORA_TARGETS
+    from finetune.model.builders import build_full_size_random
+
+    model = build_full_size_random("meta")
+    regex = re.compile(DEFAULT_LORA_TARGETS)
+    decoder = lora = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if name.startswith("llm.model.layers."):
+                decoder += module.weight.numel()
+            if regex.fullmatch(name):
+                lora += module.in_features + module.out_features
+    return Counts(
+        total=sum(p.numel() for p in model.parameters()),
+        decoder_linears=decoder,
+        vision=sum(p.numel() for p in model.vpm.parameters()),
+        resampler=sum(p.numel() for p in model.resampler.parameters()),
+        vocab=model.config.vocab_size,
+        lora_per_rank=lora,
+    )
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration whose peak memory per GPU is predicted."""
+
+    gpus: int = 1
+    zero_stage: int = 0  # 0: no DeepSpeed (plain Trainer); 1, 2, 3: DeepSpeed ZeRO
+    offload: bool = False
+    gradient_checkpointing: bool = True
+    micro_batch: int = 1
+    tokens_per_sample: int = 2048
+    views_per_sample: float = 0.0  # 448-px views per sample (images x (slices + 1))
+    q_lora: bool = False
+    tune_vision: bool = True
+    lora_r: int = 64
+    # Without DeepSpeed finetune.py keeps trainable weights in fp32 (keep_fp32_master_weights); bench loops that
+    # leave the resampler / vision copies in bf16 (bench_train.py without --fp32-trainable, bench_qlora.py) do not.
+    fp32_trainable: bool = True
+    trainer_path: bool = True  # finetune.py's Trainer (False: the bench loops' own training step)
+    loss_chunk: int = LOSS_CHUNK  # finetune.py --loss_chunk_size
+
+
+def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
+    """Predicted peak allocated GiB per GPU, by term."""
+    c = parameter_counts()
+    n = setup.gpus if setup.zero_stage else 1
+    lora = c.lora_per_rank * setup.lora_r
+    full = c.resampler + (c.vision if setup.tune_vision else 0)  # trained in full, copied by modules_to_save
+    rest = c.total - c.decoder_linears
+    if setup.q_lora:
+        weights = c.decoder_linears * constants.nf4_bytes_per_param + rest * 2
+    else:
+        weights = c.total * 2
+    trainable = lora + full
+    if setup.zero_stage == 0:  # LoRA fp32 weight 4 + grad 4 + Adam 8; resampler / vision: copy + grad + Adam
+        states = lora * (4 + 4 + 8) + full * (constants.full_bytes_fp32 if setup.fp32_trainable else constants.full_bytes_bf16)
+    else:
+        weights += full * 2  # the modules_to_save copies, bf16 under DeepSpeed
+        sharded = trainable * (4 + 8 + 4 + 2)  # fp32 master + Adam m, v + fp32 grad + bf16 grad partition
+        if setup.offload:
+            sharded = trainable * 2  # only the bf16 grad partition stays on the GPU
+        states = lora * 2 + sharded / n + min(constants.ds_bucket_elements, trainable) * 2 * 2
+    if setup.zero_stage == 3:
+        weights = weights / n + constants.zero3_live_gib * GiB
+        if setup.offload:  # offload_param as well in ds_config_zero3_offload.json
+            weights = constants.zero3_live_gib * GiB
+    tokens = setup.micro_batch * setup.tokens_per_sample
+    per_token = constants.act_gc_bytes_per_token if setup.gradient_checkpointing else constants.act_nogc_bytes_per_token
+    views = setup.micro_batch * setup.views_per_sample
+    if setup.tune_vision:
+        per_view = constants.vision_gc_bytes_per_view if setup.gradient_checkpointing else constants.vision_nogc_bytes_per_view
+    else:
+        per_view = constants.vision_frozen_bytes_per_view
+    activations = tokens * per_token + views * per_view
+    if setup.trainer_path and setup.zero_stage:
+        activations += tokens * constants.trainer_ds_extra_bytes_per_token
+    logits = min(tokens, setup.loss_chunk) * c.vocab * constants.logit_bytes_per_element
+    terms = {
+        "weights": weights / GiB,
+        "optimizer_and_grads": states / GiB,
+        "activations": activations / GiB,
+        "logits": logits / GiB,
+        "overhead": constants.overhead_gib,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+# --- the plan -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    fits: bool
+    setup: Setup | None
+    predicted: dict[str, float] | None
+    gpu_mem: float
+    gradient_accumulation_steps: int = 1
+    model_max_length: int = 2048
+    max_slice_nums: int = 9
+    global_batch: int = 0
+    notes: list[str] = field(default_factory=list)
+    message: str = ""
+
+    def flags(self) -> list[str]:
+        assert self.fits and self.setup is not None
+        s = self.setup
+        deepspeed = str(DS_CONFIGS[(s.zero_stage, s.offload)]) if s.zero_stage else ""
+        flags = [
+            "--deepspeed", deepspeed,
+            "--per_device_train_batch_size", str(s.micro_batch),
+            "--gradient_accumulation_steps", str(self.gradient_accumulation_steps),
+            "--gradient_checkpointing", str(s.gradient_checkpointing).lower(),
+            "--model_max_length", str(self.model_max_length),
+            "--max_slice_nums", str(self.max_slice_nums),
+            "--tune_vision", str(s.tune_vision).lower(),
+        ]  # fmt: skip
+        if s.q_lora:
+            flags += ["--q_lora", "true"]
+        return flags
+
+    def format(self) -> str:
+        if not self.fits:
+            return self.message
+        s = self.setup
+        stage = f"ZeRO-{s.zero_stage}" if s.zero_stage else "none (plain Trainer)"
+        lines = [
+            f"plan for {s.gpus} GPU(s) x {self.gpu_mem:g} GiB{' (QLoRA NF4)' if s.q_lora else ''}:",
+            f"  deepspeed:               {stage}{' + CPU offload' if s.offload else ''}",
+            f"  activation checkpointing: {s.gradient_checkpointing}",
+            f"  micro-batch per GPU:     {s.micro_batch}",
+            f"  gradient accumulation:   {self.gradient_accumulation_steps} (global batch {self.global_batch})",
+            f"  model_max_length:        {self.model_max_length}",
+            f"  max_slice_nums:          {self.max_slice_nums}",
+            f"  tune_vision:             {s.tune_vision}",
+            f"  predicted peak per GPU:  {self.predicted['total']:.1f} GiB allocated (+{HEADROOM_GIB} GiB context/slack) of {self.gpu_mem:g}",
+            "    " + ", ".join(f"{k} {v:.2f}" for k, v in self.predicted.items() if k != "total"),
+        ]  # fmt: skip
+        lines += [f"  note: {note}" for note in self.notes]
+        lines.append("  flags: " + shlex.join(self.flags()))
+        return "\n".join(lines)
+
+
+def candidates(gpus: int, q_lora: bool):
+    """(zero_stage, offload, gradient_checkpointing), fastest first."""
+    base = 0 if gpus == 1 else 2
+    out = [(base, False, False), (base, False, True)]
+    if gpus > 1 and not q_lora:
+        out.append((3, False, True))
+    out.append((2, True, True))
+    if not q_lora:
+        out.append((3, True, True))
+    return out
+
+
+def make_plan(
+    gpus: int,
+    gpu_mem: float,
+    *,
+    q_lora: bool = False,
+    tune_vision: bool = True,
+    target_global_batch: int = 16,
+    model_max_length: int = 2048,
+    views_per_sample: float | None = None,
+    max_slice_nums: int = 9,
+    lora_r: int = 64,
+    constants: Constants = CONSTANTS,
+) -> Plan:
+    if gpus < 1 or gpu_mem <= 0:
+        return Plan(False, None, None, gpu_mem, message="plan: --gpus must be >= 1 and --gpu-mem > 0")
+    budget = gpu_mem - HEADROOM_GIB
+    notes = []
+    slices = max_slice_nums
+    while True:
+        # Worst case without data: one image of `slices` slices + its overview per sample.
+        views = views_per_sample if views_per_sample is not None else float(slices + 1)
+        for stage, offload, gc in candidates(gpus, q_lora):
+            best = None
+            for micro in (8, 4, 2, 1):
+                if micro > max(1, target_global_batch // gpus):
+                    continue
+                setup = Setup(gpus, stage, offload, gc, micro, model_max_length, views, q_lora, tune_vision, lora_r)
+                predicted = predict(setup, constants)
+                if predicted["total"] <= budget:
+                    best = (setup, predicted)
+                    break
+            if best is not None:
+                setup, predicted = best
+                accumulation = max(1, math.ceil(target_global_batch / (gpus * setup.micro_batch)))
+                if offload:
+                    notes.append("optimizer states offloaded to CPU: slower steps, needs host RAM")
+                if slices != max_slice_nums:
+                    notes.append(f"max_slice_nums lowered {max_slice_nums} -> {slices} to fit")
+                return Plan(True, setup, predicted, gpu_mem, accumulation, model_max_length, slices,
+                            gpus * setup.micro_batch * accumulation, notes)  # fmt: skip
+        if views_per_sample is not None or slices <= 1:
+            break
+        slices = {9: 4, 4: 2, 2: 1}.get(slices, 1)
+    stage, offload, _ = candidates(gpus, q_lora)[-1]
+    fewest_views = 2.0 if views_per_sample is None else views_per_sample
+    smallest = predict(Setup(gpus, stage, offload, True, 1, model_max_length, fewest_views, q_lora, tune_vision, lora_r), constants)
+    hints = []
+    if not q_lora:
+        hints.append("--q_lora")
+    if tune_vision:
+        hints.append("--tune-vision false")
+    if model_max_length > 1024:
+        hints.append("a shorter --model_max_length")
+    message = (
+        f"plan: does not fit: {gpus} GPU(s) x {gpu_mem:g} GiB; the smallest configuration needs "
+        f"{smallest['total'] + HEADROOM_GIB:.1f} GiB per GPU"
+        + (f" (try {', '.join(hints)}, or more GPUs)" if hints else " (more GPUs or a larger card)")
+    )
+    return Plan(False, None, smallest, gpu_mem, message=message)
+
+
+def data_statistics(model: str, data: str, max_slice_nums: int | None) -> tuple[int, float, dict]:
+    """model_max_length (p99 rounded up to 64) and mean views per sample, via check_data.validate_dataset."""
+    from finetune.check_data import validate_dataset
+
+    report = validate_dataset(model, data, model_max_length=None, max_slice_nums=max_slice_nums)
+    split = report.splits[0]
+    if not split.lengths:
+        raise SystemExit(f"plan: no usable samples in {data}")
+    usable = [r for r in split.results if r.status != "bad"]
+    views = sum(sum(r.views_per_image) for r in usable) / len(usable)
+    return split.suggested_max_length(), views, split.percentiles()
+
+
+# --- validation against measured peaks ----------------------------------------------------------------------
+
+
+def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
+    """(name, setup or None when not modelled, measured peak allocated GiB, note) from one benchmark JSON:
+    bench/bench_qlora.py, bench/bench_train.py or bench/trainer_bench.py output."""
+    data = json.loads(Path(path).read_text())
+    out = []
+    if "rows" in data:  # bench_qlora.py
+        for row in data["rows"]:
+            if "error" in row:
+                continue
+            setup = Setup(1, 0, False, True, 1, 2048, 0.0, row["row"] == "qlora_nf4", False, fp32_trainable=False, trainer_path=False)
+            out.append((f"qlora-bench {row['row']}", setup, row["peak_allocated_gib"], "text 2048, LoRA recipe"))
+    elif "results" in data:  # bench_train.py
+        text_len = data.get("args", {}).get("text_len", 2048)
+        for row in data["results"]:
+            if "error" in row or row.get("peak_allocated_gib") is None:
+                continue
+            name = f"1 GPU {row['row']}"
+            fp32 = "bfloat16" not in row.get("trainable_params_by_dtype", {})
+            if row["mode"] == "baseline":
+                out.append((name, None, row["peak_allocated_gib"], "not modelled: full-vocabulary logits path (upstream loss)"))
+                continue
+            if row["workload"] == "text":
+                tokens, views, note = text_len, 0.0, "text row"
+            else:  # one packed row per step; the peak comes from the longest step, approximated by mean x 1.25
+                steps = max(1, row.get("steps_timed", 1))
+                tokens = int(row["tokens_timed"] / steps * 1.25)
+                views = 10.0 * row["samples_timed"] / steps  # ~8 views per 400-2000 px image x 1.25
+                note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
+                setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
+                          fp32_trainable=fp32, trainer_path=False)
+                out.append((name, setup, row["peak_allocated_gib"], note))
+                continue
+            setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
+                          fp32_trainable=fp32, trainer_path=False)
+            out.append((name, setup, row["peak_allocated_gib"], note))
+    elif "peak_allocated_gib_per_rank" in data:  # trainer_bench.py
+        ds = str(data.get("deepspeed") or "")
+        stage = 3 if "zero3" in ds else 2 if "zero2" in ds else 0
+        world = data["world_size"]
+        tokens = int(data["tokens_per_s"] * data["step_s_mean"] / world * 1.25)
+        views = 10.0 * data["samples_per_s"] * data["step_s_mean"] / world
+        setup = Setup(world, stage, "offload" in ds, True, 1, tokens, views, False, bool(data.get("tune_vision", True)))
+        out.append((f"{world} GPU ZeRO-{stage} Trainer", setup, max(data["peak_allocated_gib_per_rank"]),
+                    "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"))  # fmt: skip
+    return out
+
+
+def validation_markdown(paths: list[str], constants: Constants = CONSTANTS) -> str:
+    lines = ["| configuration | predicted GiB | measured GiB | error | note |", "| --- | ---: | ---: | ---: | --- |"]
+    for path in paths:
+        for name, setup, measured, note in measured_setups(path):
+            if setup is None:
+                lines.append(f"| {name} | - | {measured:.2f} | - | {note} |")
+                continue
+            predicted = predict(setup, constants)["total"]
+            lines.append(f"| {name} | {predicted:.2f} | {measured:.2f} | {100 * (predicted - measured) / measured:+.1f}% | {note} |")
+    return "\n".join(lines)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune.plan", description="settings that fit your GPUs")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU")
+    parser.add_argument("--data", help="training data (model_max_length and views per sample from its lengths)")
+    parser.add_argument("--model", default="openbmb/MiniCPM-Llama3-V-2_5", help="checkpoint whose tokenizer reads --data")
+    parser.add_argument("--q_lora", "--q-lora", action="store_true", help="4-bit NF4 LLM (bitsandbytes)")
+    parser.add_argument("--target-global-batch", type=int, default=16)
+    parser.add_argument("--tune-vision", type=_bool, default=True)
+    parser.add_argument("--max-slice-nums", type=int, default=9)
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--emit-args", action="store_true", help="print only the finetune.py flags (shell-quoted)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--validate", nargs="+", metavar="JSON", help="predicted vs measured for benchmark JSONs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.validate:
+        print(validation_markdown(args.validate))
+        return 0
+    if args.gpu_mem is None:
+        print("plan: --gpu-mem GiB is required", file=sys.stderr)
+        return 2
+    model_max_length, views, stats = 2048, None, None
+    if args.data:
+        model_max_length, views, stats = data_statistics(args.model, args.data, args.max_slice_nums)
+    plan = make_plan(args.gpus, args.gpu_mem, q_lora=args.q_lora, tune_vision=args.tune_vision,
+                     target_global_batch=args.target_global_batch, model_max_length=model_max_length,
+                     views_per_sample=views, max_slice_nums=args.max_slice_nums, lora_r=args.lora_r)  # fmt: skip
+    if not plan.fits:
+        print(plan.message, file=sys.stderr)
+        return 1
+    if stats:
+        plan.notes.append(f"data token lengths {stats}; mean views per sample {views:.2f}")
+    if args.emit_args:
+        print(shlex.join(plan.flags()))
+    elif args.json:
+        print(json.dumps({"setup": asdict(plan.setup), "predicted_gib": plan.predicted, "flags": plan.flags(),
+                          "gradient_accumulation_steps": plan.gradient_accumulation_steps, "notes": plan.notes}, indent=1))  # fmt: skip
+    else:
+        print(plan.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

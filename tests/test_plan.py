@@ -1,0 +1,168 @@
+"""finetune.plan: the memory model, the recommended settings, --emit-args, and AUTO=1 in the launcher (CPU only)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import HfArgumentParser
+
+from finetune.finetune import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+from finetune.plan import Setup, main, make_plan, parameter_counts, predict
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from finetune.model.builders import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from finetune.demo_data import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(out, num_train=12, num_eval=4)
+    return out
+
+
+def parse_flags(flags: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    base = ["--data_path", "x.json", "--output_dir", "/tmp/plan-out", "--report_to", "none"]
+    return parser.parse_args_into_dataclasses(args=base + flags)
+
+
+def test_parameter_counts_from_the_meta_model():
+    counts = parameter_counts()
+    assert round(counts.total / 1e9, 2) == 8.54
+    assert round(counts.vision / 1e6) == 418 and round(counts.resampler / 1e6) == 89
+    assert counts.lora_per_rank * 64 == 54_525_952  # r64 on q/k/v/o of 32 layers
+
+
+def test_weights_terms():
+    bf16 = predict(Setup(q_lora=False, tune_vision=False, fp32_trainable=False))["weights"]
+    nf4 = predict(Setup(q_lora=True, tune_vision=False, fp32_trainable=False))["weights"]
+    assert 15.9 < bf16 < 16.2  # 15.9 GiB + the resampler's modules_to_save copy
+    assert 6.2 < nf4 < 6.6
+
+
+@pytest.mark.parametrize(
+    "gpus, mem, q_lora, stage_expected",
+    [(1, 24, False, {3}), (1, 80, False, {0}), (2, 24, False, {3}), (8, 80, False, {2}),
+     (1, 24, True, {0}), (1, 80, True, {0}), (2, 24, True, {2}), (8, 80, True, {2})],
+)
+def test_plans_for_common_cards(gpus, mem, q_lora, stage_expected):
+    plan = make_plan(gpus, mem, q_lora=q_lora, target_global_batch=16)
+    assert plan.fits, plan.message
+    assert plan.setup.zero_stage in stage_expected
+    assert plan.predicted["total"] + 1.5 <= mem
+    assert plan.global_batch >= 16 and plan.global_batch == gpus * plan.setup.micro_batch * plan.gradient_accumulation_steps
+    assert not (q_lora and plan.setup.zero_stage == 3), "bnb 4-bit weights cannot be sharded by ZeRO-3"
+    text = plan.format()
+    assert "predicted peak per GPU" in text and "--per_device_train_batch_size" in text
+
+
+def test_predictions_are_monotone():
+    zero3 = [predict(Setup(gpus=n, zero_stage=3))["total"] for n in (1, 2, 4, 8)]
+    assert zero3 == sorted(zero3, reverse=True) and zero3[-1] < zero3[0]
+    zero2 = [predict(Setup(gpus=n, zero_stage=2))["total"] for n in (1, 2, 4, 8)]
+    assert zero2 == sorted(zero2, reverse=True)
+    for kwargs in ({}, {"q_lora": True}, {"zero_stage": 2, "gpus": 2}):
+        assert predict(Setup(gradient_checkpointing=True, **kwargs))["total"] < predict(Setup(gradient_checkpointing=False, **kwargs))["total"]
+    assert predict(Setup(q_lora=True))["total"] < predict(Setup())["total"]
+    assert predict(Setup(tune_vision=False))["total"] < predict(Setup())["total"]
+    assert predict(Setup(zero_stage=2, offload=True, gpus=2))["total"] < predict(Setup(zero_stage=2, gpus=2))["total"]
+    sizes = [predict(Setup(micro_batch=b))["total"] for b in (1, 2, 4)]
+    assert sizes == sorted(sizes)
+
+
+def test_more_memory_never_gives_a_slower_plan():
+    small, large = make_plan(1, 24), make_plan(1, 141)
+    assert small.setup.offload and not large.setup.offload  # offload only where nothing faster fits
+    assert large.setup.zero_stage == 0 and not large.setup.gradient_checkpointing
+
+
+@pytest.mark.parametrize("argv", [["--gpus", "1", "--gpu-mem", "24"], ["--gpus", "2", "--gpu-mem", "24"],
+                                  ["--gpus", "8", "--gpu-mem", "80"], ["--gpus", "1", "--gpu-mem", "24", "--q_lora"]])  # fmt: skip
+def test_emit_args_parse_with_finetune_parser(argv, capsys):
+    assert main([*argv, "--emit-args"]) == 0
+    line = capsys.readouterr().out.strip()
+    flags = shlex.split(line)
+    _, data_args, training_args, lora_args = parse_flags(flags)
+    plan = make_plan(int(argv[1]), float(argv[3]), q_lora="--q_lora" in argv)
+    assert training_args.per_device_train_batch_size == plan.setup.micro_batch
+    assert training_args.gradient_accumulation_steps == plan.gradient_accumulation_steps
+    assert training_args.gradient_checkpointing == plan.setup.gradient_checkpointing
+    assert data_args.max_slice_nums == plan.max_slice_nums
+    assert lora_args.q_lora == ("--q_lora" in argv)
+    if plan.setup.zero_stage:
+        assert Path(training_args.deepspeed).is_file() and f"zero{plan.setup.zero_stage}" in training_args.deepspeed
+    else:
+        assert not training_args.deepspeed
+
+
+def test_a_plan_that_cannot_fit_says_so(capsys):
+    assert main(["--gpus", "1", "--gpu-mem", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--q_lora" in err
+    assert main(["--gpus", "1", "--gpu-mem", "6", "--q_lora", "--emit-args"]) == 1
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_plan_from_data_lengths(tiny_model, demo, capsys):
+    assert main(["--gpus", "1", "--gpu-mem", "80", "--model", str(tiny_model), "--data", str(demo / "train.json")]) == 0
+    out = capsys.readouterr().out
+    assert "data token lengths" in out
+    length = int(out.split("model_max_length:")[1].split()[0])
+    assert length % 64 == 0 and length < 2048  # demo samples are short: the plan shrinks model_max_length
+
+
+def test_validation_table_on_measured_qlora_rows(tmp_path):
+    import json
+
+    from finetune.plan import validation_markdown
+
+    rows = [{"row": "bf16_lora", "peak_allocated_gib": 20.69}, {"row": "qlora_nf4", "peak_allocated_gib": 11.04}]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"rows": rows}))
+    table = validation_markdown([str(path)])
+    errors = [float(line.split("|")[4].strip().rstrip("%")) for line in table.splitlines()[2:]]
+    assert len(errors) == 2 and all(abs(e) < 10 for e in errors)
+
+
+def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    torchrun = fake / "torchrun"
+    torchrun.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    torchrun.chmod(torchrun.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{fake}:{PYTHON_BIN}:{os.environ['PATH']}", AUTO="1", GPU_MEM="24", GPUS_PER_NODE="2",
+               PYTHON=sys.executable, DATA="x.json", PYTHONPATH=str(ROOT))  # fmt: skip
+    launcher = ROOT / "finetune" / "finetune_lora.sh"
+    result = subprocess.run(["sh", str(launcher), "--per_device_train_batch_size", "7"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    args = result.stdout.splitlines()
+    assert "[auto]" in args[0]
+    argv = args[args.index("--model_name_or_path") :]
+    flags = list(argv)
+    expected = make_plan(2, 24).flags()
+    planned = expected[expected.index("--deepspeed") + 1]
+    assert flags.count("--deepspeed") == 2 and flags[len(flags) - 1 - flags[::-1].index("--deepspeed") + 1] == planned
+    last = len(flags) - 1 - flags[::-1].index("--per_device_train_batch_size")
+    assert flags[last + 1] == "7", "the user's explicit flag must come last (and win)"
+    _, _, training_args, _ = parse_flags(argv)
+    assert training_args.per_device_train_batch_size == 7 and training_args.deepspeed == planned
+    assert training_args.gradient_accumulation_steps == int(expected[expected.index("--gradient_accumulation_steps") + 1])
+
+    env["GPU_MEM"] = "4"
+    result = subprocess.run(["sh", str(launcher)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "does not fit" in result.stderr

@@ -1,0 +1,85 @@
+"""finetune.tune: optuna search through Trainer.hyperparameter_search with the tiny model on CPU."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("optuna")
+
+from transformers import HfArgumentParser  # noqa: E402
+
+from finetune.finetune import DataArguments, LoraArguments, ModelArguments, TrainingArguments  # noqa: E402
+from finetune.tune import hp_space, launcher_line, main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from finetune.model.builders import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from finetune.demo_data import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(out, num_train=16, num_eval=4)
+    return out
+
+
+def parse_launcher_line(line: str):
+    """The printed line -> finetune.py's dataclasses (LR=... is the launcher's --learning_rate)."""
+    words = shlex.split(line)
+    assert words[0].startswith("LR=") and words[1:3] == ["bash", "finetune/finetune_lora.sh"]
+    flags = ["--learning_rate", words[0][3:], *words[3:]]
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    return parser.parse_args_into_dataclasses(args=["--data_path", "x.json", "--output_dir", "/tmp/t", "--report_to", "none", *flags])
+
+
+def test_search_runs_the_trials_and_prints_a_launcher_line(tiny_model, demo, tmp_path, capsys):
+    result = main(["--model", str(tiny_model), "--data", str(demo / "train.json"), "--eval_data", str(demo / "eval.json"),
+                   "--trials", "3", "--max-steps", "2", "--subset", "8", "--output-dir", str(tmp_path / "out"),
+                   "--", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0", "--tune_vision", "false"])  # fmt: skip
+    assert result.trials == 3
+    assert math.isfinite(result.best_eval_loss)
+    out = capsys.readouterr().out
+    assert out.count("[trial ") == 3
+    line = out.strip().splitlines()[-1]
+    assert line == result.line
+    _, _, training_args, lora_args = parse_launcher_line(line)
+    assert math.isclose(training_args.learning_rate, result.params["learning_rate"], rel_tol=1e-2)
+    assert lora_args.lora_r == result.params["lora_r"]
+    assert lora_args.lora_alpha == result.params["lora_r"] * result.params["lora_alpha_ratio"]
+    assert 0 <= training_args.warmup_steps <= 0.1
+
+
+def test_rank_from_the_trial_reaches_the_model(tiny_model, demo, tmp_path):
+    """Without --eval_data a held-out part of the subset is the eval set; the trial's rank shapes lora_A."""
+    import optuna
+
+    from finetune import tune
+
+    seen = []
+    original = tune.configure_trainable
+
+    def spy(model, training_args, lora_args):
+        seen.append(lora_args.lora_r)
+        return original(model, training_args, lora_args)
+
+    tune.configure_trainable = spy
+    try:
+        result = main(["--model", str(tiny_model), "--data", str(demo / "train.json"), "--trials", "2", "--max-steps", "1",
+                       "--subset", "10", "--output-dir", str(tmp_path / "o"), "--seed", "3",
+                       "--", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0", "--tune_vision", "false"])  # fmt: skip
+    finally:
+        tune.configure_trainable = original
+    assert result.trials == 2
+    # first call: Trainer.__init__'s model_init() without a trial (defaults); then one per trial
+    assert seen[0] == 64 and len(seen) == 3 and set(seen[1:]) <= {8, 16, 32, 64}
+    trial = optuna.trial.FixedTrial({"lora_r": 16, "learning_rate": 1e-4, "lora_alpha_ratio": 2, "warmup_steps": 0.05})
+    assert launcher_line(hp_space(trial)) == "LR=1.00e-04 bash finetune/finetune_lora.sh --lora_r 16 --lora_alpha 32 --warmup_steps 0.050"
