@@ -8,10 +8,10 @@ DEMO_DIR ?= demo_run
 
 .PHONY: setup demo test clean-demo
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-extras.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" -r requirements.txt
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" -r requirements.txt -r requirements-extras.txt
 	touch $@
 
 setup: $(VENV)/.installed

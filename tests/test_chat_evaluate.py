@@ -18,27 +18,19 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune.chat import ChatError, build_prompt, chat, conversation, generate, generation_config, load_image, load_model
 from finetune.dataset import SupervisedDataset, open_source, parse_record
-from finetune.demo_data import write_demo_dataset
 from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, rouge_l, split_record, token_f1
 
 # The prompt test must see every image syntax of the demo data: one image with / without marker, two images
 # with <image_00> markers, text only; and multi-turn samples.
 from finetune.finetune import DEFAULT_LORA_TARGETS
-from finetune.model.builders import build_tiny_checkpoint
 from finetune.trainer import PASSTHROUGH_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, num_train=16, num_eval=4)
+def demo(demo_factory) -> Path:
+    out = demo_factory(16, 4)
     # Syntaxes the demo lacks: a single image without marker (training puts it before the first user text), and
     # a system turn with a marker in the middle of the text.
     samples = [s for s in json.loads((out / "train.json").read_text()) if isinstance(s.get("image"), str)]

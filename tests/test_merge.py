@@ -19,7 +19,6 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune import merge as merge_module
 from finetune.dataset import DataCollator, SupervisedDataset
-from finetune.demo_data import write_demo_dataset
 from finetune.finetune import DEFAULT_LORA_TARGETS
 from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.builders import build_tiny_checkpoint
@@ -32,15 +31,8 @@ LORA_TARGET = r"llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, num_train=4, num_eval=4)
-    return out
+def demo(demo_factory) -> Path:
+    return demo_factory(4, 4)
 
 
 def make_adapter(base: Path, out: Path, seed: int = 0) -> Path:

@@ -20,19 +20,8 @@ PYTHON_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from finetune.model.builders import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from finetune.demo_data import write_demo_dataset
-
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, num_train=12, num_eval=4)
-    return out
+def demo(demo_factory) -> Path:
+    return demo_factory(12, 4)
 
 
 def parse_flags(flags: list[str]):

@@ -31,19 +31,8 @@ needs_bnb = pytest.mark.skipif(not HAVE_BNB, reason="bitsandbytes is not install
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from finetune.model.builders import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    from finetune.demo_data import write_demo_dataset
-
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, num_train=8, num_eval=4)
-    return out
+def demo(demo_factory) -> Path:
+    return demo_factory(8, 4)
 
 
 def test_bnb_config_is_nf4_double_quant_and_skips_vision_resampler_lm_head(tiny_model, monkeypatch):

@@ -11,9 +11,7 @@ from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
 from finetune.dataset import SupervisedDataset
-from finetune.demo_data import write_demo_dataset
 from finetune.finetune import main
-from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.configuration import MiniCPMVConfig
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, cli, plot_losses, report_from_state, series
 
@@ -21,15 +19,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, num_train=8, num_eval=4)
-    return out
+def demo(demo_factory) -> Path:
+    return demo_factory(8, 4)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator, SupervisedDataset
-from finetune.demo_data import write_demo_dataset
 from finetune.finetune import UsageError, main
-from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.tokenization import SpecialTokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,15 +26,8 @@ PYTHON_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(out, num_train=24, num_eval=6)
-    return out
+def demo(demo_factory) -> Path:
+    return demo_factory(24, 6)
 
 
 @pytest.fixture(scope="session")
