@@ -81,8 +81,7 @@ def main() -> None:
             image.load()
             image_views(image, settings)
 
-        from finetune.dataset import view_strip
-        from finetune.model.image_processing import slice_image
+        from finetune.model.image_processing import normalize_pixels, slice_image, uint8_patch_strip
 
         def decode() -> Image.Image:
             image = Image.open(record.images[0][1])
@@ -97,10 +96,11 @@ def main() -> None:
             encoder.encode(record, [plan], 4096)
 
         cases = [
-            ("prepare_sample (decode+slice+normalise+tokenize)", full),
+            ("prepare_sample (decode+slice+strips+tokenize)", full),
             ("  part: decode JPEG (PIL)", decode),
             ("  part: slice (slice_image: resize + crops)", lambda: slice_image(decoded, settings)),
-            ("  part: normalise 10 views (view_strip)", lambda: [view_strip(v, 14) for v in views]),
+            ("  part: 10 uint8 strips (what training feeds)", lambda: [uint8_patch_strip(v, 14) for v in views]),
+            ("  (moved to the model's device: normalise 10 strips)", lambda: [normalize_pixels(uint8_patch_strip(v, 14)) for v in views]),
             ("  part: tokenize + labels (encoder.encode)", tokenize),
         ]
         if args.compare:

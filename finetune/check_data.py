@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm_type", default=None, choices=["llama3", "minicpm"])
     parser.add_argument("--seed", type=int, default=42, help="seed of the ratio sampling when mixing files")
     parser.add_argument("--show", default=None, metavar="ID", help="print this sample rendered, trained spans in ⟦ ⟧")
-    parser.add_argument("--dump", default=None, metavar="FILE.pt", help="save every usable sample as training feeds it")
+    parser.add_argument("--dump", default=None, metavar="FILE.pt", help="save every usable sample as training feeds it (pixel_values as uint8 strips; the model normalises them)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     return parser
 

@@ -24,15 +24,15 @@ from finetune.dataset import (
     MixedSource,
     SampleTooLong,
     SupervisedDataset,
-    image_to_views,
     open_source,
     parse_data_spec,
     parse_record,
     summarize,
-    view_strip,
 )
 from finetune.model import MiniCPMVConfig
-from finetune.model.image_processing import image_placeholder, image_views, normalize_view, plan_slices, slice_image, to_patch_strip
+from finetune.model.image_processing import (
+    image_placeholder, image_views, normalize_pixels, normalize_view, plan_slices, slice_image, to_patch_strip, uint8_patch_strip,
+)  # fmt: skip
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "golden_tiny", "checkpoint")
 IMAGES = os.path.join(os.path.dirname(__file__), "golden_tiny", "images")
@@ -132,7 +132,7 @@ def test_single_image_without_marker_goes_before_first_user_text(tmp_path, token
     )
     assert item["input_ids"].tolist() == tokenizer(expected, add_special_tokens=False)["input_ids"]
     # pixels, sizes: same as the reference image_views
-    strips, sizes, _ = image_views(Image.open(tmp_path / "img.png"), settings)
+    strips, sizes, _ = image_views(Image.open(tmp_path / "img.png"), settings, normalize=False)
     assert len(item["pixel_values"]) == len(strips) == plan.num_views
     assert all(torch.equal(a, b) for a, b in zip(item["pixel_values"], strips))
     assert all(p.shape[:2] == (3, 14) for p in item["pixel_values"])
@@ -175,8 +175,8 @@ def test_multi_image_dict_markers_in_order_of_appearance(tmp_path, tokenizer, co
                 "conversations": conv("First <image_00> then <image_01>?", "Two.", "More?", "No.")}]  # fmt: skip
     item = dataset(tmp_path, samples, tokenizer, config)[0]
     settings = config.slice_settings
-    tall, _, _ = image_views(Image.open(tmp_path / "tall.png"), settings)
-    square, _, _ = image_views(Image.open(tmp_path / "sq.png"), settings)
+    tall, _, _ = image_views(Image.open(tmp_path / "tall.png"), settings, normalize=False)
+    square, _, _ = image_views(Image.open(tmp_path / "sq.png"), settings, normalize=False)
     assert len(item["pixel_values"]) == len(tall) + len(square)
     assert all(torch.equal(a, b) for a, b in zip(item["pixel_values"], tall + square))
     assert_bounds_consistent(item, tokenizer, settings.query_num)
@@ -207,16 +207,19 @@ def test_placeholder_ids_equal_tokenized_text(encoder, tokenizer, config):
     assert ids.count(tokenizer.convert_tokens_to_ids("<unk>")) == 960
 
 
-def test_view_strip_bit_identical_to_reference(config):
+def test_uint8_strips_normalise_bit_identical_to_reference(config):
+    """Training keeps uint8 strips and the model normalises them: the same bits as the published processor."""
     settings = dataclasses.replace(config.slice_settings, scale_resolution=448)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (700, 900, 3), dtype=np.uint8))
     views, _ = slice_image(image, settings)
     for view in views:
-        assert torch.equal(view_strip(view, 14), to_patch_strip(normalize_view(view), 14))
-    ours, sizes, _ = image_to_views(image, settings)
+        strip = uint8_patch_strip(view, 14)
+        assert strip.dtype == torch.uint8
+        assert torch.equal(normalize_pixels(strip), to_patch_strip(normalize_view(view), 14))
+    raw, sizes, _ = image_views(image, settings, normalize=False)
     ref, ref_sizes, _ = image_views(image, settings)
-    assert torch.equal(sizes, ref_sizes) and all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert torch.equal(sizes, ref_sizes) and all(torch.equal(normalize_pixels(a), b) for a, b in zip(raw, ref))
 
 
 def test_slice_overrides_and_slicing_off(tmp_path, tokenizer, config):
@@ -449,7 +452,7 @@ def test_collator_padding_contract(items):
         assert batch["attention_mask"][row].sum() == n and (batch["attention_mask"][row, n:] == 0).all()
         assert torch.equal(data["position_ids"][row, :n], torch.arange(n)) and (data["position_ids"][row, n:] == 0).all()
         assert isinstance(data["pixel_values"][row], list) and len(data["pixel_values"][row]) == len(item["pixel_values"])
-        assert all(p.dtype == torch.float32 and p.shape[:2] == (3, 14) for p in data["pixel_values"][row])
+        assert all(p.dtype == torch.uint8 and p.shape[:2] == (3, 14) for p in data["pixel_values"][row])
         assert data["tgt_sizes"][row].dtype == torch.int64 and data["tgt_sizes"][row].shape == (len(item["pixel_values"]), 2)
         assert torch.equal(data["image_bound"][row], item["image_bound"])
     assert data["pixel_values"][1] == [] and data["image_bound"][1].shape == (0, 2)

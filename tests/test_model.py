@@ -67,6 +67,23 @@ def test_golden_preprocessing(golden_dir, golden_cases, golden_images):
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
+def test_uint8_pixels_give_the_same_logits_as_normalised_ones(golden_dir, golden_cases, golden_images):
+    """The training path feeds uint8 strips (normalised on the model's device); the published one floats."""
+    from finetune.model.image_processing import image_views
+
+    model = AutoModel.from_pretrained(golden_dir).eval()
+    case = golden_cases[2]
+    raw = []
+    for stem in case["images"]:
+        raw += image_views(Image.open(golden_images / f"{stem}.png"), model.config.slice_settings, normalize=False)[0]
+    assert {p.dtype for p in raw} == {torch.uint8}
+    data = case_data(case)
+    with torch.no_grad():
+        from_floats = model(data=data).logits
+        from_uint8 = model(data=dict(data, pixel_values=[raw])).logits
+    assert torch.equal(from_floats, from_uint8)
+
+
 def test_chat_prompt_matches_published_rendering(golden_dir, golden_cases, golden_images):
     from finetune.model import render_chat_prompt
 

@@ -23,7 +23,7 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransfo
 
 from .checkpoint import validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
-from .image_processing import image_bounds, image_placeholder, image_views
+from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels
 from .resampler import Resampler, ResamplerAttention
 from .tokenization import SpecialTokens
 
@@ -144,7 +144,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         length = max(own_length)
         batch = torch.zeros(len(strips), 3, patch, length * patch, dtype=weight.dtype, device=weight.device)
         for j, strip in enumerate(strips):
-            batch[j, :, :, : strip.shape[-1]] = strip.to(device=weight.device, dtype=weight.dtype)
+            # uint8 strips (the training data path) are normalised here, on the model's device.
+            batch[j, :, :, : strip.shape[-1]] = normalize_pixels(strip.to(weight.device)).to(weight.dtype)
         lengths = torch.tensor(own_length, device=weight.device)
         patch_mask = (torch.arange(length, device=weight.device)[None, :] < lengths[:, None])[:, None, :]
         hidden = self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state
