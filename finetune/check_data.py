@@ -165,37 +165,51 @@ def _check_chunk(indices: list[int]) -> list[SampleResult]:
 
 
 def validate_split(name: str, options: dict[str, Any], workers: int) -> SplitReport:
-    from finetune.dataset import DataError, warn_duplicate_ids
+    from finetune.dataset import DataError
 
-    report = SplitReport(name, options["data"])
     try:
         dataset = _build(options)
     except DataError as error:
+        report = SplitReport(name, options["data"])
         report.file_errors.append(str(error))
         return report
+    return validate_built(name, options["data"], dataset, workers, options)
+
+
+def validate_built(name: str, spec: str, dataset, workers: int, options: dict[str, Any] | None = None) -> SplitReport:
+    """Validate every sample of a built SupervisedDataset, on `workers` processes (finetune.py calls this too).
+
+    Workers are forked (Linux) and inherit the dataset; where fork is unavailable they rebuild it from
+    `options` (check_data's), and without options the check runs in this process.
+    """
+    import multiprocessing
+
+    from finetune.dataset import warn_duplicate_ids
+
+    report = SplitReport(name, spec)
     total = len(dataset)
-    if workers <= 1 or total < 64:
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if workers <= 1 or total < 64 or (method == "spawn" and options is None):
         results = [check_sample(dataset, i) for i in range(total)]
     else:
         chunk = max(16, min(1024, total // (workers * 8) or 1))
         chunks = [list(range(s, min(s + chunk, total))) for s in range(0, total, chunk)]
-        # fork (Linux): workers inherit the parent's dataset, no re-import (spawn costs seconds per worker).
-        # The parent has run no torch parallel region, and tokenizers' own thread pool is disabled below.
-        # Elsewhere spawn: each worker builds its own dataset from the options.
-        import multiprocessing
-
+        # fork: workers inherit the parent's dataset, no re-import (spawn costs seconds per worker). The parent
+        # has run no torch parallel region, and tokenizers' own thread pool is disabled below.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         _WORKER["dataset"] = dataset if method == "fork" else None
         initargs = (None if method == "fork" else options,)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=initargs) as pool:
             results = [r for part in pool.map(_check_chunk, chunks) for r in part]
+        _WORKER.pop("dataset", None)
     report.results = results
     for r in results:  # log in the parent, by id, in order (workers are quiet)
         if r.status == "truncated":
             logger.info("sample %s: truncated from %d to %d tokens", r.id, r.length, r.kept_length)
         elif r.status == "skipped":
             logger.warning("%s", r.reason)
+        elif r.status == "bad":
+            logger.error("sample %s: %s", r.id, r.reason)
     report.duplicate_ids = warn_duplicate_ids(Counter(r.id for r in results if r.has_id))
     return report
 

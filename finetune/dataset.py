@@ -24,7 +24,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -636,30 +636,13 @@ def resolve_settings(config, max_slice_nums: int | None = None, scale_resolution
 # --- the Dataset -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DataSummary:
-    """Counts produced before training (finetune.py prints it)."""
-
-    total: int = 0
-    kept: int = 0
-    truncated: int = 0
-    skipped: int = 0
-    bad: int = 0
-    skipped_ids: list[str] = field(default_factory=list)
-    truncated_ids: list[str] = field(default_factory=list)
-    bad_samples: list[tuple[str, str]] = field(default_factory=list)  # (sample, reason)
-    usable_indices: list[int] = field(default_factory=list)  # dataset positions that can be trained on
-
-    def __str__(self) -> str:
-        return f"{self.total} samples: {self.kept} kept, {self.truncated} truncated, {self.skipped} skipped (too long), {self.bad} bad"
-
-
 class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from one or more data files, prepared on access (lazily: JSONL files are never loaded whole).
 
-    `indices` restricts the dataset to those mixed indices: pass `summarize(...).usable_indices` so that samples
-    too long to fit are excluded up front (a Dataset item cannot vanish at training time). Accessing a bad or
-    too-long sample raises (DataError / SampleTooLong): nothing is silently dropped.
+    `indices` restricts the dataset to those mixed indices: pass the usable indices of the validation
+    (`finetune.check_data.validate_built`) so that samples too long to fit are excluded up front (a Dataset item
+    cannot vanish at training time). Accessing a bad or too-long sample raises (DataError / SampleTooLong):
+    nothing is silently dropped.
     """
 
     def __init__(
@@ -709,45 +692,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.prepare(index).as_item()
 
-    def summarize(self) -> "DataSummary":
-        return summarize(self)
-
-
-def summarize(dataset: SupervisedDataset, indices: Iterable[int] | None = None) -> DataSummary:
-    """Validate every sample without computing pixels (single process; check_data parallelises the same work).
-
-    Logs each truncated (info) and skipped (warning) sample by id, warns about duplicate ids, and returns the
-    counts. `summary.usable_indices` lists the dataset positions that can be trained on.
-    """
-    summary = DataSummary()
-    usable = []
-    ids: Counter = Counter()
-    for index in indices if indices is not None else range(len(dataset)):
-        summary.total += 1
-        try:
-            record = dataset.record(index)
-            if record.has_id:
-                ids[record.id] += 1
-            sample = prepare_sample(record, dataset.encoder, dataset.model_max_length, load_pixels=False, decode_all=True)
-        except SampleTooLong as error:
-            summary.skipped += 1
-            summary.skipped_ids.append(error.sample)
-            logger.warning("%s", error)
-            continue
-        except DataError as error:
-            summary.bad += 1
-            summary.bad_samples.append((error.sample or str(index), error.reason))
-            logger.error("%s", error)
-            continue
-        usable.append(index)
-        if sample.status == "truncated":
-            summary.truncated += 1
-            summary.truncated_ids.append(sample.id)
-        else:
-            summary.kept += 1
-    warn_duplicate_ids(ids)
-    summary.usable_indices = usable
-    return summary
 
 
 def warn_duplicate_ids(ids: Counter) -> list[str]:

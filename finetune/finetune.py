@@ -33,7 +33,8 @@ import transformers
 from transformers import AutoTokenizer, HfArgumentParser
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
-from finetune.dataset import DataCollator, SupervisedDataset, summarize
+from finetune.check_data import ValidationReport, validate_built
+from finetune.dataset import DataCollator, DataError, SupervisedDataset
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.loading import load_pretrained
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
@@ -283,16 +284,20 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
         if spec is None:
             datasets.append(None)
             continue
-        dataset = SupervisedDataset(spec, **common)
+        try:
+            dataset = SupervisedDataset(spec, **common)
+        except DataError as error:  # a whole file unreadable (malformed JSON names line and column)
+            raise UsageError(str(error)) from error
         if data_args.validate_data:
-            summary = summarize(dataset)
-            logger.info("%s data %s: %s", name, spec, summary)
+            # Every sample, as training will read it, on this rank's share of the CPU cores.
+            workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            report = validate_built(name, spec, dataset, workers)
             if training_args.process_index == 0:
-                print(f"[data] {name}: {summary}", flush=True)
-            if summary.bad:
-                listing = "\n".join(f"  {sample}: {reason}" for sample, reason in summary.bad_samples)
-                raise UsageError(f"{summary.bad} bad {name} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
-            dataset = SupervisedDataset(spec, indices=summary.usable_indices, **common)
+                print("[data] " + ValidationReport([report], training_args.model_max_length).format().replace("\n", "\n[data] "), flush=True)
+            if report.bad:
+                listing = "\n".join(f"  {r.id}: {r.reason}" for r in report.bad)
+                raise UsageError(f"{len(report.bad)} bad {name} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
+            dataset = SupervisedDataset(spec, indices=report.usable_indices, **common)
         if len(dataset) == 0:
             raise UsageError(f"no usable {name} samples in {spec}")
         datasets.append(dataset)

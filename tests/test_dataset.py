@@ -27,8 +27,8 @@ from finetune.dataset import (
     open_source,
     parse_data_spec,
     parse_record,
-    summarize,
 )
+from finetune.check_data import ValidationReport, validate_built
 from finetune.model import MiniCPMVConfig
 from finetune.model.image_processing import (
     image_placeholder, image_views, normalize_pixels, normalize_view, plan_slices, slice_image, to_patch_strip, uint8_patch_strip,
@@ -275,13 +275,13 @@ def test_truncation_skips_when_first_exchange_does_not_fit(tmp_path, tokenizer, 
     ds = dataset(tmp_path, samples, tokenizer, config, model_max_length=40)  # shorter than one image block set
     with pytest.raises(SampleTooLong, match="sample big: skipped"):
         ds[0]
-    with caplog.at_level(logging.INFO, logger="finetune.dataset"):
-        summary = summarize(ds)
-    assert (summary.kept, summary.truncated, summary.skipped, summary.bad) == (1, 0, 1, 0)
-    assert summary.skipped_ids == ["big"] and summary.usable_indices == [1]
-    assert "1 kept, 0 truncated, 1 skipped" in str(summary)
+    with caplog.at_level(logging.INFO):
+        split = validate_built("train", "data.json", ds, workers=1)
+    assert [split.count(s) for s in ("kept", "truncated", "skipped", "bad")] == [1, 0, 1, 0]
+    assert [r.id for r in split.results if r.status == "skipped"] == ["big"] and split.usable_indices == [1]
+    assert "kept: 1  truncated: 0  skipped (too long): 1  bad: 0" in ValidationReport([split], 40).format()
     assert any("big" in r.message and r.levelno == logging.WARNING for r in caplog.records)
-    usable = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, model_max_length=40, indices=summary.usable_indices)
+    usable = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, model_max_length=40, indices=split.usable_indices)
     assert len(usable) == 1 and usable[0]["id"] == "small"
 
 
@@ -407,16 +407,17 @@ def test_corrupt_image_names_path(tmp_path, tokenizer, config):
         ds[0]
     with pytest.raises(DataError, match=r"sample cut: cannot read image .*cut.jpg"):
         ds[1]
-    summary = summarize(ds)
-    assert summary.bad == 2 and [s for s, _ in summary.bad_samples] == ["junk", "cut"]
+    split = validate_built("train", "data.json", ds, workers=1)
+    assert [r.id for r in split.bad] == ["junk", "cut"]
+    assert all("cannot read image" in r.reason for r in split.bad)
 
 
 def test_duplicate_ids_warn(tmp_path, tokenizer, config, caplog):
     samples = [{"id": "same", "conversations": conv("a", "b")}, {"id": "same", "conversations": conv("c", "d")}]
     ds = dataset(tmp_path, samples, tokenizer, config)
     with caplog.at_level(logging.WARNING, logger="finetune.dataset"):
-        summary = summarize(ds)
-    assert summary.kept == 2 and summary.bad == 0
+        split = validate_built("train", "data.json", ds, workers=1)
+    assert split.count("kept") == 2 and not split.bad
     assert any("duplicate sample ids" in r.message and "same" in r.message for r in caplog.records)
 
 

@@ -175,6 +175,21 @@ def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
         main(base_args(not_a_model, demo / "train.json", tmp_path))
 
 
+def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([
+        {"id": "fine", "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+        {"id": "no_answer", "conversations": [{"role": "user", "content": "hi"}]},
+        {"id": "lost_image", "image": "nowhere.png", "conversations": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "ok"}]},
+    ]))  # fmt: skip
+    with pytest.raises(UsageError, match=r"2 bad train samples(.|\n)*no_answer: (.|\n)*lost_image: image file not found"):
+        main(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+    data.write_text('[{"id": "a", "conversations": [}]')
+    with pytest.raises(UsageError, match=r"line 1 column"):
+        main(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+    assert not (tmp_path / "out").exists(), "nothing may be trained or written"
+
+
 def test_cli_unknown_flag_is_one_line_error(tiny_model, demo, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "finetune" / "finetune.py"), *base_args(tiny_model, demo / "train.json", tmp_path), "--no_such_flag", "1"],
