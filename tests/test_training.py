@@ -100,6 +100,18 @@ def test_adapter_restores_everything_trained(trained, tiny_model, demo):
     assert (actual - base).abs().max() > 1e-3, "the adapter must change the model"
 
 
+def test_frozen_originals_of_trained_modules_are_released(trained):
+    """modules_to_save keeps a frozen original of the resampler and vision tower; training frees them."""
+    from peft.utils import ModulesToSaveWrapper
+
+    trainer, _ = trained
+    wrappers = [m for m in trainer.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert len(wrappers) == 2  # resampler, vpm
+    for wrapper in wrappers:
+        assert all(p.numel() == 0 for p in wrapper.original_module.parameters())
+        assert all(p.numel() > 0 for p in wrapper.modules_to_save["default"].parameters())
+
+
 def test_loss_weighs_every_label_token_of_the_step_equally(tiny_model, demo, tmp_path):
     """Batch 2 in one micro-batch == batch 1 with 2 accumulation steps (SGD: the update is the gradient)."""
     results = []
