@@ -283,6 +283,23 @@ def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path)
         assert rank["wrapper"] == "DistributedDataParallel" and rank["num_processes"] == 2
 
 
+def test_full_fine_tuning_launcher_saves_a_loadable_model(tiny_model, two_samples, tmp_path):
+    """finetune_ds.sh: LLM + resampler + vision tower trained in full under ZeRO-3 (one CPU process)."""
+    out, report = tmp_path / "out", tmp_path / "report"
+    env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out), MAX_STEPS="2",
+               REPORT_TO="none", SAVE_STEPS="100", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))  # fmt: skip
+    result = subprocess.run(["sh", str(ROOT / "finetune" / "finetune_ds.sh"), "--learning_rate", "1e-2"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (rank,) = read_reports(report, 1)
+    assert rank["wrapper"] == "DeepSpeedEngine" and rank["global_step"] == 2
+    assert not (out / "adapter_config.json").exists()
+    tuned, base = AutoModel.from_pretrained(out), AutoModel.from_pretrained(tiny_model)
+    changed = {n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert any(n.startswith("llm.model.layers.") for n in changed) and any(n.startswith("vpm.") for n in changed)
+    assert any(n.startswith("resampler.") for n in changed)
+
+
 def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model, two_samples, tmp_path):
     """The seed's exact command, `cd finetune && sh finetune_lora.sh`, on a copy of finetune/ (so that the
     default output directory, finetune/output/output__lora, is the copy's and no user run is overwritten)."""
