@@ -6,7 +6,17 @@ published checkpoint directory without network access or trust_remote_code. With
 the hub's code files present, transformers uses the hub classes instead.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+import logging
+import warnings
+
+# transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; the old names are what 5.17
+# understands (and what PEFT calls), so they stay, without the rename notice in every command's output.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+# bitsandbytes' CPU backend (the optional --q_lora extra) warns at import that an optional hub-downloaded kernel
+# package is missing; that kernel is never used here and the warning would land in every command's output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from .model import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
 

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +41,6 @@ from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
 from finetune.trainer import MiniCPMVTrainer
 
 logger = logging.getLogger("finetune")
-# transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; the old names are what 5.17
-# understands, so we keep them and silence the rename notice.
-warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
