@@ -63,7 +63,9 @@ class DataArguments:
     max_slice_nums: int | None = field(default=None, metadata={"help": "override the checkpoint's max_slice_nums"})
     scale_resolution: int | None = field(default=None, metadata={"help": "override the checkpoint's scale_resolution"})
     slicing: bool = field(default=True, metadata={"help": "false: every image is one view (no adaptive slicing)"})
-    packing: bool = field(default=False, metadata={"help": "padding-free packing of a micro-batch into one row"})
+    # On by default: the same loss and gradients as padding (tests/test_packing.py), no compute spent on padding
+    # (1.99x tokens/s on the multimodal benchmark, bench/README.md). Nothing changes at batch size 1.
+    packing: bool = field(default=True, metadata={"help": "padding-free packing of each micro-batch into one row"})
     validate_data: bool = field(default=True, metadata={"help": "check every sample before training (recommended)"})
 
 
