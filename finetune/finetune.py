@@ -157,7 +157,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             validate_checkpoint_dir(path)
         except CheckpointError as error:
             raise UsageError(f"--model_name_or_path: {error}") from error
-    elif not path.is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in str(path):
+    elif not path.is_dir() and (path.is_absolute() or str(path).startswith(".") or str(path).count("/") != 1):
+        # Not a directory and not shaped like a hub id ("org/name"): a mistyped local path.
         raise UsageError(f"--model_name_or_path {path}: no such directory")
 
 
@@ -191,8 +192,11 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     # The tokenizer is always the native class over tokenizer.json as it is, also with --trust_remote_code: the
     # hub's tokenizer class loses every space and newline on transformers 5 (spec section "Why").
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    model = load_pretrained(model_args.model_name_or_path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+        model = load_pretrained(model_args.model_name_or_path, **kwargs)
+    except OSError as error:  # a hub id that cannot be resolved (offline, typo, no access)
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
     model.config.use_cache = False
     model.loss_chunk_size = training_args.loss_chunk_size
     return model, tokenizer

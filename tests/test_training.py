@@ -185,6 +185,8 @@ def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
     not_a_model.mkdir()
     with pytest.raises(UsageError, match="config.json: missing"):
         main(base_args(not_a_model, demo / "train.json", tmp_path))
+    with pytest.raises(UsageError, match="no such directory"):
+        main(base_args(tmp_path / "typo" / "model", demo / "train.json", tmp_path))
 
 
 def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
