@@ -260,3 +260,16 @@ def test_label_position_loss_equals_full_logits_loss(golden_dir, golden_cases):
     assert plain_grads.keys() == fast_grads.keys()
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_loading_report_problems_are_refused_for_any_source(golden_dir, tmp_path, monkeypatch):
+    """Hub ids skip the directory check; transformers' own loading report must then refuse missing tensors."""
+    import finetune.model.modeling as modeling
+
+    target = copy_checkpoint(golden_dir, tmp_path / "ckpt")
+    tensors = load_file(target / "model.safetensors")
+    del tensors["vpm.post_layernorm.weight"]
+    save_file(tensors, target / "model.safetensors")
+    monkeypatch.setattr(modeling, "validate_checkpoint_dir", lambda *args, **kwargs: None)  # as for a hub id
+    with pytest.raises(CheckpointError, match=r"missing keys: \['vpm\.post_layernorm\.weight'\]"):
+        AutoModel.from_pretrained(target)

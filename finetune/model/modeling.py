@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from .checkpoint import validate_checkpoint_dir
+from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels
 from .resampler import Resampler, ResamplerAttention
@@ -85,9 +85,16 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A local directory is checked from its safetensors headers before anything loads; any source (hub ids
+        # included) is checked again from transformers' loading report, which would otherwise only warn.
         if os.path.isdir(str(pretrained_model_name_or_path)):
             validate_checkpoint_dir(pretrained_model_name_or_path, kwargs.get("config"))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, info[kind]))[:5]}" for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+        if problems:
+            raise CheckpointError(f"{pretrained_model_name_or_path}: " + "; ".join(problems))
+        return (model, info) if wants_info else model
 
     # --- embeddings (PEFT and resizing go through these) ---------------------------------------------------
 
