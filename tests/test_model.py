@@ -273,3 +273,17 @@ def test_loading_report_problems_are_refused_for_any_source(golden_dir, tmp_path
     monkeypatch.setattr(modeling, "validate_checkpoint_dir", lambda *args, **kwargs: None)  # as for a hub id
     with pytest.raises(CheckpointError, match=r"missing keys: \['vpm\.post_layernorm\.weight'\]"):
         AutoModel.from_pretrained(target)
+
+
+def test_views_as_images_or_strips_give_the_same_logits(golden_dir, golden_cases, golden_images):
+    """The data interface takes the published [3, 14, L*14] strips or plain [3, H, W] views."""
+    from finetune.model.image_processing import normalize_view, slice_image
+
+    model = AutoModel.from_pretrained(golden_dir).eval()
+    case = golden_cases[0]
+    views, _ = slice_image(Image.open(golden_images / "wide_260x150.png"), model.config.slice_settings)
+    data = case_data(case)
+    with torch.no_grad():
+        from_strips = model(data=data).logits
+        from_images = model(data=dict(data, pixel_values=[[normalize_view(v) for v in views]])).logits
+    assert torch.equal(from_strips, from_images)

@@ -23,7 +23,7 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransfo
 
 from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
-from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels
+from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
 from .resampler import Resampler, ResamplerAttention
 from .tokenization import SpecialTokens
 
@@ -115,12 +115,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     def _as_strip(self, view: torch.Tensor) -> torch.Tensor:
         """Accept the published [3, p, L*p] strip, or a [3, H, W] view (re-laid into a strip)."""
         patch = self.config.patch_size
-        if view.shape[1] == patch:
-            return view
-        channels, height, width = view.shape
-        rows, cols = height // patch, width // patch
-        patches = view.reshape(channels, rows, patch, cols, patch).permute(0, 2, 1, 3, 4)
-        return patches.reshape(channels, patch, rows * cols * patch)
+        return view if view.shape[1] == patch else to_patch_strip(view, patch)
 
     def vision_features(self, pixel_values: list[list[torch.Tensor]], tgt_sizes: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per sample, [n_views, query_num, hidden]; an empty tensor for a sample without images.
