@@ -32,11 +32,10 @@ import transformers
 from PIL import Image
 from transformers import TextStreamer
 
-from finetune.model.modeling import IMAGE_MARKER, render_chat_prompt
+from finetune.model.loading import DTYPES
+from finetune.model.modeling import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
 
 TRAINING_MARKER = "<image>"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAMPLING_CONFIG = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
 
 
 class ChatError(ValueError):
@@ -150,26 +149,11 @@ def build_prompt(
 def generation_config(greedy: bool, beams: int = 1, repetition_penalty: float | None = None) -> dict[str, Any]:
     """Sampling: the published defaults. Greedy: do_sample False with `beams` beams (1 = plain greedy)."""
     if not greedy:
-        config = dict(SAMPLING_CONFIG)
+        config = dict(PUBLISHED_SAMPLING)
         if repetition_penalty is not None:
             config["repetition_penalty"] = repetition_penalty
         return config
     return {"do_sample": False, "num_beams": beams, "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty}
-
-
-def generate(
-    model,
-    tokenizer,
-    prompt: str,
-    images: Sequence[Image.Image] = (),
-    max_new_tokens: int = 512,
-    streamer=None,
-    max_inp_length: int | None = None,
-    **config,
-) -> str:
-    """What the published `chat()` does after building its prompt (MiniCPMV.generate_text; reached through a
-    PeftModel wrapper too)."""
-    return model.generate_text(prompt, list(images), tokenizer, max_new_tokens, streamer, max_inp_length, **config)
 
 
 class Streamer(TextStreamer):
@@ -254,12 +238,12 @@ def chat(
     prompt, ordered = build_prompt(tokenizer, turns, images, system_prompt)
     config = generation_config(greedy, beams, repetition_penalty)
     if config.get("num_beams", 1) > 1:  # transformers' streamers do not support beam search
-        answer = generate(model, tokenizer, prompt, ordered, max_new_tokens, **config)
+        answer = model.generate_text(prompt, ordered, tokenizer, max_new_tokens, **config)
         out = stream if stream is not None else sys.stdout
         out.write(answer + "\n")
         out.flush()
         return answer
-    return generate(model, tokenizer, prompt, ordered, max_new_tokens, streamer=Streamer(tokenizer, stream), **config)
+    return model.generate_text(prompt, ordered, tokenizer, max_new_tokens, streamer=Streamer(tokenizer, stream), **config)
 
 
 # --- command line ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Sequence, TextIO
 
 import transformers
 
-from finetune.chat import ChatError, build_prompt, generate, generation_config, load_image, load_model
+from finetune.chat import ChatError, build_prompt, generation_config, load_image, load_model
 
 # --- metrics (pure) ------------------------------------------------------------------------------------------------
 
@@ -130,7 +130,7 @@ def evaluate(
                 break
             images = [(marker, load_image(path)) for marker, path in image_paths]
             prompt, ordered = build_prompt(tokenizer, turns, images)
-            prediction = generate(model, tokenizer, prompt, ordered, max_new_tokens, **config)
+            prediction = model.generate_text(prompt, ordered, tokenizer, max_new_tokens, **config)
             row = {"id": sample_id, "prompt": prompt, "prediction": prediction, "reference": reference, **score(prediction, reference)}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()

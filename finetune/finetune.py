@@ -33,9 +33,9 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
 from finetune.check_data import ValidationReport, validate_built
-from finetune.dataset import DataCollator, DataError, SupervisedDataset
+from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
-from finetune.model.loading import load_pretrained
+from finetune.model.loading import load_pretrained, looks_like_hub_id
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
 from finetune.trainer import MiniCPMVTrainer
@@ -136,8 +136,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.data_path is None:
         raise UsageError("--data_path is required")
     for spec in filter(None, (data_args.data_path, data_args.eval_data_path)):
-        for part in spec.split(","):
-            path = part.rsplit(":", 1)[0] if re.search(r":[0-9.]+$", part) else part
+        try:
+            entries = parse_data_spec(spec)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        for path, _ in entries:
             if not Path(path).is_file():
                 raise UsageError(f"data file not found: {path}")
     if training_args.use_lora and training_args.tune_llm:
@@ -157,8 +160,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             validate_checkpoint_dir(path)
         except CheckpointError as error:
             raise UsageError(f"--model_name_or_path: {error}") from error
-    elif not path.is_dir() and (path.is_absolute() or str(path).startswith(".") or str(path).count("/") != 1):
-        # Not a directory and not shaped like a hub id ("org/name"): a mistyped local path.
+    elif not path.is_dir() and not looks_like_hub_id(model_args.model_name_or_path):  # a mistyped local path
         raise UsageError(f"--model_name_or_path {path}: no such directory")
 
 

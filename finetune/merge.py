@@ -30,19 +30,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from finetune.model.checkpoint import CheckpointError, stored_shapes, validate_checkpoint_dir
+from finetune.model.loading import DTYPES, looks_like_hub_id
+from finetune.trainer import PASSTHROUGH_FILES  # files inference needs beside the weights, copied verbatim
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# Files inference needs beside the weights (the trainer's PASSTHROUGH_FILES), copied verbatim.
-PASSTHROUGH_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "preprocessor_config.json", "generation_config.json",
-)  # fmt: skip
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class MergeError(ValueError):
@@ -65,7 +60,7 @@ def resolve_base(base: str) -> Path:
     path = Path(base)
     if path.is_dir():
         return path
-    if base.startswith((".", "/", "~")) or base.count("/") != 1:  # a path, not an "org/name" hub id
+    if not looks_like_hub_id(base):
         raise MergeError(f"--base {base}: no such directory")
     try:
         from huggingface_hub import snapshot_download

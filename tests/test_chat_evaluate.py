@@ -17,7 +17,7 @@ from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune.model.image_processing import normalize_pixels
-from finetune.chat import ChatError, build_prompt, chat, conversation, generate, generation_config, load_image, load_model
+from finetune.chat import ChatError, build_prompt, chat, conversation, generation_config, load_image, load_model
 from finetune.dataset import SupervisedDataset, open_source, parse_record
 from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, rouge_l, split_record, token_f1
 
@@ -193,14 +193,14 @@ def test_streamed_text_equals_returned_text(loaded, demo):
 
 
 def test_generate_equals_the_published_chat(loaded, demo):
-    """Same prompt, same decoding: our generate() path and MiniCPMV.chat() give the same answer."""
+    """Same prompt, same decoding: the command's generate_text path and MiniCPMV.chat() give the same answer."""
     from PIL import Image
 
     model, tokenizer = loaded
     image = Image.open(next((demo / "images").iterdir())).convert("RGB")
     expected = model.chat(image, [{"role": "user", "content": "What shape?"}], tokenizer, max_new_tokens=10, sampling=False, num_beams=1, repetition_penalty=1.0)
     prompt, images = build_prompt(tokenizer, [("user", "What shape?")], [("<image>", image)])
-    assert generate(model, tokenizer, prompt, images, 10, **generation_config(greedy=True)) == expected
+    assert model.generate_text(prompt, images, tokenizer, 10, **generation_config(greedy=True)) == expected
 
 
 def test_adapter_is_applied(tiny_model, adapter):
@@ -250,7 +250,7 @@ def test_evaluate_scores_a_perfect_model(loaded, demo, tmp_path, monkeypatch):
     model, tokenizer = loaded
     references = {json.dumps(s["conversations"][:-1]): s["conversations"][-1]["content"] for s in json.loads((demo / "eval.json").read_text())}
     answers = iter(references.values())
-    monkeypatch.setattr("finetune.evaluate.generate", lambda *a, **k: "  " + next(answers).upper() + " ")
+    monkeypatch.setattr(model, "generate_text", lambda *a, **k: "  " + next(answers).upper() + " ")
     summary = evaluate(model, tokenizer, str(demo / "eval.json"), tmp_path / "p.jsonl", max_new_tokens=4)
     assert summary["exact_match"] == summary["f1"] == summary["rouge_l"] == 1.0
 

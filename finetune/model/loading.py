@@ -7,8 +7,17 @@ here directly from the checkpoint's `auto_map` when asked for; everything else g
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoModel, PretrainedConfig
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+# The dtypes the commands accept by name.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """"org/name" and nothing path-like: absolute, relative ("./", "../", "~") or deeper paths are local paths."""
+    return not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 
 def load_pretrained(path: str, *, trust_remote_code: bool = False, **kwargs):

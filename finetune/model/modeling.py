@@ -28,6 +28,9 @@ from .resampler import Resampler, ResamplerAttention
 from .tokenization import SpecialTokens
 
 IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
+# The published chat() decoding: sampling, or (sampling=False) 3-beam search.
+PUBLISHED_SAMPLING = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
+PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
 
 
 class MiniCPMVPreTrainedModel(PreTrainedModel):
@@ -263,10 +266,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     ) -> str:
         """The published `chat()`: images go in as markers in the first user turn, then placeholder text."""
         prompt, images = render_chat_prompt(image, msgs, tokenizer, system_prompt)
-        if sampling:
-            config = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
-        else:
-            config = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
+        config = dict(PUBLISHED_SAMPLING if sampling else PUBLISHED_BEAM_SEARCH)
         config.update(generation_kwargs)
         return self.generate_text(prompt, images, tokenizer, max_new_tokens, streamer, max_inp_length, **config)
 
@@ -282,8 +282,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         **generation_config,
     ) -> str:
         """What `chat()` does once it has its prompt: placeholders, vision features, llm.generate, decode."""
-        data = self.prepare_inputs(prompt, list(images), tokenizer, max_inp_length)
         tokens = SpecialTokens.from_tokenizer(tokenizer)
+        data = self.prepare_inputs(prompt, list(images), tokenizer, max_inp_length, tokens)
         inputs_embeds, _ = self.get_vllm_embedding(data)
         output = self.llm.generate(
             inputs_embeds=inputs_embeds,
@@ -296,7 +296,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         )
         return tokenizer.decode(output[0], skip_special_tokens=True).strip()
 
-    def prepare_inputs(self, prompt: str, images: list[Image.Image], tokenizer, max_length: int | None = None) -> dict:
+    def prepare_inputs(
+        self, prompt: str, images: list[Image.Image], tokenizer, max_length: int | None = None, tokens: SpecialTokens | None = None
+    ) -> dict:
         """The published processor: replace each marker with its image's placeholder, tokenize, find bounds."""
         settings = self.config.slice_settings
         pieces = prompt.split(IMAGE_MARKER)
@@ -311,7 +313,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"prompt is {len(ids)} tokens, over max_inp_length={max_length}")
-        tokens = SpecialTokens.from_tokenizer(tokenizer)
+        tokens = tokens or SpecialTokens.from_tokenizer(tokenizer)  # reads the whole vocabulary: once per call
         device = self.llm.device
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
         return {
