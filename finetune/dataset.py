@@ -15,6 +15,7 @@ Pipeline (each step a pure function, so it can be tested and reused by `finetune
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -679,6 +680,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def mixed_index(self, index: int) -> int:
         return self.indices[index] if self.indices is not None else index
+
+    def subset(self, indices: Sequence[int]) -> "SupervisedDataset":
+        """The same data restricted to dataset positions `indices` (sources and encoder shared, files not re-read)."""
+        restricted = copy.copy(self)
+        restricted.indices = [self.mixed_index(i) for i in indices]
+        return restricted
 
     def record(self, index: int) -> Record:
         """The validated record at dataset position `index` (DataError when bad)."""

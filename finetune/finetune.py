@@ -327,7 +327,7 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
             if report.bad:
                 listing = "\n".join(f"  {r.id}: {r.reason}" for r in report.bad)
                 raise UsageError(f"{len(report.bad)} bad {name} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
-            dataset = SupervisedDataset(spec, indices=report.usable_indices, **common)
+            dataset = dataset.subset(report.usable_indices)
         if len(dataset) == 0:
             raise UsageError(f"no usable {name} samples in {spec}")
         datasets.append(dataset)

@@ -283,6 +283,8 @@ def test_truncation_skips_when_first_exchange_does_not_fit(tmp_path, tokenizer, 
     assert any("big" in r.message and r.levelno == logging.WARNING for r in caplog.records)
     usable = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, model_max_length=40, indices=split.usable_indices)
     assert len(usable) == 1 and usable[0]["id"] == "small"
+    subset = ds.subset(split.usable_indices)  # what finetune.py uses: no second read of the data files
+    assert len(subset) == 1 and subset[0]["id"] == "small" and len(ds) == 2 and subset.source is ds.source
 
 
 # --- sources and mixing ------------------------------------------------------------------------------------
