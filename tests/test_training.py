@@ -308,7 +308,8 @@ def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model,
     copy = tmp_path / "repo" / "finetune"
     shutil.copytree(ROOT / "finetune", copy, ignore=shutil.ignore_patterns("output", "__pycache__"))
     report = tmp_path / "report"
-    env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), MAX_STEPS="1", REPORT_TO="none", SAVE_STEPS="100")
+    env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), MAX_STEPS="1", REPORT_TO="none", SAVE_STEPS="100",
+               MASTER_PORT=str(free_port()))  # not the default 6001: another run on this host may hold it
     env.pop("GPUS_PER_NODE", None)
     result = subprocess.run(["sh", "finetune_lora.sh"], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
