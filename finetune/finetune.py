@@ -270,17 +270,30 @@ def release_frozen_originals(model) -> int:
     return freed
 
 
-def keep_fp32_master_weights(model) -> int:
-    """Trainable parameters in fp32 when mixed precision runs without DeepSpeed (which keeps its own fp32
-    master copy): AdamW updates of ~1e-4 relative size vanish in bf16 weights (8 bits of mantissa). PEFT
-    already does this for LoRA weights; the resampler and vision tower copies it saves stay in the load dtype.
-    Autocast keeps the matmuls in bf16. Returns how many parameters were cast."""
+def cast_trainable(model, dtype: torch.dtype) -> int:
+    """Every trainable parameter in `dtype`; returns how many parameters were cast."""
     cast = 0
     for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
             cast += parameter.numel()
     return cast
+
+
+def set_trainable_precision(model, training_args: TrainingArguments) -> int:
+    """Mixed precision: where the fp32 master weights live decides the trainable parameters' dtype.
+
+    Without DeepSpeed the parameters ARE the master weights: fp32, or AdamW updates of ~1e-4 relative size
+    vanish in bf16 (8 bits of mantissa); autocast keeps the matmuls in bf16. PEFT makes LoRA weights fp32
+    already; the resampler / vision tower copies it trains stay in the load dtype, so they are cast.
+    Under DeepSpeed the engine keeps its own fp32 master copy and trains the module in bf16 / fp16: LoRA's
+    fp32 weights are cast down here, because ZeRO-3 flattens all trainable parameters into one buffer and
+    refuses mixed dtypes (ZeRO-2 casts the module itself). Returns how many parameters were cast."""
+    if not (training_args.bf16 or training_args.fp16):
+        return 0
+    if not training_args.deepspeed:
+        return cast_trainable(model, torch.float32)
+    return cast_trainable(model, torch.bfloat16 if training_args.bf16 else torch.float16)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -406,8 +419,7 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
     model, tokenizer = load_model_and_tokenizer(model_args, training_args, lora_args)
     train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, model.config)
     model = configure_trainable(model, training_args, lora_args)
-    if (training_args.bf16 or training_args.fp16) and not training_args.deepspeed:
-        keep_fp32_master_weights(model)
+    set_trainable_precision(model, training_args)
     trainable, total = count_parameters(model)
     if training_args.process_index == 0:
         print(f"[model] {type(model).__name__}: {trainable:,} trainable of {total:,} parameters", flush=True)

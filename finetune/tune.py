@@ -40,7 +40,7 @@ from finetune.finetune import (
     build_datasets,
     check_arguments,
     configure_trainable,
-    keep_fp32_master_weights,
+    set_trainable_precision,
     load_model_and_tokenizer,
 )
 from finetune.model.tokenization import SpecialTokens
@@ -128,8 +128,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> SearchResult:
         transformers.set_seed(training_args.seed)
         model, _ = load_model_and_tokenizer(model_args, training_args, trial_lora)
         model = configure_trainable(model, training_args, trial_lora)
-        if (training_args.bf16 or training_args.fp16) and not training_args.deepspeed:
-            keep_fp32_master_weights(model)  # as finetune.main does
+        set_trainable_precision(model, training_args)  # as finetune.main does
         return model
 
     trainer = MiniCPMVTrainer(

@@ -150,6 +150,27 @@ def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, t
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
 
 
+@pytest.mark.parametrize("deepspeed", [None, "ds_config_zero3.json"])
+def test_trainable_precision_matches_where_the_master_weights_live(tiny_model, deepspeed):
+    """Without DeepSpeed the trainable parameters are the fp32 master weights. Under DeepSpeed bf16 they must
+    all be bf16: ZeRO-3 flattens them into one buffer and asserted on PEFT's fp32 LoRA weights beside the bf16
+    resampler / vision copies (found on 2 x H200; transformers refuses bf16 DeepSpeed on CPU, so this checks
+    the dtypes DeepSpeed receives)."""
+    from types import SimpleNamespace
+
+    from finetune.finetune import LoraArguments, configure_trainable, set_trainable_precision
+
+    model = AutoModel.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    args = SimpleNamespace(tune_llm=False, tune_vision=True, use_lora=True, tune_embeddings=False, gradient_checkpointing=False,
+                           bf16=True, fp16=False, deepspeed=deepspeed and str(ROOT / "finetune" / deepspeed))  # fmt: skip
+    model = configure_trainable(model, args, LoraArguments())
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32, torch.bfloat16}  # PEFT's mix
+    set_trainable_precision(model, args)
+    expected = torch.bfloat16 if deepspeed else torch.float32
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {expected}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     extra = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--lora_dropout", "0"]
     straight = main(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
