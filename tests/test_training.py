@@ -171,6 +171,24 @@ def test_trainable_precision_matches_where_the_master_weights_live(tiny_model, d
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
+def test_8bit_optimizer_states_track_fp32_adam(tiny_model, demo, tmp_path):
+    """--optim adamw_bnb_8bit (the planner's memory lever without DeepSpeed): bitsandbytes keeps Adam's two
+    states in uint8 and the loss curve stays on fp32 AdamW's."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (requirements-extras.txt)")
+    extra = ("--max_steps", "6", "--learning_rate", "5e-4")
+    reference = main(base_args(tiny_model, demo / "train.json", tmp_path / "fp32", *extra, "--optim", "adamw_torch"))
+    eight_bit = main(base_args(tiny_model, demo / "train.json", tmp_path / "8bit", *extra, "--optim", "adamw_bnb_8bit"))
+    optimizer = getattr(eight_bit.optimizer, "optimizer", eight_bit.optimizer)  # accelerate wraps it
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    state_dtypes = {v.dtype for state in optimizer.state.values() for k, v in state.items() if k in ("state1", "state2")}
+    assert torch.uint8 in state_dtypes
+    expected, got = losses(reference.state.log_history), losses(eight_bit.state.log_history)
+    assert len(got) == len(expected) == 6
+    assert got[0] == pytest.approx(expected[0], rel=1e-6)  # same data and initial weights
+    assert got == pytest.approx(expected, rel=0.05), (expected, got)
+    assert got[-1] < got[0]
+
+
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     extra = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--lora_dropout", "0"]
     straight = main(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
