@@ -140,6 +140,39 @@ def make_mm_dataset(folder: str, num: int, tokenizer, settings, seed: int = 0, m
     return data_path
 
 
+def make_text_dataset(folder: str, num: int, tokenizer, settings, length: int = 2048, seed: int = 0) -> str:
+    """Write `num` text-only samples (one question, one long answer) whose encoded length is in
+    [length - 24, length]: the Trainer-path counterpart of bench_train's 2048-token text rows (the labels are the
+    answer and its <|eot_id|>, ~98% of the row). Returns the JSON path."""
+    from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
+
+    rng = random.Random(seed)
+    encoder = ConversationEncoder(tokenizer, settings)
+    samples = []
+    for index in range(num):
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "?"
+        vocabulary = [rng.choice(WORDS) for _ in range(4 * length)]
+
+        def encoded(words: int) -> tuple[int, dict]:
+            sample = {"id": f"text{index}", "conversations": [
+                {"role": "user", "content": question}, {"role": "assistant", "content": " ".join(vocabulary[:words])}]}  # fmt: skip
+            return len(prepare_sample(parse_record(sample, sample["id"]), encoder, None, load_pixels=False).input_ids), sample
+
+        low, high = 1, len(vocabulary)  # the longest answer that still fits (length grows with the word count)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if encoded(middle)[0] <= length else (low, middle - 1)
+        tokens, sample = encoded(low)
+        if not length - 24 <= tokens <= length:
+            raise RuntimeError(f"text sample {index}: {tokens} tokens, wanted {length - 24}..{length}")
+        samples.append(sample)
+    os.makedirs(folder, exist_ok=True)
+    data_path = os.path.join(folder, "train.json")
+    with open(data_path, "w") as handle:
+        json.dump(samples, handle)
+    return data_path
+
+
 def infinite(loader):
     while True:
         yield from loader

@@ -4,8 +4,11 @@
     env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
-at the start of every training_step it synchronises the GPU and takes a timestamp, so the interval between two
-consecutive starts is one whole optimizer step (data loading, forward, backward, ZeRO communication, optimizer).
+the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
+and at every optimizer step's end (the Trainer's on_step_end callback, after the optimizer, scheduler and
+zero_grad). One step's time = the interval between two consecutive step ends: data loading, forward, backward,
+ZeRO communication and optimizer, nothing of the Trainer's start-up or wrap-up (loss plot, summary).
+"data wait" = from a step's end to the next training_step's start (the next batch is fetched there).
 Tokens per step are the real (non-pad) tokens of the micro-batch, summed over ranks; patches per view come from
 tgt_sizes (for the FLOP count, see bench_train.flops_of_batch). Peak memory is torch.cuda.max_memory_* per rank.
 """
@@ -21,31 +24,47 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
 
 
+def _now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class _StepEnds(TrainerCallback):
+    def __init__(self, times: list[float]):
+        self.times = times
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(_now())
+
+
 class TimedTrainer(ft.MiniCPMVTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._bench_starts: list[float] = []
-        self._bench_ends: list[float] = []
+        self._bench_starts: list[float] = []  # per micro-batch: training_step entered
+        self._bench_ends: list[float] = []  # per micro-batch: forward + backward done
+        self._bench_step_ends: list[float] = []  # per optimizer step: optimizer step done
+        self.add_callback(_StepEnds(self._bench_step_ends))
         self._bench_stats: list[tuple[int, int, float]] = []  # (tokens, samples, flops) of this rank's micro-batch
+        self._bench_largest = [0, 0]  # this rank's largest micro-batch: tokens, image views
         self._bench_shapes = model_shapes(self.model)
         self._bench_vision = bool(self.args.tune_vision)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._bench_starts.append(time.perf_counter())
+        self._bench_starts.append(_now())
         lengths, label_tokens, patches, samples = batch_stats(inputs)
         self._bench_stats.append((sum(lengths), samples, flops_of_batch(self._bench_shapes, lengths, label_tokens, patches, self._bench_vision)))
+        self._bench_largest[0] = max(self._bench_largest[0], sum(lengths))
+        self._bench_largest[1] = max(self._bench_largest[1], len(patches))
         self._bench_profile_step(len(self._bench_starts) - 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._bench_ends.append(time.perf_counter())  # start of the next step minus this = data wait + optimizer step
+        self._bench_ends.append(_now())
         return loss
 
     def _bench_profile_step(self, index: int) -> None:
@@ -68,20 +87,17 @@ class TimedTrainer(ft.MiniCPMVTrainer):
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._bench_starts.append(time.perf_counter())  # end of the last step (includes its optimizer step)
         self._bench_report()
         return output
 
     def _bench_report(self) -> None:
         warmup = int(os.environ.get("BENCH_WARMUP", "2"))
         accum = self.args.gradient_accumulation_steps
-        starts = self._bench_starts[::accum] if accum > 1 else self._bench_starts
         stats = torch.tensor(self._bench_stats, dtype=torch.float64)
         cuda = torch.cuda.is_available()
         peak = torch.tensor(
-            [torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0, torch.cuda.max_memory_reserved() / 1024**3 if cuda else 0.0],
+            [torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0, torch.cuda.max_memory_reserved() / 1024**3 if cuda else 0.0]
+            + self._bench_largest,
             dtype=torch.float64,
         )
         world = self.args.world_size
@@ -97,11 +113,18 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             peaks = [peak.tolist()]
         if self.args.process_index != 0:
             return
-        steps = len(starts) - 1
-        timed = range(min(warmup, steps - 1), steps)
-        total = starts[timed[-1] + 1] - starts[timed[0]]
+        ends = self._bench_step_ends
+        steps = len(ends)
+        first = min(max(1, warmup), steps - 1)  # timed: steps first..steps-1, from the end of step first-1
+        timed = range(first, steps)
+        total = ends[-1] - ends[first - 1]
+        step_times = [ends[0] - self._bench_starts[0]] + [b - a for a, b in zip(ends, ends[1:])]
         micro = [stats[i * accum : (i + 1) * accum].sum(0).tolist() for i in timed]
         tokens, samples, flops = (sum(m[k] for m in micro) for k in range(3))
+        # From a step's end to the next training_step: the GPU waits for the next batch (and Trainer bookkeeping).
+        data_wait = [self._bench_starts[k * accum] - ends[k - 1] for k in range(1, steps)]
+        # From the last backward of a step to its end: gradient clipping, optimizer step, scheduler, zero_grad.
+        optimizer = [ends[k] - self._bench_ends[(k + 1) * accum - 1] for k in range(steps)]
         ds = getattr(self.args, "deepspeed", None)
         report = {
             "world_size": world,
@@ -116,8 +139,17 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "tflops_per_s_per_gpu": flops / total / 1e12 / world,
             "peak_allocated_gib_per_rank": [p[0] for p in peaks],
             "peak_reserved_gib_per_rank": [p[1] for p in peaks],
-            "step_times": [starts[i + 1] - starts[i] for i in range(steps)],
-            "between_steps_s": [self._bench_starts[i + 1] - self._bench_ends[i] for i in range(len(self._bench_ends) - 1)],
+            "largest_micro_batch_tokens": max(p[2] for p in peaks),
+            "largest_micro_batch_views": max(p[3] for p in peaks),
+            "optim": str(getattr(self.args.optim, "value", self.args.optim)),
+            "loss_chunk_size": self.args.loss_chunk_size,
+            "gradient_checkpointing": bool(self.args.gradient_checkpointing),
+            "q_lora": any(type(m).__name__ == "Linear4bit" for m in self.model.modules()),
+            "data_wait_fraction": sum(data_wait[k - 1] for k in timed) / total,
+            "optimizer_fraction": sum(optimizer[k] for k in timed) / total,
+            "step_times": step_times,
+            "data_wait_s": data_wait,
+            "optimizer_s": optimizer,
             "tune_vision": self._bench_vision,
         }
         print("[bench] " + json.dumps(report), flush=True)
