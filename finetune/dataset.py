@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .model.image_processing import SliceGrid, SliceSettings, image_bounds, image_placeholder, image_views, plan_slices
+from .model.image_processing import SliceGrid, SliceSettings, image_bound_array, image_placeholder, plan_slices, view_patch_sizes, view_strips
 from .model.tokenization import SpecialTokens, detect_llm_type
 
 logger = logging.getLogger("finetune.dataset")
@@ -382,13 +382,25 @@ def open_image(path: str, sample: str, decode: bool = True) -> Image.Image:
     """Open (and by default fully decode) an image; unreadable or corrupt files raise DataError naming the path."""
     try:
         image = Image.open(path)
-        if decode:
-            image.load()  # header-only open succeeds on truncated files: decode now to catch corrupt bytes
-        return image
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}", sample) from None
-    except (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as error:
+    except _IMAGE_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}", sample) from None
+    return decode_image(image, path, sample) if decode else image
+
+
+def decode_image(image: Image.Image, path: str, sample: str) -> Image.Image:
+    """Decode an image opened by `open_image(decode=False)`. Opening succeeds on truncated files (header only):
+    decoding is what catches corrupt bytes, raised as DataError naming the path."""
+    try:
+        image.load()
+        return image
+    except _IMAGE_ERRORS as error:
+        image.close()
+        raise DataError(f"cannot read image {path}: {error}", sample) from None
+
+
+_IMAGE_ERRORS = (OSError, Image.UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
 
 
 # --- text --------------------------------------------------------------------------------------------------
@@ -578,47 +590,39 @@ def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int
     decodes every image of the record to catch corrupt files, including images of turns that truncation drops.
     """
     settings = encoder.settings
-    decoded: list[Image.Image | None] = []
-    plans = []
-    for _, path in record.images:
-        if decode_all:
-            image = open_image(path, record.id, decode=True)
-            size = image.size
-        else:
-            image = None
-            with open_image(path, record.id, decode=False) as header:  # size from the header; file closed now
-                size = header.size
-        decoded.append(image)
-        plans.append(plan_slices(size, settings))
-    encoded = encoder.encode(record, plans, max_length)
-    input_ids = torch.tensor(encoded.input_ids, dtype=torch.int64)
-    pixel_values: list[torch.Tensor] = []
-    sizes = []
-    for (_, path), image, plan in zip(record.images[: encoded.kept_images], decoded, plans[: encoded.kept_images]):
+    opened: list[Image.Image] = []  # header-only opens, decoded later if kept: the file is parsed once
+    try:
+        for _, path in record.images:
+            opened.append(open_image(path, record.id, decode=False))
+            if decode_all:
+                decode_image(opened[-1], path, record.id)
+        plans = [plan_slices(image.size, settings) for image in opened]
+        encoded = encoder.encode(record, plans, max_length)
+        pixel_values: list[torch.Tensor] = []
         if load_pixels:
-            if image is None:
-                image = open_image(path, record.id, decode=True)  # corrupt bytes surface here, naming the file
-            strips, tgt, _ = image_views(image, settings, normalize=False)  # uint8: the model normalises on its device
-            pixel_values += strips
-            sizes.append(tgt)
-        else:
-            p = settings.patch_size
-            sizes.append(torch.tensor([(h // p, w // p) for w, h in plan.view_sizes()], dtype=torch.int64))
-    tgt_sizes = torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)
-    bounds = image_bounds(input_ids, encoder.tokens.image_start, encoder.tokens.image_end)
+            for (_, path), image in zip(record.images[: encoded.kept_images], opened):
+                strips, _ = view_strips(decode_image(image, path, record.id), settings)  # uint8: the model normalises on its device
+                pixel_values += strips
+    finally:
+        for image in opened:
+            image.close()
+    # The tail in numpy, tensors made by torch.from_numpy only (no copy): torch's per-op overhead is tens of us.
+    input_ids = np.array(encoded.input_ids, dtype=np.int64)
+    bounds = image_bound_array(input_ids, encoder.tokens.image_start, encoder.tokens.image_end)
+    tgt_sizes = view_patch_sizes(plans[: encoded.kept_images], settings.patch_size)
     # Invariants the model relies on (cheap; a failure here is a bug, not bad data).
-    if len(bounds) != len(tgt_sizes) or (len(bounds) and bool(((bounds[:, 1] - bounds[:, 0]) != settings.query_num).any())):
+    if len(bounds) != len(tgt_sizes) or bool((bounds[:, 1] - bounds[:, 0] != settings.query_num).any()):
         raise AssertionError(f"sample {record.id}: image_bound {bounds.tolist()} does not match {len(tgt_sizes)} views")
     status = "truncated" if encoded.dropped_turns else "kept"
     if encoded.dropped_turns:
         logger.info("sample %s: truncated from %d to %d tokens (dropped the last %d turns, %d images)", record.id, encoded.full_length, len(input_ids), encoded.dropped_turns, len(plans) - encoded.kept_images)
     return PreparedSample(
         id=record.id,
-        input_ids=input_ids,
-        labels=torch.tensor(encoded.labels, dtype=torch.int64),
+        input_ids=torch.from_numpy(input_ids),
+        labels=torch.from_numpy(np.array(encoded.labels, dtype=np.int64)),
         pixel_values=pixel_values,
         tgt_sizes=tgt_sizes,
-        image_bound=bounds,
+        image_bound=torch.from_numpy(bounds),
         status=status,
         full_length=encoded.full_length,
         dropped_turns=encoded.dropped_turns,

@@ -222,6 +222,42 @@ def test_uint8_strips_normalise_bit_identical_to_reference(config):
     assert torch.equal(sizes, ref_sizes) and all(torch.equal(normalize_pixels(a), b) for a, b in zip(raw, ref))
 
 
+@pytest.mark.parametrize("size", [(1344, 1344), (900, 700), (260, 150), (90, 70), (2000, 300)])
+def test_view_strips_equal_per_view_crops(config, size):
+    """image_views cuts the grid's strips from whole colour planes (no PIL crops, and no resize when the grid
+    already has the image's size, e.g. 1344 x 1344 into 3 x 3 cells of 448): the same bits as one strip per
+    slice_image view."""
+    settings = dataclasses.replace(config.slice_settings, scale_resolution=448)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    views, plan = slice_image(image, settings)
+    strips, sizes, grid = image_views(image, settings, normalize=False)
+    assert grid == plan and len(strips) == len(views) == plan.num_views
+    for strip, view in zip(strips, views):
+        assert strip.is_contiguous() and torch.equal(strip, uint8_patch_strip(view, 14))
+        assert torch.equal(normalize_pixels(strip), to_patch_strip(normalize_view(view), 14))
+    assert torch.equal(sizes, torch.tensor([(v.size[1] // 14, v.size[0] // 14) for v in views]))
+
+
+def test_prepare_sample_closes_image_files(tmp_path, tokenizer, config, monkeypatch):
+    """Images are opened once (header, then decoded only if kept) and every file is closed afterwards."""
+    make_image(tmp_path, "a.png", (300, 200))
+    make_image(tmp_path, "b.jpg", (200, 300))
+    samples = [{"id": "two", "image": {"image_00": "a.png", "image_01": "b.jpg"}, "conversations": conv("<image_00> <image_01>", "ok")}]
+    ds = dataset(tmp_path, samples, tokenizer, config)
+    opened = []
+    real_open = Image.open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(Image, "open", spy)
+    item = ds[0]
+    assert len(opened) == 2 and all(image.fp is None for image in opened)
+    assert len(item["pixel_values"]) == sum(plan_slices(s, config.slice_settings).num_views for s in ((300, 200), (200, 300)))
+
+
 def test_slice_overrides_and_slicing_off(tmp_path, tokenizer, config):
     make_image(tmp_path, size=(600, 300))
     samples = [{"id": "o", "image": "img.png", "conversations": conv("?", "!")}]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -105,12 +106,61 @@ def slice_image(image: Image.Image, settings: SliceSettings) -> tuple[list[Image
     views = [image.resize(plan.global_size, Image.Resampling.BICUBIC)]
     if plan.grid:
         (cols, rows), (cell_w, cell_h) = plan.grid, plan.cell_size
-        refined = image.resize((cell_w * cols, cell_h * rows), Image.Resampling.BICUBIC)
+        refined = _refined(image, plan)
         for row in range(rows):
             for col in range(cols):
                 box = (col * cell_w, row * cell_h, (col + 1) * cell_w, (row + 1) * cell_h)
                 views.append(refined.crop(box))
     return views, plan
+
+
+def _refined(image: Image.Image, plan: SliceGrid) -> Image.Image:
+    """The image resized to the grid (cols * cell_w, rows * cell_h). PIL's resize to the same size is a plain
+    copy (e.g. 1344 x 1344 into 3 x 3 cells of 448): the image itself has the same pixels without the copy."""
+    (cols, rows), (cell_w, cell_h) = plan.grid, plan.cell_size
+    size = (cell_w * cols, cell_h * rows)
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def view_strips(image: Image.Image, settings: SliceSettings) -> tuple[list[torch.Tensor], SliceGrid]:
+    """The uint8 [3, p, L*p] strips of all views of `image` (what `uint8_patch_strip` gives for each view of
+    `slice_image`, bit for bit) without the PIL crops: the grid's strips come from one pass over each colour
+    plane of the refined image (see `grid_strips`)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    plan = plan_slices(image.size, settings)
+    patch = settings.patch_size
+    strips = grid_strips(image.resize(plan.global_size, Image.Resampling.BICUBIC), (1, 1), patch)
+    if plan.grid:
+        strips += grid_strips(_refined(image, plan), plan.grid, patch)
+    return strips, plan
+
+
+def grid_strips(image: Image.Image, grid: tuple[int, int], patch_size: int) -> list[torch.Tensor]:
+    """Cut an RGB image into a (cols, rows) grid of equal cells; return each cell's uint8 [3, p, L*p] strip
+    (the layout of `to_patch_strip`), row by row, left to right.
+
+    In the strip, row i of channel c is: for each patch row r, image row r*p + i of the cell, all its columns
+    (patches side by side, p columns each, are just the row). So from a colour plane, every copy below moves
+    whole cell rows: PIL packs each plane (`tobytes("raw", "R")`, one C pass; np.asarray would interleave RGB
+    and a per-channel gather at stride 3 is 3-4x slower) and numpy writes the strips of all cells in one
+    assignment per plane. The strips are views of one buffer (no copy per cell), made by torch.from_numpy
+    only: a few torch calls fewer per view, which counts when the caches are cold after decoding.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    cols, rows = grid
+    width, height = image.size
+    cell_w, cell_h = width // cols, height // rows
+    if cell_w * cols != width or cell_h * rows != height or cell_w % patch_size or cell_h % patch_size:
+        raise ValueError(f"a {width}x{height} image does not split into {cols}x{rows} cells of whole {patch_size} px patches")
+    patch_rows = cell_h // patch_size
+    strips = np.empty((rows, cols, 3, patch_size, patch_rows, cell_w), dtype=np.uint8)
+    for channel, band in enumerate("RGB"):
+        plane = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(rows, patch_rows, patch_size, cols, cell_w)
+        # [grid row, patch row r, row in patch i, grid col, x] -> [grid row, grid col, i, r, x]
+        strips[:, :, channel] = plane.transpose(0, 3, 2, 1, 4)
+    return [torch.from_numpy(cell) for cell in strips.reshape(rows * cols, 3, patch_size, patch_rows * cell_w)]
 
 
 def normalize_view(view: Image.Image) -> torch.Tensor:
@@ -134,12 +184,7 @@ def uint8_patch_strip(view: Image.Image, patch_size: int) -> torch.Tensor:
     Training keeps pixels as uint8 until the model normalises them on its own device (`normalize_pixels`):
     the data workers skip ~1.5 ms of float work per view and the host-to-GPU copy is 4x smaller.
     """
-    array = np.asarray(view if view.mode == "RGB" else view.convert("RGB"), dtype=np.uint8)  # [H, W, 3], no extra copy
-    height, width, _ = array.shape
-    rows, cols = height // patch_size, width // patch_size
-    # [H, W, C] -> [C, p (row inside patch), rows, cols, p (column inside patch)] == [C, p, L*p] row-major
-    strip = array.reshape(rows, patch_size, cols, patch_size, 3).transpose(4, 1, 0, 2, 3)
-    return torch.from_numpy(np.ascontiguousarray(strip)).reshape(3, patch_size, rows * cols * patch_size)
+    return grid_strips(view, (1, 1), patch_size)[0]
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -153,13 +198,16 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
 def image_views(image: Image.Image, settings: SliceSettings, normalize: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, SliceGrid]:
     """Everything the model needs from one image: pixel strips [3, p, L*p] (float32 normalised, or uint8 with
     normalize=False; the model accepts both), tgt_sizes [n, 2] (h, w), and the grid."""
-    views, plan = slice_image(image, settings)
-    patch = settings.patch_size
-    strips = [uint8_patch_strip(view, patch) for view in views]
+    strips, plan = view_strips(image, settings)
     if normalize:
         strips = [normalize_pixels(strip) for strip in strips]
-    tgt_sizes = torch.tensor([(view.size[1] // patch, view.size[0] // patch) for view in views], dtype=torch.int64)
-    return strips, tgt_sizes, plan
+    return strips, view_patch_sizes([plan], settings.patch_size), plan
+
+
+def view_patch_sizes(plans: Sequence[SliceGrid], patch_size: int) -> torch.Tensor:
+    """tgt_sizes of the views of `plans`, in order: [n, 2] int64 (height, width) in patches."""
+    sizes = [(h // patch_size, w // patch_size) for plan in plans for w, h in plan.view_sizes()]
+    return torch.from_numpy(np.array(sizes, dtype=np.int64).reshape(-1, 2))
 
 
 # --- placeholder text -------------------------------------------------------------------------------------
@@ -176,9 +224,13 @@ def image_placeholder(plan: SliceGrid, query_num: int, unk_token: str = "<unk>")
 
 
 def image_bounds(input_ids: torch.Tensor, image_start_id: int, image_end_id: int) -> torch.Tensor:
-    """[(start + 1, end)] for every <image> ... </image> block of a 1-D id tensor, in order."""
-    starts = torch.nonzero(input_ids == image_start_id).flatten()
-    ends = torch.nonzero(input_ids == image_end_id).flatten()
-    if len(starts) != len(ends) or bool((ends <= starts).any() if len(starts) else False):
+    """[(start + 1, end)] int64 for every <image> ... </image> block of a 1-D id tensor, in order."""
+    return torch.from_numpy(image_bound_array(input_ids.cpu().numpy(), image_start_id, image_end_id))
+
+
+def image_bound_array(input_ids: np.ndarray, image_start_id: int, image_end_id: int) -> np.ndarray:
+    """`image_bounds` on a numpy id array (numpy: a few us per call where torch ops cost tens)."""
+    starts, ends = np.flatnonzero(input_ids == image_start_id), np.flatnonzero(input_ids == image_end_id)
+    if len(starts) != len(ends) or bool((ends <= starts).any()):
         raise ValueError(f"unbalanced image tags: {len(starts)} <image> and {len(ends)} </image>")
-    return torch.stack([starts + 1, ends], dim=1) if len(starts) else torch.zeros(0, 2, dtype=torch.int64)
+    return np.stack([starts + 1, ends], axis=1).astype(np.int64, copy=False)
