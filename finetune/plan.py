@@ -13,15 +13,17 @@ and allocator slack, HEADROOM_GIB, before a plan is said to fit):
                    lm_head). ZeRO-3 divides them by N (never with q_lora: bnb 4-bit weights cannot be sharded).
     trainable      LoRA r on q/k/v/o (counted on the meta-device full-size model: 54.5 M at r64), resampler 89 M,
                    vision tower 418 M when tuned. Without DeepSpeed: LoRA fp32 weight 4 + grad 4 + Adam 8 bytes;
-                   resampler / vision (PEFT modules_to_save copies): a measured 6.03 B a parameter in bf16, 14 B
-                   when finetune.py keeps them in fp32. DeepSpeed bf16: bf16 weights and copies on every rank,
-                   fp32 master 4 + Adam 8 + fp32 grad 4 + bf16 grad 2 sharded over N (stage 1/2: optimizer +
-                   grads; stage 3: weights too), plus the reduce buckets; offload moves master + Adam + fp32 grads
-                   to the CPU.
+                   resampler / vision (PEFT modules_to_save copies): 4.03 B a parameter in bf16 (measured), 14 B
+                   when finetune.py keeps them in fp32 (copy 4 + grad 4 + Adam 8 - the released bf16 original 2).
+                   `--optim adamw_bnb_8bit` (bitsandbytes, no DeepSpeed): Adam's two states 2 bytes instead of 8.
+                   DeepSpeed bf16: bf16 weights on every rank, fp32 master 4 + Adam 8 + fp32 grad 4 + bf16 grad 2
+                   sharded over N (stage 1/2: optimizer + grads; stage 3: weights too, and PEFT's frozen originals
+                   stay), plus the reduce buckets; offload moves master + Adam + fp32 grads to the CPU.
     activations    tokens per micro-batch x a per-token constant, with activation checkpointing or without;
                    images: a per-448-px-view constant (tuned or frozen vision tower); finetune.py's Trainer under
                    DeepSpeed: an extra per-token charge (measured, cause not found; see plan_validation.md).
-    logits         the chunked loss keeps one chunk of min(tokens, 2048) x vocab logits (bf16 + fp32 + fp32 grad).
+    logits         the chunked loss keeps one chunk of min(tokens, --loss_chunk_size) x vocab logits (bf16 + fp32 +
+                   fp32 grad): 2.45 GiB at the default 2048, 0.61 GiB at 512.
     overhead       a fixed constant (buffers, cuBLAS workspaces, allocator rounding).
 
 Calibration: bench/plan_validation.md (predicted vs measured, % error).
@@ -47,6 +49,8 @@ DS_CONFIGS = {
     (3, True): HERE / "ds_config_zero3_offload.json",
 }
 LOSS_CHUNK = 2048  # finetune.py's --loss_chunk_size default (label_position_loss's chunk)
+SMALL_LOSS_CHUNK = 512  # the memory lever: 1.8 GiB less at 2048 labels; same FLOPs, four lm_head calls instead of one
+OPTIM_8BIT = "adamw_bnb_8bit"  # transformers' name for bitsandbytes' AdamW with 8-bit states
 HEADROOM_GIB = 1.5  # CUDA context (~0.5 GiB, outside torch's counters) + reserved-vs-allocated slack
 
 
@@ -58,8 +62,15 @@ class Constants:
     nf4_bytes_per_param: float = 0.527  # 6.98 B decoder linears -> 3.43 GiB (4 bits + double-quantised absmax)
     act_gc_bytes_per_token: float = 0.373e6  # checkpointed LLM (32 x 4096 x 2 B layer inputs + one layer recomputed)
     act_nogc_bytes_per_token: float = 6.2e6  # every decoder layer's saved tensors (LoRA q/k/v/o)
-    full_bytes_bf16: float = 6.03  # per trained resampler / vision parameter, bf16 copy (PEFT modules_to_save)
-    full_bytes_fp32: float = 14.0  # the same kept in fp32 (finetune.py without DeepSpeed): NOT measured yet
+    # Per trained resampler / vision parameter (PEFT modules_to_save copy + Adam), beyond the 2-byte bf16 weight
+    # already counted. Their gradients add nothing to the peak: backward reaches the resampler and the vision
+    # tower last, after the LLM's activations and the loss chunk are freed. bf16 copies (bench loops): copy 2 +
+    # Adam 4 = 6, measured 6.03 while PEFT's frozen original was still held; configure_trainable releases it now
+    # (release_frozen_originals), hence - 2 (re-measured: text_upstream_suite 22.09 GiB, 0.0%). fp32 copies
+    # (finetune.py without DeepSpeed): copy 4 + Adam 8 - 2 = 10, measured 10.05 (t1_upstream_adamw - t1_lora_adamw,
+    # bench/plan_validation.md). 8-bit Adam: 6 bytes less.
+    full_bytes_bf16: float = 6.03 - 2
+    full_bytes_fp32: float = 10.0
     logit_bytes_per_element: float = 10.0  # bf16 logits + fp32 upcast + fp32 grad of one loss chunk (analytical)
     vision_gc_bytes_per_view: float = 96.7e6  # tuned vision tower (checkpointed) + trained resampler, per view
     vision_frozen_bytes_per_view: float = 95.6e6  # frozen vision tower + trained resampler, per view
@@ -134,6 +145,7 @@ class Setup:
     fp32_trainable: bool = True
     trainer_path: bool = True  # finetune.py's Trainer (False: the bench loops' own training step)
     loss_chunk: int = LOSS_CHUNK  # finetune.py --loss_chunk_size
+    optim_8bit: bool = False  # --optim adamw_bnb_8bit (without DeepSpeed: DeepSpeed brings its own optimizer)
 
 
 def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
@@ -149,12 +161,21 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
         weights = c.total * 2
     trainable = lora + full
     if setup.zero_stage == 0:  # LoRA fp32 weight 4 + grad 4 + Adam 8; resampler / vision: copy + grad + Adam
-        states = lora * (4 + 4 + 8) + full * (constants.full_bytes_fp32 if setup.fp32_trainable else constants.full_bytes_bf16)
+        adam_saved = 6 if setup.optim_8bit else 0  # two 8-bit states (+ block absmax) instead of two fp32 ones
+        if not setup.fp32_trainable:
+            adam_saved /= 2  # bf16 copies have bf16 Adam states: 4 bytes, 8-bit: 2
+        per_full = constants.full_bytes_fp32 if setup.fp32_trainable else constants.full_bytes_bf16
+        states = lora * (4 + 4 + 8 - (6 if setup.optim_8bit else 0)) + full * (per_full - adam_saved)
+        if setup.gpus > 1:  # DDP's gradient buckets: a second copy of every trainable gradient (measured +2.09 GiB)
+            states += lora * 4 + full * (4 if setup.fp32_trainable else 2)
     else:
-        weights += full * 2  # the modules_to_save copies, bf16 under DeepSpeed
-        sharded = trainable * (4 + 8 + 4 + 2)  # fp32 master + Adam m, v + fp32 grad + bf16 grad partition
-        if setup.offload:
-            sharded = trainable * 2  # only the bf16 grad partition stays on the GPU
+        if setup.zero_stage == 3:  # the modules_to_save copies, bf16 under DeepSpeed; at stages 1 / 2 the frozen
+            weights += full * 2  # originals are released (the copies take their place), not under ZeRO-3
+        # fp32 master + Adam m, v + the bf16 gradient partition; the fp32 copy of the gradients exists only inside
+        # the optimizer step, when the activations are gone (measured: ZeRO-2 1 and 2 GPUs, ZeRO-3 2 GPUs, +3..5%).
+        sharded = trainable * (4 + 8 + 2)
+        if setup.offload:  # master, states and the gradient partition live in CPU memory (measured 18.05 GiB)
+            sharded = 0
         states = lora * 2 + sharded / n + min(constants.ds_bucket_elements, trainable) * 2 * 2
     if setup.zero_stage == 3:
         weights = weights / n + constants.zero3_live_gib * GiB
@@ -211,6 +232,10 @@ class Plan:
             "--max_slice_nums", str(self.max_slice_nums),
             "--tune_vision", str(s.tune_vision).lower(),
         ]  # fmt: skip
+        if s.loss_chunk != LOSS_CHUNK:
+            flags += ["--loss_chunk_size", str(s.loss_chunk)]
+        if s.optim_8bit:
+            flags += ["--optim", OPTIM_8BIT]
         if s.q_lora:
             flags += ["--q_lora", "true"]
         return flags
@@ -223,7 +248,9 @@ class Plan:
         lines = [
             f"plan for {s.gpus} GPU(s) x {self.gpu_mem:g} GiB{' (QLoRA NF4)' if s.q_lora else ''}:",
             f"  deepspeed:               {stage}{' + CPU offload' if s.offload else ''}",
+            f"  optimizer:               {'AdamW, 8-bit states (bitsandbytes)' if s.optim_8bit else 'AdamW'}",
             f"  activation checkpointing: {s.gradient_checkpointing}",
+            f"  loss chunk:              {s.loss_chunk} label positions",
             f"  micro-batch per GPU:     {s.micro_batch}",
             f"  gradient accumulation:   {self.gradient_accumulation_steps} (global batch {self.global_batch})",
             f"  model_max_length:        {self.model_max_length}",
@@ -237,15 +264,28 @@ class Plan:
         return "\n".join(lines)
 
 
-def candidates(gpus: int, q_lora: bool):
-    """(zero_stage, offload, gradient_checkpointing), fastest first."""
+@dataclass(frozen=True)
+class Candidate:
+    zero_stage: int
+    offload: bool
+    gradient_checkpointing: bool
+    loss_chunk: int = LOSS_CHUNK
+    optim_8bit: bool = False
+
+
+def candidates(gpus: int, q_lora: bool) -> list[Candidate]:
+    """Memory levers in the order they cost speed, fastest first (measured on H200, 2048-token text rows, upstream
+    recipe, tokens/s per GPU: bench/README.md): checkpointing; a smaller loss chunk; 8-bit optimizer states
+    (plain Trainer / DDP; 4026 vs 4207 with fp32 AdamW states in one run, 3411 in another); ZeRO-2 with CPU
+    offload (1957); ZeRO-3 (777: it gathers every layer's weights again in the checkpointed backward); ZeRO-3
+    with parameter offload as the last resort."""
     base = 0 if gpus == 1 else 2
-    out = [(base, False, False), (base, False, True)]
+    out = [Candidate(base, False, False), Candidate(base, False, True), Candidate(base, False, True, SMALL_LOSS_CHUNK),
+           Candidate(0, False, True, SMALL_LOSS_CHUNK, optim_8bit=True), Candidate(2, True, True, SMALL_LOSS_CHUNK)]  # fmt: skip
     if gpus > 1 and not q_lora:
-        out.append((3, False, True))
-    out.append((2, True, True))
+        out.append(Candidate(3, False, True, SMALL_LOSS_CHUNK))
     if not q_lora:
-        out.append((3, True, True))
+        out.append(Candidate(3, True, True, SMALL_LOSS_CHUNK))
     return out
 
 
@@ -270,12 +310,14 @@ def make_plan(
     while True:
         # Worst case without data: one image of `slices` slices + its overview per sample.
         views = views_per_sample if views_per_sample is not None else float(slices + 1)
-        for stage, offload, gc in candidates(gpus, q_lora):
+        for candidate in candidates(gpus, q_lora):
             best = None
             for micro in (8, 4, 2, 1):
                 if micro > max(1, target_global_batch // gpus):
                     continue
-                setup = Setup(gpus, stage, offload, gc, micro, model_max_length, views, q_lora, tune_vision, lora_r)
+                setup = Setup(gpus, candidate.zero_stage, candidate.offload, candidate.gradient_checkpointing, micro,
+                              model_max_length, views, q_lora, tune_vision, lora_r, loss_chunk=candidate.loss_chunk,
+                              optim_8bit=candidate.optim_8bit)  # fmt: skip
                 predicted = predict(setup, constants)
                 if predicted["total"] <= budget:
                     best = (setup, predicted)
@@ -283,8 +325,10 @@ def make_plan(
             if best is not None:
                 setup, predicted = best
                 accumulation = max(1, math.ceil(target_global_batch / (gpus * setup.micro_batch)))
-                if offload:
+                if setup.offload:
                     notes.append("optimizer states offloaded to CPU: slower steps, needs host RAM")
+                if setup.optim_8bit:
+                    notes.append("8-bit AdamW states (bitsandbytes): needs `pip install bitsandbytes`")
                 if slices != max_slice_nums:
                     notes.append(f"max_slice_nums lowered {max_slice_nums} -> {slices} to fit")
                 return Plan(True, setup, predicted, gpu_mem, accumulation, model_max_length, slices,
@@ -292,9 +336,10 @@ def make_plan(
         if views_per_sample is not None or slices <= 1:
             break
         slices = {9: 4, 4: 2, 2: 1}.get(slices, 1)
-    stage, offload, _ = candidates(gpus, q_lora)[-1]
+    last = candidates(gpus, q_lora)[-1]
     fewest_views = 2.0 if views_per_sample is None else views_per_sample
-    smallest = predict(Setup(gpus, stage, offload, True, 1, model_max_length, fewest_views, q_lora, tune_vision, lora_r), constants)
+    smallest = predict(Setup(gpus, last.zero_stage, last.offload, True, 1, model_max_length, fewest_views, q_lora, tune_vision,
+                             lora_r, loss_chunk=last.loss_chunk), constants)  # fmt: skip
     hints = []
     if not q_lora:
         hints.append("--q_lora")
@@ -329,7 +374,10 @@ def data_statistics(model: str, data: str, max_slice_nums: int | None) -> tuple[
 def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
     """(name, setup or None when not modelled, measured peak allocated GiB, note) from one benchmark JSON:
     bench/bench_qlora.py, bench/bench_train.py or bench/trainer_bench.py output."""
-    data = json.loads(Path(path).read_text())
+    text = Path(path).read_text()
+    if path.endswith(".jsonl"):  # bench/device_suite.sh: one trainer_bench.py report per line
+        return [trainer_bench_setup(json.loads(line)) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
     out = []
     if "rows" in data:  # bench_qlora.py
         for row in data["rows"]:
@@ -362,15 +410,31 @@ def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
                           fp32_trainable=fp32, trainer_path=False)
             out.append((name, setup, row["peak_allocated_gib"], note))
     elif "peak_allocated_gib_per_rank" in data:  # trainer_bench.py
-        ds = str(data.get("deepspeed") or "")
-        stage = 3 if "zero3" in ds else 2 if "zero2" in ds else 0
-        world = data["world_size"]
+        out.append(trainer_bench_setup(data))
+    return out
+
+
+def trainer_bench_setup(data: dict) -> tuple[str, Setup, float, str]:
+    """One bench/trainer_bench.py report (finetune.py's real Trainer): its configuration as a Setup.
+
+    Reports written since device_suite.sh carry the largest micro-batch (tokens, views), the optimizer and the
+    loss chunk; older ones are approximated (1.25 x the mean step's tokens, 10 views a sample)."""
+    ds = str(data.get("deepspeed") or "")
+    stage = 3 if "zero3" in ds else 2 if "zero2" in ds else 0
+    world = data["world_size"]
+    if "largest_micro_batch_tokens" in data:
+        tokens, views = int(data["largest_micro_batch_tokens"]), float(data["largest_micro_batch_views"])
+        note = "largest micro-batch: %d tokens, %d views" % (tokens, views)
+    else:
         tokens = int(data["tokens_per_s"] * data["step_s_mean"] / world * 1.25)
         views = 10.0 * data["samples_per_s"] * data["step_s_mean"] / world
-        setup = Setup(world, stage, "offload" in ds, True, 1, tokens, views, False, bool(data.get("tune_vision", True)))
-        out.append((f"{world} GPU ZeRO-{stage} Trainer", setup, max(data["peak_allocated_gib_per_rank"]),
-                    "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"))  # fmt: skip
-    return out
+        note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
+    setup = Setup(world, stage, "offload" in ds, bool(data.get("gradient_checkpointing", True)), 1, tokens, views,
+                  bool(data.get("q_lora", False)), bool(data.get("tune_vision", True)),
+                  loss_chunk=int(data.get("loss_chunk_size", LOSS_CHUNK)), optim_8bit="8bit" in str(data.get("optim", "")))  # fmt: skip
+    name = data.get("name") or f"{world} GPU ZeRO-{stage} Trainer"
+    return (f"{name} ({world} GPU{'s' if world > 1 else ''}, {'ZeRO-%d' % stage if stage else 'no DeepSpeed'})", setup,
+            max(data["peak_allocated_gib_per_rank"]), note)  # fmt: skip
 
 
 def validation_markdown(paths: list[str], constants: Constants = CONSTANTS) -> str:

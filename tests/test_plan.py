@@ -46,7 +46,7 @@ def test_weights_terms():
 
 @pytest.mark.parametrize(
     "gpus, mem, q_lora, stage_expected",
-    [(1, 24, False, {3}), (1, 80, False, {0}), (2, 24, False, {3}), (8, 80, False, {2}),
+    [(1, 24, False, {0}), (1, 80, False, {0}), (2, 24, False, {2}), (8, 80, False, {2}),
      (1, 24, True, {0}), (1, 80, True, {0}), (2, 24, True, {2}), (8, 80, True, {2})],
 )
 def test_plans_for_common_cards(gpus, mem, q_lora, stage_expected):
@@ -74,9 +74,27 @@ def test_predictions_are_monotone():
     assert sizes == sorted(sizes)
 
 
+def test_memory_levers_and_their_flags():
+    """The 8-bit optimizer and the small loss chunk are priced and emitted as finetune.py flags."""
+    plain, small_chunk = predict(Setup(loss_chunk=2048)), predict(Setup(loss_chunk=512))
+    assert plain["logits"] - small_chunk["logits"] > 1.5 and plain["weights"] == small_chunk["weights"]
+    eight_bit = predict(Setup(loss_chunk=512, optim_8bit=True))
+    trained = parameter_counts().resampler + parameter_counts().vision + parameter_counts().lora_per_rank * 64
+    assert eight_bit["optimizer_and_grads"] == pytest.approx(small_chunk["optimizer_and_grads"] - trained * 6 / 1024**3)
+    # Between "fits in fp32 Adam" and "needs offload" there is a card size where 8-bit states are the plan
+    # (make_plan's worst case without data: one image of 9 slices + its overview per sample).
+    worst_case = predict(Setup(loss_chunk=512, optim_8bit=True, views_per_sample=10.0))["total"]
+    plan = make_plan(1, worst_case + 1.5 + 0.1)
+    assert plan.fits and plan.setup.optim_8bit and plan.setup.zero_stage == 0 and not plan.setup.offload
+    _, _, training_args, _ = parse_flags(plan.flags())
+    assert str(getattr(training_args.optim, "value", training_args.optim)) == "adamw_bnb_8bit"
+    assert training_args.loss_chunk_size == 512 and not training_args.deepspeed
+
+
 def test_more_memory_never_gives_a_slower_plan():
-    small, large = make_plan(1, 24), make_plan(1, 141)
-    assert small.setup.offload and not large.setup.offload  # offload only where nothing faster fits
+    smallest, small, large = make_plan(1, 21), make_plan(1, 24), make_plan(1, 141)
+    assert smallest.setup.offload and not small.setup.offload  # offload only where nothing faster fits
+    assert small.setup.optim_8bit and not large.setup.optim_8bit and large.setup.loss_chunk == 2048
     assert large.setup.zero_stage == 0 and not large.setup.gradient_checkpointing
 
 
@@ -155,3 +173,27 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     env["GPU_MEM"] = "4"
     result = subprocess.run(["sh", str(launcher)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "does not fit" in result.stderr
+
+
+def test_validate_reads_trainer_bench_reports(tmp_path, capsys):
+    """--validate on device_suite.sh's results.jsonl: each trainer_bench.py report becomes the Setup it ran."""
+    import json
+
+    reports = [
+        {"name": "t1_8bit", "world_size": 1, "deepspeed": None, "optim": "adamw_bnb_8bit", "loss_chunk_size": 512,
+         "gradient_checkpointing": True, "q_lora": False, "tune_vision": True, "largest_micro_batch_tokens": 2048,
+         "largest_micro_batch_views": 0, "peak_allocated_gib_per_rank": [20.48]},
+        {"name": "t2_z3", "world_size": 2, "deepspeed": "finetune/ds_config_zero3.json", "optim": "adamw_torch",
+         "loss_chunk_size": 2048, "gradient_checkpointing": True, "q_lora": False, "tune_vision": False,
+         "largest_micro_batch_tokens": 4000, "largest_micro_batch_views": 12, "peak_allocated_gib_per_rank": [12.0, 12.5]},
+    ]  # fmt: skip
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in reports) + "\n")
+    from finetune.plan import measured_setups
+
+    (name1, setup1, peak1, _), (name2, setup2, peak2, _) = measured_setups(str(path))
+    assert setup1 == Setup(1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True) and peak1 == 20.48
+    assert setup2 == Setup(2, 3, False, True, 1, 4000, 12.0, False, False) and peak2 == 12.5  # the worst rank
+    assert main(["--validate", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "t1_8bit (1 GPU, no DeepSpeed)" in table and "t2_z3 (2 GPUs, ZeRO-3)" in table
