@@ -7,12 +7,18 @@
 #   OUT=$OUT bash bench/device_suite.sh 2   # bench_train.py baseline vs suite (GPU0) | memory levers, QLoRA (GPU1); 2-GPU ZeRO-3
 #   OUT=$OUT bash bench/device_suite.sh 3   # ZeRO-2 scaling 1 -> 2 GPUs (multimodal, text), speed mode, QLoRA defaults
 #   OUT=$OUT bash bench/device_suite.sh 4   # text scaling: ZeRO-2 with all-reduce buckets, DDP + 8-bit AdamW
+#   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried. Results:
 # $OUT/results.jsonl (one trainer_bench.py report per line, "name" added), $OUT/bench_train.json (part 2),
-# $OUT/logs.txt (every run's log, tqdm removed), $OUT/env.txt. TINY=1 SKIP_WHL=1: CPU smoke test of the plumbing.
+# $OUT/logs.txt (every run's log, tqdm removed), $OUT/env.txt, $OUT/table.md (bench/summarize.py).
+# TINY=1 SKIP_WHL=1: CPU smoke test of the plumbing.
 set -u
-PART=${1:?part 1 or 2}
+PART=${1:?part 1, 2, 3, 4 or all}
+if [ "$PART" = all ]; then
+    for part in 2 3 4; do bash "$0" $part || exit; done
+    exit 0
+fi
 OUT=${OUT:-$PWD/bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -138,3 +144,4 @@ PY
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
+[ -f "$OUT/results.jsonl" ] && python3 bench/summarize.py "$OUT/results.jsonl" > "$OUT/table.md"
