@@ -2,6 +2,8 @@
 # LoRA fine-tuning of MiniCPM-Llama3-V-2.5. POSIX sh: `cd finetune && sh finetune_lora.sh` or
 # `bash finetune/finetune_lora.sh` from the repository root. Edit the defaults below or set them in the
 # environment; any extra arguments are passed on to finetune.py (e.g. `sh finetune_lora.sh --max_steps 100`).
+# Out of memory? `AUTO=1` picks settings for your cards (python -m finetune.plan). One 24 GB card, vision tower
+# trained: DS_CONFIG="" ... --optim adamw_bnb_8bit --loss_chunk_size 512 (20.5 GiB measured at 2048 tokens).
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
