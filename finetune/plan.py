@@ -13,15 +13,16 @@ and allocator slack, HEADROOM_GIB, before a plan is said to fit):
                    lm_head). ZeRO-3 divides them by N (never with q_lora: bnb 4-bit weights cannot be sharded).
     trainable      LoRA r on q/k/v/o (counted on the meta-device full-size model: 54.5 M at r64), resampler 89 M,
                    vision tower 418 M when tuned. Without DeepSpeed: LoRA fp32 weight 4 + grad 4 + Adam 8 bytes;
-                   resampler / vision (PEFT modules_to_save copies): 4.03 B a parameter in bf16 (measured), 14 B
-                   when finetune.py keeps them in fp32 (copy 4 + grad 4 + Adam 8 - the released bf16 original 2).
-                   `--optim adamw_bnb_8bit` (bitsandbytes, no DeepSpeed): Adam's two states 2 bytes instead of 8.
-                   DeepSpeed bf16: bf16 weights on every rank, fp32 master 4 + Adam 8 + fp32 grad 4 + bf16 grad 2
-                   sharded over N (stage 1/2: optimizer + grads; stage 3: weights too, and PEFT's frozen originals
-                   stay), plus the reduce buckets; offload moves master + Adam + fp32 grads to the CPU.
+                   resampler / vision (PEFT modules_to_save copies; their gradients come last in backward, after
+                   the LLM's activations are freed, and add nothing to the peak): copy + Adam - the released
+                   bf16 original = 4 B a parameter in bf16 (bench loops), 10 B in fp32 (finetune.py), both
+                   measured. `--optim adamw_bnb_8bit` (bitsandbytes, no DeepSpeed): Adam's states 2 bytes, not 8.
+                   DDP on several GPUs: + its gradient buckets (one more gradient copy). DeepSpeed bf16: bf16
+                   weights on every rank, fp32 master 4 + Adam 8 + bf16 grad 2 sharded over N (stage 1/2:
+                   optimizer + grads; stage 3: weights too, and PEFT's frozen originals stay), plus the reduce
+                   buckets; offload moves master, Adam and the gradient partition to the CPU.
     activations    tokens per micro-batch x a per-token constant, with activation checkpointing or without;
-                   images: a per-448-px-view constant (tuned or frozen vision tower); finetune.py's Trainer under
-                   DeepSpeed: an extra per-token charge (measured, cause not found; see plan_validation.md).
+                   images: a per-448-px-view constant (tuned or frozen vision tower).
     logits         the chunked loss keeps one chunk of min(tokens, --loss_chunk_size) x vocab logits (bf16 + fp32 +
                    fp32 grad): 2.45 GiB at the default 2048, 0.61 GiB at 512.
     overhead       a fixed constant (buffers, cuBLAS workspaces, allocator rounding).
@@ -76,12 +77,9 @@ class Constants:
     vision_frozen_bytes_per_view: float = 95.6e6  # frozen vision tower + trained resampler, per view
     vision_nogc_bytes_per_view: float = 1.4e9  # tuned vision tower, not checkpointed: analytical, NOT measured
     ds_bucket_elements: float = 2e8  # reduce_bucket_size of ds_config_zero2.json
-    zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each): NOT measured
+    zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each); the two
+    # ZeRO-3 rows measured (2 x H200, bench/plan_validation.md) come out +3.7% / +4.3% with it
     overhead_gib: float = 0.32  # buffers (rotary, resampler tables; 0.07 GiB) + workspaces
-    # Extra activation memory of finetune.py's Trainer path under DeepSpeed over the bench loop. The 20.5 GiB once
-    # charged here came from a run that trained in fp32 (the bf16 default bug, since fixed); rerun in bf16 on one
-    # GPU the Trainer path stays within the model (bench/plan_validation.md), so nothing is charged.
-    trainer_ds_extra_bytes_per_token: float = 0.0
 
 
 CONSTANTS = Constants()
@@ -143,7 +141,6 @@ class Setup:
     # Without DeepSpeed finetune.py keeps trainable weights in fp32 (keep_fp32_master_weights); bench loops that
     # leave the resampler / vision copies in bf16 (bench_train.py without --fp32-trainable, bench_qlora.py) do not.
     fp32_trainable: bool = True
-    trainer_path: bool = True  # finetune.py's Trainer (False: the bench loops' own training step)
     loss_chunk: int = LOSS_CHUNK  # finetune.py --loss_chunk_size
     optim_8bit: bool = False  # --optim adamw_bnb_8bit (without DeepSpeed: DeepSpeed brings its own optimizer)
 
@@ -189,8 +186,6 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
     else:
         per_view = constants.vision_frozen_bytes_per_view
     activations = tokens * per_token + views * per_view
-    if setup.trainer_path and setup.zero_stage:
-        activations += tokens * constants.trainer_ds_extra_bytes_per_token
     logits = min(tokens, setup.loss_chunk) * c.vocab * constants.logit_bytes_per_element
     terms = {
         "weights": weights / GiB,
@@ -383,7 +378,7 @@ def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
         for row in data["rows"]:
             if "error" in row:
                 continue
-            setup = Setup(1, 0, False, True, 1, 2048, 0.0, row["row"] == "qlora_nf4", False, fp32_trainable=False, trainer_path=False)
+            setup = Setup(1, 0, False, True, 1, 2048, 0.0, row["row"] == "qlora_nf4", False, fp32_trainable=False)
             out.append((f"qlora-bench {row['row']}", setup, row["peak_allocated_gib"], "text 2048, LoRA recipe"))
     elif "results" in data:  # bench_train.py
         text_len = data.get("args", {}).get("text_len", 2048)
@@ -403,11 +398,11 @@ def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
                 views = 10.0 * row["samples_timed"] / steps  # ~8 views per 400-2000 px image x 1.25
                 note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
                 setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
-                          fp32_trainable=fp32, trainer_path=False)
+                          fp32_trainable=fp32)
                 out.append((name, setup, row["peak_allocated_gib"], note))
                 continue
             setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
-                          fp32_trainable=fp32, trainer_path=False)
+                          fp32_trainable=fp32)
             out.append((name, setup, row["peak_allocated_gib"], note))
     elif "peak_allocated_gib_per_rank" in data:  # trainer_bench.py
         out.append(trainer_bench_setup(data))
