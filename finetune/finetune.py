@@ -15,6 +15,7 @@ one host) and 1-2 NVIDIA H200 with the full-size architecture (see bench/).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -149,6 +150,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError("--q_lora true needs --use_lora true")
     if lora_args.q_lora and not torch.cuda.is_available():
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+    check_optimizer_choice(training_args)
     if training_args.use_lora:
         try:
             re.compile(lora_args.lora_target_modules)
@@ -162,6 +164,24 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             raise UsageError(f"--model_name_or_path: {error}") from error
     elif not path.is_dir() and not looks_like_hub_id(model_args.model_name_or_path):  # a mistyped local path
         raise UsageError(f"--model_name_or_path {path}: no such directory")
+
+
+def check_optimizer_choice(training_args: TrainingArguments) -> None:
+    """--optim would be silently ignored under a DeepSpeed config that names its own optimizer (all of ours do):
+    e.g. `--optim adamw_bnb_8bit` would train with DeepSpeed's fp32 AdamW states and run out of memory."""
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    if not training_args.deepspeed or optim == str(getattr(default, "value", default)):
+        return
+    config = training_args.deepspeed
+    if not isinstance(config, dict):
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--deepspeed {training_args.deepspeed}: {error}") from error
+    if "optimizer" in config:
+        raise UsageError(f"--optim {optim} has no effect with --deepspeed {training_args.deepspeed}, which defines its own "
+                         "optimizer; drop --optim, or train without DeepSpeed (DS_CONFIG=\"\" in the launchers)")
 
 
 def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:

@@ -217,6 +217,24 @@ def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
         main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
 
 
+def test_optim_that_deepspeed_would_ignore_is_refused(tmp_path):
+    """Our DeepSpeed configs name their own optimizer, which wins over --optim without a word (in-process
+    DeepSpeed set-up cannot follow other in-process runs, so the check is called directly)."""
+    from types import SimpleNamespace
+
+    from finetune.finetune import check_optimizer_choice
+
+    zero2 = str(ROOT / "finetune" / "ds_config_zero2.json")
+    with pytest.raises(UsageError, match="--optim adamw_bnb_8bit has no effect with --deepspeed .*ds_config_zero2.json"):
+        check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=zero2))
+    check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=None))  # no DeepSpeed: --optim is used
+    check_optimizer_choice(SimpleNamespace(optim="adamw_torch_fused", deepspeed=zero2))  # the default: fine
+    config = json.loads(Path(zero2).read_text())
+    del config["optimizer"]
+    (tmp_path / "no_optimizer.json").write_text(json.dumps(config))  # DeepSpeed then wraps the Trainer's optimizer
+    check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=str(tmp_path / "no_optimizer.json")))
+
+
 def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
     with pytest.raises(UsageError, match="data file not found: .*nope.json"):
         main(base_args(tiny_model, tmp_path / "nope.json", tmp_path))
