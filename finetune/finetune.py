@@ -16,6 +16,7 @@ one host) and 1-2 NVIDIA H200 with the full-size architecture (see bench/).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -167,9 +168,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
 
 
 def check_optimizer_choice(training_args: TrainingArguments) -> None:
-    """--optim would be silently ignored under a DeepSpeed config that names its own optimizer (all of ours do):
-    e.g. `--optim adamw_bnb_8bit` would train with DeepSpeed's fp32 AdamW states and run out of memory."""
+    """bitsandbytes optimizers need bitsandbytes (the planner proposes one). And --optim would be silently
+    ignored under a DeepSpeed config that names its own optimizer (all of ours do): `--optim adamw_bnb_8bit`
+    would train with DeepSpeed's fp32 AdamW states and run out of memory."""
     optim = str(getattr(training_args.optim, "value", training_args.optim))
+    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:  # found before the model is loaded
+        raise UsageError(f"--optim {optim} needs bitsandbytes: pip install -r requirements-extras.txt")
     default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
     if not training_args.deepspeed or optim == str(getattr(default, "value", default)):
         return

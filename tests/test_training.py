@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -217,7 +218,7 @@ def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
         main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
 
 
-def test_optim_that_deepspeed_would_ignore_is_refused(tmp_path):
+def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypatch):
     """Our DeepSpeed configs name their own optimizer, which wins over --optim without a word (in-process
     DeepSpeed set-up cannot follow other in-process runs, so the check is called directly)."""
     from types import SimpleNamespace
@@ -233,6 +234,10 @@ def test_optim_that_deepspeed_would_ignore_is_refused(tmp_path):
     del config["optimizer"]
     (tmp_path / "no_optimizer.json").write_text(json.dumps(config))  # DeepSpeed then wraps the Trainer's optimizer
     check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=str(tmp_path / "no_optimizer.json")))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(UsageError, match="--optim adamw_bnb_8bit needs bitsandbytes"):
+        check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=None))
 
 
 def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
