@@ -40,8 +40,8 @@ from finetune.finetune import (
     build_datasets,
     check_arguments,
     configure_trainable,
-    set_trainable_precision,
     load_model_and_tokenizer,
+    set_trainable_precision,
 )
 from finetune.model.tokenization import SpecialTokens
 from finetune.trainer import MiniCPMVTrainer
