@@ -397,10 +397,6 @@ def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
                 tokens = int(row["tokens_timed"] / steps * 1.25)
                 views = 10.0 * row["samples_timed"] / steps  # ~8 views per 400-2000 px image x 1.25
                 note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
-                setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
-                          fp32_trainable=fp32)
-                out.append((name, setup, row["peak_allocated_gib"], note))
-                continue
             setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
                           fp32_trainable=fp32)
             out.append((name, setup, row["peak_allocated_gib"], note))
