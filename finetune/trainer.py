@@ -43,7 +43,12 @@ class MiniCPMVTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         output_dir = Path(output_dir or self.args.output_dir)
         if self.base_model_dir and Path(self.base_model_dir).is_dir():
-            for name in PASSTHROUGH_FILES:
-                source = Path(self.base_model_dir) / name
-                if source.is_file():
-                    shutil.copyfile(source, output_dir / name)
+            copy_passthrough_files(Path(self.base_model_dir), output_dir)
+
+
+def copy_passthrough_files(model_dir: Path, output_dir: Path) -> None:
+    """The PASSTHROUGH_FILES that `model_dir` has, copied byte for byte into `output_dir`."""
+    for name in PASSTHROUGH_FILES:
+        source = model_dir / name
+        if source.is_file():
+            shutil.copyfile(source, output_dir / name)

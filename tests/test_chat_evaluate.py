@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, roug
 # The prompt test must see every image syntax of the demo data: one image with / without marker, two images
 # with <image_00> markers, text only; and multi-turn samples.
 from finetune.finetune import DEFAULT_LORA_TARGETS
-from finetune.trainer import PASSTHROUGH_FILES
+from finetune.trainer import copy_passthrough_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,9 +54,7 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     model.save_pretrained(out)
-    for name in PASSTHROUGH_FILES:
-        if (tiny_model / name).is_file():
-            shutil.copyfile(tiny_model / name, out / name)
+    copy_passthrough_files(tiny_model, out)
     return out
 
 

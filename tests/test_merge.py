@@ -24,7 +24,7 @@ from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.checkpoint import stored_shapes
 from finetune.model.tokenization import SpecialTokens
-from finetune.trainer import PASSTHROUGH_FILES
+from finetune.trainer import copy_passthrough_files
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_TARGET = r"llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight"
@@ -47,9 +47,7 @@ def make_adapter(base: Path, out: Path, seed: int = 0) -> Path:
             if "lora_" in name or ".modules_to_save." in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     peft_model.save_pretrained(out)
-    for name in PASSTHROUGH_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, out / name)
+    copy_passthrough_files(base, out)
     return out
 
 
