@@ -271,26 +271,25 @@ def configure_trainable(model, training_args: TrainingArguments, lora_args: Lora
 
 
 def release_frozen_originals(model) -> int:
-    """Free the frozen originals PEFT keeps beside each modules_to_save copy; returns the parameters freed.
+    """Drop the frozen originals PEFT keeps beside each modules_to_save copy; returns the parameters freed.
 
     PEFT trains a copy of the resampler (and vision tower) and keeps the original only to switch the adapter
-    off, which training never does: 0.5 B bf16 parameters, 1 GiB per GPU for the upstream recipe. The
-    originals' parameters become empty tensors of the same dtype and device (attribute look-ups reach the
-    trained copy while the adapter is active). Not under ZeRO-3, which partitions every parameter itself.
-    The saved adapter is unchanged: PEFT saves the copies, and PeftModel.from_pretrained restores them onto a
-    fresh base.
+    off, which training never does: 0.5 B bf16 parameters, 1 GiB per GPU for the upstream recipe (0.5 GiB per
+    GPU of 2 under ZeRO-3, which partitions the original like any parameter). Each wrapper's original_module
+    becomes the trained copy itself, so nothing holds the original's weights any more, under ZeRO-3 included
+    (emptying the tensors instead would break ZeRO-3's gather of all weights at save time). The saved adapter is
+    unchanged: PEFT saves the copies, and PeftModel.from_pretrained restores them onto a fresh base.
     """
     from peft.utils import ModulesToSaveWrapper
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if is_deepspeed_zero3_enabled():
-        return 0
     freed = 0
     for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            for parameter in module.original_module.parameters():
-                freed += parameter.numel()
-                parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        if isinstance(module, ModulesToSaveWrapper) and module.original_module is not module.modules_to_save[module.active_adapter]:
+            freed += sum(getattr(p, "ds_numel", p.numel()) for p in module.original_module.parameters())
+            # Re-registered last, so that named_parameters() (which names a shared weight once, by its first
+            # path) keeps naming the weights modules_to_save.*: the names PEFT saves and the Trainer groups by.
+            del module.original_module
+            module.original_module = module.modules_to_save[module.active_adapter]
     return freed
 
 
