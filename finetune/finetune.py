@@ -32,11 +32,13 @@ if __package__ in (None, ""):
 import torch
 import transformers
 from transformers import AutoTokenizer, HfArgumentParser
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
 from finetune.check_data import ValidationReport, validate_built
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
+from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, liger_available
 from finetune.model.loading import load_pretrained, looks_like_hub_id
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
@@ -79,6 +81,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={"help": "allow torch's cuDNN attention kernels; they re-plan every new sequence length on the CPU, "
                   "which made variable-length multimodal steps 1.5x slower on H200 (bench/README.md)"},
+    )
+    # None = decide in resolve_compile_layers (on where measured to pay: bench/README.md, "Update 3").
+    compile_layers: bool | None = field(
+        default=None,
+        metadata={"help": "torch.compile each LLM decoder layer (~1 min of compiling at start, then 1.05-1.3x faster steps "
+                  "on H200); default: on with a CUDA GPU, except under ZeRO-3 or QLoRA"},
     )
     llm_type: str | None = field(default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"})
     tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
@@ -152,6 +160,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if lora_args.q_lora and not torch.cuda.is_available():
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
     check_optimizer_choice(training_args)
+    training_args.compile_layers = resolve_compile_layers(
+        training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code
+    )
+    check_fast_paths(model_args, training_args)
     if training_args.use_lora:
         try:
             re.compile(lora_args.lora_target_modules)
@@ -186,6 +198,30 @@ def check_optimizer_choice(training_args: TrainingArguments) -> None:
     if "optimizer" in config:
         raise UsageError(f"--optim {optim} has no effect with --deepspeed {training_args.deepspeed}, which defines its own "
                          "optimizer; drop --optim, or train without DeepSpeed (DS_CONFIG=\"\" in the launchers)")
+
+
+def resolve_compile_layers(compile_layers: bool | None, cuda: bool, zero3: bool, q_lora: bool, remote_code: bool) -> bool:
+    """An explicit --compile_layers wins. By default the decoder layers are compiled on a CUDA GPU, where they
+    were measured to be faster and never to use more memory; not on the CPU (compiling costs more than it
+    saves on tiny runs), and not where it was not measured: ZeRO-3 (its parameter hooks run inside every
+    layer), QLoRA (bitsandbytes' 4-bit layers) or the hub's model code."""
+    if compile_layers is not None:
+        return compile_layers
+    return cuda and not (zero3 or q_lora or remote_code)
+
+
+def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """--use_liger_kernel / --compile_layers act on the native class's LLM (finetune.model.kernels)."""
+    wanted = [flag for flag, on in (("--use_liger_kernel", training_args.use_liger_kernel), ("--compile_layers", training_args.compile_layers)) if on]
+    if wanted and model_args.trust_remote_code:
+        raise UsageError(f"{' and '.join(wanted)} need the native model class (drop --trust_remote_code)")
+    if training_args.use_liger_kernel:
+        if not torch.cuda.is_available():
+            raise UsageError("--use_liger_kernel true needs a CUDA GPU (liger-kernel's kernels are Triton)")
+        if not liger_available():
+            raise UsageError("--use_liger_kernel true needs liger-kernel: pip install liger-kernel")
+    if training_args.compile_layers and training_args.torch_compile:
+        raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder layers only)")
 
 
 def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:
@@ -319,6 +355,27 @@ def set_trainable_precision(model, training_args: TrainingArguments) -> int:
     return cast_trainable(model, torch.bfloat16 if training_args.bf16 else torch.float16)
 
 
+def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
+    """Turn on the fast paths asked for; returns their names for the log.
+
+    --use_liger_kernel is transformers' own flag, but the Trainer's hook matches liger's patches by model type
+    and knows no "minicpmv": it would do nothing. So the kernels are applied here, to the LLM inside, and the
+    flag is cleared before the Trainer sees it (its evaluation would also pass a `skip_logits` our forward does
+    not take). Under ZeRO-3 lm_head's weight exists only inside lm_head's own call, so the loss stays chunked.
+    """
+    applied = []
+    if training_args.use_liger_kernel:
+        fused_loss = not is_deepspeed_zero3_enabled()
+        apply_liger_kernels(model, fused_loss=fused_loss)
+        applied.append("liger-kernel RMSNorm/SwiGLU/RoPE" + (" + fused linear cross-entropy" if fused_loss else ""))
+        training_args.use_liger_kernel = False
+    if training_args.compile_layers:
+        # Sequence lengths change every step: compiled for any length at once, instead of once for the first
+        # length and again when the second one arrives (each ~15 s for the full-size layer on an H200).
+        applied.append(f"torch.compile of {compile_decoder_layers(model, dynamic=True)} decoder layers")
+    return applied
+
+
 def count_parameters(model) -> tuple[int, int]:
     def size(parameter) -> int:  # ZeRO-3 partitions leave numel() == 0; ds_numel is the full size
         return getattr(parameter, "ds_numel", parameter.numel())
@@ -443,9 +500,12 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
     train_dataset, eval_dataset = build_datasets(data_args, training_args, tokenizer, model.config)
     model = configure_trainable(model, training_args, lora_args)
     set_trainable_precision(model, training_args)
+    fast_paths = apply_fast_paths(model, training_args)
     trainable, total = count_parameters(model)
     if training_args.process_index == 0:
         print(f"[model] {type(model).__name__}: {trainable:,} trainable of {total:,} parameters", flush=True)
+        if fast_paths:
+            print(f"[model] fast paths: {'; '.join(fast_paths)}", flush=True)
 
     collator = DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad, packing=data_args.packing)
     trainer = MiniCPMVTrainer(

@@ -54,3 +54,30 @@ def golden_cases() -> list[dict]:
 @pytest.fixture(scope="session")
 def golden_images() -> Path:
     return GOLDEN / "images"
+
+
+@pytest.fixture(scope="session")
+def mixed_samples(golden_dir, golden_images, tmp_path_factory):
+    """(tokenizer, [dataset items], pad id) for three samples of the golden checkpoint: one image, text only,
+    two images over two turns. Fast paths are checked against the plain path on batches built from them."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from finetune.dataset import SupervisedDataset
+    from finetune.model.configuration import MiniCPMVConfig
+    from finetune.model.tokenization import SpecialTokens
+
+    samples = [
+        {"id": "wide", "image": str(golden_images / "wide_260x150.png"),
+         "conversations": [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A wide picture of things."}]},
+        {"id": "text", "conversations": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+        {"id": "two", "image": {"<image_00>": str(golden_images / "tall_120x330.png"), "<image_01>": str(golden_images / "small_90x70.png")},
+         "conversations": [{"role": "user", "content": "<image_00> and <image_01>: which is taller?"}, {"role": "assistant", "content": "The first."},
+                           {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]},
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("mixed") / "data.json"
+    path.write_text(json.dumps(samples))
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    dataset = SupervisedDataset(str(path), tokenizer, MiniCPMVConfig.from_pretrained(golden_dir))
+    return tokenizer, [dataset[i] for i in range(len(dataset))], SpecialTokens.from_tokenizer(tokenizer).pad

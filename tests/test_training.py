@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -212,11 +213,36 @@ def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
         (["--use_lora", "true", "--tune_llm", "true"], "choose LoRA or full LLM fine-tuning"),
         (["--lora_target_modules", r"llm\..*nothing_here"], "matches no linear module"),
         (["--llm_type", "minicpm"], "--llm_type minicpm but the model's tokenizer is llama3"),
+        (["--compile_layers", "true", "--torch_compile", "true"], "choose one"),
+        (["--compile_layers", "true", "--trust_remote_code", "true"], "--compile_layers need the native model class"),
+        pytest.param(["--use_liger_kernel", "true"], "--use_liger_kernel true needs a CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")),
     ],
 )
 def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):
         main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
+
+
+def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, capsys):
+    """--compile_layers reaches the model the Trainer trains (numerics: tests/test_fast_paths.py)."""
+    trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true"))
+    layers = trainer.model.get_base_model().llm.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert f"fast paths: torch.compile of {len(layers)} decoder layers" in capsys.readouterr().out
+    curve = losses(trainer.state.log_history)
+    assert len(curve) == 2 and all(math.isfinite(v) for v in curve)
+
+
+def test_compiled_layers_by_default_only_where_measured():
+    from finetune.finetune import resolve_compile_layers
+
+    assert resolve_compile_layers(None, cuda=True, zero3=False, q_lora=False, remote_code=False)
+    assert not resolve_compile_layers(None, cuda=False, zero3=False, q_lora=False, remote_code=False)
+    for unmeasured in ({"zero3": True}, {"q_lora": True}, {"remote_code": True}):
+        assert not resolve_compile_layers(None, **{"cuda": True, "zero3": False, "q_lora": False, "remote_code": False, **unmeasured})
+    assert resolve_compile_layers(True, cuda=False, zero3=True, q_lora=False, remote_code=False)  # asked for: done
+    assert not resolve_compile_layers(False, cuda=True, zero3=False, q_lora=False, remote_code=False)
 
 
 def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypatch):

@@ -72,6 +72,8 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
 class MiniCPMV(MiniCPMVPreTrainedModel):
     # Label positions whose logits exist at once in the loss: 2048 x 128256 fp32 logits = 1 GiB.
     loss_chunk_size: int = 2048
+    # "chunked" (label_position_loss's own chunks) or "liger" (fused linear cross-entropy; kernels.py sets it).
+    loss_kernel: str = "chunked"
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -246,7 +248,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
         kwargs.pop("use_cache", None)
         hidden = self.llm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **kwargs)
-        loss = label_position_loss(hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, self.loss_chunk_size)
+        loss = label_position_loss(
+            hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, self.loss_chunk_size, fused=self.loss_kernel == "liger"
+        )
         return CausalLMOutputWithPast(loss=loss)
 
     # --- inference ------------------------------------------------------------------------------------------
@@ -335,17 +339,23 @@ def label_position_loss(
     lm_head: nn.Module,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 2048,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy computed only where a next-token label exists, in fp32, chunk by chunk.
 
     Equal to transformers' ForCausalLMLoss (shift, fp32 upcast, ignore -100), but the logits of the
     [tokens, vocab] matrix exist only for `chunk_size` label positions at a time, and each chunk's logits are
     recomputed in backward instead of kept: with a 128k vocabulary that is gigabytes saved per 2k tokens.
+    `fused=True` hands the label positions to liger-kernel's fused linear cross-entropy instead (its own
+    chunks; gradients computed in the forward pass, so lm_head is not recomputed).
     """
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)
     selected = shifted != -100
     targets = shifted[selected]
     states = hidden[selected]
+    if fused:
+        total = _fused_loss(states, targets, lm_head)
+        return _normalise(total, len(targets), num_items_in_batch)
     total = hidden.new_zeros((), dtype=torch.float32)
     num_chunks = max(1, -(-len(targets) // chunk_size))
     if _distributed():
@@ -361,8 +371,12 @@ def label_position_loss(
             total = total + checkpoint(_chunk_loss, chunk_states, chunk_targets, lm_head, use_reentrant=False)
         else:
             total = total + _chunk_loss(chunk_states, chunk_targets, lm_head)
+    return _normalise(total, len(targets), num_items_in_batch)
+
+
+def _normalise(total: torch.Tensor, label_count: int, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
     if num_items_in_batch is None:
-        return total / max(len(targets), 1)
+        return total / max(label_count, 1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -370,6 +384,18 @@ def label_position_loss(
 
 def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
+
+
+def _fused_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if not len(targets):  # nothing to learn from: a zero that still reaches the graph
+        return states.sum().float() * 0
+    weight = lm_head.weight
+    # Under autocast lm_head would run in the autocast dtype; the kernel runs in its inputs' dtype: match it.
+    dtype = torch.get_autocast_dtype(states.device.type) if torch.is_autocast_enabled(states.device.type) else weight.dtype
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight.to(dtype), states.to(dtype), targets)
+    return loss.float()
 
 
 _DATA_KEYS = (

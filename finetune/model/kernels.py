@@ -1,0 +1,54 @@
+"""Optional fast paths for the LLM half of MiniCPMV: liger-kernel's fused Triton kernels, regional torch.compile.
+
+Both change how the same arithmetic is scheduled, not what is computed: tests/test_fast_paths.py checks the
+loss and every gradient against the plain path on one batch (bf16 tolerance). What each one bought on an H200
+is in bench/README.md; neither is on by default unless the measurements there say so.
+
+- `apply_liger_kernels`: Llama's RMSNorm, SwiGLU MLP and rotary embedding become liger-kernel's Triton
+  kernels (fewer passes over the activations, less saved for backward), and the label-position loss becomes
+  liger's fused linear cross-entropy (logits of a chunk live only inside the kernel, gradients are computed
+  in the forward pass, so lm_head is not run again in backward). CUDA only; needs `pip install liger-kernel`.
+- `compile_decoder_layers`: `torch.compile` of each decoder layer (regional compilation: one compiled graph
+  serves all 32 layers; the Python-heavy multimodal glue around them stays eager).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from torch import nn
+
+
+def _native(model: nn.Module) -> nn.Module:
+    """The MiniCPMV inside a PeftModel (or the model itself)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "llm"):
+        raise TypeError(f"{type(base).__name__} has no `llm`: the fast paths need the native MiniCPMV class")
+    return base
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
+    """Swap the LLM's RMSNorm / SwiGLU / RoPE for liger-kernel's, in place; with `fused_loss`, the
+    label-position loss uses liger's fused linear cross-entropy (not under ZeRO-3, whose lm_head weight is
+    only gathered inside lm_head's own forward)."""
+    if not liger_available():
+        raise ImportError("liger kernels need the liger-kernel package (pip install liger-kernel; CUDA + Triton)")
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    native = _native(model)
+    # RoPE is patched in transformers' llama module (a module-level function the attention calls); RMSNorm and
+    # the MLP are patched on this instance's modules. The LLM's own loss is not used by our forward.
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm)
+    native.loss_kernel = "liger" if fused_loss else "chunked"
+
+
+def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> int:
+    """torch.compile every decoder layer of the LLM in place; returns how many were compiled."""
+    layers = _native(model).llm.model.layers
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)

@@ -1,0 +1,113 @@
+"""The fast paths (finetune.model.kernels) compute what the plain path computes: same batch, same weights,
+loss and every trained parameter's gradient compared.
+
+The compiled decoder layers are checked on CPU in fp32 (tight tolerance) with gradient checkpointing on, as
+the Trainer runs them. liger-kernel's Triton kernels run on CUDA only: those tests run on the device (bench/
+README.md records the run) and are skipped elsewhere; there the reference is the plain path under the same
+bf16 autocast, and the tolerance is bf16's (a relative error of the gradient's norm, since summation order
+differs between kernels).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import finetune  # noqa: F401
+from finetune.dataset import DataCollator
+from finetune.finetune import DEFAULT_LORA_TARGETS, configure_trainable
+from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, liger_available
+
+CUDA = torch.cuda.is_available()
+
+
+def lora_model(golden_dir, device: str):
+    """The golden checkpoint with the upstream recipe (LoRA q/k/v/o + resampler + vision tower), LoRA dropout
+    off (dropout masks come from different random streams in eager and compiled code), checkpointing on."""
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa")
+    training = SimpleNamespace(tune_llm=False, tune_vision=True, use_lora=True, tune_embeddings=False, gradient_checkpointing=True)
+    lora = SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)
+    torch.manual_seed(0)
+    model = configure_trainable(model, training, lora)
+    # LoRA B starts at zero, which would make every LoRA A gradient zero and the comparison blind to them.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device).train()
+
+
+def loss_and_grads(model, batch, device: str, autocast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    data = dict(batch["data"])
+    data["input_ids"] = data["input_ids"].to(device)
+    data["position_ids"] = data["position_ids"].to(device)
+    count = (batch["labels"][:, 1:] != -100).sum().to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(data=data, labels=batch["labels"].to(device), num_items_in_batch=count).loss
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach().float(), grads
+
+
+def assert_same(reference, candidate, loss_rtol: float, grad_rtol: float) -> None:
+    (ref_loss, ref_grads), (loss, grads) = reference, candidate
+    torch.testing.assert_close(loss, ref_loss, rtol=loss_rtol, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    lora_b = [n for n in ref_grads if "lora_B" in n]
+    assert lora_b and all(ref_grads[n].abs().sum() > 0 for n in lora_b), "the reference must train LoRA"
+    for name, ref in ref_grads.items():
+        if name.endswith("k_proj.bias"):
+            # A key bias shifts every score of a query by the same amount, which softmax ignores: its true
+            # gradient is zero and both paths return rounding noise (~1e-12 in fp32), not comparable values.
+            continue
+        error = (grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert error <= grad_rtol, f"{name}: relative gradient error {error:.2e} > {grad_rtol:.0e}"
+
+
+def test_compiled_decoder_layers_give_the_plain_loss_and_gradients(golden_dir, mixed_samples):
+    _, items, pad = mixed_samples
+    batch = DataCollator(pad, packing=True)(items)
+    model = lora_model(golden_dir, "cpu")
+    reference = loss_and_grads(model, batch, "cpu", autocast=False)
+    assert compile_decoder_layers(model) == len(model.get_base_model().llm.model.layers)
+    compiled = loss_and_grads(model, batch, "cpu", autocast=False)
+    assert_same(reference, compiled, loss_rtol=1e-5, grad_rtol=1e-4)
+
+
+needs_liger = pytest.mark.skipif(not (CUDA and liger_available()), reason="liger-kernel runs on CUDA (Triton) only")
+
+
+@needs_liger
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["kernels", "kernels+fused_loss"])
+def test_liger_kernels_give_the_plain_loss_and_gradients(golden_dir, mixed_samples, fused_loss):
+    _, items, pad = mixed_samples
+    batch = DataCollator(pad, packing=True)(items)
+    model = lora_model(golden_dir, "cuda")
+    reference = loss_and_grads(model, batch, "cuda", autocast=True)
+    apply_liger_kernels(model, fused_loss=fused_loss)
+    fast = loss_and_grads(model, batch, "cuda", autocast=True)
+    assert_same(reference, fast, loss_rtol=1e-2, grad_rtol=2e-2)
+
+
+@needs_liger
+def test_liger_and_compile_together_give_the_plain_loss_and_gradients(golden_dir, mixed_samples):
+    _, items, pad = mixed_samples
+    batch = DataCollator(pad, packing=True)(items)
+    model = lora_model(golden_dir, "cuda")
+    reference = loss_and_grads(model, batch, "cuda", autocast=True)
+    apply_liger_kernels(model)
+    compile_decoder_layers(model)
+    fast = loss_and_grads(model, batch, "cuda", autocast=True)
+    assert_same(reference, fast, loss_rtol=1e-2, grad_rtol=2e-2)
+
+
+def test_liger_without_the_package_is_a_clear_error(golden_dir, monkeypatch):
+    monkeypatch.setattr("finetune.model.kernels.liger_available", lambda: False)
+    model = AutoModel.from_pretrained(golden_dir)
+    with pytest.raises(ImportError, match="pip install liger-kernel"):
+        apply_liger_kernels(model)
