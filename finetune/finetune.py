@@ -462,6 +462,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def innermost_optimizer_name(optimizer) -> str:
+    """The class that really updates the weights, under accelerate's and DeepSpeed's wrappers, with its state
+    precision where bitsandbytes says it (e.g. "bitsandbytes.optim.adamw.AdamW 8-bit")."""
+    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    bits = getattr(getattr(optimizer, "args", None), "optim_bits", None)
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__}" + (f" {bits}-bit" if bits else "")
+
+
 def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
     """One JSON per rank saying how this process really trained (tests assert on it, not on exit codes)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -472,6 +481,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "distributed_type": str(state.distributed_type),
         "backend": getattr(state, "backend", None),
         "wrapper": type(trainer.model_wrapped).__name__,
+        "optimizer": innermost_optimizer_name(trainer.optimizer),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
     }

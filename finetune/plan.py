@@ -49,6 +49,7 @@ DS_CONFIGS = {
     (3, False): HERE / "ds_config_zero3.json",
     (3, True): HERE / "ds_config_zero3_offload.json",
 }
+ZERO3_LEAN_CONFIG = HERE / "ds_config_zero3_lean.json"  # no optimizer of its own: the Trainer's --optim, wrapped
 LOSS_CHUNK = 2048  # finetune.py's --loss_chunk_size default (label_position_loss's chunk)
 SMALL_LOSS_CHUNK = 512  # the memory lever: 1.8 GiB less at 2048 labels; same FLOPs, four lm_head calls instead of one
 OPTIM_8BIT = "adamw_bnb_8bit"  # transformers' name for bitsandbytes' AdamW with 8-bit states
@@ -78,6 +79,7 @@ class Constants:
     vision_nogc_bytes_per_view: float = 1.4e9  # tuned vision tower, not checkpointed: analytical, NOT measured
     ds_bucket_elements: float = 2e8  # reduce_bucket_size of ds_config_zero2.json
     zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each); the two
+    zero3_lean_live_gib: float = 1.0  # the same with ds_config_zero3_lean.json (max live / reuse 2e8 parameters)
     # ZeRO-3 rows measured (2 x H200, bench/plan_validation.md) come out +3.7% / +4.3% with it
     overhead_gib: float = 0.32  # buffers (rotary, resampler tables; 0.07 GiB) + workspaces
 
@@ -142,7 +144,8 @@ class Setup:
     # leave the resampler / vision copies in bf16 (bench_train.py without --fp32-trainable, bench_qlora.py) do not.
     fp32_trainable: bool = True
     loss_chunk: int = LOSS_CHUNK  # finetune.py --loss_chunk_size
-    optim_8bit: bool = False  # --optim adamw_bnb_8bit (without DeepSpeed: DeepSpeed brings its own optimizer)
+    optim_8bit: bool = False  # --optim adamw_bnb_8bit (without DeepSpeed, or with ds_config_zero3_lean.json)
+    lean: bool = False  # ZeRO-3 with ds_config_zero3_lean.json: ~one layer's parameters live, the Trainer's optimizer
 
 
 def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
@@ -166,16 +169,16 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
         if setup.gpus > 1:  # DDP's gradient buckets: a second copy of every trainable gradient (measured +2.09 GiB)
             states += lora * 4 + full * (4 if setup.fp32_trainable else 2)
     else:
-        if setup.zero_stage == 3:  # the modules_to_save copies, bf16 under DeepSpeed; at stages 1 / 2 the frozen
-            weights += full * 2  # originals are released (the copies take their place), not under ZeRO-3
-        # fp32 master + Adam m, v + the bf16 gradient partition; the fp32 copy of the gradients exists only inside
-        # the optimizer step, when the activations are gone (measured: ZeRO-2 1 and 2 GPUs, ZeRO-3 2 GPUs, +3..5%).
-        sharded = trainable * (4 + 8 + 2)
+        # The modules_to_save copies take the frozen originals' place (release_frozen_originals), ZeRO-3 included.
+        # fp32 master + Adam m, v (8-bit: 2 bytes, the Trainer's bitsandbytes optimizer wrapped by DeepSpeed under
+        # ds_config_zero3_lean.json) + the bf16 gradient partition; the fp32 copy of the gradients exists only
+        # inside the optimizer step, when the activations are gone (measured: ZeRO-2 1 and 2 GPUs, ZeRO-3 2 GPUs).
+        sharded = trainable * (4 + (2 if setup.optim_8bit else 8) + 2)
         if setup.offload:  # master, states and the gradient partition live in CPU memory (measured 18.05 GiB)
             sharded = 0
         states = lora * 2 + sharded / n + min(constants.ds_bucket_elements, trainable) * 2 * 2
     if setup.zero_stage == 3:
-        weights = weights / n + constants.zero3_live_gib * GiB
+        weights = weights / n + (constants.zero3_lean_live_gib if setup.lean else constants.zero3_live_gib) * GiB
         if setup.offload:  # offload_param as well in ds_config_zero3_offload.json
             weights = constants.zero3_live_gib * GiB
     tokens = setup.micro_batch * setup.tokens_per_sample
@@ -217,7 +220,7 @@ class Plan:
     def flags(self) -> list[str]:
         assert self.fits and self.setup is not None
         s = self.setup
-        deepspeed = str(DS_CONFIGS[(s.zero_stage, s.offload)]) if s.zero_stage else ""
+        deepspeed = str(ZERO3_LEAN_CONFIG if s.lean else DS_CONFIGS[(s.zero_stage, s.offload)]) if s.zero_stage else ""
         flags = [
             "--deepspeed", deepspeed,
             "--per_device_train_batch_size", str(s.micro_batch),
@@ -239,7 +242,7 @@ class Plan:
         if not self.fits:
             return self.message
         s = self.setup
-        stage = f"ZeRO-{s.zero_stage}" if s.zero_stage else "none (plain Trainer)"
+        stage = f"ZeRO-{s.zero_stage}" + (" (lean: ds_config_zero3_lean.json)" if s.lean else "") if s.zero_stage else "none (plain Trainer)"
         lines = [
             f"plan for {s.gpus} GPU(s) x {self.gpu_mem:g} GiB{' (QLoRA NF4)' if s.q_lora else ''}:",
             f"  deepspeed:               {stage}{' + CPU offload' if s.offload else ''}",
@@ -266,19 +269,21 @@ class Candidate:
     gradient_checkpointing: bool
     loss_chunk: int = LOSS_CHUNK
     optim_8bit: bool = False
+    lean: bool = False
 
 
 def candidates(gpus: int, q_lora: bool) -> list[Candidate]:
     """Memory levers in the order they cost speed, fastest first (measured on H200, 2048-token text rows, upstream
     recipe, tokens/s per GPU: bench/README.md): checkpointing; a smaller loss chunk; 8-bit optimizer states
     (plain Trainer / DDP; 4026 vs 4207 with fp32 AdamW states in one run, 3411 in another); ZeRO-2 with CPU
-    offload (1957); ZeRO-3 (777: it gathers every layer's weights again in the checkpointed backward); ZeRO-3
-    with parameter offload as the last resort."""
+    offload (1957); ZeRO-3 (777: it gathers every layer's weights again in the checkpointed backward), in its lean
+    form with 8-bit AdamW states (ds_config_zero3_lean.json: 2.6 GiB less per GPU than ds_config_zero3.json, the
+    same speed in one call); ZeRO-3 with parameter offload as the last resort."""
     base = 0 if gpus == 1 else 2
     out = [Candidate(base, False, False), Candidate(base, False, True), Candidate(base, False, True, SMALL_LOSS_CHUNK),
            Candidate(0, False, True, SMALL_LOSS_CHUNK, optim_8bit=True), Candidate(2, True, True, SMALL_LOSS_CHUNK)]  # fmt: skip
     if gpus > 1 and not q_lora:
-        out.append(Candidate(3, False, True, SMALL_LOSS_CHUNK))
+        out.append(Candidate(3, False, True, SMALL_LOSS_CHUNK, optim_8bit=True, lean=True))
     if not q_lora:
         out.append(Candidate(3, True, True, SMALL_LOSS_CHUNK))
     return out
@@ -312,7 +317,7 @@ def make_plan(
                     continue
                 setup = Setup(gpus, candidate.zero_stage, candidate.offload, candidate.gradient_checkpointing, micro,
                               model_max_length, views, q_lora, tune_vision, lora_r, loss_chunk=candidate.loss_chunk,
-                              optim_8bit=candidate.optim_8bit)  # fmt: skip
+                              optim_8bit=candidate.optim_8bit, lean=candidate.lean)  # fmt: skip
                 predicted = predict(setup, constants)
                 if predicted["total"] <= budget:
                     best = (setup, predicted)
@@ -422,7 +427,8 @@ def trainer_bench_setup(data: dict) -> tuple[str, Setup, float, str]:
         note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
     setup = Setup(world, stage, "offload" in ds, bool(data.get("gradient_checkpointing", True)), 1, tokens, views,
                   bool(data.get("q_lora", False)), bool(data.get("tune_vision", True)),
-                  loss_chunk=int(data.get("loss_chunk_size", LOSS_CHUNK)), optim_8bit="8bit" in str(data.get("optim", "")))  # fmt: skip
+                  loss_chunk=int(data.get("loss_chunk_size", LOSS_CHUNK)), optim_8bit="8bit" in str(data.get("optim", "")),
+                  lean=stage == 3 and "lean" in ds)  # fmt: skip
     name = data.get("name") or f"{world} GPU ZeRO-{stage} Trainer"
     return (f"{name} ({world} GPU{'s' if world > 1 else ''}, {'ZeRO-%d' % stage if stage else 'no DeepSpeed'})", setup,
             max(data["peak_allocated_gib_per_rank"]), note)  # fmt: skip
