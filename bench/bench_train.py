@@ -21,6 +21,10 @@ Modes:
             (finetune.model.modeling.label_position_loss); packing (one row) where the batch has >1 sample;
             gradient checkpointing; sdpa.
   suite_nogc the suite path with gradient checkpointing OFF ("speed mode" lever).
+  suite_fast, suite_nogc_fast
+            the same two with the fast kernels of --fast-kernels (finetune.model.kernels): "liger" (liger-kernel's
+            RMSNorm / SwiGLU / RoPE + fused linear cross-entropy), "compile" (torch.compile of each decoder layer),
+            or both ("liger,compile", the default).
 
 Workloads:
   text  one 2048-token row of random ids (batch 1), every position a label.
@@ -61,14 +65,14 @@ class Row:
     name: str
     workload: str  # text | mm
     recipe: str  # upstream (LoRA + resampler + vision tower) | lora (LoRA + resampler; vision frozen)
-    mode: str  # baseline | suite | suite_nogc
+    mode: str  # baseline | suite | suite_nogc | suite_fast | suite_nogc_fast
 
 
 ROWS = [
     Row(f"{w}_{r}_{m}", w, r, m)
     for w in ("text", "mm")
     for r in ("upstream", "lora")
-    for m in ("baseline", "suite", "suite_nogc")
+    for m in ("baseline", "suite", "suite_nogc", "suite_fast", "suite_nogc_fast")
 ]
 ROW_BY_NAME = {row.name: row for row in ROWS}
 DEFAULT_ROWS = [
@@ -237,7 +241,7 @@ def build_model(row: Row, args, device):
     else:
         model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
-    gc_on = row.mode != "suite_nogc"
+    gc_on = "nogc" not in row.mode
     training_args = SimpleNamespace(tune_llm=False, tune_vision=row.recipe == "upstream", use_lora=True, tune_embeddings=False, gradient_checkpointing=gc_on)
     lora_args = SimpleNamespace(lora_r=64, lora_alpha=64, lora_dropout=0.05, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)
     model = configure_trainable(model, training_args, lora_args)
@@ -247,6 +251,14 @@ def build_model(row: Row, args, device):
                 p.data = p.data.float()
     if gc_on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if row.mode.endswith("_fast"):
+        from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers
+
+        kernels = args.fast_kernels.split(",")
+        if "liger" in kernels:
+            apply_liger_kernels(model)
+        if "compile" in kernels:
+            compile_decoder_layers(model)
     model.train()
     return model
 
@@ -326,6 +338,42 @@ def mm_batches(row: Row, args, env):
     return infinite(loader)
 
 
+def train_step(model, batch, label_tokens: int, optimizer, params, autocast, baseline: bool, device) -> torch.Tensor:
+    """One optimizer step as the Trainer takes it without DeepSpeed; returns the loss (synchronised)."""
+    inputs = to_device(batch, device)
+    kwargs = {"data": inputs["data"], "labels": inputs["labels"], "num_items_in_batch": torch.tensor(label_tokens, device=device)}
+    if "attention_mask" in inputs:
+        kwargs["attention_mask"] = inputs["attention_mask"]
+    if baseline:
+        kwargs["return_logits"] = True
+    with autocast:
+        loss = model(**kwargs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss
+
+
+def profile_steps(row: Row, args, model, batches, optimizer, params, autocast, baseline: bool, device, steps: int = 2) -> None:
+    """torch.profiler over `steps` more steps (after the timed ones, so timing is unaffected): the kernels by
+    self device time, written to PROFILE_DIR/<row>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            batch = next(batches)
+            train_step(model, batch, batch_stats(batch)[1], optimizer, params, autocast, baseline, device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(args.profile_dir, exist_ok=True)
+    with open(os.path.join(args.profile_dir, f"{row.name}.txt"), "w") as handle:
+        handle.write(f"{row.name}: {steps} steps after the timed ones, by {sort}\n")
+        handle.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
+
+
 def run_row(row: Row, args, env) -> dict:
     device = env["device"]
     cuda = device.type == "cuda"
@@ -351,20 +399,7 @@ def run_row(row: Row, args, env) -> dict:
         batch = next(batches)
         t1 = time.perf_counter()
         lengths, label_tokens, patches, nsamples = batch_stats(batch)
-        inputs = to_device(batch, device)
-        kwargs = {"data": inputs["data"], "labels": inputs["labels"], "num_items_in_batch": torch.tensor(label_tokens, device=device)}
-        if "attention_mask" in inputs:
-            kwargs["attention_mask"] = inputs["attention_mask"]
-        if baseline:
-            kwargs["return_logits"] = True
-        with autocast:
-            loss = model(**kwargs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        loss = train_step(model, batch, label_tokens, optimizer, params, autocast, baseline, device)
         t2 = time.perf_counter()
         losses.append(float(loss))
         if step >= args.warmup:
@@ -373,13 +408,16 @@ def run_row(row: Row, args, env) -> dict:
             tokens += sum(lengths)
             samples += nsamples
             flops += flops_of_batch(shapes, lengths, label_tokens, patches, row.recipe == "upstream")
+    if args.profile_dir:
+        profile_steps(row, args, model, batches, optimizer, params, autocast, baseline, device)
     total = sum(times)
     result = {
         "row": row.name,
         "workload": row.workload,
         "recipe": row.recipe,
         "mode": row.mode,
-        "gradient_checkpointing": row.mode != "suite_nogc",
+        "gradient_checkpointing": "nogc" not in row.mode,
+        "fast_kernels": args.fast_kernels if row.mode.endswith("_fast") else None,
         "packing": row.mode != "baseline" and row.workload == "mm",
         "steps_timed": args.steps,
         "warmup": args.warmup,
@@ -428,7 +466,7 @@ def ratios(results: list[dict]) -> list[str]:
     for w in ("text", "mm"):
         for recipe in ("upstream", "lora"):
             base = by.get(f"{w}_{recipe}_baseline")
-            for mode in ("suite", "suite_nogc"):
+            for mode in ("suite", "suite_nogc", "suite_fast", "suite_nogc_fast"):
                 other = by.get(f"{w}_{recipe}_{mode}")
                 if base and other:
                     out.append(f"{w}/{recipe}: {mode} vs baseline tokens/s = {other['tokens_per_s'] / base['tokens_per_s']:.2f}x")
@@ -447,6 +485,8 @@ def main() -> None:
     parser.add_argument("--mm-dir", default=None, help="where the synthetic multimodal set is written (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=6, help="DataLoader workers for the multimodal rows")
     parser.add_argument("--fp32-trainable", action="store_true", help="upcast every trainable parameter to fp32")
+    parser.add_argument("--fast-kernels", default="liger,compile", help="what the *_fast rows use: liger, compile, or both")
+    parser.add_argument("--profile-dir", default=None, help="profile 2 extra steps per row; kernel tables written here")
     parser.add_argument("--tiny", action="store_true", help="tiny architecture (smoke test; CPU works)")
     parser.add_argument("--json", default=None, help="write the results (and environment) here")
     parser.add_argument("--markdown", default=None, help="write the printed table here too")

@@ -8,9 +8,14 @@
 #   OUT=$OUT bash bench/device_suite.sh 3   # ZeRO-2 scaling 1 -> 2 GPUs (multimodal, text), speed mode, QLoRA defaults
 #   OUT=$OUT bash bench/device_suite.sh 4   # text scaling: ZeRO-2 with all-reduce buckets, DDP + 8-bit AdamW
 #   OUT=$OUT bash bench/device_suite.sh 5   # the same ZeRO-2 text scaling with 12 timed steps
+#   OUT=$OUT bash bench/device_suite.sh 6   # fast kernels (liger, compile) on text rows | multimodal rows; fast-path numerics tests
+#   OUT=$OUT bash bench/device_suite.sh 7   # ZeRO-3 memory levers on 2 GPUs (originals dropped, fewer live parameters, 8-bit AdamW)
+#   OUT=$OUT bash bench/device_suite.sh 8   # compiled layers alone (part 6: liger slows every row), bench loop and finetune.py; ZeRO-3 LoRA-only squeeze
+#   OUT=$OUT bash bench/device_suite.sh 9   # finetune.py --compile_layers (now dynamic shapes from the start): text, and multimodal with checkpointing
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
-# Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried. Results:
+# Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
+# .whl_fast/ (liger-kernel, and pytest for the GPU tests). Results:
 # $OUT/results.jsonl (one trainer_bench.py report per line, "name" added), $OUT/bench_train.json (part 2),
 # $OUT/logs.txt (every run's log, tqdm removed), $OUT/env.txt, $OUT/table.md (bench/summarize.py).
 # TINY=1 SKIP_WHL=1: CPU smoke test of the plumbing.
@@ -26,7 +31,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the lender's rule
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions   # DeepSpeedCPUAdam's JIT build (offload rows)
 if [ -z "${SKIP_WHL:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl_qlora/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl_qlora/*.whl \
+        $(ls .whl_fast/*.whl 2>/dev/null) || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 fi
 LIMIT=${LIMIT:-570}   # seconds this part may take in all
@@ -34,11 +40,51 @@ TINY_FLAG=""; [ -n "${TINY:-}" ] && TINY_FLAG="--tiny"
 { date -u; nvidia-smi -L 2>/dev/null; python3 -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
   python3 -c 'import deepspeed, bitsandbytes; print("deepspeed", deepspeed.__version__, "bitsandbytes", bitsandbytes.__version__)'; } >> "$OUT/env.txt" 2>&1
 
+# bench_train.py NAME ARGS...: one bench_train.py invocation; its rows appended to bench_rows.jsonl, its kernel
+# profiles (--profile-dir /tmp/profile_NAME) to profiles.txt
+bench_train() {
+    local name=$1; shift
+    timeout $((LIMIT - SECONDS)) python3 bench/bench_train.py $TINY_FLAG --json /tmp/bt_$name.json "$@" > /tmp/bt_$name.log 2>&1
+    echo "bench_train $name: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+    { echo "===== bench_train $name: $*"; grep -v -E '^\s*[0-9]+%\|' /tmp/bt_$name.log | tail -n 30; } >> "$OUT/logs.txt"
+    [ -f /tmp/bt_$name.json ] && python3 -c "
+import json; d = json.load(open('/tmp/bt_$name.json'))
+for r in d['results']: print(json.dumps(dict(r, invocation='$name', date=d['date'], device=d['device'], versions=d['versions'])))" >> "$OUT/bench_rows.jsonl"
+    [ -d /tmp/profile_$name ] && cat /tmp/profile_$name/*.txt >> "$OUT/profiles.txt"
+}
+
+if [ "$PART" = 9 ]; then CKPT_GPU=1; fi
+if [ "$PART" = 8 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        bench_train text_compile2 --steps 8 --warmup 3 --fast-kernels compile \
+            --config text_lora_baseline,text_lora_suite,text_lora_suite_fast,text_lora_suite_nogc_fast,text_upstream_baseline,text_upstream_suite_nogc_fast
+        bench_train mm_compile --steps 8 --warmup 6 --mm-dir /tmp/mm_gpu0 --fast-kernels compile --config mm_upstream_suite,mm_upstream_suite_fast,mm_upstream_suite_nogc_fast
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=1
+fi
+if [ "$PART" = 6 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        BT="--steps 8 --warmup 3"
+        bench_train text_plain $BT --config text_lora_baseline,text_lora_suite_nogc,text_upstream_baseline,text_upstream_suite_nogc --profile-dir /tmp/profile_text_plain
+        bench_train text_liger $BT --fast-kernels liger --config text_lora_suite_nogc_fast,text_lora_suite_fast
+        bench_train text_compile $BT --fast-kernels compile --config text_lora_suite_nogc_fast
+        bench_train text_both $BT --fast-kernels liger,compile --config text_lora_suite_nogc_fast,text_upstream_suite_nogc_fast,text_lora_suite_fast --profile-dir /tmp/profile_text_both
+        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=1
+fi
+
 # --- set-up (skipped when a warm machine still has it) -----------------------------------------------------------
 if [ ! -f /tmp/ckpt/config.json ] || [ ! -f /tmp/data/text/train.json ]; then
     # DeepSpeedCPUAdam (offload rows) is JIT-compiled on first use: build it now, beside the set-up.
     [ "$PART" = 1 ] && [ -z "${TINY:-}" ] && { python3 -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' > /tmp/cpu_adam_build.log 2>&1 & }
-    CUDA_VISIBLE_DEVICES=0 python3 bench/make_checkpoint.py /tmp/ckpt $TINY_FLAG >> "$OUT/env.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=${CKPT_GPU:-0} python3 bench/make_checkpoint.py /tmp/ckpt $TINY_FLAG >> "$OUT/env.txt" 2>&1 &
     CHECKPOINT_PID=$!
     python3 bench/make_datasets.py /tmp/data $TINY_FLAG >> "$OUT/env.txt" 2>&1
     wait $CHECKPOINT_PID
@@ -59,7 +105,7 @@ trainer() {
     if [ "$limit" -lt 45 ]; then echo "$name: skipped (${limit}s left)" >> "$OUT/env.txt"; return; fi
     local nproc; nproc=$(echo "$gpus" | tr ',' '\n' | wc -l)
     PORT=$((PORT + 1))
-    CUDA_VISIBLE_DEVICES=$gpus BENCH_WARMUP=2 BENCH_TRAINER_JSON=/tmp/$name.json timeout "$limit" \
+    CUDA_VISIBLE_DEVICES=$gpus BENCH_WARMUP=${WARMUP:-2} BENCH_TRAINER_JSON=/tmp/$name.json timeout "$limit" \
         torchrun --nproc_per_node "$nproc" --master_port $PORT bench/trainer_bench.py "$@" --output_dir /tmp/out_$name > /tmp/$name.log 2>&1
     local rc=$?
     echo "$name: rc=$rc at ${SECONDS}s" >> "$OUT/env.txt"
@@ -146,6 +192,65 @@ PY
 5)  # ZeRO-2 text scaling once more with 12 timed steps instead of 5 (parts 3 and 4 disagreed: 1.39x / 1.90x)
     trainer t1_upstream_z2_long 0 80 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 14
     trainer t2_upstream_z2_long 0,1 90 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 14
+    ;;
+6)  # GPU1 (GPU0 runs the text rows and the tests, started above): multimodal rows, then the flags through finetune.py
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        bench_train mm_plain --steps 8 --warmup 2 --mm-dir /tmp/data/mm --config mm_upstream_baseline,mm_upstream_suite,mm_upstream_suite_nogc --profile-dir /tmp/profile_mm_plain
+        bench_train mm_both --steps 8 --warmup 4 --mm-dir /tmp/data/mm --fast-kernels liger,compile --config mm_upstream_suite_fast,mm_upstream_suite_nogc_fast
+        PORT=6500
+        trainer s1_lora_nogc_fast 1 150 $TEXT $LORA_ONLY --gradient_checkpointing false --use_liger_kernel true --compile_layers true
+    )
+    wait $SPEED_PID
+    ;;
+7)  # ZeRO-3 on 2 GPUs: PEFT's frozen originals now dropped (all rows); fewer live parameters; 8-bit AdamW states
+    python3 - <<'PY'
+import json
+config = json.load(open("finetune/ds_config_zero3.json"))
+zero = config["zero_optimization"]
+zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = 2e8  # about one decoder layer (218 M)
+json.dump(config, open("/tmp/ds_config_zero3_lean.json", "w"), indent=1)
+del config["optimizer"]  # the Trainer's --optim, wrapped by DeepSpeed
+json.dump(config, open("/tmp/ds_config_zero3_lean_clientopt.json", "w"), indent=1)
+PY
+    trainer t2_upstream_z3_c512 0,1 130 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero3.json --loss_chunk_size 512
+    trainer t2_upstream_z3lean_8bit_c512 0,1 130 $TEXT $UPSTREAM --deepspeed /tmp/ds_config_zero3_lean_clientopt.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    trainer t2_lora_z3lean_8bit_c512 0,1 130 $TEXT $LORA_ONLY --deepspeed /tmp/ds_config_zero3_lean_clientopt.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    trainer t2_upstream_z3lean_c512 0,1 130 $TEXT $UPSTREAM --deepspeed /tmp/ds_config_zero3_lean.json --loss_chunk_size 512
+    ;;
+8)  # GPU1 (GPU0 runs bench_train.py, started above): the finetune.py flag, 14 steps, the first 5 untimed (compiling
+    # for the first length, then recompiling with dynamic shapes, takes the first steps); then ZeRO-3 LoRA only
+    (
+        export WARMUP=5
+        PORT=6500
+        trainer s1_lora_nogc_compile 1 150 $TEXT $LORA_ONLY --gradient_checkpointing false --compile_layers true --max_steps 14
+        trainer s1_lora_nogc 1 100 $TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14
+        trainer s1_lora_gc_compile 1 150 $TEXT $LORA_ONLY --compile_layers true --max_steps 14
+    )
+    wait $SPEED_PID
+    echo "phase A done at ${SECONDS}s" >> "$OUT/env.txt"
+    python3 - <<'PY'
+import json
+config = json.load(open("finetune/ds_config_zero3.json"))
+del config["optimizer"]
+zero = config["zero_optimization"]
+zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"], zero["stage3_prefetch_bucket_size"] = 1e8, 0, 0
+json.dump(config, open("/tmp/ds_config_zero3_tight_clientopt.json", "w"), indent=1)
+PY
+    trainer t2_lora_z3tight_8bit_c256 0,1 130 $TEXT $LORA_ONLY --deepspeed /tmp/ds_config_zero3_tight_clientopt.json --optim adamw_bnb_8bit --loss_chunk_size 256
+    ;;
+9)  # the finetune.py flag as shipped (dynamic shapes from the first step), 14 steps, the first 5 untimed
+    export WARMUP=5
+    (
+        PORT=6400
+        trainer s1_lora_nogc_compile_dyn 0 120 $TEXT $LORA_ONLY --gradient_checkpointing false --compile_layers true --max_steps 14
+        trainer m1_upstream_gc 0 120 $MM $UPSTREAM --max_steps 14
+    ) &
+    (
+        PORT=6500
+        trainer m1_upstream_gc_compile 1 200 $MM $UPSTREAM --compile_layers true --max_steps 14
+    )
+    wait
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

@@ -3,7 +3,7 @@
     python3 bench/summarize.py bench/results/h200x2_2026-11-29_suite/part2/results.jsonl [more.jsonl ...]
 
 Reads the JSON lines device_suite.sh collects (trainer_bench.py's report plus its run name). Columns: GPUs,
-DeepSpeed stage, optimizer, loss chunk, tokens/s (all GPUs), samples/s, MFU (bench_train.flops_of_batch over
+DeepSpeed stage, optimizer, loss chunk, checkpointing and fast kernels, tokens/s (all GPUs), samples/s, MFU (bench_train.flops_of_batch over
 step time and the datasheet peak), peak allocated / reserved GiB (worst rank), and the fractions of step time
 spent waiting for data and in the optimizer step.
 """
@@ -15,6 +15,16 @@ import sys
 from pathlib import Path
 
 
+def kernels(report: dict) -> str:
+    """Checkpointing and the fast paths the model had (older reports lack the kernel fields)."""
+    parts = ["GC" if report.get("gradient_checkpointing", True) else "no GC"]
+    if report.get("liger_rms_norm"):
+        parts.append("liger" + (" + fused CE" if report.get("loss_kernel") == "liger" else ""))
+    if report.get("compiled_layers"):
+        parts.append("compiled layers")
+    return ", ".join(parts)
+
+
 def describe(report: dict) -> list[str]:
     ds = str(report.get("deepspeed") or "")
     stage = ("ZeRO-3" if "zero3" in ds else "ZeRO-2" if "zero2" in ds else "-") + (" offload" if "offload" in ds else "")
@@ -24,6 +34,7 @@ def describe(report: dict) -> list[str]:
         stage,
         report.get("optim", "?").replace("adamw_bnb_8bit", "8-bit AdamW").replace("adamw_torch_fused", "AdamW"),
         str(report.get("loss_chunk_size", "?")),
+        kernels(report),
         f"{report['tokens_per_s']:.0f}",
         f"{report['samples_per_s']:.2f}",
         f"{100 * report['mfu']:.1f}%",
@@ -35,7 +46,7 @@ def describe(report: dict) -> list[str]:
 
 
 def table(reports: list[dict]) -> str:
-    head = ["run", "GPUs", "DeepSpeed", "optimizer", "loss chunk", "tokens/s", "samples/s", "MFU",
+    head = ["run", "GPUs", "DeepSpeed", "optimizer", "loss chunk", "checkpointing, kernels", "tokens/s", "samples/s", "MFU",
             "peak alloc GiB", "peak reserved GiB", "data wait", "optimizer"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(describe(r)) + " |" for r in reports]

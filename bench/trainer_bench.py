@@ -126,6 +126,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         # From the last backward of a step to its end: gradient clipping, optimizer step, scheduler, zero_grad.
         optimizer = [ends[k] - self._bench_ends[(k + 1) * accum - 1] for k in range(steps)]
         ds = getattr(self.args, "deepspeed", None)
+        native = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         report = {
             "world_size": world,
             "deepspeed": ds,
@@ -151,6 +152,10 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "data_wait_s": data_wait,
             "optimizer_s": optimizer,
             "tune_vision": self._bench_vision,
+            # The fast paths as the model has them (finetune.model.kernels), not as the flags asked.
+            "loss_kernel": getattr(native, "loss_kernel", None),
+            "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
+            "compiled_layers": sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in native.llm.model.layers),
         }
         print("[bench] " + json.dumps(report), flush=True)
         path = os.environ.get("BENCH_TRAINER_JSON")

@@ -33,7 +33,9 @@ def test_summary_table_has_a_row_per_report():
               "loss_chunk_size": 512, "tokens_per_s": 1555.4, "samples_per_s": 0.76, "mfu": 0.025,
               "peak_allocated_gib_per_rank": [15.0, 15.88], "peak_reserved_gib_per_rank": [20.8, 20.7],
               "data_wait_fraction": 0.004, "optimizer_fraction": 0.008}  # fmt: skip
-    lines = table([report, dict(report, name="other", deepspeed=None)]).splitlines()
-    assert len(lines) == 4
-    assert lines[2] == "| t2_z3 | 2 | ZeRO-3 offload | 8-bit AdamW | 512 | 1555 | 0.76 | 2.5% | 15.88 | 20.80 | 0.4% | 0.8% |"
+    fast = dict(report, name="fast", deepspeed=None, gradient_checkpointing=False, liger_rms_norm=True, loss_kernel="liger", compiled_layers=32)
+    lines = table([report, dict(report, name="other", deepspeed=None), fast]).splitlines()
+    assert len(lines) == 5
+    assert lines[2] == "| t2_z3 | 2 | ZeRO-3 offload | 8-bit AdamW | 512 | GC | 1555 | 0.76 | 2.5% | 15.88 | 20.80 | 0.4% | 0.8% |"
     assert "| other | 2 | - |" in lines[3]
+    assert "| fast | 2 | - | 8-bit AdamW | 512 | no GC, liger + fused CE, compiled layers | 1555 |" in lines[4]
