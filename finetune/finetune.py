@@ -202,9 +202,11 @@ def check_optimizer_choice(training_args: TrainingArguments) -> None:
 
 def resolve_compile_layers(compile_layers: bool | None, cuda: bool, zero3: bool, q_lora: bool, remote_code: bool) -> bool:
     """An explicit --compile_layers wins. By default the decoder layers are compiled on a CUDA GPU, where they
-    were measured to be faster and never to use more memory; not on the CPU (compiling costs more than it
-    saves on tiny runs), and not where it was not measured: ZeRO-3 (its parameter hooks run inside every
-    layer), QLoRA (bitsandbytes' 4-bit layers) or the hub's model code."""
+    were measured to be faster and never to use more memory (one GPU without DeepSpeed; ZeRO-2 and DDP leave the
+    layers' forward alone and are checked to train with them, their speed there was not measured); not on the
+    CPU (compiling costs more than it saves on tiny runs), and not where it would change what runs inside the
+    layers: ZeRO-3 (its parameter hooks fire in every layer), QLoRA (bitsandbytes' 4-bit layers), the hub's
+    model code."""
     if compile_layers is not None:
         return compile_layers
     return cuda and not (zero3 or q_lora or remote_code)
@@ -462,6 +464,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _native_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def innermost_optimizer_name(optimizer) -> str:
     """The class that really updates the weights, under accelerate's and DeepSpeed's wrappers, with its state
     precision where bitsandbytes says it (e.g. "bitsandbytes.optim.adamw.AdamW 8-bit")."""
@@ -482,6 +488,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "backend": getattr(state, "backend", None),
         "wrapper": type(trainer.model_wrapped).__name__,
         "optimizer": innermost_optimizer_name(trainer.optimizer),
+        "compiled_layers": sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in _native_model(trainer.model).llm.model.layers),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
     }

@@ -323,29 +323,33 @@ def read_reports(report: Path, ranks: int) -> list[dict]:
     return [json.loads(p.read_text()) for p in found]
 
 
+TORCH_ADAMW = "torch.optim.adamw.AdamW"
+
+
 @pytest.mark.parametrize(
-    ("deepspeed", "wrapper", "optim", "optimizer"),
-    [(None, "DistributedDataParallel", None, "torch.optim.adamw.AdamW"), ("ds_config_zero2.json", "DeepSpeedEngine", None, "torch.optim.adamw.AdamW"),
-     ("ds_config_zero3.json", "DeepSpeedEngine", None, "torch.optim.adamw.AdamW"),
+    ("deepspeed", "wrapper", "extra", "optimizer", "compiled"),
+    [(None, "DistributedDataParallel", [], TORCH_ADAMW, 0),
+     # compiled decoder layers are on by default on CUDA, under ZeRO-2 too: they must train there
+     ("ds_config_zero2.json", "DeepSpeedEngine", ["--compile_layers", "true"], TORCH_ADAMW, 2),
+     ("ds_config_zero3.json", "DeepSpeedEngine", [], TORCH_ADAMW, 0),
      # the lean config names no optimizer: DeepSpeed partitions and steps the Trainer's 8-bit one
-     pytest.param("ds_config_zero3_lean.json", "DeepSpeedEngine", "adamw_bnb_8bit", "bitsandbytes.optim.adamw.AdamW 8-bit",
+     pytest.param("ds_config_zero3_lean.json", "DeepSpeedEngine", ["--optim", "adamw_bnb_8bit"], "bitsandbytes.optim.adamw.AdamW 8-bit", 0,
                   marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"))],
 )  # fmt: skip
-def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_path, deepspeed, wrapper, optim, optimizer):
+def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_path, deepspeed, wrapper, extra, optimizer, compiled):
     out, report = tmp_path / "out", tmp_path / "report"
     # A loss chunk of 4 label positions: the ranks' samples have different label counts, so different numbers
     # of lm_head calls unless the model keeps them in step (ZeRO-3 gathers per call).
-    args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4")
+    args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4", *extra)
     if deepspeed:
         args += ["--deepspeed", str(ROOT / "finetune" / deepspeed)]
-    if optim:
-        args += ["--optim", optim]
     command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
     result = subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in read_reports(report, 2):
         assert rank["wrapper"] == wrapper and rank["num_processes"] == 2 and rank["global_step"] == 3
         assert rank["optimizer"] == optimizer
+        assert rank["compiled_layers"] == compiled  # of the tiny model's two decoder layers
     assert (out / "adapter_model.safetensors").is_file()
     # ZeRO-3 gathers the partitioned weights for saving: the adapter must hold real tensors, not empty shards.
     saved = load_file(out / "adapter_model.safetensors")
