@@ -4,6 +4,10 @@
 # environment; any extra arguments are passed on to finetune.py (e.g. `sh finetune_lora.sh --max_steps 100`).
 # Out of memory? `AUTO=1` picks settings for your cards (python -m finetune.plan). One 24 GB card, vision tower
 # trained: DS_CONFIG="" ... --optim adamw_bnb_8bit --loss_chunk_size 512 (20.5 GiB measured at 2048 tokens).
+# Several GPUs, least memory each: DS_CONFIG=<this folder>/ds_config_zero3_lean.json ... --optim adamw_bnb_8bit (12.8 GiB
+# on each of 2). With liger-kernel installed, --use_liger_kernel true saves memory too (2.6-5.6 GiB on one GPU,
+# LoRA only) and was slower on an H200.
+# On CUDA the LLM's decoder layers are compiled (about a minute at start); --compile_layers false skips that.
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
