@@ -28,6 +28,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
+from finetune.model.kernels import compiled_layer_count, native_model  # noqa: E402
 
 
 def _now() -> float:
@@ -126,7 +127,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         # From the last backward of a step to its end: gradient clipping, optimizer step, scheduler, zero_grad.
         optimizer = [ends[k] - self._bench_ends[(k + 1) * accum - 1] for k in range(steps)]
         ds = getattr(self.args, "deepspeed", None)
-        native = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        native = native_model(self.model)
         report = {
             "world_size": world,
             "deepspeed": ds,
@@ -155,7 +156,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             # The fast paths as the model has them (finetune.model.kernels), not as the flags asked.
             "loss_kernel": getattr(native, "loss_kernel", None),
             "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
-            "compiled_layers": sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in native.llm.model.layers),
+            "compiled_layers": compiled_layer_count(native),
         }
         print("[bench] " + json.dumps(report), flush=True)
         path = os.environ.get("BENCH_TRAINER_JSON")

@@ -38,7 +38,7 @@ import finetune  # noqa: F401  (registers the native model with the Auto classes
 from finetune.check_data import ValidationReport, validate_built
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
-from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, liger_available
+from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
 from finetune.model.loading import load_pretrained, looks_like_hub_id
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
@@ -464,10 +464,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _native_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def innermost_optimizer_name(optimizer) -> str:
     """The class that really updates the weights, under accelerate's and DeepSpeed's wrappers, with its state
     precision where bitsandbytes says it (e.g. "bitsandbytes.optim.adamw.AdamW 8-bit")."""
@@ -488,7 +484,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "backend": getattr(state, "backend", None),
         "wrapper": type(trainer.model_wrapped).__name__,
         "optimizer": innermost_optimizer_name(trainer.optimizer),
-        "compiled_layers": sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in _native_model(trainer.model).llm.model.layers),
+        "compiled_layers": compiled_layer_count(trainer.model),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
     }

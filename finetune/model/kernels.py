@@ -19,7 +19,7 @@ import importlib.util
 from torch import nn
 
 
-def _native(model: nn.Module) -> nn.Module:
+def native_model(model: nn.Module) -> nn.Module:
     """The MiniCPMV inside a PeftModel (or the model itself)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "llm"):
@@ -39,7 +39,7 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
         raise ImportError("liger kernels need the liger-kernel package (pip install liger-kernel; CUDA + Triton)")
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-    native = _native(model)
+    native = native_model(model)
     # RoPE is patched in transformers' llama module (a module-level function the attention calls); RMSNorm and
     # the MLP are patched on this instance's modules. The LLM's own loss is not used by our forward.
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm)
@@ -48,7 +48,12 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> int:
     """torch.compile every decoder layer of the LLM in place; returns how many were compiled."""
-    layers = _native(model).llm.model.layers
+    layers = native_model(model).llm.model.layers
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)
+
+
+def compiled_layer_count(model: nn.Module) -> int:
+    """How many of the LLM's decoder layers are compiled (what the model has, whatever the flags said)."""
+    return sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in native_model(model).llm.model.layers)
