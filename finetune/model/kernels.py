@@ -2,14 +2,16 @@
 
 Both change how the same arithmetic is scheduled, not what is computed: tests/test_fast_paths.py checks the
 loss and every gradient against the plain path on one batch (bf16 tolerance). What each one bought on an H200
-is in bench/README.md; neither is on by default unless the measurements there say so.
+is in bench/README.md ("Update 3"): compiled layers were faster and never used more memory (finetune.py turns
+them on by default on CUDA); liger's kernels were slower but saved memory (opt-in).
 
 - `apply_liger_kernels`: Llama's RMSNorm, SwiGLU MLP and rotary embedding become liger-kernel's Triton
   kernels (fewer passes over the activations, less saved for backward), and the label-position loss becomes
   liger's fused linear cross-entropy (logits of a chunk live only inside the kernel, gradients are computed
   in the forward pass, so lm_head is not run again in backward). CUDA only; needs `pip install liger-kernel`.
-- `compile_decoder_layers`: `torch.compile` of each decoder layer (regional compilation: one compiled graph
-  serves all 32 layers; the Python-heavy multimodal glue around them stays eager).
+- `compile_decoder_layers`: `torch.compile` of each decoder layer (regional compilation: inductor fuses the
+  layer's elementwise work around the matrix multiplies; the Python-heavy multimodal glue around the layers,
+  image scattering, packing, the chunked loss, stays eager).
 """
 
 from __future__ import annotations
