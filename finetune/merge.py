@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from finetune import trainer
 from finetune.model.checkpoint import CheckpointError, stored_shapes, validate_checkpoint_dir
 from finetune.model.loading import DTYPES, looks_like_hub_id
 from finetune.trainer import PASSTHROUGH_FILES  # files inference needs beside the weights, copied verbatim
@@ -185,18 +186,13 @@ def prepare_output(out: str | Path, overwrite: bool) -> Path:
 
 
 def copy_passthrough_files(adapter_dir: Path, base_dir: Path, out: Path) -> list[str]:
-    """Tokenizer / preprocessor / generation files, byte for byte; the adapter's copy wins over the base's."""
-    copied = []
-    for name in PASSTHROUGH_FILES:
-        for source in (adapter_dir / name, base_dir / name):
-            if source.is_file():
-                shutil.copyfile(source, out / name)
-                copied.append(name)
-                break
-    missing = {"tokenizer.json", "tokenizer_config.json"} - set(copied)
+    """Tokenizer / preprocessor / generation files, byte for byte; the adapter's copy wins over the base's (it is
+    copied second)."""
+    copied = set(trainer.copy_passthrough_files(base_dir, out)) | set(trainer.copy_passthrough_files(adapter_dir, out))
+    missing = {"tokenizer.json", "tokenizer_config.json"} - copied
     if missing:
         raise MergeError(f"no {', '.join(sorted(missing))} in {adapter_dir} or {base_dir}: the merged model would have no tokenizer")
-    return copied
+    return [name for name in PASSTHROUGH_FILES if name in copied]
 
 
 def _finish(tmp: Path, out: Path) -> None:

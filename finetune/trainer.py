@@ -46,9 +46,12 @@ class MiniCPMVTrainer(Trainer):
             copy_passthrough_files(Path(self.base_model_dir), output_dir)
 
 
-def copy_passthrough_files(model_dir: Path, output_dir: Path) -> None:
-    """The PASSTHROUGH_FILES that `model_dir` has, copied byte for byte into `output_dir`."""
+def copy_passthrough_files(model_dir: Path, output_dir: Path) -> list[str]:
+    """The PASSTHROUGH_FILES that `model_dir` has, copied byte for byte into `output_dir`; returns their names."""
+    copied = []
     for name in PASSTHROUGH_FILES:
         source = model_dir / name
         if source.is_file():
             shutil.copyfile(source, output_dir / name)
+            copied.append(name)
+    return copied
