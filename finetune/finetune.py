@@ -161,7 +161,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
     check_optimizer_choice(training_args)
     training_args.compile_layers = resolve_compile_layers(
-        training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code
+        training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code,
+        training_args.torch_compile,
     )
     check_fast_paths(model_args, training_args)
     if training_args.use_lora:
@@ -200,16 +201,18 @@ def check_optimizer_choice(training_args: TrainingArguments) -> None:
                          "optimizer; drop --optim, or train without DeepSpeed (DS_CONFIG=\"\" in the launchers)")
 
 
-def resolve_compile_layers(compile_layers: bool | None, cuda: bool, zero3: bool, q_lora: bool, remote_code: bool) -> bool:
+def resolve_compile_layers(
+    compile_layers: bool | None, cuda: bool, zero3: bool, q_lora: bool, remote_code: bool, torch_compile: bool = False
+) -> bool:
     """An explicit --compile_layers wins. By default the decoder layers are compiled on a CUDA GPU, where they
     were measured to be faster and never to use more memory (one GPU without DeepSpeed; ZeRO-2 and DDP leave the
     layers' forward alone and are checked to train with them, their speed there was not measured); not on the
     CPU (compiling costs more than it saves on tiny runs), and not where it would change what runs inside the
     layers: ZeRO-3 (its parameter hooks fire in every layer), QLoRA (bitsandbytes' 4-bit layers), the hub's
-    model code."""
+    model code; and not when --torch_compile compiles the whole model instead."""
     if compile_layers is not None:
         return compile_layers
-    return cuda and not (zero3 or q_lora or remote_code)
+    return cuda and not (zero3 or q_lora or remote_code or torch_compile)
 
 
 def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:

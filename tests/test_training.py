@@ -239,8 +239,8 @@ def test_compiled_layers_by_default_only_where_measured():
 
     assert resolve_compile_layers(None, cuda=True, zero3=False, q_lora=False, remote_code=False)
     assert not resolve_compile_layers(None, cuda=False, zero3=False, q_lora=False, remote_code=False)
-    for unmeasured in ({"zero3": True}, {"q_lora": True}, {"remote_code": True}):
-        assert not resolve_compile_layers(None, **{"cuda": True, "zero3": False, "q_lora": False, "remote_code": False, **unmeasured})
+    for excluded in ({"zero3": True}, {"q_lora": True}, {"remote_code": True}, {"torch_compile": True}):
+        assert not resolve_compile_layers(None, **{"cuda": True, "zero3": False, "q_lora": False, "remote_code": False, **excluded})
     assert resolve_compile_layers(True, cuda=False, zero3=True, q_lora=False, remote_code=False)  # asked for: done
     assert not resolve_compile_layers(False, cuda=True, zero3=False, q_lora=False, remote_code=False)
 
