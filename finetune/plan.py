@@ -100,21 +100,19 @@ class Counts:
 @lru_cache(maxsize=None)
 def parameter_counts() -> Counts:
     """Counted on the meta device from the published config (no memory, no weights)."""
-    import re
-
     import torch
 
-    from finetune.finetune import DEFAULT_LORA_TARGETS
+    from finetune.finetune import DEFAULT_LORA_TARGETS, lora_targets
     from finetune.model.builders import build_full_size_random
 
     model = build_full_size_random("meta")
-    regex = re.compile(DEFAULT_LORA_TARGETS)
+    targets = set(lora_targets(model, DEFAULT_LORA_TARGETS))
     decoder = lora = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             if name.startswith("llm.model.layers."):
                 decoder += module.weight.numel()
-            if regex.fullmatch(name):
+            if name in targets:
                 lora += module.in_features + module.out_features
     return Counts(
         total=sum(p.numel() for p in model.parameters()),
