@@ -187,7 +187,9 @@ def infinite(loader):
 
 def model_shapes(model) -> dict:
     """Weight counts the FLOP formula uses, from the config (weight matrices only; norms and biases ignored)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from finetune.model.kernels import native_model
+
+    base = native_model(model)
     c = base.config
     d, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
     head_dim = d // heads

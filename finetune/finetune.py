@@ -326,7 +326,7 @@ def release_frozen_originals(model) -> int:
     freed = 0
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper) and module.original_module is not module.modules_to_save[module.active_adapter]:
-            freed += sum(getattr(p, "ds_numel", p.numel()) for p in module.original_module.parameters())
+            freed += sum(full_size(p) for p in module.original_module.parameters())
             # Re-registered last, so that named_parameters() (which names a shared weight once, by its first
             # path) keeps naming the weights modules_to_save.*: the names PEFT saves and the Trainer groups by.
             del module.original_module
@@ -381,12 +381,14 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
     return applied
 
 
-def count_parameters(model) -> tuple[int, int]:
-    def size(parameter) -> int:  # ZeRO-3 partitions leave numel() == 0; ds_numel is the full size
-        return getattr(parameter, "ds_numel", parameter.numel())
+def full_size(parameter: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter: ZeRO-3 partitions leave numel() == 0, and ds_numel is the full size."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
-    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
-    return trainable, sum(size(p) for p in model.parameters())
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(full_size(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(full_size(p) for p in model.parameters())
 
 
 # --- data --------------------------------------------------------------------------------------------------------
