@@ -32,10 +32,9 @@ import transformers
 from PIL import Image
 from transformers import TextStreamer
 
+from finetune.dataset import IMAGE_MARKER as TRAINING_MARKER  # the marker of the training data (chat() has its own)
 from finetune.model.loading import DTYPES
 from finetune.model.modeling import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
-
-TRAINING_MARKER = "<image>"
 
 
 class ChatError(ValueError):
@@ -270,8 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # keep the terminal for the answers
-    from finetune.model.checkpoint import CheckpointError
-
     try:
         if args.beams > 1 and not args.greedy:
             raise ChatError("--beams > 1 needs --greedy (beam search does not sample)")
@@ -280,7 +277,7 @@ def cli(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.model, args.adapter, args.device, args.dtype)
         chat(model, tokenizer, args.question, args.image, args.history, args.greedy, args.beams, args.repetition_penalty,
              args.max_new_tokens, system_prompt=args.system)  # fmt: skip
-    except (ChatError, CheckpointError, ValueError) as error:
+    except ValueError as error:  # ChatError and CheckpointError included: bad input, one line
         print(f"finetune.chat: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -30,6 +30,7 @@ from typing import Any, Sequence, TextIO
 import transformers
 
 from finetune.chat import ChatError, build_prompt, generation_config, load_image, load_model
+from finetune.model.loading import DTYPES
 
 # --- metrics (pure) ------------------------------------------------------------------------------------------------
 
@@ -156,22 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     return parser
 
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # keep the terminal for the answers
-    from finetune.model.checkpoint import CheckpointError
-
     out = args.out or str(Path(args.adapter or ".") / "predictions.jsonl")
     try:
         if not Path(args.data).is_file():
             raise ChatError(f"--data {args.data}: no such file")
         model, tokenizer = load_model(args.model, args.adapter, args.device, args.dtype)
         summary = evaluate(model, tokenizer, args.data, out, args.max_new_tokens, args.image_folder, args.limit, log=sys.stderr)
-    except (ChatError, CheckpointError, ValueError) as error:
+    except ValueError as error:  # ChatError and CheckpointError included: bad input, one line
         print(f"finetune.evaluate: error: {error}", file=sys.stderr)
         return 2
     print(
