@@ -82,9 +82,22 @@ def test_compiled_decoder_layers_give_the_plain_loss_and_gradients(golden_dir, m
 needs_liger = pytest.mark.skipif(not (CUDA and liger_available()), reason="liger-kernel runs on CUDA (Triton) only")
 
 
+@pytest.fixture
+def llama_module_restored():
+    """liger patches transformers' llama module itself (RoPE function, RMSNorm and MLP classes): every Llama
+    built later in the process would get its Triton kernels, CPU ones included. Undone after each test."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    for name, value in saved.items():
+        if vars(modeling_llama).get(name) is not value:
+            setattr(modeling_llama, name, value)
+
+
 @needs_liger
 @pytest.mark.parametrize("fused_loss", [False, True], ids=["kernels", "kernels+fused_loss"])
-def test_liger_kernels_give_the_plain_loss_and_gradients(golden_dir, mixed_samples, fused_loss):
+def test_liger_kernels_give_the_plain_loss_and_gradients(golden_dir, mixed_samples, fused_loss, llama_module_restored):
     _, items, pad = mixed_samples
     batch = DataCollator(pad, packing=True)(items)
     model = lora_model(golden_dir, "cuda")
@@ -95,7 +108,7 @@ def test_liger_kernels_give_the_plain_loss_and_gradients(golden_dir, mixed_sampl
 
 
 @needs_liger
-def test_liger_and_compile_together_give_the_plain_loss_and_gradients(golden_dir, mixed_samples):
+def test_liger_and_compile_together_give_the_plain_loss_and_gradients(golden_dir, mixed_samples, llama_module_restored):
     _, items, pad = mixed_samples
     batch = DataCollator(pad, packing=True)(items)
     model = lora_model(golden_dir, "cuda")
