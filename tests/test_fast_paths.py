@@ -1,11 +1,12 @@
-"""The fast paths (finetune.model.kernels) compute what the plain path computes: same batch, same weights,
-loss and every trained parameter's gradient compared.
+"""The fast paths (finetune.model.kernels, finetune.model.attention) compute what the plain path computes:
+same batch, same weights, loss and every trained parameter's gradient compared.
 
 The compiled decoder layers are checked on CPU in fp32 (tight tolerance) with gradient checkpointing on, as
 the Trainer runs them. liger-kernel's Triton kernels run on CUDA only: those tests run on the device (bench/
 README.md records the run) and are skipped elsewhere; there the reference is the plain path under the same
 bf16 autocast, and the tolerance is bf16's (a relative error of the gradient's norm, since summation order
-differs between kernels).
+differs between kernels). varlen attention is checked on CPU (its segment-by-segment path) and on CUDA (torch's
+flash kernel over all segments at once), against sdpa's block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator
 from finetune.finetune import DEFAULT_LORA_TARGETS, configure_trainable
+from finetune.model.attention import packed_segments, use_varlen_attention
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, liger_available
 
 CUDA = torch.cuda.is_available()
@@ -47,8 +49,9 @@ def loss_and_grads(model, batch, device: str, autocast: bool) -> tuple[torch.Ten
     data["input_ids"] = data["input_ids"].to(device)
     data["position_ids"] = data["position_ids"].to(device)
     count = (batch["labels"][:, 1:] != -100).sum().to(device)
+    padding = {"attention_mask": batch["attention_mask"].to(device)} if "attention_mask" in batch else {}
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(data=data, labels=batch["labels"].to(device), num_items_in_batch=count).loss
+        loss = model(data=data, labels=batch["labels"].to(device), num_items_in_batch=count, **padding).loss
     loss.backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach().float(), grads
@@ -124,3 +127,76 @@ def test_liger_without_the_package_is_a_clear_error(golden_dir, monkeypatch):
     model = AutoModel.from_pretrained(golden_dir)
     with pytest.raises(ImportError, match="pip install liger-kernel"):
         apply_liger_kernels(model)
+
+
+# --- varlen attention -----------------------------------------------------------------------------------------
+
+
+def test_packed_segments_cut_at_every_position_zero_and_row_start():
+    cu_seq_lens, longest = packed_segments(torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    assert cu_seq_lens.tolist() == [0, 3, 5, 6] and cu_seq_lens.dtype == torch.int32 and longest == 3
+    # Padding mode: two right-padded rows; every padding position (id 0) is a segment of its own.
+    cu_seq_lens, longest = packed_segments(torch.tensor([[0, 1, 2, 0], [0, 1, 0, 0]]))
+    assert cu_seq_lens.tolist() == [0, 3, 4, 6, 7, 8] and longest == 3
+    # A row that does not start at position 0 (a continuation) still starts a segment.
+    assert packed_segments(torch.tensor([[5, 6], [7, 8]]))[0].tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_varlen_attention_gives_the_plain_loss_and_gradients(golden_dir, mixed_samples, packing):
+    _, items, pad = mixed_samples
+    batch = DataCollator(pad, packing=packing)(items)
+    model = lora_model(golden_dir, "cpu")
+    reference = loss_and_grads(model, batch, "cpu", autocast=False)
+    use_varlen_attention(model)
+    assert model.get_base_model().vpm.config._attn_implementation == "sdpa", "the vision tower keeps its attention"
+    varlen = loss_and_grads(model, batch, "cpu", autocast=False)
+    assert_same(reference, varlen, loss_rtol=1e-5, grad_rtol=1e-4)
+
+
+def test_varlen_attention_sees_only_its_own_sample(golden_dir, mixed_samples):
+    """Not the same as attending the whole row: changing the first sample must leave the others' loss alone."""
+    _, items, pad = mixed_samples
+    model = lora_model(golden_dir, "cpu")
+    use_varlen_attention(model)
+    collate = DataCollator(pad, packing=True)
+
+    def last_sample_loss(first_ids):
+        batch = collate([dict(items[0], input_ids=first_ids), *items[1:]])
+        labels = batch["labels"].clone()
+        labels[:, : -len(items[-1]["labels"])] = -100
+        with torch.no_grad():
+            return model(data=batch["data"], labels=labels).loss
+
+    shuffled = items[0]["input_ids"].clone()
+    text = (items[0]["labels"] != -100).nonzero().flatten()
+    shuffled[text] = shuffled[text].flip(0)
+    torch.testing.assert_close(last_sample_loss(shuffled), last_sample_loss(items[0]["input_ids"]), rtol=1e-6, atol=0)
+
+
+def test_varlen_attention_with_compiled_layers(golden_dir, mixed_samples):
+    _, items, pad = mixed_samples
+    batch = DataCollator(pad, packing=True)(items)
+    model = lora_model(golden_dir, "cpu")
+    reference = loss_and_grads(model, batch, "cpu", autocast=False)
+    use_varlen_attention(model)
+    compile_decoder_layers(model, dynamic=True)
+    fast = loss_and_grads(model, batch, "cpu", autocast=False)
+    assert_same(reference, fast, loss_rtol=1e-5, grad_rtol=1e-4)
+
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="the flash kernel's variable-length entry runs on CUDA only")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_varlen_flash_attention_gives_the_plain_loss_and_gradients(golden_dir, mixed_samples, compiled):
+    _, items, pad = mixed_samples
+    batch = DataCollator(pad, packing=True)(items)
+    model = lora_model(golden_dir, "cuda")
+    reference = loss_and_grads(model, batch, "cuda", autocast=True)
+    use_varlen_attention(model)
+    if compiled:
+        compile_decoder_layers(model, dynamic=True)
+    fast = loss_and_grads(model, batch, "cuda", autocast=True)
+    assert_same(reference, fast, loss_rtol=1e-2, grad_rtol=2e-2)

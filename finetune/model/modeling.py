@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
+from .attention import VARLEN, varlen_kwargs
 from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
@@ -241,6 +242,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         position_ids = data.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[0], -1)
+        if self.config._attn_implementation == VARLEN:  # each sample of a packed row attended on its own
+            kwargs.update(varlen_kwargs(position_ids))
         if labels is None or return_logits:
             if labels is not None:
                 kwargs.update(labels=labels, num_items_in_batch=num_items_in_batch)

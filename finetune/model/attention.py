@@ -1,0 +1,163 @@
+"""Per-sample causal attention for packed rows ("varlen" attention) in the LLM.
+
+A packed row holds several samples one after another, position_ids restarting at 0 for each. transformers'
+`sdpa` attends such a row densely under a block-diagonal mask: with k samples of a row it computes about k
+times the attention needed, and an arbitrary mask keeps SDPA off its flash kernel. `varlen` attends each
+sample on its own instead: the row is cut at every position id 0 into segments (cumulative lengths
+`cu_seq_lens`, computed once per forward in `MiniCPMV.forward`), and
+
+- on CUDA in bf16/fp16, one call of the flash-attention kernel that ships with torch (its variable-length
+  entry, `aten._flash_attention_forward` with cumulative lengths) attends all segments, causally, grouped
+  query heads included; no flash-attn package is needed;
+- anywhere else (CPU, fp32), each segment runs through `scaled_dot_product_attention` on its own.
+
+Both are exact: a token sees the tokens of its own sample up to itself, as under the block-diagonal mask.
+In padding mode (packing off) the padding positions (position id 0 each) become one-token segments of their
+own, so real tokens never see them, as under the padding mask. Without `cu_seq_lens` (generation with a KV
+cache) the call is plain `sdpa`, with the mask transformers builds for it.
+
+`tests/test_fast_paths.py` checks loss and gradients against `sdpa` on packed multimodal batches; what it
+bought on an H200 is in bench/README.md ("Update 4").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+VARLEN = "varlen"
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --- segments of a packed row -----------------------------------------------------------------------------
+
+
+def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative segment lengths over the flattened [B, T] rows (int32, [n_segments + 1], starting at 0) and
+    the longest segment. A segment starts at every position id 0 and at every row start."""
+    rows, width = position_ids.shape
+    starts = position_ids.reshape(-1) == 0
+    starts[::width] = True
+    boundaries = torch.cat([starts.nonzero().flatten(), torch.tensor([rows * width], device=position_ids.device)])
+    cu_seq_lens = boundaries.to(torch.int32)
+    return cu_seq_lens, int((boundaries[1:] - boundaries[:-1]).max())
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """The keyword arguments that reach every attention call of the LLM (transformers' flash-attention names)."""
+    cu_seq_lens, longest = packed_segments(position_ids)
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+
+
+# --- the flash kernel's variable-length entry as a custom op (opaque to torch.compile, with its backward) ----
+
+
+@torch.library.custom_op("minicpmv::varlen_flash_attention", mutates_args=())
+def _flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    output, logsumexp, *_ = torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, 0.0, True, False, scale=scale
+    )
+    return output, logsumexp
+
+
+@_flash_forward.register_fake
+def _(query, key, value, cu_seq_lens, max_length, scale):
+    return torch.empty_like(query), query.new_empty((query.shape[1], query.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("minicpmv::varlen_flash_attention_backward", mutates_args=())
+def _flash_backward(
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+    logsumexp: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    unused = torch.empty(0, device=query.device)  # dropout's random state: no dropout here
+    grads = torch.ops.aten._flash_attention_backward(
+        grad_output, query, key, value, output, logsumexp, cu_seq_lens, cu_seq_lens, max_length, max_length,
+        0.0, True, unused, unused, scale=scale,
+    )  # fmt: skip
+    return tuple(grad.contiguous() for grad in grads)
+
+
+@_flash_backward.register_fake
+def _(grad_output, query, key, value, output, logsumexp, cu_seq_lens, max_length, scale):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, cu_seq_lens, max_length, scale = inputs
+    ctx.save_for_backward(query, key, value, output[0], output[1], cu_seq_lens)
+    ctx.max_length, ctx.scale = max_length, scale
+
+
+def _backward(ctx, grad_output, _grad_logsumexp):
+    query, key, value, output, logsumexp, cu_seq_lens = ctx.saved_tensors
+    grads = _flash_backward(grad_output.contiguous(), query, key, value, output, logsumexp, cu_seq_lens, ctx.max_length, ctx.scale)
+    return *grads, None, None, None
+
+
+_flash_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the attention function transformers calls --------------------------------------------------------------
+
+
+def _segment_by_segment(query, key, value, cu_seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """[T, H, D] packed tokens -> each segment attended on its own with SDPA (the path off CUDA / in fp32)."""
+    bounds = cu_seq_lens.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        outputs.append(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query [B, H, T, D], key/value [B, H_kv, T, D] in; the output
+    [B, T, H, D] and no attention weights out."""
+    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError("varlen attention has no dropout (Llama-3's attention dropout is 0)")
+    batch, heads, length, head_dim = query.shape
+    scale = scaling if scaling is not None else head_dim**-0.5
+    # [B, H, T, D] -> [B*T, H, D]: the rows one after another, each token's heads together.
+    query, key, value = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
+    if query.is_cuda and query.dtype in _FLASH_DTYPES and head_dim <= 256:
+        output, _ = _flash_forward(query, key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale)
+    else:
+        output = torch.compiler.disable(_segment_by_segment)(query, key, value, cu_seq_lens_q, scale)
+    return output.reshape(batch, length, heads, head_dim), None
+
+
+def _config(model: nn.Module):
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def use_varlen_attention(model: nn.Module) -> None:
+    """Switch the LLM of a (PEFT-wrapped) native MiniCPMV to varlen attention; the vision tower keeps its own."""
+    config = _config(model)
+    config._attn_implementation = {"": VARLEN, "vision_config": config.vision_config._attn_implementation}
+
+
+def llm_attention(model: nn.Module) -> str | None:
+    """The attention implementation the LLM runs (what the model has, whatever the flags said)."""
+    return _config(model)._attn_implementation
+
+
+# Registered once on import: the attention function, and sdpa's mask builder for the calls without segments.
+AttentionInterface.register(VARLEN, varlen_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, sdpa_mask)
