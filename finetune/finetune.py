@@ -37,6 +37,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
 from finetune.check_data import ValidationReport, validate_built
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
+from finetune.model.attention import VARLEN, llm_attention, use_varlen_attention
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
 from finetune.model.loading import load_pretrained, looks_like_hub_id
@@ -56,7 +57,12 @@ DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_
 class ModelArguments:
     model_name_or_path: str = field(default="openbmb/MiniCPM-Llama3-V-2_5", metadata={"help": "hub id or local checkpoint directory"})
     trust_remote_code: bool = field(default=False, metadata={"help": "use the hub's model code (needs its files) instead of the native class"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2 (when flash-attn is installed)"})
+    # None = decide in resolve_attn_implementation (varlen where measured to pay: bench/README.md, "Update 4").
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "varlen (each sample of a packed row attended on its own; torch's flash kernel on CUDA) | sdpa | eager | "
+                  "flash_attention_2 (when flash-attn is installed); default: varlen on CUDA with the native model, else sdpa"},
+    )
 
 
 @dataclass
@@ -160,6 +166,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if lora_args.q_lora and not torch.cuda.is_available():
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
     check_optimizer_choice(training_args)
+    model_args.attn_implementation = resolve_attn_implementation(model_args.attn_implementation, torch.cuda.is_available(), model_args.trust_remote_code)
     training_args.compile_layers = resolve_compile_layers(
         training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code,
         training_args.torch_compile,
@@ -215,6 +222,18 @@ def resolve_compile_layers(
     return cuda and not (zero3 or q_lora or remote_code or torch_compile)
 
 
+def resolve_attn_implementation(requested: str | None, cuda: bool, remote_code: bool) -> str:
+    """An explicit --attn_implementation wins (varlen only with the native class: the hub's forward does not
+    pass the segments on). By default varlen on a CUDA GPU, where its flash kernel skips the attention between
+    samples of a packed row; sdpa elsewhere (on the CPU varlen attends segment by segment, which only pays on
+    long rows) and with the hub's model code."""
+    if requested == VARLEN and remote_code:
+        raise UsageError("--attn_implementation varlen needs the native model class (drop --trust_remote_code)")
+    if requested is not None:
+        return requested
+    return VARLEN if cuda and not remote_code else "sdpa"
+
+
 def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:
     """--use_liger_kernel / --compile_layers act on the native class's LLM (finetune.model.kernels)."""
     wanted = [flag for flag, on in (("--use_liger_kernel", training_args.use_liger_kernel), ("--compile_layers", training_args.compile_layers)) if on]
@@ -240,7 +259,9 @@ def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:
 
 def load_model_and_tokenizer(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    kwargs = {"dtype": dtype, "attn_implementation": model_args.attn_implementation, "trust_remote_code": model_args.trust_remote_code}
+    # varlen is switched on after loading, for the LLM only (the vision tower's strips are not packed).
+    attention = "sdpa" if model_args.attn_implementation == VARLEN else model_args.attn_implementation
+    kwargs = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": model_args.trust_remote_code}
     if lora_args.q_lora:
         from transformers import BitsAndBytesConfig
 
@@ -266,6 +287,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
     model.config.use_cache = False
     model.loss_chunk_size = training_args.loss_chunk_size
+    if model_args.attn_implementation == VARLEN:
+        use_varlen_attention(model)
     return model, tokenizer
 
 
@@ -490,6 +513,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "wrapper": type(trainer.model_wrapped).__name__,
         "optimizer": innermost_optimizer_name(trainer.optimizer),
         "compiled_layers": compiled_layer_count(trainer.model),
+        "llm_attention": llm_attention(trainer.model),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
     }

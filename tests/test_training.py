@@ -21,6 +21,7 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator, SupervisedDataset
 from finetune.finetune import UsageError, main
+from finetune.model.attention import llm_attention
 from finetune.model.kernels import compiled_layer_count
 from finetune.model.tokenization import SpecialTokens
 
@@ -216,6 +217,7 @@ def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
         (["--llm_type", "minicpm"], "--llm_type minicpm but the model's tokenizer is llama3"),
         (["--compile_layers", "true", "--torch_compile", "true"], "choose one"),
         (["--compile_layers", "true", "--trust_remote_code", "true"], "--compile_layers need the native model class"),
+        (["--attn_implementation", "varlen", "--trust_remote_code", "true"], "varlen needs the native model class"),
         pytest.param(["--use_liger_kernel", "true"], "--use_liger_kernel true needs a CUDA GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")),
     ],
@@ -244,6 +246,32 @@ def test_compiled_layers_by_default_only_where_measured():
         assert not resolve_compile_layers(None, **{"cuda": True, "zero3": False, "q_lora": False, "remote_code": False, **excluded})
     assert resolve_compile_layers(True, cuda=False, zero3=True, q_lora=False, remote_code=False)  # asked for: done
     assert not resolve_compile_layers(False, cuda=True, zero3=False, q_lora=False, remote_code=False)
+
+
+def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, demo, tmp_path):
+    """--attn_implementation varlen reaches the LLM the Trainer trains, and the loss curve is sdpa's (packed
+    multimodal batches of 2; per-batch numerics: tests/test_fast_paths.py)."""
+    def curve(attention: str):
+        args = base_args(tiny_model, demo / "train.json", tmp_path / attention, "--max_steps", "3", "--per_device_train_batch_size", "2",
+                         "--attn_implementation", attention)  # fmt: skip
+        trainer = main(args)
+        assert llm_attention(trainer.model) == attention
+        assert trainer.model.get_base_model().vpm.config._attn_implementation == "sdpa"
+        return losses(trainer.state.log_history)
+
+    sdpa, varlen = curve("sdpa"), curve("varlen")
+    assert len(varlen) == 3
+    torch.testing.assert_close(torch.tensor(varlen), torch.tensor(sdpa), atol=1e-5, rtol=0)
+
+
+def test_varlen_attention_by_default_only_where_measured():
+    from finetune.finetune import resolve_attn_implementation
+
+    assert resolve_attn_implementation(None, cuda=True, remote_code=False) == "varlen"
+    assert resolve_attn_implementation(None, cuda=False, remote_code=False) == "sdpa"
+    assert resolve_attn_implementation(None, cuda=True, remote_code=True) == "sdpa"
+    assert resolve_attn_implementation("eager", cuda=True, remote_code=False) == "eager"  # asked for: done
+    assert resolve_attn_implementation("varlen", cuda=False, remote_code=False) == "varlen"
 
 
 def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypatch):
@@ -332,7 +360,8 @@ TORCH_ADAMW = "torch.optim.adamw.AdamW"
     [(None, "DistributedDataParallel", [], TORCH_ADAMW, 0),
      # compiled decoder layers are on by default on CUDA, under ZeRO-2 too: they must train there
      ("ds_config_zero2.json", "DeepSpeedEngine", ["--compile_layers", "true"], TORCH_ADAMW, 2),
-     ("ds_config_zero3.json", "DeepSpeedEngine", [], TORCH_ADAMW, 0),
+     # varlen attention is on by default on CUDA, under ZeRO-3 too
+     ("ds_config_zero3.json", "DeepSpeedEngine", ["--attn_implementation", "varlen"], TORCH_ADAMW, 0),
      # the lean config names no optimizer: DeepSpeed partitions and steps the Trainer's 8-bit one
      pytest.param("ds_config_zero3_lean.json", "DeepSpeedEngine", ["--optim", "adamw_bnb_8bit"], "bitsandbytes.optim.adamw.AdamW 8-bit", 0,
                   marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"))],
@@ -351,6 +380,7 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
         assert rank["wrapper"] == wrapper and rank["num_processes"] == 2 and rank["global_step"] == 3
         assert rank["optimizer"] == optimizer
         assert rank["compiled_layers"] == compiled  # of the tiny model's two decoder layers
+        assert rank["llm_attention"] == ("varlen" if "varlen" in extra else "sdpa")
     assert (out / "adapter_model.safetensors").is_file()
     # ZeRO-3 gathers the partitioned weights for saving: the adapter must hold real tensors, not empty shards.
     saved = load_file(out / "adapter_model.safetensors")
