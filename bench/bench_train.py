@@ -22,9 +22,9 @@ Modes:
             gradient checkpointing; sdpa.
   suite_nogc the suite path with gradient checkpointing OFF ("speed mode" lever).
   suite_fast, suite_nogc_fast
-            the same two with the fast kernels of --fast-kernels (finetune.model.kernels): "liger" (liger-kernel's
-            RMSNorm / SwiGLU / RoPE + fused linear cross-entropy), "compile" (torch.compile of each decoder layer),
-            or both ("liger,compile", the default).
+            the same two with the fast paths of --fast-kernels, comma-separated: "liger" (liger-kernel's RMSNorm /
+            SwiGLU / RoPE + fused linear cross-entropy), "compile" (torch.compile of each decoder layer, dynamic
+            shapes), "varlen" (each sample of a packed row attended on its own: finetune.model.attention).
 
 Workloads:
   text  one 2048-token row of random ids (batch 1), every position a label.
@@ -256,11 +256,15 @@ def build_model(row: Row, args, device):
     if row.mode.endswith("_fast"):
         from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers
 
+        from finetune.model.attention import use_varlen_attention
+
         kernels = args.fast_kernels.split(",")
+        if "varlen" in kernels:
+            use_varlen_attention(model)
         if "liger" in kernels:
             apply_liger_kernels(model)
         if "compile" in kernels:
-            compile_decoder_layers(model)
+            compile_decoder_layers(model, dynamic=True)  # as finetune.py compiles them
     model.train()
     return model
 
@@ -487,7 +491,7 @@ def main() -> None:
     parser.add_argument("--mm-dir", default=None, help="where the synthetic multimodal set is written (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=6, help="DataLoader workers for the multimodal rows")
     parser.add_argument("--fp32-trainable", action="store_true", help="upcast every trainable parameter to fp32")
-    parser.add_argument("--fast-kernels", default="liger,compile", help="what the *_fast rows use: liger, compile, or both")
+    parser.add_argument("--fast-kernels", default="liger,compile", help="what the *_fast rows use: liger, compile, varlen (comma-separated)")
     parser.add_argument("--profile-dir", default=None, help="profile 2 extra steps per row; kernel tables written here")
     parser.add_argument("--tiny", action="store_true", help="tiny architecture (smoke test; CPU works)")
     parser.add_argument("--json", default=None, help="write the results (and environment) here")

@@ -12,6 +12,8 @@
 #   OUT=$OUT bash bench/device_suite.sh 7   # ZeRO-3 memory levers on 2 GPUs (originals dropped, fewer live parameters, 8-bit AdamW)
 #   OUT=$OUT bash bench/device_suite.sh 8   # compiled layers alone (part 6: liger slows every row), bench loop and finetune.py; ZeRO-3 LoRA-only squeeze
 #   OUT=$OUT bash bench/device_suite.sh 9   # finetune.py --compile_layers (now dynamic shapes from the start): text, and multimodal with checkpointing
+#   OUT=$OUT bash bench/device_suite.sh 10  # varlen attention: GPU numerics tests; bench loop multimodal rows (GPU0) | finetune.py multimodal (GPU1)
+#   OUT=$OUT bash bench/device_suite.sh 11  # GPU numerics tests again (part 10's ran after liger's global patches); ZeRO-2 1 -> 2 GPUs with the new defaults
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -54,6 +56,31 @@ for r in d['results']: print(json.dumps(dict(r, invocation='$name', date=d['date
 }
 
 if [ "$PART" = 9 ]; then CKPT_GPU=1; fi
+if [ "$PART" = 11 ]; then  # the tests do not wait for the set-up (GPU1 builds the checkpoint)
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rA --tb=short -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+        { echo "===== pytest tests/test_fast_paths.py (GPU)"; grep -v -E "^\s*$" /tmp/pytest_fast.log | tail -n 80; } >> "$OUT/logs.txt"
+    ) &
+    TEST_PID=$!
+    CKPT_GPU=1
+fi
+if [ "$PART" = 10 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+        MMA="--steps 8 --warmup 4 --mm-dir /tmp/mm_gpu0"
+        bench_train mm_plain10 $MMA --config mm_upstream_baseline,mm_upstream_suite
+        bench_train mm_varlen $MMA --fast-kernels varlen --config mm_upstream_suite_fast --profile-dir /tmp/profile_mm_varlen
+        bench_train mm_varlen_compile $MMA --fast-kernels varlen,compile --config mm_upstream_suite_fast,mm_upstream_suite_nogc_fast
+        bench_train text_varlen_compile --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_suite_nogc_fast
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=1
+fi
 if [ "$PART" = 8 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
         export CUDA_VISIBLE_DEVICES=0
@@ -177,7 +204,7 @@ json.dump(config, open("/tmp/ds_config_zero2_allreduce.json", "w"), indent=1)
 PY
     (
         PORT=6400
-        trainer t1_upstream_z2 0 100 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json
+        trainer t1_upstream_z2 0 100 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
     ) &
     (
         PORT=6500
@@ -251,6 +278,31 @@ PY
         trainer m1_upstream_gc_compile 1 200 $MM $UPSTREAM --compile_layers true --max_steps 14
     )
     wait
+    ;;
+10) # GPU1 (GPU0 runs the tests and bench_train.py, started above): finetune.py on the multimodal set, compiled
+    # layers (the default) with sdpa, then with the new default varlen; 12 steps, the first 4 untimed
+    export WARMUP=4
+    PORT=6500
+    trainer m1_upstream_gc_compile_sdpa 1 200 $MM $UPSTREAM --attn_implementation sdpa --max_steps 12
+    trainer m1_upstream_gc_compile_varlen 1 200 $MM $UPSTREAM --max_steps 12
+    wait $SPEED_PID
+    ;;
+11) # ZeRO-2 scaling with finetune.py's CUDA defaults (compiled layers, varlen attention): 1 GPU on each
+    # workload side by side, then 2 GPUs; 10 steps, the first 4 untimed (compiling)
+    export WARMUP=4
+    (
+        PORT=6400
+        while kill -0 $TEST_PID 2>/dev/null; do sleep 2; done
+        trainer t1_upstream_z2 0 100 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
+    ) &
+    (
+        PORT=6500
+        trainer m1_upstream_z2 1 150 $MM $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
+    )
+    wait
+    echo "phase A done at ${SECONDS}s" >> "$OUT/env.txt"
+    trainer m2_upstream_z2 0,1 150 $MM $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
+    trainer t2_upstream_z2 0,1 100 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

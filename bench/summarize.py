@@ -22,6 +22,8 @@ def kernels(report: dict) -> str:
         parts.append("liger" + (" + fused CE" if report.get("loss_kernel") == "liger" else ""))
     if report.get("compiled_layers"):
         parts.append("compiled layers")
+    if report.get("llm_attention") == "varlen":
+        parts.append("varlen attention")
     return ", ".join(parts)
 
 
