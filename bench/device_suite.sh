@@ -14,6 +14,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 9   # finetune.py --compile_layers (now dynamic shapes from the start): text, and multimodal with checkpointing
 #   OUT=$OUT bash bench/device_suite.sh 10  # varlen attention: GPU numerics tests; bench loop multimodal rows (GPU0) | finetune.py multimodal (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh 11  # GPU numerics tests again (part 10's ran after liger's global patches); ZeRO-2 1 -> 2 GPUs with the new defaults
+#   OUT=$OUT bash bench/device_suite.sh 12  # 1 GPU: why finetune.py's text speed mode trails the bench loop (the benchmark's own syncs, logging each step)
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -303,6 +304,16 @@ PY
     echo "phase A done at ${SECONDS}s" >> "$OUT/env.txt"
     trainer m2_upstream_z2 0,1 150 $MM $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
     trainer t2_upstream_z2 0,1 100 $TEXT $UPSTREAM --deepspeed finetune/ds_config_zero2.json --max_steps 10
+    ;;
+12) # one GPU: the baseline and the compiled bench-loop row, then finetune.py's speed mode (no checkpointing; compiled
+    # layers and varlen by default) timed with synchronisations at step ends only, as before (around every
+    # training_step too), and with the loss logged every 10 steps instead of every step (profiled: steps 3-5)
+    export WARMUP=5
+    bench_train text12 --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    BENCH_SYNC=steps trainer s1_lora_nogc_stepsync 0 130 $NOGC
+    trainer s1_lora_nogc_allsync 0 110 $NOGC
+    BENCH_SYNC=steps BENCH_PROFILE=$OUT/profile_trainer.txt trainer s1_lora_nogc_stepsync_log10 0 110 $NOGC --logging_steps 10
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

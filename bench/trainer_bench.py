@@ -1,7 +1,9 @@
 """finetune/finetune.py with step timing: the REAL Trainer path (DeepSpeed ZeRO-2/3, torchrun), measured.
 
     torchrun --nproc_per_node 2 bench/trainer_bench.py <finetune.py arguments> [--deepspeed ...]
-    env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing)
+    env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing),
+        BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5;
+        the timing then starts at step 8 at the earliest)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
@@ -9,6 +11,9 @@ and at every optimizer step's end (the Trainer's on_step_end callback, after the
 zero_grad). One step's time = the interval between two consecutive step ends: data loading, forward, backward,
 ZeRO communication and optimizer, nothing of the Trainer's start-up or wrap-up (loss plot, summary).
 "data wait" = from a step's end to the next training_step's start (the next batch is fetched there).
+The synchronisations around training_step keep the CPU from queueing work ahead of the GPU, which the Trainer
+alone would do between its own synchronisations (the logged loss); with BENCH_SYNC=steps only the step ends
+are synchronised: step times are then the Trainer's own, and data wait / optimizer fractions host-side times.
 Tokens per step are the real (non-pad) tokens of the micro-batch, summed over ranks; patches per view come from
 tgt_sizes (for the FLOP count, see bench_train.flops_of_batch). Peak memory is torch.cuda.max_memory_* per rank.
 """
@@ -32,10 +37,13 @@ from finetune.model.attention import llm_attention  # noqa: E402
 from finetune.model.kernels import compiled_layer_count, native_model  # noqa: E402
 
 
-def _now() -> float:
-    if torch.cuda.is_available():
+def _now(sync: bool = True) -> float:
+    if sync and torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+_SYNC_IN_STEP = os.environ.get("BENCH_SYNC", "all") != "steps"
 
 
 class _StepEnds(TrainerCallback):
@@ -59,14 +67,14 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         self._bench_vision = bool(self.args.tune_vision)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._bench_starts.append(_now())
+        self._bench_starts.append(_now(_SYNC_IN_STEP))
         lengths, label_tokens, patches, samples = batch_stats(inputs)
         self._bench_stats.append((sum(lengths), samples, flops_of_batch(self._bench_shapes, lengths, label_tokens, patches, self._bench_vision)))
         self._bench_largest[0] = max(self._bench_largest[0], sum(lengths))
         self._bench_largest[1] = max(self._bench_largest[1], len(patches))
         self._bench_profile_step(len(self._bench_starts) - 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._bench_ends.append(_now())
+        self._bench_ends.append(_now(_SYNC_IN_STEP))
         return loss
 
     def _bench_profile_step(self, index: int) -> None:
@@ -94,6 +102,9 @@ class TimedTrainer(ft.MiniCPMVTrainer):
 
     def _bench_report(self) -> None:
         warmup = int(os.environ.get("BENCH_WARMUP", "2"))
+        if os.environ.get("BENCH_PROFILE"):
+            # The profiler stops, and writes its tables (seconds), inside the 7th step: never time that step.
+            warmup = max(warmup, 7)
         accum = self.args.gradient_accumulation_steps
         stats = torch.tensor(self._bench_stats, dtype=torch.float64)
         cuda = torch.cuda.is_available()
@@ -145,6 +156,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "largest_micro_batch_tokens": max(p[2] for p in peaks),
             "largest_micro_batch_views": max(p[3] for p in peaks),
             "optim": str(getattr(self.args.optim, "value", self.args.optim)),
+            "synchronised": "step ends" if not _SYNC_IN_STEP else "training_step and step ends",
             "loss_chunk_size": self.args.loss_chunk_size,
             "gradient_checkpointing": bool(self.args.gradient_checkpointing),
             "q_lora": any(type(m).__name__ == "Linear4bit" for m in self.model.modules()),
