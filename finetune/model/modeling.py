@@ -336,6 +336,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+def _partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the module's parameters (it gathers them in each call)."""
+    return any(hasattr(parameter, "ds_id") for parameter in module.parameters())
+
+
 def label_position_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -361,9 +366,10 @@ def label_position_loss(
         return _normalise(total, len(targets), num_items_in_batch)
     total = hidden.new_zeros((), dtype=torch.float32)
     num_chunks = max(1, -(-len(targets) // chunk_size))
-    if _distributed():
+    if _distributed() and _partitioned(lm_head):
         # Every chunk calls lm_head; under ZeRO-3 each call gathers its weight, so all ranks must make the same
-        # number of calls whatever their label counts: the extra chunks are empty.
+        # number of calls whatever their label counts: the extra chunks are empty. (Elsewhere the count stays
+        # local: this all-reduce would be a collective and a host sync in every step.)
         count = torch.tensor(num_chunks, device=hidden.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         num_chunks = int(count)
