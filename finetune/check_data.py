@@ -177,40 +177,51 @@ def validate_split(name: str, options: dict[str, Any], workers: int) -> SplitRep
 
 
 def validate_built(name: str, spec: str, dataset, workers: int, options: dict[str, Any] | None = None) -> SplitReport:
-    """Validate every sample of a built SupervisedDataset, on `workers` processes (finetune.py calls this too).
+    """Validate every sample of a built SupervisedDataset, on `workers` processes."""
+    return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers, options))
+
+
+def check_samples(dataset, indices: Sequence[int], workers: int, options: dict[str, Any] | None = None) -> list[SampleResult]:
+    """Validate the samples at `indices` of a built SupervisedDataset, on `workers` processes (finetune.py
+    gives each rank its share of the indices).
 
     Workers are forked (Linux) and inherit the dataset; where fork is unavailable they rebuild it from
     `options` (check_data's), and without options the check runs in this process.
     """
     import multiprocessing
 
-    from finetune.dataset import warn_duplicate_ids
-
-    report = SplitReport(name, spec)
-    total = len(dataset)
+    indices = list(indices)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if workers <= 1 or total < 64 or (method == "spawn" and options is None):
-        results = [check_sample(dataset, i) for i in range(total)]
-    else:
-        chunk = max(16, min(1024, total // (workers * 8) or 1))
-        chunks = [list(range(s, min(s + chunk, total))) for s in range(0, total, chunk)]
-        # fork: workers inherit the parent's dataset, no re-import (spawn costs seconds per worker). The parent
-        # has run no torch parallel region, and tokenizers' own thread pool is disabled below.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _WORKER["dataset"] = dataset if method == "fork" else None
-        initargs = (None if method == "fork" else options,)
+    if workers <= 1 or len(indices) < 64 or (method == "spawn" and options is None):
+        return [check_sample(dataset, i) for i in indices]
+    chunk = max(16, min(1024, len(indices) // (workers * 8) or 1))
+    chunks = [indices[s : s + chunk] for s in range(0, len(indices), chunk)]
+    # fork: workers inherit the parent's dataset, no re-import (spawn costs seconds per worker). The parent
+    # has run no torch parallel region, and tokenizers' own thread pool is disabled below.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER["dataset"] = dataset if method == "fork" else None
+    initargs = (None if method == "fork" else options,)
+    try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=initargs) as pool:
-            results = [r for part in pool.map(_check_chunk, chunks) for r in part]
+            return [r for part in pool.map(_check_chunk, chunks) for r in part]
+    finally:
         _WORKER.pop("dataset", None)
-    report.results = results
-    for r in results:  # log in the parent, by id, in order (workers are quiet)
+
+
+def split_report(name: str, spec: str, results: list[SampleResult], log: bool = True) -> SplitReport:
+    """The report of one data spec from every sample's result, in dataset order; with `log`, each truncated,
+    skipped or bad sample and duplicate ids are logged here (workers are quiet)."""
+    from finetune.dataset import duplicate_ids
+
+    report = SplitReport(name, spec, results=results)
+    for r in results if log else ():
         if r.status == "truncated":
             logger.info("sample %s: truncated from %d to %d tokens", r.id, r.length, r.kept_length)
         elif r.status == "skipped":
             logger.warning("%s", r.reason)
         elif r.status == "bad":
             logger.error("sample %s: %s", r.id, r.reason)
-    report.duplicate_ids = warn_duplicate_ids(Counter(r.id for r in results if r.has_id))
+    report.duplicate_ids = duplicate_ids(Counter(r.id for r in results if r.has_id), warn=log)
     return report
 
 

@@ -705,10 +705,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 
-def warn_duplicate_ids(ids: Counter) -> list[str]:
-    """Duplicate ids are allowed (a warning): they make --show/--dump and logs ambiguous."""
+def duplicate_ids(ids: Counter, warn: bool = True) -> list[str]:
+    """Ids used more than once, sorted. Duplicates are allowed (with `warn`, a warning): they make --show/--dump
+    and logs ambiguous."""
     duplicates = sorted(name for name, count in ids.items() if count > 1)
-    if duplicates:
+    if duplicates and warn:
         logger.warning("duplicate sample ids (%d): %s", len(duplicates), ", ".join(f"{d} (x{ids[d]})" for d in duplicates[:50]))
     return duplicates
 

@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
-from finetune.check_data import ValidationReport, validate_built
+from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.attention import VARLEN, llm_attention, use_varlen_attention
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
@@ -442,9 +442,7 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
         except DataError as error:  # a whole file unreadable (malformed JSON names line and column)
             raise UsageError(str(error)) from error
         if data_args.validate_data:
-            # Every sample, as training will read it, on this rank's share of the CPU cores.
-            workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            report = validate_built(name, spec, dataset, workers)
+            report = validate_across_ranks(name, spec, dataset, training_args)
             if training_args.process_index == 0:
                 print("[data] " + ValidationReport([report], training_args.model_max_length).format().replace("\n", "\n[data] "), flush=True)
             if report.bad:
@@ -455,6 +453,21 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
             raise UsageError(f"no usable {name} samples in {spec}")
         datasets.append(dataset)
     return datasets
+
+
+def validate_across_ranks(name: str, spec: str, dataset: SupervisedDataset, training_args: TrainingArguments) -> SplitReport:
+    """Every sample, as training will read it. Each rank checks every world_size-th sample on its share of
+    the node's CPU cores, and the results are gathered: every rank gets the whole report, so that a bad sample
+    any rank found stops them all, and they keep the same samples. Rank 0 logs."""
+    world, rank = training_args.world_size, training_args.process_index
+    sharded = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    results = check_samples(dataset, range(rank, len(dataset), world) if sharded else range(len(dataset)), workers)
+    if sharded:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, results)
+        results = sorted((result for share in shares for result in share), key=lambda result: result.index)
+    return split_report(name, spec, results, log=rank == 0)
 
 
 # --- distributed set-up on CPU -----------------------------------------------------------------------------------

@@ -401,6 +401,21 @@ def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tm
         assert rank["wrapper"] == "DeepSpeedEngine" and rank["num_processes"] == 2 and rank["global_step"] == 4
 
 
+def test_ranks_share_validation_and_all_stop_on_a_bad_sample(tiny_model, tmp_path):
+    """Each rank validates every other sample and the results are gathered: the bad sample only rank 1 checks
+    (index 1) must stop rank 0 too, before training (else rank 0 would wait for rank 1 forever)."""
+    fine = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([dict(fine, id="first"), {"id": "no_answer", "conversations": [{"role": "user", "content": "hi"}]},
+                                dict(fine, id="third")]))  # fmt: skip
+    args = base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "1")
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
+    result = subprocess.run(command, env=run_env(tmp_path / "report"), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("finetune.py: error: 1 bad train samples") == 2, result.stderr[-3000:]
+    assert "no_answer: " in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path):
     out, report, port = tmp_path / "out", tmp_path / "report", free_port()
     flags = training_flags("--max_steps", "2", "--per_device_train_batch_size", "1")
