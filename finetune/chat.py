@@ -33,6 +33,7 @@ from PIL import Image
 from transformers import TextStreamer
 
 from finetune.dataset import IMAGE_MARKER as TRAINING_MARKER  # the marker of the training data (chat() has its own)
+from finetune.dataset import DataError, open_image
 from finetune.model.loading import DTYPES
 from finetune.model.modeling import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
 
@@ -93,13 +94,12 @@ def load_model(model_path: str, adapter: str | None = None, device: str = "auto"
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """The image in RGB, read as the training data reads it (`finetune.dataset.open_image`)."""
     try:
-        with Image.open(path) as image:
+        with open_image(str(path), sample=None) as image:
             return image.convert("RGB")
-    except FileNotFoundError:
-        raise ChatError(f"image file not found: {path}") from None
-    except (OSError, Image.UnidentifiedImageError) as error:
-        raise ChatError(f"cannot read image {path}: {error}") from None
+    except DataError as error:
+        raise ChatError(error.reason) from None
 
 
 # --- prompts -------------------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from transformers.hf_argparser import string_to_bool
+
 GiB = 1024**3
 HERE = Path(__file__).resolve().parent
 DS_CONFIGS = {
@@ -444,14 +446,6 @@ def validation_markdown(paths: list[str], constants: Constants = CONSTANTS) -> s
     return "\n".join(lines)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune.plan", description="settings that fit your GPUs")
     parser.add_argument("--gpus", type=int, default=1)
@@ -460,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="openbmb/MiniCPM-Llama3-V-2_5", help="checkpoint whose tokenizer reads --data")
     parser.add_argument("--q_lora", "--q-lora", action="store_true", help="4-bit NF4 LLM (bitsandbytes)")
     parser.add_argument("--target-global-batch", type=int, default=16)
-    parser.add_argument("--tune-vision", type=_bool, default=True)
+    parser.add_argument("--tune-vision", type=string_to_bool, default=True)
     parser.add_argument("--max-slice-nums", type=int, default=9)
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--emit-args", action="store_true", help="print only the finetune.py flags (shell-quoted)")
