@@ -26,7 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 import transformers
 from transformers import HfArgumentParser
 
@@ -78,8 +77,7 @@ def launcher_line(params: dict) -> str:
 def _subset(dataset, size: int | None, seed: int):
     if size is None or size >= len(dataset):
         return dataset
-    indices = random.Random(seed).sample(range(len(dataset)), size)
-    return torch.utils.data.Subset(dataset, sorted(indices))
+    return dataset.subset(sorted(random.Random(seed).sample(range(len(dataset)), size)))
 
 
 def search(args: argparse.Namespace, extra: list[str]) -> SearchResult:
@@ -116,8 +114,8 @@ def search(args: argparse.Namespace, extra: list[str]) -> SearchResult:
         held = max(1, len(order) // 5)
         if len(order) - held < 1:
             raise UsageError("--subset too small to hold out eval samples; give --eval_data")
-        evaluation = torch.utils.data.Subset(train, sorted(order[:held]))
-        train = torch.utils.data.Subset(train, sorted(order[held:]))
+        evaluation = train.subset(sorted(order[:held]))
+        train = train.subset(sorted(order[held:]))
 
     def model_init(trial=None):
         params = dict(trial.params) if trial is not None and hasattr(trial, "params") else {}
