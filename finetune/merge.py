@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 from finetune import trainer
-from finetune.model.checkpoint import CheckpointError, stored_shapes, validate_checkpoint_dir
+from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.loading import DTYPES, looks_like_hub_id
 from finetune.trainer import PASSTHROUGH_FILES  # files inference needs beside the weights, copied verbatim
 
@@ -111,8 +111,7 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
         raise MergeError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged")
 
     try:
-        validate_checkpoint_dir(base_dir)
-        base = {name: shape for name, (shape, _) in stored_shapes(base_dir).items()}
+        base = {name: shape for name, (shape, _) in validate_checkpoint_dir(base_dir).items()}
     except CheckpointError as error:
         raise MergeError(f"--base: {error}") from error
     linears = _linear_shapes(base)

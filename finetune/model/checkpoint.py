@@ -72,8 +72,9 @@ def stored_shapes(directory: str | Path) -> dict[str, tuple[tuple[int, ...], str
     return shapes
 
 
-def validate_checkpoint_dir(directory: str | Path, config=None) -> None:
-    """Raise CheckpointError unless `directory` holds exactly the tensors of a MiniCPM-V model."""
+def validate_checkpoint_dir(directory: str | Path, config=None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Raise CheckpointError unless `directory` holds exactly the tensors of a MiniCPM-V model; returns what
+    was read on the way, `stored_shapes(directory)`."""
     from .configuration import MiniCPMVConfig
 
     directory = Path(directory)
@@ -88,7 +89,7 @@ def validate_checkpoint_dir(directory: str | Path, config=None) -> None:
             )
         config = MiniCPMVConfig.from_dict(raw)
     if getattr(config, "quantization_config", None) is not None:
-        return  # a quantized checkpoint stores packed tensors of other shapes; transformers checks those
+        return stored_shapes(directory)  # packed tensors of other shapes: transformers checks those
     expected = expected_shapes(config)
     stored = stored_shapes(directory)
     problems = []
@@ -102,3 +103,4 @@ def validate_checkpoint_dir(directory: str | Path, config=None) -> None:
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{directory}: " + "; ".join(problems[:5]) + more)
+    return stored
