@@ -600,8 +600,8 @@ def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int
         encoded = encoder.encode(record, plans, max_length)
         pixel_values: list[torch.Tensor] = []
         if load_pixels:
-            for (_, path), image in zip(record.images[: encoded.kept_images], opened):
-                strips, _ = view_strips(decode_image(image, path, record.id), settings)  # uint8: the model normalises on its device
+            for (_, path), image, plan in zip(record.images[: encoded.kept_images], opened, plans):
+                strips, _ = view_strips(decode_image(image, path, record.id), settings, plan)  # uint8: the model normalises on its device
                 pixel_values += strips
     finally:
         for image in opened:

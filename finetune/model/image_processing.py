@@ -122,13 +122,13 @@ def _refined(image: Image.Image, plan: SliceGrid) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def view_strips(image: Image.Image, settings: SliceSettings) -> tuple[list[torch.Tensor], SliceGrid]:
+def view_strips(image: Image.Image, settings: SliceSettings, plan: SliceGrid | None = None) -> tuple[list[torch.Tensor], SliceGrid]:
     """The uint8 [3, p, L*p] strips of all views of `image` (what `uint8_patch_strip` gives for each view of
     `slice_image`, bit for bit) without the PIL crops: the grid's strips come from one pass over each colour
-    plane of the refined image (see `grid_strips`)."""
+    plane of the refined image (see `grid_strips`). `plan`: the image's `plan_slices`, when already made."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    plan = plan_slices(image.size, settings)
+    plan = plan if plan is not None else plan_slices(image.size, settings)
     patch = settings.patch_size
     strips = grid_strips(image.resize(plan.global_size, Image.Resampling.BICUBIC), (1, 1), patch)
     if plan.grid:
