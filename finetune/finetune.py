@@ -37,7 +37,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
 from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
-from finetune.model.attention import VARLEN, llm_attention, use_varlen_attention
+from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
 from finetune.model.loading import load_pretrained, looks_like_hub_id
@@ -60,8 +60,8 @@ class ModelArguments:
     # None = decide in resolve_attn_implementation (varlen where measured to pay: bench/README.md, "Update 4").
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "varlen (each sample of a packed row attended on its own; torch's flash kernel on CUDA) | sdpa | eager | "
-                  "flash_attention_2 (when flash-attn is installed); default: varlen on CUDA with the native model, else sdpa"},
+        metadata={"help": "varlen (each sample of a packed row attended on its own; torch's flash kernel on CUDA, Ampere or newer) | sdpa | "
+                  "eager | flash_attention_2 (when flash-attn is installed); default: varlen on such GPUs with the native model, else sdpa"},
     )
 
 
@@ -166,7 +166,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if lora_args.q_lora and not torch.cuda.is_available():
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
     check_optimizer_choice(training_args)
-    model_args.attn_implementation = resolve_attn_implementation(model_args.attn_implementation, torch.cuda.is_available(), model_args.trust_remote_code)
+    model_args.attn_implementation = resolve_attn_implementation(model_args.attn_implementation, flash_capable(), model_args.trust_remote_code)
     training_args.compile_layers = resolve_compile_layers(
         training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code,
         training_args.torch_compile,
@@ -222,16 +222,17 @@ def resolve_compile_layers(
     return cuda and not (zero3 or q_lora or remote_code or torch_compile)
 
 
-def resolve_attn_implementation(requested: str | None, cuda: bool, remote_code: bool) -> str:
+def resolve_attn_implementation(requested: str | None, flash_gpu: bool, remote_code: bool) -> str:
     """An explicit --attn_implementation wins (varlen only with the native class: the hub's forward does not
-    pass the segments on). By default varlen on a CUDA GPU, where its flash kernel skips the attention between
-    samples of a packed row; sdpa elsewhere (on the CPU varlen attends segment by segment, which only pays on
-    long rows) and with the hub's model code."""
+    pass the segments on). By default varlen on a GPU that runs torch's flash kernel (Ampere or newer), which
+    then skips the attention between samples of a packed row; sdpa elsewhere (on the CPU varlen attends
+    segment by segment, which only pays on long rows; on older GPUs the kernel does not run) and with the
+    hub's model code."""
     if requested == VARLEN and remote_code:
         raise UsageError("--attn_implementation varlen needs the native model class (drop --trust_remote_code)")
     if requested is not None:
         return requested
-    return VARLEN if cuda and not remote_code else "sdpa"
+    return VARLEN if flash_gpu and not remote_code else "sdpa"
 
 
 def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:

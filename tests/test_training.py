@@ -267,11 +267,11 @@ def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, de
 def test_varlen_attention_by_default_only_where_measured():
     from finetune.finetune import resolve_attn_implementation
 
-    assert resolve_attn_implementation(None, cuda=True, remote_code=False) == "varlen"
-    assert resolve_attn_implementation(None, cuda=False, remote_code=False) == "sdpa"
-    assert resolve_attn_implementation(None, cuda=True, remote_code=True) == "sdpa"
-    assert resolve_attn_implementation("eager", cuda=True, remote_code=False) == "eager"  # asked for: done
-    assert resolve_attn_implementation("varlen", cuda=False, remote_code=False) == "varlen"
+    assert resolve_attn_implementation(None, flash_gpu=True, remote_code=False) == "varlen"
+    assert resolve_attn_implementation(None, flash_gpu=False, remote_code=False) == "sdpa"  # CPU, V100, T4
+    assert resolve_attn_implementation(None, flash_gpu=True, remote_code=True) == "sdpa"
+    assert resolve_attn_implementation("eager", flash_gpu=True, remote_code=False) == "eager"  # asked for: done
+    assert resolve_attn_implementation("varlen", flash_gpu=False, remote_code=False) == "varlen"
 
 
 def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ sample on its own instead: the row is cut at every position id 0 into segments (
 
 - on CUDA in bf16/fp16, one call of the flash-attention kernel that ships with torch (its variable-length
   entry, `aten._flash_attention_forward` with cumulative lengths) attends all segments, causally, grouped
-  query heads included; no flash-attn package is needed;
+  query heads included; no flash-attn package is needed. That kernel needs an Ampere or newer GPU (compute
+  capability 8.0+): finetune.py defaults to varlen only there (`flash_capable`);
 - anywhere else (CPU, fp32), each segment runs through `scaled_dot_product_attention` on its own.
 
 Both are exact: a token sees the tokens of its own sample up to itself, as under the block-diagonal mask.
@@ -145,6 +146,11 @@ def varlen_attention_forward(
 
 def _config(model: nn.Module):
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def flash_capable() -> bool:
+    """Whether this process's CUDA GPU runs torch's flash kernel (compute capability 8.0+: not V100 or T4)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def use_varlen_attention(model: nn.Module) -> None:
