@@ -23,6 +23,8 @@ bought on an H200 is in bench/README.md ("Update 4").
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -149,8 +151,13 @@ def _config(model: nn.Module):
 
 
 def flash_capable() -> bool:
-    """Whether this process's CUDA GPU runs torch's flash kernel (compute capability 8.0+: not V100 or T4)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    """Whether this process's CUDA GPU runs torch's flash kernel (compute capability 8.0+: not V100 or T4).
+    Asked of the process's own GPU (torchrun's LOCAL_RANK) before any device is set."""
+    if not torch.cuda.is_available():
+        return False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # A launcher may show each process its own GPU only: then it is device 0.
+    return torch.cuda.get_device_capability(local_rank if local_rank < torch.cuda.device_count() else 0) >= (8, 0)
 
 
 def use_varlen_attention(model: nn.Module) -> None:
