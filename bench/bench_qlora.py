@@ -32,8 +32,10 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from bench_train import batch_stats, text_batches, to_device, train_step  # noqa: E402
 
 GiB = 1024**3
 
@@ -63,18 +65,6 @@ def quantize_llm_layers_nf4(model) -> int:
     return count
 
 
-def text_batch(vocab: int, length: int, seed: int):
-    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
-    data = {
-        "input_ids": ids.cuda(),
-        "position_ids": torch.arange(length)[None].cuda(),
-        "pixel_values": [[]],
-        "tgt_sizes": [torch.zeros(0, 2, dtype=torch.int64)],
-        "image_bound": [torch.zeros(0, 2, dtype=torch.int64)],
-    }
-    return {"data": data, "labels": ids.clone().cuda(), "attention_mask": torch.ones_like(ids).cuda()}
-
-
 def run_row(name: str, args) -> dict:
     from finetune.finetune import DEFAULT_LORA_TARGETS, configure_trainable
     from finetune.model.builders import build_full_size_random
@@ -98,18 +88,16 @@ def run_row(name: str, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    device = torch.device("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
-        batch = text_batch(128000, args.text_len, step)
+        batch = next(text_batches(128000, args.text_len, seed=step))  # a fresh generator per step: ids seeded by step
+        label_tokens = batch_stats(batch)[1]
+        batch = to_device(batch, device)  # copied before the timer, as before (train_step's own copy is then a no-op)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(data=batch["data"], labels=batch["labels"], attention_mask=batch["attention_mask"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        loss = train_step(model, batch, label_tokens, optimizer, params, autocast, baseline=False, device=device)
         losses.append(float(loss))
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
