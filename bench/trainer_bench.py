@@ -116,11 +116,11 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         world = self.args.world_size
         if world > 1 and torch.distributed.is_initialized():
             device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-            gathered_stats = [torch.zeros_like(stats, device=device) for _ in range(world)]
-            torch.distributed.all_gather(gathered_stats, stats.to(device))
-            gathered_peak = [torch.zeros_like(peak, device=device) for _ in range(world)]
+            stats = stats.to(device)
+            torch.distributed.all_reduce(stats)  # tokens, samples, flops per micro-batch: summed over ranks
+            stats = stats.cpu()
+            gathered_peak = [torch.zeros_like(peak, device=device) for _ in range(world)]  # reported per rank
             torch.distributed.all_gather(gathered_peak, peak.to(device))
-            stats = sum(s.cpu() for s in gathered_stats)
             peaks = [p.cpu().tolist() for p in gathered_peak]
         else:
             peaks = [peak.tolist()]
@@ -180,10 +180,6 @@ class TimedTrainer(ft.MiniCPMVTrainer):
 
 
 ft.MiniCPMVTrainer = TimedTrainer
-
-if os.environ.get("BENCH_NO_CUDNN_SDPA"):
-    # Experiment: torch's cuDNN attention plans every new shape on the CPU (packed lengths change every step).
-    torch.backends.cuda.enable_cudnn_sdp(False)
 
 if __name__ == "__main__":
     ft.cli()
