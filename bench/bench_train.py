@@ -100,11 +100,36 @@ def _photo(rng: random.Random, size: tuple[int, int]):
     return Image.fromarray(small).resize(size, Image.BILINEAR)
 
 
+def _made_with(data_path: str, params_path: str, params: dict) -> bool:
+    """Whether data_path is a finished set made with `params` (its parameters file matches) whose images exist."""
+    try:
+        with open(params_path) as handle:
+            if json.load(handle) != params:
+                return False
+        with open(data_path) as handle:
+            return all(os.path.exists(sample["image"]) for sample in json.load(handle))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def make_mm_dataset(folder: str, num: int, tokenizer, settings, seed: int = 0, min_len: int = 300, max_len: int = 2000) -> str:
     """Write `num` samples (JPEG 400..2000 px per side, 1..3 user/assistant exchanges, image in the first user
-    turn) whose encoded length is close to a uniform target in [min_len, max_len]. Returns the JSON path."""
+    turn) whose encoded length is close to a uniform target in [min_len, max_len]. Returns the JSON path.
+
+    A set already in `folder` made with the same parameters (train.params.json beside train.json, written last)
+    whose images are all there is reused, not rebuilt."""
+    from dataclasses import asdict
+
     from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
 
+    data_path = os.path.join(folder, "train.json")
+    params_path = os.path.join(folder, "train.params.json")
+    params = {"num": num, "seed": seed, "min_len": min_len, "max_len": max_len, "settings": asdict(settings), "vocab": len(tokenizer)}
+    if _made_with(data_path, params_path, params):
+        print(f"[data] reusing {data_path} (made with the same parameters)", flush=True)
+        return data_path
+    if os.path.exists(params_path):
+        os.remove(params_path)  # a build cut short must not pass for a finished one
     rng = random.Random(seed)
     encoder = ConversationEncoder(tokenizer, settings)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -138,9 +163,10 @@ def make_mm_dataset(folder: str, num: int, tokenizer, settings, seed: int = 0, m
                 conversations[2 * turn + 1]["content"] = words(answer_words[turn])
             sample = {"id": f"mm{index}", "image": path, "conversations": conversations}
         samples.append(sample)
-    data_path = os.path.join(folder, "train.json")
     with open(data_path, "w") as handle:
         json.dump(samples, handle)
+    with open(params_path, "w") as handle:
+        json.dump(params, handle)
     return data_path
 
 
@@ -488,7 +514,7 @@ def main() -> None:
     parser.add_argument("--text-len", type=int, default=2048)
     parser.add_argument("--mm-batch", type=int, default=4, help="samples per step in the multimodal rows")
     parser.add_argument("--mm-samples", type=int, default=64)
-    parser.add_argument("--mm-dir", default=None, help="where the synthetic multimodal set is written (default: a temp dir)")
+    parser.add_argument("--mm-dir", default=None, help="where the synthetic multimodal set is written, or reused when one made with the same parameters is there (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=6, help="DataLoader workers for the multimodal rows")
     parser.add_argument("--fp32-trainable", action="store_true", help="upcast every trainable parameter to fp32")
     parser.add_argument("--fast-kernels", default="liger,compile", help="what the *_fast rows use: liger, compile, varlen (comma-separated)")

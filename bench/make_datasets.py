@@ -4,6 +4,7 @@
 
 OUT_DIR/mm/train.json    multimodal: JPEG 400..2000 px sliced by the real rule, 1-3 exchanges, 300..2000 tokens
                          (bench_train.make_mm_dataset, seed 0: the same set bench_train.py's mm rows read)
+                         (kept, not rebuilt, when one made with the same parameters is already there)
 OUT_DIR/text/train.json  text only: one question + one answer, 2024..2048 tokens each (make_text_dataset)
 
 Token counts use the demo tokenizer that make_checkpoint.py writes beside the full-size random checkpoint.
