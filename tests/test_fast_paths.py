@@ -185,3 +185,24 @@ def test_varlen_attention_sees_only_its_own_sample(golden_dir, mixed_samples):
     text = (items[0]["labels"] != -100).nonzero().flatten()
     shuffled[text] = shuffled[text].flip(0)
     torch.testing.assert_close(last_sample_loss(shuffled), last_sample_loss(items[0]["input_ids"]), rtol=1e-6, atol=0)
+
+
+def test_a_model_switched_to_varlen_still_runs_inference_as_sdpa(golden_dir, golden_images):
+    """Logits through MiniCPMV.forward (segments given) and generation (llm.generate with a KV cache: no
+    segments, so sdpa with its mask) are sdpa's."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    image = Image.open(golden_images / "small_90x70.png")
+    msgs = [{"role": "user", "content": "Describe it."}]
+    greedy = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 8}
+    data = model.prepare_inputs("<|begin_of_text|>(<image>./</image>)\nDescribe it.", [image], tokenizer)
+    with torch.no_grad():
+        logits = model(data=data).logits
+    answer = model.chat(image, msgs, tokenizer, **greedy)
+    use_varlen_attention(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(data=data).logits, logits, rtol=1e-5, atol=1e-5)
+    assert model.chat(image, msgs, tokenizer, **greedy) == answer
