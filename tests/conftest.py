@@ -25,6 +25,31 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    """An adapter of tiny_model as training saves it (LoRA on the attention projections, resampler + vpm as
+    modules_to_save), with every trained tensor moved away from its initial value, plus the trainer's verbatim
+    copies of the base's files: merge, chat and evaluate need one that changes the model, without a training run.
+    Read-only for tests (copy it to tamper with it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from finetune.finetune import DEFAULT_LORA_TARGETS
+    from finetune.trainer import copy_passthrough_files
+
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["resampler", "vpm"])
+    peft_model = get_peft_model(AutoModel.from_pretrained(tiny_model), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or ".modules_to_save." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    peft_model.save_pretrained(out)
+    copy_passthrough_files(tiny_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_factory(tmp_path_factory):
     """demo_factory(num_train, num_eval) -> a folder with the bundled demo data of that size (built once)."""
     from finetune.demo_data import write_demo_dataset

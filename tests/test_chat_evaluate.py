@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune.model.image_processing import normalize_pixels
@@ -20,14 +18,11 @@ from finetune.chat import ChatError, build_prompt, chat, conversation, generatio
 from finetune.dataset import SupervisedDataset, open_source, parse_record
 from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, rouge_l, split_record, token_f1
 
-# The prompt test must see every image syntax of the demo data: one image with / without marker, two images
-# with <image_00> markers, text only; and multi-turn samples.
-from finetune.finetune import DEFAULT_LORA_TARGETS
-from finetune.trainer import copy_passthrough_files
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The prompt test must see every image syntax of the demo data: one image with / without marker, two images
+# with <image_00> markers, text only; and multi-turn samples.
 @pytest.fixture(scope="module")
 def demo(demo_factory) -> Path:
     out = demo_factory(16, 4)
@@ -42,19 +37,6 @@ def demo(demo_factory) -> Path:
     turns[0]["content"] = "Look at this <image> picture please."
     extra.append(dict(samples[0], id="system_mid_marker", conversations=[{"role": "system", "content": "Answer briefly."}] + turns))
     (out / "extra.json").write_text(json.dumps(extra))
-    return out
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    model = get_peft_model(AutoModel.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["resampler"]))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    model.save_pretrained(out)
-    copy_passthrough_files(tiny_model, out)
     return out
 
 
@@ -200,9 +182,9 @@ def test_generate_equals_the_published_chat(loaded, demo):
     assert model.generate_text(prompt, images, tokenizer, 10, **generation_config(greedy=True)) == expected
 
 
-def test_adapter_is_applied(tiny_model, adapter):
+def test_adapter_is_applied(tiny_model, tiny_adapter):
     base, tokenizer = load_model(str(tiny_model), device="cpu", dtype="fp32")
-    tuned, _ = load_model(str(tiny_model), str(adapter), device="cpu", dtype="fp32")
+    tuned, _ = load_model(str(tiny_model), str(tiny_adapter), device="cpu", dtype="fp32")
     assert type(tuned).__name__ == "MiniCPMV" and any("lora_A" in n for n, _ in tuned.named_parameters())
     prompt, _ = build_prompt(tokenizer, [("user", "Hello there")])
     data = base.prepare_inputs(prompt, [], tokenizer)
@@ -212,7 +194,7 @@ def test_adapter_is_applied(tiny_model, adapter):
         load_model(str(tiny_model), str(tiny_model))
 
 
-def test_chat_cli_streams_an_answer(tiny_model, adapter, demo):
+def test_chat_cli_streams_an_answer(tiny_model, tiny_adapter, demo):
     image = str(next((demo / "images").iterdir()))
     command = [sys.executable, "-m", "finetune.chat", "--model", str(tiny_model), "--image", image, "--image", image,
                "--greedy", "--max_new_tokens", "8", "--device", "cpu", "What shape is in the picture?"]  # fmt: skip
@@ -252,9 +234,9 @@ def test_evaluate_scores_a_perfect_model(loaded, demo, tmp_path, monkeypatch):
     assert summary["exact_match"] == summary["f1"] == summary["rouge_l"] == 1.0
 
 
-def test_evaluate_cli(tiny_model, adapter, demo, tmp_path):
+def test_evaluate_cli(tiny_model, tiny_adapter, demo, tmp_path):
     out = tmp_path / "predictions.jsonl"
-    command = [sys.executable, "-m", "finetune.evaluate", "--model", str(tiny_model), "--adapter", str(adapter), "--data",
+    command = [sys.executable, "-m", "finetune.evaluate", "--model", str(tiny_model), "--adapter", str(tiny_adapter), "--data",
                str(demo / "eval.json"), "--out", str(out), "--max_new_tokens", "4", "--limit", "2", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
@@ -19,12 +19,10 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune import merge as merge_module
 from finetune.dataset import DataCollator, SupervisedDataset
-from finetune.finetune import DEFAULT_LORA_TARGETS
 from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.checkpoint import stored_shapes
 from finetune.model.tokenization import SpecialTokens
-from finetune.trainer import copy_passthrough_files
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_TARGET = r"llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight"
@@ -35,30 +33,9 @@ def demo(demo_factory) -> Path:
     return demo_factory(4, 4)
 
 
-def make_adapter(base: Path, out: Path, seed: int = 0) -> Path:
-    """What training saves (LoRA on the attention projections, resampler + vpm as modules_to_save), with every
-    trained tensor moved away from its initial value, plus the trainer's verbatim copies of the base's files."""
-    model = AutoModel.from_pretrained(base)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["resampler", "vpm"])
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name or ".modules_to_save." in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    peft_model.save_pretrained(out)
-    copy_passthrough_files(base, out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def adapter(tiny_model, tmp_path_factory) -> Path:
-    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapter") / "adapter")
-
-
-@pytest.fixture(scope="module")
-def merged(tiny_model, adapter, tmp_path_factory) -> Path:
-    return merge(tiny_model, adapter, tmp_path_factory.mktemp("merged") / "out", dtype="fp32", max_shard_size="2MB")
+def merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
+    return merge(tiny_model, tiny_adapter, tmp_path_factory.mktemp("merged") / "out", dtype="fp32", max_shard_size="2MB")
 
 
 def eval_batch(model_dir: Path, demo: Path):
@@ -79,9 +56,9 @@ def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
 # --- the merge ---------------------------------------------------------------------------------------------------
 
 
-def test_merged_model_equals_the_adapter_model(merged, tiny_model, adapter, demo):
+def test_merged_model_equals_the_adapter_model(merged, tiny_model, tiny_adapter, demo):
     batch = eval_batch(tiny_model, demo)
-    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), adapter).eval()
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), tiny_adapter).eval()
     merged_model = AutoModel.from_pretrained(merged).eval()
     base_model = AutoModel.from_pretrained(tiny_model).eval()
     with torch.no_grad():
@@ -101,7 +78,7 @@ def test_merged_weights_change_exactly_where_training_did(merged, tiny_model):
     assert all(out[n].dtype == base[n].dtype == torch.float32 for n in base)
 
 
-def test_published_sharded_layout(merged, tiny_model, adapter):
+def test_published_sharded_layout(merged, tiny_model, tiny_adapter):
     shards = sorted(p.name for p in merged.glob("model-*.safetensors"))
     assert len(shards) > 1 and all(p == f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k, p in enumerate(shards, 1))
     assert not (merged / "model.safetensors").exists()
@@ -112,14 +89,14 @@ def test_published_sharded_layout(merged, tiny_model, adapter):
     assert config["model_type"] == "minicpmv" and config["rope_theta"] == 500000.0 and "rope_parameters" not in config
     assert config["auto_map"]["AutoModel"] == "modeling_minicpmv.MiniCPMV"
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "generation_config.json"):
-        assert (merged / name).read_bytes() == (adapter / name).read_bytes(), name
+        assert (merged / name).read_bytes() == (tiny_adapter / name).read_bytes(), name
     assert not list(merged.parent.glob("*.tmp-*"))
     model = AutoModel.from_pretrained(merged)
     assert type(model).__name__ == "MiniCPMV"
 
 
-def test_bf16_merge(tiny_model, adapter, tmp_path):
-    out = merge(tiny_model, adapter, tmp_path / "bf16", dtype="bf16")
+def test_bf16_merge(tiny_model, tiny_adapter, tmp_path):
+    out = merge(tiny_model, tiny_adapter, tmp_path / "bf16", dtype="bf16")
     with safe_open(str(next(out.glob("model-*.safetensors"))), framework="pt") as handle:
         assert all(handle.get_slice(k).get_dtype() == "BF16" for k in handle.keys())
     assert AutoModel.from_pretrained(out).llm.lm_head.weight.dtype == torch.bfloat16
@@ -128,18 +105,18 @@ def test_bf16_merge(tiny_model, adapter, tmp_path):
 # --- refusals: nothing written ---------------------------------------------------------------------------------
 
 
-def test_adapter_of_a_model_with_fewer_layers_is_refused(adapter, tmp_path):
+def test_adapter_of_a_model_with_fewer_layers_is_refused(tiny_adapter, tmp_path):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1, config_overrides={"num_hidden_layers": 1})
     out = tmp_path / "out"
     with pytest.raises(MergeError, match=r"lora_A\.weight .*has no linear module llm\.model\.layers\.1\.self_attn"):
-        merge(other, adapter, out, dtype="fp32")
+        merge(other, tiny_adapter, out, dtype="fp32")
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
-def test_adapter_of_a_model_with_another_hidden_size_is_refused(adapter, tmp_path):
+def test_adapter_of_a_model_with_another_hidden_size_is_refused(tiny_adapter, tmp_path):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1, config_overrides={"hidden_size": 384})
     with pytest.raises(MergeError, match=r"layers\.0\.self_attn\.k_proj\.lora_A\.weight \[8, 256\]: LoRA A needs in_features 384"):
-        merge(other, adapter, tmp_path / "out", dtype="fp32")
+        merge(other, tiny_adapter, tmp_path / "out", dtype="fp32")
     assert not (tmp_path / "out").exists()
 
 
@@ -150,9 +127,9 @@ def test_adapter_of_a_model_with_another_hidden_size_is_refused(adapter, tmp_pat
         ("base_model.model.resampler.query", r"resampler\.query \[7, 8\]: the base's resampler\.query has shape \[16, 256\]"),
     ],
 )
-def test_tampered_tensor_shape_is_refused(tiny_model, adapter, tmp_path, tensor, message):
+def test_tampered_tensor_shape_is_refused(tiny_model, tiny_adapter, tmp_path, tensor, message):
     tampered = tmp_path / "tampered"
-    shutil.copytree(adapter, tampered)
+    shutil.copytree(tiny_adapter, tampered)
     tensors = load_file(tampered / "adapter_model.safetensors")
     assert tensor in tensors
     tensors[tensor] = torch.zeros(7, 8)
@@ -162,14 +139,14 @@ def test_tampered_tensor_shape_is_refused(tiny_model, adapter, tmp_path, tensor,
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_target_module_and_missing_adapter(tiny_model, adapter, tmp_path):
+def test_unknown_target_module_and_missing_adapter(tiny_model, tiny_adapter, tmp_path):
     with pytest.raises(MergeError, match="no such directory"):
         check_adapter(tiny_model, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MergeError, match="adapter_config.json: missing"):
         check_adapter(tiny_model, tmp_path / "empty")
     wrong = tmp_path / "wrong"
-    shutil.copytree(adapter, wrong)
+    shutil.copytree(tiny_adapter, wrong)
     config = json.loads((wrong / "adapter_config.json").read_text())
     config["target_modules"] = ["gate_proj_of_another_model"]
     (wrong / "adapter_config.json").write_text(json.dumps(config))
@@ -177,19 +154,19 @@ def test_unknown_target_module_and_missing_adapter(tiny_model, adapter, tmp_path
         check_adapter(tiny_model, wrong)
 
 
-def test_existing_output_is_refused_unless_overwrite(tiny_model, adapter, tmp_path):
+def test_existing_output_is_refused_unless_overwrite(tiny_model, tiny_adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(MergeError, match="exists and is not empty"):
-        merge(tiny_model, adapter, out, dtype="fp32")
+        merge(tiny_model, tiny_adapter, out, dtype="fp32")
     assert (out / "keep.txt").read_text() == "user data"
-    merge(tiny_model, adapter, out, dtype="fp32", overwrite=True)
+    merge(tiny_model, tiny_adapter, out, dtype="fp32", overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_interrupted_write_leaves_no_output(tiny_model, adapter, tmp_path, monkeypatch):
+def test_interrupted_write_leaves_no_output(tiny_model, tiny_adapter, tmp_path, monkeypatch):
     written = []
 
     def interrupted(adapter_dir, base_dir, tmp):  # weights are on disk by now: fail half way through
@@ -198,12 +175,12 @@ def test_interrupted_write_leaves_no_output(tiny_model, adapter, tmp_path, monke
 
     monkeypatch.setattr(merge_module, "copy_passthrough_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        merge(tiny_model, adapter, tmp_path / "out", dtype="fp32")
+        merge(tiny_model, tiny_adapter, tmp_path / "out", dtype="fp32")
     assert any(name.startswith("model-") for name in written)
     assert list(tmp_path.iterdir()) == [], "neither OUT nor OUT.tmp-<pid> may remain"
 
 
-def test_interrupted_overwrite_keeps_the_old_output(tiny_model, adapter, tmp_path, monkeypatch):
+def test_interrupted_overwrite_keeps_the_old_output(tiny_model, tiny_adapter, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous merge")
@@ -213,17 +190,17 @@ def test_interrupted_overwrite_keeps_the_old_output(tiny_model, adapter, tmp_pat
 
     monkeypatch.setattr(type(AutoModel.from_pretrained(tiny_model)), "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        merge(tiny_model, adapter, out, dtype="fp32", overwrite=True)
+        merge(tiny_model, tiny_adapter, out, dtype="fp32", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "previous merge"
 
 
 # --- command line ---------------------------------------------------------------------------------------------------
 
 
-def test_cli_refuses_a_foreign_adapter_in_one_line(adapter, tmp_path):
+def test_cli_refuses_a_foreign_adapter_in_one_line(tiny_adapter, tmp_path):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1, config_overrides={"num_hidden_layers": 1})
     result = subprocess.run(
-        [sys.executable, "-m", "finetune.merge", "--base", str(other), "--adapter", str(adapter), "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "finetune.merge", "--base", str(other), "--adapter", str(tiny_adapter), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr

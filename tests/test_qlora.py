@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import base_args, path_flags
 
 import finetune.finetune as ft
 from finetune.finetune import LoraArguments, ModelArguments, UsageError, load_model_and_tokenizer
@@ -56,11 +57,10 @@ def test_bnb_config_is_nf4_double_quant_and_skips_vision_resampler_lm_head(tiny_
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_q_lora_without_cuda_is_refused_in_one_line(tiny_model, demo, tmp_path):
+    args = path_flags(tiny_model, demo / "train.json", tmp_path, "--q_lora", "true")
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
-        ft.main(["--model_name_or_path", str(tiny_model), "--data_path", str(demo / "train.json"), "--output_dir", str(tmp_path), "--q_lora", "true"])
-    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), "--model_name_or_path", str(tiny_model),
-                             "--data_path", str(demo / "train.json"), "--output_dir", str(tmp_path), "--q_lora", "true"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+        ft.main(args)
+    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.py: error:")]
     assert errors == ["finetune.py: error: --q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)"]
@@ -104,11 +104,9 @@ def test_q_lora_trains_and_the_adapter_reloads_on_both_bases(tiny_model, demo, t
     real_check = ft.check_arguments
     monkeypatch.setattr(ft, "check_arguments", lambda m, d, t, lora: real_check(m, d, t, dataclasses.replace(lora, q_lora=False)))
     out = tmp_path / "adapter"
-    trainer = ft.main(["--model_name_or_path", str(tiny_model), "--data_path", str(demo / "train.json"), "--output_dir", str(out),
-                       "--q_lora", "true", "--bf16", "true", "--max_steps", "4", "--per_device_train_batch_size", "2",
-                       "--learning_rate", "2e-3", "--warmup_steps", "0", "--logging_steps", "1", "--report_to", "none",
-                       "--save_strategy", "no", "--tune_vision", "false", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-                       *([] if torch.cuda.is_available() else ["--use_cpu", "true"])])  # fmt: skip
+    # --seed 42 (TrainingArguments' default) is the seed the reload tolerances below were set with.
+    trainer = ft.main(base_args(tiny_model, demo / "train.json", out, "--q_lora", "true", "--bf16", "true", "--max_steps", "4",
+                                "--tune_vision", "false", "--seed", "42", *([] if torch.cuda.is_available() else ["--use_cpu", "true"])))  # fmt: skip
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert (out / "adapter_model.safetensors").is_file()

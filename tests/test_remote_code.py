@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from helpers import path_flags
 from transformers import AutoModel, AutoTokenizer
 
 import finetune  # noqa: F401
@@ -55,10 +56,8 @@ def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
         '[{"id": "a", "image": "%s", "conversations": [{"role": "user", "content": "<image>\\nWhat?"},'
         ' {"role": "assistant", "content": "A picture."}]}]' % (images / "small_90x70.png")
     )
-    trainer = main([
-        "--model_name_or_path", str(directory), "--trust_remote_code", "true", "--data_path", str(data),
-        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--report_to", "none", "--save_strategy", "no",
-        "--disable_tqdm", "true",
-    ])  # fmt: skip
+    # Not base_args: batch size, learning rate, seed and data-loader workers stay finetune.py's defaults, as before.
+    trainer = main(path_flags(directory, data, tmp_path / "out", "--trust_remote_code", "true", "--max_steps", "2", "--report_to", "none",
+                              "--save_strategy", "no", "--disable_tqdm", "true"))  # fmt: skip
     assert getattr(trainer.model.get_base_model(), "is_remote_code_standin", False)
     assert trainer.state.global_step == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()

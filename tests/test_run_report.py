@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import base_args
 from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
@@ -27,13 +28,8 @@ def demo(demo_factory) -> Path:
 def run(tiny_model, demo, tmp_path_factory):
     """One epoch over 8 samples at batch 2 (4 steps; every sample seen exactly once), eval every 2 steps."""
     out = tmp_path_factory.mktemp("run") / "out"
-    args = [
-        "--model_name_or_path", str(tiny_model), "--data_path", str(demo / "train.json"), "--output_dir", str(out),
-        "--eval_data_path", str(demo / "eval.json"), "--eval_strategy", "steps", "--eval_steps", "2",
-        "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-        "--report_to", "tensorboard", "--save_strategy", "no", "--learning_rate", "2e-3", "--warmup_steps", "0",
-        "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-    ]  # fmt: skip
+    args = base_args(tiny_model, demo / "train.json", out, "--eval_data_path", str(demo / "eval.json"), "--eval_strategy", "steps",
+                     "--eval_steps", "2", "--num_train_epochs", "1", "--report_to", "tensorboard")  # fmt: skip
     return main(args), out
 
 

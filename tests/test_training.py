@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import base_args, training_flags
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
@@ -44,18 +45,6 @@ def two_samples(tmp_path_factory, demo) -> Path:
     path = tmp_path_factory.mktemp("two") / "two.json"
     path.write_text(json.dumps([with_image, text_only]))
     return path
-
-
-def training_flags(*extra: str) -> list[str]:
-    return [
-        "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-        "--save_strategy", "no", "--learning_rate", "2e-3", "--warmup_steps", "0", "--seed", "0",
-        "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra,
-    ]  # fmt: skip
-
-
-def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out), *training_flags(*extra)]
 
 
 def losses(log_history: list[dict], key: str = "loss") -> list[float]:
@@ -352,6 +341,13 @@ def read_reports(report: Path, ranks: int) -> list[dict]:
     return [json.loads(p.read_text()) for p in found]
 
 
+def torchrun_two_processes(args: list[str], report: Path) -> subprocess.CompletedProcess:
+    """finetune.py ARGS under torchrun, 2 processes on this host (a free port: other runs may hold the default);
+    each rank writes its run report into REPORT."""
+    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
+    return subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
+
+
 TORCH_ADAMW = "torch.optim.adamw.AdamW"
 
 
@@ -373,8 +369,7 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
     args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4", *extra)
     if deepspeed:
         args += ["--deepspeed", str(ROOT / "finetune" / deepspeed)]
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
-    result = subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
+    result = torchrun_two_processes(args, report)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in read_reports(report, 2):
         assert rank["wrapper"] == wrapper and rank["num_processes"] == 2 and rank["global_step"] == 3
@@ -394,8 +389,7 @@ def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tm
     out, report = tmp_path / "out", tmp_path / "report"
     args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "4", "--packing", "true", "--loss_chunk_size", "4",
                      "--deepspeed", str(ROOT / "finetune" / "ds_config_zero3.json"))  # fmt: skip
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
-    result = subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
+    result = torchrun_two_processes(args, report)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in read_reports(report, 2):
         assert rank["wrapper"] == "DeepSpeedEngine" and rank["num_processes"] == 2 and rank["global_step"] == 4
@@ -409,8 +403,7 @@ def test_ranks_share_validation_and_all_stop_on_a_bad_sample(tiny_model, tmp_pat
     data.write_text(json.dumps([dict(fine, id="first"), {"id": "no_answer", "conversations": [{"role": "user", "content": "hi"}]},
                                 dict(fine, id="third")]))  # fmt: skip
     args = base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1", "--per_device_train_batch_size", "1")
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
-    result = subprocess.run(command, env=run_env(tmp_path / "report"), capture_output=True, text=True, timeout=300)
+    result = torchrun_two_processes(args, tmp_path / "report")
     assert result.returncode != 0
     assert result.stderr.count("finetune.py: error: 1 bad train samples") == 2, result.stderr[-3000:]
     assert "no_answer: " in result.stderr and not (tmp_path / "out").exists()

@@ -1,0 +1,29 @@
+"""finetune.py command lines for the tiny model, shared by the test files that train with it.
+
+(pytest puts tests/ on sys.path, as it does for conftest.py: test files import this as `from helpers import ...`.)
+Later flags override earlier ones (argparse keeps the last value), so a test passes the value it needs as an extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def path_flags(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """The three paths every run names; with nothing else, finetune.py's own defaults apply."""
+    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out), *extra]
+
+
+def training_flags(*extra: str) -> list[str]:
+    """Quick, quiet, reproducible CPU training: batch 2, a learning rate the tiny model visibly learns at, seed 0,
+    a loss logged every step, nothing saved but the final adapter, no reporting, no data-loader workers."""
+    return [
+        "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
+        "--save_strategy", "no", "--learning_rate", "2e-3", "--warmup_steps", "0", "--seed", "0",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """The paths and the standard training flags, then the test's own."""
+    return path_flags(model, data, out, *training_flags(*extra))
