@@ -206,3 +206,22 @@ def test_a_model_switched_to_varlen_still_runs_inference_as_sdpa(golden_dir, gol
     with torch.no_grad():
         torch.testing.assert_close(model(data=data).logits, logits, rtol=1e-5, atol=1e-5)
     assert model.chat(image, msgs, tokenizer, **greedy) == answer
+
+
+def test_varlen_attention_never_attends_left_padding(golden_dir):
+    """Padding before a row's tokens (not what the collator makes), position ids counting through it (the
+    model's default when a caller gives none): the padding mask cuts the padding off, and the real tokens'
+    logits are sdpa's under the same mask."""
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa").eval()
+    ids = torch.tensor([[7, 7, 11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26, 27, 28]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    positions = torch.arange(8).expand(2, -1)
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    data = {"input_ids": ids, "position_ids": positions, "pixel_values": [[], []], "tgt_sizes": [empty, empty], "image_bound": [empty, empty]}
+    with torch.no_grad():
+        reference = model(data=data, attention_mask=mask).logits
+        use_varlen_attention(model)
+        varlen = model(data=data, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(varlen[real], reference[real], rtol=1e-5, atol=1e-5)
+    assert packed_segments(positions, mask)[0].tolist() == [0, 1, 2, 8, 16]

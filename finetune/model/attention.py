@@ -38,20 +38,26 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 # --- segments of a packed row -----------------------------------------------------------------------------
 
 
-def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def packed_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Cumulative segment lengths over the flattened [B, T] rows (int32, [n_segments + 1], starting at 0) and
-    the longest segment. A segment starts at every position id 0 and at every row start."""
+    the longest segment. A segment starts at every position id 0 and at every row start; with a padding mask
+    ([B, T], 0 on padding), also at every padding token and at the first token after one, so that padding is
+    never attended, wherever it sits (the collator pads on the right with position id 0, which needs no mask)."""
     rows, width = position_ids.shape
     starts = position_ids.reshape(-1) == 0
+    if attention_mask is not None and attention_mask.dim() == 2:
+        padding = attention_mask.reshape(-1).to(starts.device) == 0
+        starts |= padding
+        starts[1:] |= padding[:-1]
     starts[::width] = True
     boundaries = torch.cat([starts.nonzero().flatten(), torch.tensor([rows * width], device=position_ids.device)])
     cu_seq_lens = boundaries.to(torch.int32)
     return cu_seq_lens, int((boundaries[1:] - boundaries[:-1]).max())
 
 
-def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+def varlen_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
     """The keyword arguments that reach every attention call of the LLM (transformers' flash-attention names)."""
-    cu_seq_lens, longest = packed_segments(position_ids)
+    cu_seq_lens, longest = packed_segments(position_ids, attention_mask)
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
 
 
@@ -140,7 +146,7 @@ def varlen_attention_forward(
     # [B, H, T, D] -> [B*T, H, D]: the rows one after another, each token's heads together.
     query, key, value = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
     if query.is_cuda and query.dtype in _FLASH_DTYPES and head_dim <= 256:
-        output, _ = _flash_forward(query, key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale)
+        output, _ = _flash_forward(query.contiguous(), key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale)
     else:
         output = torch.compiler.disable(_segment_by_segment)(query, key, value, cu_seq_lens_q, scale)
     return output.reshape(batch, length, heads, head_dim), None

@@ -243,7 +243,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[0], -1)
         if self.config._attn_implementation == VARLEN:  # each sample of a packed row attended on its own
-            kwargs.update(varlen_kwargs(position_ids))
+            kwargs.update(varlen_kwargs(position_ids, kwargs.get("attention_mask")))
         if labels is None or return_logits:
             if labels is not None:
                 kwargs.update(labels=labels, num_items_in_batch=num_items_in_batch)
