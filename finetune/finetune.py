@@ -166,7 +166,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if lora_args.q_lora and not torch.cuda.is_available():
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
     check_optimizer_choice(training_args)
-    model_args.attn_implementation = resolve_attn_implementation(model_args.attn_implementation, flash_capable(), model_args.trust_remote_code)
+    gpu_in_half = torch.cuda.is_available() and not training_args.use_cpu and bool(training_args.bf16 or training_args.fp16)
+    model_args.attn_implementation = resolve_attn_implementation(
+        model_args.attn_implementation, gpu_in_half, gpu_in_half and flash_capable(), model_args.trust_remote_code
+    )
     training_args.compile_layers = resolve_compile_layers(
         training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code,
         training_args.torch_compile,
@@ -222,17 +225,20 @@ def resolve_compile_layers(
     return cuda and not (zero3 or q_lora or remote_code or torch_compile)
 
 
-def resolve_attn_implementation(requested: str | None, flash_gpu: bool, remote_code: bool) -> str:
-    """An explicit --attn_implementation wins (varlen only with the native class: the hub's forward does not
-    pass the segments on). By default varlen on a GPU that runs torch's flash kernel (Ampere or newer), which
-    then skips the attention between samples of a packed row; sdpa elsewhere (on the CPU varlen attends
-    segment by segment, which only pays on long rows; on older GPUs the kernel does not run) and with the
-    hub's model code."""
+def resolve_attn_implementation(requested: str | None, gpu_in_half: bool, flash_gpu: bool, remote_code: bool) -> str:
+    """An explicit --attn_implementation wins, where it can run: varlen needs the native class (the hub's
+    forward does not pass the segments on), and a GPU training in bf16/fp16 must be one that runs torch's flash
+    kernel (Ampere or newer). By default varlen exactly there (`gpu_in_half` and `flash_gpu`): the kernel then
+    skips the attention between samples of a packed row. sdpa elsewhere: in fp32 or on the CPU varlen would
+    attend segment by segment (a Python loop; it only pays on long rows), older GPUs do not run the kernel,
+    and the hub's model code."""
     if requested == VARLEN and remote_code:
         raise UsageError("--attn_implementation varlen needs the native model class (drop --trust_remote_code)")
+    if requested == VARLEN and gpu_in_half and not flash_gpu:
+        raise UsageError("--attn_implementation varlen needs an Ampere or newer GPU for torch's flash kernel; use sdpa on this one")
     if requested is not None:
         return requested
-    return VARLEN if flash_gpu and not remote_code else "sdpa"
+    return VARLEN if gpu_in_half and flash_gpu and not remote_code else "sdpa"
 
 
 def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:

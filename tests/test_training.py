@@ -256,11 +256,17 @@ def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, de
 def test_varlen_attention_by_default_only_where_measured():
     from finetune.finetune import resolve_attn_implementation
 
-    assert resolve_attn_implementation(None, flash_gpu=True, remote_code=False) == "varlen"
-    assert resolve_attn_implementation(None, flash_gpu=False, remote_code=False) == "sdpa"  # CPU, V100, T4
-    assert resolve_attn_implementation(None, flash_gpu=True, remote_code=True) == "sdpa"
-    assert resolve_attn_implementation("eager", flash_gpu=True, remote_code=False) == "eager"  # asked for: done
-    assert resolve_attn_implementation("varlen", flash_gpu=False, remote_code=False) == "varlen"
+    def resolve(requested=None, gpu_in_half=True, flash_gpu=True, remote_code=False):
+        return resolve_attn_implementation(requested, gpu_in_half, flash_gpu, remote_code)
+
+    assert resolve() == "varlen"  # an A100 / H100 / RTX 30xx-40xx in bf16 or fp16
+    assert resolve(flash_gpu=False) == "sdpa"  # a V100 or T4
+    assert resolve(gpu_in_half=False, flash_gpu=False) == "sdpa"  # the CPU, or a GPU in fp32
+    assert resolve(remote_code=True) == "sdpa"
+    assert resolve("eager") == "eager"  # asked for: done
+    assert resolve("varlen", gpu_in_half=False, flash_gpu=False) == "varlen"  # runs segment by segment
+    with pytest.raises(UsageError, match="needs an Ampere or newer GPU"):
+        resolve("varlen", flash_gpu=False)
 
 
 def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypatch):

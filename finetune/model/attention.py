@@ -157,8 +157,8 @@ def _config(model: nn.Module):
 
 
 def flash_capable() -> bool:
-    """Whether this process's CUDA GPU runs torch's flash kernel (compute capability 8.0+: not V100 or T4).
-    Asked of the process's own GPU (torchrun's LOCAL_RANK) before any device is set."""
+    """Whether this process's CUDA GPU runs torch's flash kernel (compute capability 8.0+: not V100 or T4),
+    asked of the process's own GPU (torchrun's LOCAL_RANK), whatever device is current."""
     if not torch.cuda.is_available():
         return False
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
