@@ -465,15 +465,23 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
 def validate_across_ranks(name: str, spec: str, dataset: SupervisedDataset, training_args: TrainingArguments) -> SplitReport:
     """Every sample, as training will read it. Each rank checks every world_size-th sample on its share of
     the node's CPU cores, and the results are gathered: every rank gets the whole report, so that a bad sample
-    any rank found stops them all, and they keep the same samples. Rank 0 logs."""
+    any rank found stops them all, and they keep the same samples. A rank whose check itself fails (not a bad
+    sample: a worker killed, say) stops them all too, instead of leaving them waiting. Rank 0 logs."""
     world, rank = training_args.world_size, training_args.process_index
     sharded = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    results = check_samples(dataset, range(rank, len(dataset), world) if sharded else range(len(dataset)), workers)
-    if sharded:
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, results)
-        results = sorted((result for share in shares for result in share), key=lambda result: result.index)
+    if not sharded:
+        return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers))
+    try:
+        share, failure = check_samples(dataset, range(rank, len(dataset), world), workers), None
+    except Exception as error:  # e.g. a validation worker killed for memory: the other ranks must not wait for this one
+        share, failure = [], f"{type(error).__name__}: {error}"
+    shares = [None] * world
+    torch.distributed.all_gather_object(shares, (share, failure))
+    failures = [f"rank {index}: {failure}" for index, (_, failure) in enumerate(shares) if failure]
+    if failures:
+        raise UsageError(f"validating the {name} data failed on " + "; ".join(failures))
+    results = sorted((result for share, _ in shares for result in share), key=lambda result: result.index)
     return split_report(name, spec, results, log=rank == 0)
 
 

@@ -415,6 +415,44 @@ def test_ranks_share_validation_and_all_stop_on_a_bad_sample(tiny_model, tmp_pat
     assert "no_answer: " in result.stderr and not (tmp_path / "out").exists()
 
 
+class _FailingChecks:
+    """A dataset whose sample 1 fails to check with an unexpected error; the others are bad samples."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def record(self, index: int):
+        from finetune.dataset import DataError
+
+        if index == 1:
+            raise RuntimeError("validation worker died")
+        raise DataError("no conversations", sample=f"s{index}")
+
+
+def _validate_on_rank(rank: int, port: int, errors) -> None:
+    from types import SimpleNamespace
+
+    from finetune.finetune import validate_across_ranks
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        validate_across_ranks("train", "data.json", _FailingChecks(), SimpleNamespace(world_size=2, process_index=rank))
+        errors[rank] = "no error"
+    except UsageError as error:
+        errors[rank] = str(error)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_rank_whose_validation_fails_stops_every_rank():
+    """Not a bad sample but the check itself failing on rank 1: rank 0 must stop too, not wait in the gather."""
+    import torch.multiprocessing as mp
+
+    errors = mp.Manager().dict()
+    mp.spawn(_validate_on_rank, args=(free_port(), errors), nprocs=2, join=True)
+    assert dict(errors) == {rank: "validating the train data failed on rank 1: RuntimeError: validation worker died" for rank in (0, 1)}
+
+
 def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path):
     out, report, port = tmp_path / "out", tmp_path / "report", free_port()
     flags = training_flags("--max_steps", "2", "--per_device_train_batch_size", "1")
