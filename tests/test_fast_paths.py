@@ -148,8 +148,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="the flash kernel's variable-le
 @pytest.mark.parametrize(
     ("device", "packing", "compiled"),
     [("cpu", True, False), ("cpu", False, False), ("cpu", True, True),
-     pytest.param("cuda", True, False, marks=needs_cuda), pytest.param("cuda", True, True, marks=needs_cuda)],
-    ids=["cpu-packed", "cpu-padded", "cpu-packed-compiled", "cuda-packed", "cuda-packed-compiled"],
+     pytest.param("cuda", True, False, marks=needs_cuda), pytest.param("cuda", False, False, marks=needs_cuda),
+     pytest.param("cuda", True, True, marks=needs_cuda)],
+    ids=["cpu-packed", "cpu-padded", "cpu-packed-compiled", "cuda-packed", "cuda-padded", "cuda-packed-compiled"],
 )  # fmt: skip
 def test_varlen_attention_gives_the_plain_loss_and_gradients(golden_dir, mixed_samples, device, packing, compiled):
     """On the CPU the segment-by-segment path (fp32, tight tolerance); on CUDA torch's flash kernel over all
