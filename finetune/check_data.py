@@ -209,8 +209,9 @@ def check_samples(dataset, indices: Sequence[int], workers: int, options: dict[s
 
 
 def split_report(name: str, spec: str, results: list[SampleResult], log: bool = True) -> SplitReport:
-    """The report of one data spec from every sample's result, in dataset order; with `log`, each truncated,
-    skipped or bad sample and duplicate ids are logged here (workers are quiet)."""
+    """The report of one data spec from every sample's result, in dataset order; with `log`, each truncated or
+    skipped sample and duplicate ids are logged here (workers are quiet). Bad samples are not: the report lists
+    them, and finetune.py's error and check_data's exit do again."""
     from finetune.dataset import duplicate_ids
 
     report = SplitReport(name, spec, results=results)
@@ -219,8 +220,6 @@ def split_report(name: str, spec: str, results: list[SampleResult], log: bool = 
             logger.info("sample %s: truncated from %d to %d tokens", r.id, r.length, r.kept_length)
         elif r.status == "skipped":
             logger.warning("%s", r.reason)
-        elif r.status == "bad":
-            logger.error("sample %s: %s", r.id, r.reason)
     report.duplicate_ids = duplicate_ids(Counter(r.id for r in results if r.has_id), warn=log)
     return report
 
