@@ -31,6 +31,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from .kernels import native_model
+
 VARLEN = "varlen"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -152,10 +154,6 @@ def varlen_attention_forward(
     return output.reshape(batch, length, heads, head_dim), None
 
 
-def _config(model: nn.Module):
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-
-
 def flash_capable() -> bool:
     """Whether this process's CUDA GPU runs torch's flash kernel (compute capability 8.0+: not V100 or T4),
     asked of the process's own GPU (torchrun's LOCAL_RANK), whatever device is current."""
@@ -168,13 +166,13 @@ def flash_capable() -> bool:
 
 def use_varlen_attention(model: nn.Module) -> None:
     """Switch the LLM of a (PEFT-wrapped) native MiniCPMV to varlen attention; the vision tower keeps its own."""
-    config = _config(model)
+    config = native_model(model).config
     config._attn_implementation = {"": VARLEN, "vision_config": config.vision_config._attn_implementation}
 
 
 def llm_attention(model: nn.Module) -> str | None:
     """The attention implementation the LLM runs (what the model has, whatever the flags said)."""
-    return _config(model)._attn_implementation
+    return native_model(model).config._attn_implementation
 
 
 # Registered once on import: the attention function, and sdpa's mask builder for the calls without segments.
