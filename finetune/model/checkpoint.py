@@ -88,10 +88,10 @@ def validate_checkpoint_dir(directory: str | Path, config=None) -> dict[str, tup
                 f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'minicpmv' (MiniCPM-Llama3-V-2.5)"
             )
         config = MiniCPMVConfig.from_dict(raw)
-    if getattr(config, "quantization_config", None) is not None:
-        return stored_shapes(directory)  # packed tensors of other shapes: transformers checks those
-    expected = expected_shapes(config)
     stored = stored_shapes(directory)
+    if getattr(config, "quantization_config", None) is not None:
+        return stored  # packed tensors of other shapes: transformers checks those
+    expected = expected_shapes(config)
     problems = []
     for name, shape in expected.items():
         if name not in stored:
