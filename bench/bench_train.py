@@ -280,9 +280,8 @@ def build_model(row: Row, args, device):
     if gc_on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if row.mode.endswith("_fast"):
-        from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers
-
         from finetune.model.attention import use_varlen_attention
+        from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers
 
         kernels = args.fast_kernels.split(",")
         if "varlen" in kernels:
