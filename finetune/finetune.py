@@ -166,13 +166,13 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if lora_args.q_lora and not torch.cuda.is_available():
         raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
     check_optimizer_choice(training_args)
-    gpu_in_half = torch.cuda.is_available() and not training_args.use_cpu and bool(training_args.bf16 or training_args.fp16)
+    on_gpu = torch.cuda.is_available() and not training_args.use_cpu
+    gpu_in_half = on_gpu and bool(training_args.bf16 or training_args.fp16)
     model_args.attn_implementation = resolve_attn_implementation(
         model_args.attn_implementation, gpu_in_half, gpu_in_half and flash_capable(), model_args.trust_remote_code
     )
     training_args.compile_layers = resolve_compile_layers(
-        training_args.compile_layers, torch.cuda.is_available(), is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code,
-        training_args.torch_compile,
+        training_args.compile_layers, on_gpu, is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code, training_args.torch_compile
     )
     check_fast_paths(model_args, training_args)
     if training_args.use_lora:
