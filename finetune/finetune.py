@@ -37,7 +37,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
 from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
-from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention
+from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention, vision_attention
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
 from finetune.model.loading import load_pretrained, looks_like_hub_id
@@ -60,7 +60,7 @@ class ModelArguments:
     # None = decide in resolve_attn_implementation (varlen where measured to pay: bench/README.md, "Update 4").
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "varlen (each sample of a packed row attended on its own; torch's flash kernel on CUDA, Ampere or newer) | sdpa | "
+        metadata={"help": "varlen (each sample of a packed row, and each image strip, attended on its own; torch's flash kernel on CUDA, Ampere or newer) | sdpa | "
                   "eager | flash_attention_2 (when flash-attn is installed); default: varlen on such GPUs with the native model, else sdpa"},
     )
 
@@ -91,7 +91,7 @@ class TrainingArguments(transformers.TrainingArguments):
     # None = decide in resolve_compile_layers (on where measured to pay: bench/README.md, "Update 3").
     compile_layers: bool | None = field(
         default=None,
-        metadata={"help": "torch.compile each LLM decoder layer (~1 min of compiling at start, then 1.05-1.3x faster steps "
+        metadata={"help": "torch.compile each LLM decoder layer and vision encoder layer (~1 min of compiling at start, then 1.05-1.3x faster steps "
                   "on H200); default: on with a CUDA GPU, except under ZeRO-3 or QLoRA"},
     )
     llm_type: str | None = field(default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"})
@@ -252,7 +252,7 @@ def check_fast_paths(model_args: ModelArguments, training_args: TrainingArgument
         if not liger_available():
             raise UsageError("--use_liger_kernel true needs liger-kernel: pip install liger-kernel")
     if training_args.compile_layers and training_args.torch_compile:
-        raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder layers only)")
+        raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder and vision encoder layers only)")
 
 
 def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:
@@ -266,7 +266,7 @@ def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:
 
 def load_model_and_tokenizer(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    # varlen is switched on after loading, for the LLM only (the vision tower's strips are not packed).
+    # varlen is switched on after loading, for both towers (transformers knows no such implementation).
     attention = "sdpa" if model_args.attn_implementation == VARLEN else model_args.attn_implementation
     kwargs = {"dtype": dtype, "attn_implementation": attention, "trust_remote_code": model_args.trust_remote_code}
     if lora_args.q_lora:
@@ -407,7 +407,7 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
     if training_args.compile_layers:
         # Sequence lengths change every step: compiled for any length at once, instead of once for the first
         # length and again when the second one arrives (each ~15 s for the full-size layer on an H200).
-        applied.append(f"torch.compile of {compile_decoder_layers(model, dynamic=True)} decoder layers")
+        applied.append(f"torch.compile of {compile_decoder_layers(model, vision=True, dynamic=True)} layers (LLM and vision tower)")
     return applied
 
 
@@ -541,7 +541,9 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "wrapper": type(trainer.model_wrapped).__name__,
         "optimizer": innermost_optimizer_name(trainer.optimizer),
         "compiled_layers": compiled_layer_count(trainer.model),
+        "compiled_vision_layers": compiled_layer_count(trainer.model, "vision"),
         "llm_attention": llm_attention(trainer.model),
+        "vision_attention": vision_attention(trainer.model),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
     }

@@ -20,8 +20,8 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator
 from finetune.finetune import DEFAULT_LORA_TARGETS, configure_trainable
-from finetune.model.attention import packed_segments, use_varlen_attention
-from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, liger_available
+from finetune.model.attention import packed_segments, use_varlen_attention, vision_attention
+from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
 
 CUDA = torch.cuda.is_available()
 
@@ -161,11 +161,40 @@ def test_varlen_attention_gives_the_plain_loss_and_gradients(golden_dir, mixed_s
     cuda = device == "cuda"
     reference = loss_and_grads(model, batch, device, autocast=cuda)
     use_varlen_attention(model)
-    assert model.get_base_model().vpm.config._attn_implementation == "sdpa", "the vision tower keeps its attention"
+    assert vision_attention(model) == "varlen", "the vision tower's strips are attended one by one too"
     if compiled:
-        compile_decoder_layers(model, dynamic=True)
+        compile_decoder_layers(model, vision=True, dynamic=True)
+        assert compiled_layer_count(model, "vision") == len(model.get_base_model().vpm.encoder.layers) > 0
     varlen = loss_and_grads(model, batch, device, autocast=cuda)
     assert_same(reference, varlen, *((1e-2, 2e-2) if cuda else (1e-5, 1e-4)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_packed_vision_tower_gives_the_padded_towers_features(golden_dir, golden_images, device):
+    """Strips of different lengths, in samples whose own longest strips differ: each strip padded to its own
+    sample's longest and masked beyond it (the reference) or packed and attended on its own (varlen) give the
+    same resampler output; on CUDA through the flash kernel, bidirectionally, head_dim 8 + the tiny tower's."""
+    from PIL import Image
+
+    from finetune.model.image_processing import image_views
+
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa").to(device).eval()
+    pixel_values, tgt_sizes = [], []
+    for names in (["wide_260x150.png"], ["tall_120x330.png", "small_90x70.png"]):
+        views = [image_views(Image.open(golden_images / name).convert("RGB"), model.config.slice_settings) for name in names]
+        pixel_values.append([strip for strips, _, _ in views for strip in strips])
+        tgt_sizes.append(torch.cat([sizes for _, sizes, _ in views]))
+    strips = {view.shape[-1] for sample in pixel_values for view in sample}
+    assert len(strips) > 2, "the check needs strips of several lengths"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = model.to(dtype)
+    with torch.no_grad():
+        reference = model.vision_features(pixel_values, tgt_sizes)
+        use_varlen_attention(model)
+        packed = model.vision_features(pixel_values, tgt_sizes)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if device == "cuda" else {"rtol": 1e-5, "atol": 1e-5}
+    for expected, got in zip(reference, packed):
+        torch.testing.assert_close(got, expected, **tolerance)
 
 
 def test_varlen_attention_sees_only_its_own_sample(golden_dir, mixed_samples):

@@ -22,7 +22,7 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator, SupervisedDataset
 from finetune.finetune import UsageError, main
-from finetune.model.attention import llm_attention
+from finetune.model.attention import llm_attention, vision_attention
 from finetune.model.kernels import compiled_layer_count
 from finetune.model.tokenization import SpecialTokens
 
@@ -219,9 +219,10 @@ def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
 def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, capsys):
     """--compile_layers reaches the model the Trainer trains (numerics: tests/test_fast_paths.py)."""
     trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true"))
-    layers = trainer.model.get_base_model().llm.model.layers
-    assert compiled_layer_count(trainer.model) == len(layers)
-    assert f"fast paths: torch.compile of {len(layers)} decoder layers" in capsys.readouterr().out
+    native = trainer.model.get_base_model()
+    llm_layers, vision_layers = len(native.llm.model.layers), len(native.vpm.encoder.layers)
+    assert compiled_layer_count(trainer.model) == llm_layers and compiled_layer_count(trainer.model, "vision") == vision_layers
+    assert f"fast paths: torch.compile of {llm_layers + vision_layers} layers (LLM and vision tower)" in capsys.readouterr().out
     curve = losses(trainer.state.log_history)
     assert len(curve) == 2 and all(math.isfinite(v) for v in curve)
 
@@ -244,8 +245,7 @@ def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, de
         args = base_args(tiny_model, demo / "train.json", tmp_path / attention, "--max_steps", "3", "--per_device_train_batch_size", "2",
                          "--attn_implementation", attention)  # fmt: skip
         trainer = main(args)
-        assert llm_attention(trainer.model) == attention
-        assert trainer.model.get_base_model().vpm.config._attn_implementation == "sdpa"
+        assert llm_attention(trainer.model) == vision_attention(trainer.model) == attention
         return losses(trainer.state.log_history)
 
     sdpa, varlen = curve("sdpa"), curve("varlen")
@@ -381,7 +381,8 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
         assert rank["wrapper"] == wrapper and rank["num_processes"] == 2 and rank["global_step"] == 3
         assert rank["optimizer"] == optimizer
         assert rank["compiled_layers"] == compiled  # of the tiny model's two decoder layers
-        assert rank["llm_attention"] == ("varlen" if "varlen" in extra else "sdpa")
+        assert (rank["compiled_vision_layers"] > 0) == (compiled > 0)  # the vision tower's with them
+        assert rank["llm_attention"] == rank["vision_attention"] == ("varlen" if "varlen" in extra else "sdpa")
     assert (out / "adapter_model.safetensors").is_file()
     # ZeRO-3 gathers the partitioned weights for saving: the adapter must hold real tensors, not empty shards.
     saved = load_file(out / "adapter_model.safetensors")

@@ -24,6 +24,7 @@ bought on an H200 is in bench/README.md ("Update 4").
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -67,46 +68,48 @@ def varlen_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 @torch.library.custom_op("minicpmv::varlen_flash_attention", mutates_args=())
-def _flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     output, logsumexp, *_ = torch.ops.aten._flash_attention_forward(
-        query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, 0.0, True, False, scale=scale
+        query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length, 0.0, causal, False, scale=scale
     )
     return output, logsumexp
 
 
 @_flash_forward.register_fake
-def _(query, key, value, cu_seq_lens, max_length, scale):
+def _(query, key, value, cu_seq_lens, max_length, scale, causal):
     return torch.empty_like(query), query.new_empty((query.shape[1], query.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("minicpmv::varlen_flash_attention_backward", mutates_args=())
 def _flash_backward(
     grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-    logsumexp: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float,
+    logsumexp: torch.Tensor, cu_seq_lens: torch.Tensor, max_length: int, scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     unused = torch.empty(0, device=query.device)  # dropout's random state: no dropout here
     grads = torch.ops.aten._flash_attention_backward(
         grad_output, query, key, value, output, logsumexp, cu_seq_lens, cu_seq_lens, max_length, max_length,
-        0.0, True, unused, unused, scale=scale,
+        0.0, causal, unused, unused, scale=scale,
     )  # fmt: skip
     return tuple(grad.contiguous() for grad in grads)
 
 
 @_flash_backward.register_fake
-def _(grad_output, query, key, value, output, logsumexp, cu_seq_lens, max_length, scale):
+def _(grad_output, query, key, value, output, logsumexp, cu_seq_lens, max_length, scale, causal):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, cu_seq_lens, max_length, scale = inputs
+    query, key, value, cu_seq_lens, max_length, scale, causal = inputs
     ctx.save_for_backward(query, key, value, output[0], output[1], cu_seq_lens)
-    ctx.max_length, ctx.scale = max_length, scale
+    ctx.max_length, ctx.scale, ctx.causal = max_length, scale, causal
 
 
 def _backward(ctx, grad_output, _grad_logsumexp):
     query, key, value, output, logsumexp, cu_seq_lens = ctx.saved_tensors
-    grads = _flash_backward(grad_output.contiguous(), query, key, value, output, logsumexp, cu_seq_lens, ctx.max_length, ctx.scale)
-    return *grads, None, None, None
+    grads = _flash_backward(grad_output.contiguous(), query, key, value, output, logsumexp, cu_seq_lens, ctx.max_length, ctx.scale, ctx.causal)
+    return *grads, None, None, None, None
 
 
 _flash_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -115,14 +118,23 @@ _flash_forward.register_autograd(_backward, setup_context=_setup_context)
 # --- the attention function transformers calls --------------------------------------------------------------
 
 
-def _segment_by_segment(query, key, value, cu_seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def _segment_by_segment(query, key, value, cu_seq_lens: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
     """[T, H, D] packed tokens -> each segment attended on its own with SDPA (the path off CUDA / in fp32)."""
     bounds = cu_seq_lens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
-        outputs.append(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1))
+        outputs.append(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True).transpose(0, 1))
     return torch.cat(outputs)
+
+
+class Segments(NamedTuple):
+    """The vision tower's strips, packed one after another: what `MiniCPMV.vision_features` hands its encoder in
+    place of an attention mask. transformers' vision attention passes its mask, and nothing else, on to the
+    attention function, so the segments travel in that slot."""
+
+    cu_seq_lens: torch.Tensor
+    max_length: int
 
 
 def varlen_attention_forward(
@@ -138,19 +150,23 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query [B, H, T, D], key/value [B, H_kv, T, D] in; the output
-    [B, T, H, D] and no attention weights out."""
+    [B, T, H, D] and no attention weights out. The LLM's segments come as `cu_seq_lens_q` / `max_length_q`
+    (causal), the vision tower's as `Segments` in the mask's place (bidirectional: `module.is_causal` is False)."""
+    if isinstance(attention_mask, Segments):
+        (cu_seq_lens_q, max_length_q), attention_mask = attention_mask, None
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
-        raise ValueError("varlen attention has no dropout (Llama-3's attention dropout is 0)")
+        raise ValueError("varlen attention has no dropout (Llama-3's and SigLIP's attention dropout is 0)")
     batch, heads, length, head_dim = query.shape
     scale = scaling if scaling is not None else head_dim**-0.5
+    causal = getattr(module, "is_causal", True)
     # [B, H, T, D] -> [B*T, H, D]: the rows one after another, each token's heads together.
     query, key, value = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
-    if query.is_cuda and query.dtype in _FLASH_DTYPES and head_dim <= 256:
-        output, _ = _flash_forward(query.contiguous(), key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale)
+    if query.is_cuda and query.dtype in _FLASH_DTYPES and head_dim <= 256 and head_dim % 8 == 0:
+        output, _ = _flash_forward(query.contiguous(), key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale, causal)
     else:
-        output = torch.compiler.disable(_segment_by_segment)(query, key, value, cu_seq_lens_q, scale)
+        output = torch.compiler.disable(_segment_by_segment)(query, key, value, cu_seq_lens_q, scale, causal)
     return output.reshape(batch, length, heads, head_dim), None
 
 
@@ -164,15 +180,27 @@ def flash_capable() -> bool:
     return torch.cuda.get_device_capability(local_rank if local_rank < torch.cuda.device_count() else 0) >= (8, 0)
 
 
-def use_varlen_attention(model: nn.Module) -> None:
-    """Switch the LLM of a (PEFT-wrapped) native MiniCPMV to varlen attention; the vision tower keeps its own."""
-    config = native_model(model).config
-    config._attn_implementation = {"": VARLEN, "vision_config": config.vision_config._attn_implementation}
+def use_varlen_attention(model: nn.Module, vision: bool = True) -> None:
+    """Switch the LLM of a (PEFT-wrapped) native MiniCPMV to varlen attention, and with `vision` its vision
+    tower too; otherwise the vision tower keeps its own."""
+    native = native_model(model)
+    config = native.config
+    vision_choice = VARLEN if vision else config.vision_config._attn_implementation
+    config._attn_implementation = {"": VARLEN, "vision_config": vision_choice}
+    # A trained vision tower is a PEFT modules_to_save copy, made by deepcopy: its layers read a copy of the config.
+    for module in native.vpm.modules():
+        if isinstance(getattr(module, "config", None), type(config.vision_config)):
+            module.config._attn_implementation = vision_choice
 
 
 def llm_attention(model: nn.Module) -> str | None:
     """The attention implementation the LLM runs (what the model has, whatever the flags said)."""
     return native_model(model).config._attn_implementation
+
+
+def vision_attention(model: nn.Module) -> str | None:
+    """The attention implementation the vision tower runs."""
+    return native_model(model).config.vision_config._attn_implementation
 
 
 # Registered once on import: the attention function, and sdpa's mask builder for the calls without segments.

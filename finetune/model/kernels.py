@@ -48,14 +48,22 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
     native.loss_kernel = "liger" if fused_loss else "chunked"
 
 
-def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> int:
-    """torch.compile every decoder layer of the LLM in place; returns how many were compiled."""
-    layers = native_model(model).llm.model.layers
+def tower_layers(model: nn.Module, tower: str = "llm") -> nn.ModuleList:
+    """The repeated layers of the LLM ("llm") or of the vision tower ("vision"). A trained vision tower is a
+    PEFT modules_to_save wrapper, whose attribute access reaches the trained copy."""
+    native = native_model(model)
+    return native.llm.model.layers if tower == "llm" else native.vpm.encoder.layers
+
+
+def compile_decoder_layers(model: nn.Module, vision: bool = False, **compile_kwargs) -> int:
+    """torch.compile every decoder layer of the LLM in place, and with `vision` every encoder layer of the
+    vision tower; returns how many layers were compiled."""
+    layers = [*tower_layers(model, "llm"), *(tower_layers(model, "vision") if vision else [])]
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)
 
 
-def compiled_layer_count(model: nn.Module) -> int:
-    """How many of the LLM's decoder layers are compiled (what the model has, whatever the flags said)."""
-    return sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in native_model(model).llm.model.layers)
+def compiled_layer_count(model: nn.Module, tower: str = "llm") -> int:
+    """How many layers of the tower are compiled (what the model has, whatever the flags said)."""
+    return sum(getattr(layer, "_compiled_call_impl", None) is not None for layer in tower_layers(model, tower))

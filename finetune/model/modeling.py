@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from .attention import VARLEN, varlen_kwargs
+from .attention import VARLEN, Segments, varlen_kwargs
 from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
@@ -156,9 +156,24 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             batch[j, :, :, : strip.shape[-1]] = normalize_pixels(strip.to(weight.device)).to(weight.dtype)
         lengths = torch.tensor(own_length, device=weight.device)
         patch_mask = (torch.arange(length, device=weight.device)[None, :] < lengths[:, None])[:, None, :]
-        hidden = self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state
+        hidden = self._vision_tower(batch, patch_mask)
         queries = self.resampler(hidden, torch.cat(sizes).to(weight.device))
         return list(queries.split(counts))  # a sample without images gets a [0, Q, D] tensor
+
+    def _vision_tower(self, batch: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """`self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state`. With varlen attention the
+        unmasked patches of all images are packed one after another ([1, n, D]) and each image is attended on
+        its own, instead of every image padded to the longest under a mask: the same numbers on the unmasked
+        patches; the masked ones come back as zeros (the resampler never reads them)."""
+        if self.config.vision_config._attn_implementation != VARLEN:
+            return self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state
+        hidden = self.vpm.embeddings(pixel_values=batch, patch_attention_mask=patch_mask)
+        keep = patch_mask.reshape(len(batch), -1)
+        lengths = keep.sum(1)
+        cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        packed = self.vpm.encoder(inputs_embeds=hidden[keep][None], attention_mask=Segments(cu_seq_lens, int(lengths.max()))).last_hidden_state
+        packed = self.vpm.post_layernorm(packed)
+        return packed.new_zeros(hidden.shape).masked_scatter(keep[..., None], packed[0])
 
     def _dummy_vision_feature(self) -> torch.Tensor:
         """What the published code runs when a training call has no image: an all-zero 224 x 224 image."""
@@ -166,7 +181,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         dummy = torch.zeros(1, 3, 224, 224, dtype=weight.dtype, device=weight.device)
         side = 224 // self.config.patch_size
         sizes = torch.tensor([[side, side]], dtype=torch.int64, device=weight.device)
-        return self.resampler(self.vpm(dummy).last_hidden_state, sizes)
+        every_patch = torch.ones(1, side, side, dtype=torch.bool, device=weight.device)
+        return self.resampler(self._vision_tower(dummy, every_patch), sizes)
 
     # --- the published interface ----------------------------------------------------------------------------
 
