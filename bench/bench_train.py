@@ -24,10 +24,13 @@ Modes:
   suite_fast, suite_nogc_fast
             the same two with the fast paths of --fast-kernels, comma-separated: "liger" (liger-kernel's RMSNorm /
             SwiGLU / RoPE + fused linear cross-entropy), "compile" (torch.compile of each decoder layer, dynamic
-            shapes), "varlen" (each sample of a packed row attended on its own: finetune.model.attention).
+            shapes), "varlen" (each sample of a packed row attended on its own: finetune.model.attention); with
+            "varlen", "vision-varlen" attends each image strip of the vision tower on its own too (packed, no mask);
+            with "compile", "vision-compile" compiles the vision tower's encoder layers too. finetune.py's CUDA
+            default is "varlen,vision-varlen,compile,vision-compile".
 
 Workloads:
-  text  one 2048-token row of random ids (batch 1), every position a label.
+  text  --text-rows rows (default 1) of --text-len (2048) random ids a step, every position a label.
   mm    synthetic multimodal conversations built by finetune.dataset.SupervisedDataset over a generated JSON with
         JPEG images of 400..2000 px (sliced by the real rule, SliceSettings(448, 14, 9, 96)), 1-3 turns, sample
         lengths 300..2000 tokens; DataLoader with workers, --mm-batch samples per step (suite packs them into one
@@ -285,11 +288,11 @@ def build_model(row: Row, args, device):
 
         kernels = args.fast_kernels.split(",")
         if "varlen" in kernels:
-            use_varlen_attention(model)
+            use_varlen_attention(model, vision="vision-varlen" in kernels)
         if "liger" in kernels:
             apply_liger_kernels(model)
         if "compile" in kernels:
-            compile_decoder_layers(model, dynamic=True)  # as finetune.py compiles them
+            compile_decoder_layers(model, vision="vision-compile" in kernels, dynamic=True)  # as finetune.py compiles them
     model.train()
     return model
 
@@ -334,17 +337,18 @@ def batch_stats(batch) -> tuple[list[int], int, list[int], int]:
 # --- one row ----------------------------------------------------------------------------------------------------
 
 
-def text_batches(vocab: int, length: int, seed: int = 0):
+def text_batches(vocab: int, length: int, seed: int = 0, rows: int = 1):
     generator = torch.Generator().manual_seed(seed)
+    empty = torch.zeros(0, 2, dtype=torch.int64)
     while True:
-        ids = torch.randint(0, vocab, (1, length), generator=generator)
+        ids = torch.randint(0, vocab, (rows, length), generator=generator)
         yield {
             "data": {
                 "input_ids": ids,
-                "position_ids": torch.arange(length)[None],
-                "pixel_values": [[]],
-                "tgt_sizes": [torch.zeros(0, 2, dtype=torch.int64)],
-                "image_bound": [torch.zeros(0, 2, dtype=torch.int64)],
+                "position_ids": torch.arange(length).expand(rows, -1),
+                "pixel_values": [[] for _ in range(rows)],
+                "tgt_sizes": [empty] * rows,
+                "image_bound": [empty] * rows,
             },
             "labels": ids.clone(),
             "attention_mask": torch.ones_like(ids),
@@ -421,7 +425,8 @@ def run_row(row: Row, args, env) -> dict:
     build_s = time.perf_counter() - t_build
 
     vocab = model.get_base_model().config.vocab_size
-    batches = text_batches(min(vocab, 128000), args.text_len if not args.tiny else 256) if row.workload == "text" else mm_batches(row, args, env)
+    text_len = args.text_len if not args.tiny else 256
+    batches = text_batches(min(vocab, 128000), text_len, rows=args.text_rows) if row.workload == "text" else mm_batches(row, args, env)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     baseline = row.mode == "baseline"
     times, waits, tokens, samples, flops, losses = [], [], 0, 0, 0.0, []
@@ -450,6 +455,7 @@ def run_row(row: Row, args, env) -> dict:
         "gradient_checkpointing": "nogc" not in row.mode,
         "fast_kernels": args.fast_kernels if row.mode.endswith("_fast") else None,
         "packing": row.mode != "baseline" and row.workload == "mm",
+        "rows_per_step": args.text_rows if row.workload == "text" else None,
         "steps_timed": args.steps,
         "warmup": args.warmup,
         "step_s_mean": total / max(1, len(times)),
@@ -511,6 +517,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--text-len", type=int, default=2048)
+    parser.add_argument("--text-rows", type=int, default=1, help="text rows (samples) a step, in every mode")
     parser.add_argument("--mm-batch", type=int, default=4, help="samples per step in the multimodal rows")
     parser.add_argument("--mm-samples", type=int, default=64)
     parser.add_argument("--mm-dir", default=None, help="where the synthetic multimodal set is written, or reused when one made with the same parameters is there (default: a temp dir)")

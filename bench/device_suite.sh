@@ -15,6 +15,8 @@
 #   OUT=$OUT bash bench/device_suite.sh 10  # varlen attention: GPU numerics tests; bench loop multimodal rows (GPU0) | finetune.py multimodal (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh 11  # GPU numerics tests again (part 10's ran after liger's global patches); ZeRO-2 1 -> 2 GPUs with the new defaults
 #   OUT=$OUT bash bench/device_suite.sh 12  # 1 GPU: why finetune.py's text speed mode trails the bench loop (the benchmark's own syncs, logging each step)
+#   OUT=$OUT bash bench/device_suite.sh 13  # vision tower varlen + compiled: GPU tests; bench loop multimodal A/B (GPU0) | finetune.py multimodal, AdamW and 8-bit AdamW (GPU1)
+#   OUT=$OUT bash bench/device_suite.sh 14  # 1 GPU: text speed mode at one and two 2048-token rows a step, bench loop and finetune.py
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -65,6 +67,20 @@ if [ "$PART" = 11 ]; then  # the tests do not wait for the set-up (GPU1 builds t
         { echo "===== pytest tests/test_fast_paths.py (GPU)"; grep -v -E "^\s*$" /tmp/pytest_fast.log | tail -n 80; } >> "$OUT/logs.txt"
     ) &
     TEST_PID=$!
+    CKPT_GPU=1
+fi
+if [ "$PART" = 13 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+        MMA="--steps 8 --warmup 4 --mm-dir /tmp/mm_gpu0"
+        bench_train mm_llm13 $MMA --fast-kernels varlen,compile --config mm_upstream_baseline,mm_upstream_suite_fast
+        bench_train mm_vvarlen13 $MMA --fast-kernels varlen,vision-varlen,compile --config mm_upstream_suite_fast
+        bench_train mm_vboth13 $MMA --fast-kernels varlen,vision-varlen,compile,vision-compile --config mm_upstream_suite_fast --profile-dir /tmp/profile_mm_vboth13
+    ) &
+    SPEED_PID=$!
     CKPT_GPU=1
 fi
 if [ "$PART" = 10 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
@@ -314,6 +330,24 @@ PY
     BENCH_SYNC=steps trainer s1_lora_nogc_stepsync 0 130 $NOGC
     trainer s1_lora_nogc_allsync 0 110 $NOGC
     BENCH_SYNC=steps BENCH_PROFILE=$OUT/profile_trainer.txt trainer s1_lora_nogc_stepsync_log10 0 110 $NOGC --logging_steps 10
+    ;;
+13) # GPU1 (GPU0 runs the tests and the bench loop's multimodal rows, started above): finetune.py on the
+    # multimodal set with its CUDA defaults (both towers varlen and compiled), 12 steps, the first 4 untimed;
+    # then the same with 8-bit AdamW states (the memory lever for the trained vision tower's fp32 states)
+    export WARMUP=4
+    PORT=6500
+    trainer m1_upstream_defaults13 1 200 $MM $UPSTREAM --max_steps 12
+    trainer m1_upstream_defaults_8bit13 1 200 $MM $UPSTREAM --max_steps 12 --optim adamw_bnb_8bit
+    wait $SPEED_PID
+    ;;
+14) # one GPU: text speed mode, one and two 2048-token rows a step, bench loop (baseline and speed mode) and
+    # finetune.py (the two rows packed into one, each sample attended on its own), in one call
+    export WARMUP=5
+    bench_train text_rows1_14 --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
+    bench_train text_rows2_14 --steps 8 --warmup 3 --text-rows 2 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    BENCH_SYNC=steps trainer s1_lora_nogc_rows1_14 0 130 $NOGC
+    BENCH_SYNC=steps trainer s1_lora_nogc_rows2_14 0 130 $NOGC --per_device_train_batch_size 2
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

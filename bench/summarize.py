@@ -21,9 +21,9 @@ def kernels(report: dict) -> str:
     if report.get("liger_rms_norm"):
         parts.append("liger" + (" + fused CE" if report.get("loss_kernel") == "liger" else ""))
     if report.get("compiled_layers"):
-        parts.append("compiled layers")
+        parts.append("compiled layers" + (" (both towers)" if report.get("compiled_vision_layers") else ""))
     if report.get("llm_attention") == "varlen":
-        parts.append("varlen attention")
+        parts.append("varlen attention" + (" (both towers)" if report.get("vision_attention") == "varlen" else ""))
     return ", ".join(parts)
 
 

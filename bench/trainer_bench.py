@@ -33,7 +33,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
-from finetune.model.attention import llm_attention  # noqa: E402
+from finetune.model.attention import llm_attention, vision_attention  # noqa: E402
 from finetune.model.kernels import compiled_layer_count, native_model  # noqa: E402
 
 
@@ -170,7 +170,9 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "loss_kernel": getattr(native, "loss_kernel", None),
             "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
             "compiled_layers": compiled_layer_count(native),
+            "compiled_vision_layers": compiled_layer_count(native, "vision"),
             "llm_attention": llm_attention(native),
+            "vision_attention": vision_attention(native),
         }
         print("[bench] " + json.dumps(report), flush=True)
         path = os.environ.get("BENCH_TRAINER_JSON")
