@@ -16,7 +16,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 11  # GPU numerics tests again (part 10's ran after liger's global patches); ZeRO-2 1 -> 2 GPUs with the new defaults
 #   OUT=$OUT bash bench/device_suite.sh 12  # 1 GPU: why finetune.py's text speed mode trails the bench loop (the benchmark's own syncs, logging each step)
 #   OUT=$OUT bash bench/device_suite.sh 13  # vision tower varlen + compiled: GPU tests; bench loop multimodal A/B (GPU0) | finetune.py multimodal, AdamW and 8-bit AdamW (GPU1)
-#   OUT=$OUT bash bench/device_suite.sh 14  # 1 GPU: text speed mode at one and two 2048-token rows a step, bench loop and finetune.py
+#   OUT=$OUT bash bench/device_suite.sh 15  # finetune.py multimodal A/B of the vision tower's fast paths (GPU0) | text speed mode at 1 and 2 rows a step (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -82,6 +82,15 @@ if [ "$PART" = 13 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the 
     ) &
     SPEED_PID=$!
     CKPT_GPU=1
+fi
+if [ "$PART" = 15 ]; then  # GPU1 does not wait for the set-up (GPU0 builds the checkpoint): the text rows, bench loop
+    (
+        export CUDA_VISIBLE_DEVICES=1
+        bench_train text_rows1_15 --steps 8 --warmup 3 --config text_lora_baseline
+        bench_train text_rows2_15 --steps 8 --warmup 3 --text-rows 2 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=0
 fi
 if [ "$PART" = 10 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
@@ -340,14 +349,23 @@ PY
     trainer m1_upstream_defaults_8bit13 1 200 $MM $UPSTREAM --max_steps 12 --optim adamw_bnb_8bit
     wait $SPEED_PID
     ;;
-14) # one GPU: text speed mode, one and two 2048-token rows a step, bench loop (baseline and speed mode) and
-    # finetune.py (the two rows packed into one, each sample attended on its own), in one call
-    export WARMUP=5
-    bench_train text_rows1_14 --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
-    bench_train text_rows2_14 --steps 8 --warmup 3 --text-rows 2 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
-    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
-    BENCH_SYNC=steps trainer s1_lora_nogc_rows1_14 0 130 $NOGC
-    BENCH_SYNC=steps trainer s1_lora_nogc_rows2_14 0 130 $NOGC --per_device_train_batch_size 2
+15) # GPU0: finetune.py on the multimodal set, A/B of the vision tower's fast paths (its defaults; the vision
+    # tower back on sdpa; its layers not compiled), 10 steps, the first 4 untimed. GPU1, after its bench-loop
+    # rows: finetune.py's text speed mode at two rows a step (packed into one, each sample attended on its own)
+    # and at one
+    export WARMUP=4
+    (
+        PORT=6600
+        while kill -0 $SPEED_PID 2>/dev/null; do sleep 2; done
+        NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+        WARMUP=5 BENCH_SYNC=steps trainer s1_lora_nogc_rows2_15 1 130 $NOGC --per_device_train_batch_size 2
+        WARMUP=5 BENCH_SYNC=steps trainer s1_lora_nogc_rows1_15 1 130 $NOGC
+    ) &
+    PORT=6500
+    trainer m1_defaults15 0 175 $MM $UPSTREAM --max_steps 10
+    BENCH_VISION_ATTENTION=sdpa trainer m1_vision_sdpa15 0 175 $MM $UPSTREAM --max_steps 10
+    BENCH_VISION_COMPILE=0 trainer m1_vision_eager15 0 175 $MM $UPSTREAM --max_steps 10
+    wait
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 2 bench/trainer_bench.py <finetune.py arguments> [--deepspeed ...]
     env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing),
         BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5;
-        the timing then starts at step 8 at the earliest)
+        the timing then starts at step 8 at the earliest); for A/B rows of the vision tower's fast paths,
+        BENCH_VISION_ATTENTION=sdpa (the vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers
+        not compiled), applied to the model finetune.py built
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
@@ -33,8 +35,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
-from finetune.model.attention import llm_attention, vision_attention  # noqa: E402
-from finetune.model.kernels import compiled_layer_count, native_model  # noqa: E402
+from finetune.model.attention import llm_attention, set_vision_attention, vision_attention  # noqa: E402
+from finetune.model.kernels import compiled_layer_count, native_model, tower_layers  # noqa: E402
 
 
 def _now(sync: bool = True) -> float:
@@ -57,6 +59,11 @@ class _StepEnds(TrainerCallback):
 class TimedTrainer(ft.MiniCPMVTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if os.environ.get("BENCH_VISION_ATTENTION"):
+            set_vision_attention(self.model, os.environ["BENCH_VISION_ATTENTION"])
+        if os.environ.get("BENCH_VISION_COMPILE") == "0":
+            for layer in tower_layers(self.model, "vision"):
+                layer._compiled_call_impl = None  # what nn.Module.compile set: plain calls again
         self._bench_starts: list[float] = []  # per micro-batch: training_step entered
         self._bench_ends: list[float] = []  # per micro-batch: forward + backward done
         self._bench_step_ends: list[float] = []  # per optimizer step: optimizer step done

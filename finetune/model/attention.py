@@ -183,14 +183,20 @@ def flash_capable() -> bool:
 def use_varlen_attention(model: nn.Module, vision: bool = True) -> None:
     """Switch the LLM of a (PEFT-wrapped) native MiniCPMV to varlen attention, and with `vision` its vision
     tower too; otherwise the vision tower keeps its own."""
-    native = native_model(model)
-    config = native.config
+    config = native_model(model).config
     vision_choice = VARLEN if vision else config.vision_config._attn_implementation
     config._attn_implementation = {"": VARLEN, "vision_config": vision_choice}
-    # A trained vision tower is a PEFT modules_to_save copy, made by deepcopy: its layers read a copy of the config.
+    set_vision_attention(model, vision_choice)
+
+
+def set_vision_attention(model: nn.Module, implementation: str) -> None:
+    """The vision tower's attention implementation, in every config its layers read: a trained vision tower is a
+    PEFT modules_to_save copy, made by deepcopy, whose layers read a copy of the config."""
+    native = native_model(model)
+    native.config.vision_config._attn_implementation = implementation
     for module in native.vpm.modules():
-        if isinstance(getattr(module, "config", None), type(config.vision_config)):
-            module.config._attn_implementation = vision_choice
+        if isinstance(getattr(module, "config", None), type(native.config.vision_config)):
+            module.config._attn_implementation = implementation
 
 
 def llm_attention(model: nn.Module) -> str | None:
