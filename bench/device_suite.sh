@@ -17,6 +17,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 12  # 1 GPU: why finetune.py's text speed mode trails the bench loop (the benchmark's own syncs, logging each step)
 #   OUT=$OUT bash bench/device_suite.sh 13  # vision tower varlen + compiled: GPU tests; bench loop multimodal A/B (GPU0) | finetune.py multimodal, AdamW and 8-bit AdamW (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh 15  # finetune.py multimodal A/B of the vision tower's fast paths (GPU0) | text speed mode at 1 and 2 rows a step (GPU1)
+#   OUT=$OUT bash bench/device_suite.sh 16  # 1 GPU alone: text speed mode vs the checkpointed baseline at 1 and 2 rows a step, bench loop and finetune.py
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -366,6 +367,15 @@ PY
     BENCH_VISION_ATTENTION=sdpa trainer m1_vision_sdpa15 0 175 $MM $UPSTREAM --max_steps 10
     BENCH_VISION_COMPILE=0 trainer m1_vision_eager15 0 175 $MM $UPSTREAM --max_steps 10
     wait
+    ;;
+16) # one GPU, nothing else running: the text speed mode against the checkpointed baseline, one and two
+    # 2048-token rows a step, in the bench loop and through finetune.py (part 15 ran them beside GPU0's compiling)
+    bench_train text_rows1_16 --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
+    bench_train text_rows2_16 --steps 8 --warmup 3 --text-rows 2 --fast-kernels varlen,compile --config text_lora_baseline,text_lora_suite_nogc_fast
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    export WARMUP=5 BENCH_SYNC=steps
+    trainer s1_lora_nogc_rows1_16 0 130 $NOGC
+    trainer s1_lora_nogc_rows2_16 0 130 $NOGC --per_device_train_batch_size 2
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
