@@ -1,4 +1,4 @@
-"""Per-sample causal attention for packed rows ("varlen" attention) in the LLM.
+"""Per-sample attention for packed sequences ("varlen" attention): the LLM's packed rows, the vision tower's strips.
 
 A packed row holds several samples one after another, position_ids restarting at 0 for each. transformers'
 `sdpa` attends such a row densely under a block-diagonal mask: with k samples of a row it computes about k
@@ -17,8 +17,13 @@ In padding mode (packing off) the padding positions (position id 0 each) become 
 own, so real tokens never see them, as under the padding mask. Without `cu_seq_lens` (generation with a KV
 cache) the call is plain `sdpa`, with the mask transformers builds for it.
 
+The vision tower's image strips are the same problem without causality: padded to the longest strip of the
+call, they were attended under a patch mask (the masked kernel again). With varlen the unmasked patches of
+all strips are packed into one sequence (`MiniCPMV._vision_tower`) and each strip is attended on its own,
+bidirectionally (the attention module's `is_causal` is False), by the same kernel.
+
 `tests/test_fast_paths.py` checks loss and gradients against `sdpa` on packed multimodal batches; what it
-bought on an H200 is in bench/README.md ("Update 4").
+bought on an H200 is in bench/README.md ("Update 4" for the LLM, "Update 5" for the vision tower).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optional fast paths for the LLM half of MiniCPMV: liger-kernel's fused Triton kernels, regional torch.compile.
+"""Optional fast paths for MiniCPMV: liger-kernel's fused Triton kernels (LLM), regional torch.compile (both towers).
 
 Both change how the same arithmetic is scheduled, not what is computed: tests/test_fast_paths.py checks the
 loss and every gradient against the plain path on one batch (bf16 tolerance). What each one bought on an H200
@@ -9,9 +9,9 @@ them on by default on CUDA); liger's kernels were slower but saved memory (opt-i
   kernels (fewer passes over the activations, less saved for backward), and the label-position loss becomes
   liger's fused linear cross-entropy (logits of a chunk live only inside the kernel, gradients are computed
   in the forward pass, so lm_head is not run again in backward). CUDA only; needs `pip install liger-kernel`.
-- `compile_decoder_layers`: `torch.compile` of each decoder layer (regional compilation: inductor fuses the
-  layer's elementwise work around the matrix multiplies; the Python-heavy multimodal glue around the layers,
-  image scattering, packing, the chunked loss, stays eager).
+- `compile_decoder_layers`: `torch.compile` of each decoder layer, and with `vision=True` of each vision encoder
+  layer (regional compilation: inductor fuses the layer's elementwise work around the matrix multiplies; the
+  Python-heavy multimodal glue around the layers, image scattering, packing, the chunked loss, stays eager).
 """
 
 from __future__ import annotations
