@@ -7,8 +7,9 @@
 # Several GPUs, least memory each: DS_CONFIG=<this folder>/ds_config_zero3_lean.json ... --optim adamw_bnb_8bit (12.8 GiB
 # on each of 2). With liger-kernel installed, --use_liger_kernel true saves memory too (2.6-5.6 GiB on one GPU,
 # LoRA only) and was slower on an H200.
-# On CUDA the LLM's decoder layers are compiled (about a minute at start; --compile_layers false skips that), and
-# each sample of a packed micro-batch is attended on its own (--attn_implementation varlen; sdpa is the other).
+# On CUDA the layers of the LLM and the vision tower are compiled (about a minute at start; --compile_layers false
+# skips that), and each sample of a packed micro-batch, and each image strip, is attended on its own
+# (--attn_implementation varlen; sdpa is the other).
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
