@@ -216,6 +216,23 @@ def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
         main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
 
 
+def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model, demo, tmp_path, monkeypatch):
+    """MiniCPMVTrainer.floating_point_ops gives transformers' 6 x tokens x non-embedding parameters, reading the
+    tokens inside `data`, and counts the parameters once, not at every micro-batch."""
+    from transformers import PreTrainedModel, Trainer
+
+    trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    counted = []
+    library_count = PreTrainedModel.num_parameters
+    monkeypatch.setattr(PreTrainedModel, "num_parameters", lambda self, *a, **k: counted.append(k) or library_count(self, *a, **k))
+    expected = Trainer.floating_point_ops(trainer, batch["data"])  # the library's, on the fields inside `data`
+    assert counted == [{"exclude_embeddings": True}] and expected > 0
+    assert trainer.floating_point_ops(batch) == trainer.floating_point_ops(batch) == expected
+    assert len(counted) == 1, "counted during training already: not again"
+    assert trainer.state.total_flos > 0
+
+
 def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, capsys):
     """--compile_layers reaches the model the Trainer trains (numerics: tests/test_fast_paths.py)."""
     trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true"))
