@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
-from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report
+from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report, validate_built
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention, vision_attention
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
@@ -471,7 +471,7 @@ def validate_across_ranks(name: str, spec: str, dataset: SupervisedDataset, trai
     sharded = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not sharded:
-        return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers))
+        return validate_built(name, spec, dataset, workers)
     try:
         share, failure = check_samples(dataset, range(rank, len(dataset), world), workers), None
     except Exception as error:  # e.g. a validation worker killed for memory: the other ranks must not wait for this one
