@@ -35,8 +35,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
-from finetune.model.attention import llm_attention, set_vision_attention, vision_attention  # noqa: E402
-from finetune.model.kernels import compiled_layer_count, native_model, tower_layers  # noqa: E402
+from finetune.model.attention import set_vision_attention  # noqa: E402
+from finetune.model.kernels import tower_layers  # noqa: E402
 
 
 def _now(sync: bool = True) -> float:
@@ -146,7 +146,6 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         # From the last backward of a step to its end: gradient clipping, optimizer step, scheduler, zero_grad.
         optimizer = [ends[k] - self._bench_ends[(k + 1) * accum - 1] for k in range(steps)]
         ds = getattr(self.args, "deepspeed", None)
-        native = native_model(self.model)
         report = {
             "world_size": world,
             "deepspeed": ds,
@@ -173,13 +172,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "data_wait_s": data_wait,
             "optimizer_s": optimizer,
             "tune_vision": self._bench_vision,
-            # The fast paths as the model has them (finetune.model.kernels), not as the flags asked.
-            "loss_kernel": getattr(native, "loss_kernel", None),
-            "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
-            "compiled_layers": compiled_layer_count(native),
-            "compiled_vision_layers": compiled_layer_count(native, "vision"),
-            "llm_attention": llm_attention(native),
-            "vision_attention": vision_attention(native),
+            **ft.fast_paths_in_effect(self.model),
         }
         print("[bench] " + json.dumps(report), flush=True)
         path = os.environ.get("BENCH_TRAINER_JSON")

@@ -39,7 +39,7 @@ from finetune.check_data import SplitReport, ValidationReport, check_samples, sp
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention, vision_attention
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
-from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
+from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available, native_model
 from finetune.model.loading import load_pretrained, looks_like_hub_id
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
@@ -529,6 +529,20 @@ def innermost_optimizer_name(optimizer) -> str:
     return f"{type(optimizer).__module__}.{type(optimizer).__name__}" + (f" {bits}-bit" if bits else "")
 
 
+def fast_paths_in_effect(model) -> dict:
+    """The fast paths as the model has them (finetune.model.kernels and .attention), whatever the flags said:
+    the run report's fields, and bench/trainer_bench.py's."""
+    native = native_model(model)
+    return {
+        "loss_kernel": getattr(native, "loss_kernel", None),  # the hub's class has none
+        "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
+        "compiled_layers": compiled_layer_count(native),
+        "compiled_vision_layers": compiled_layer_count(native, "vision"),
+        "llm_attention": llm_attention(native),
+        "vision_attention": vision_attention(native),
+    }
+
+
 def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
     """One JSON per rank saying how this process really trained (tests assert on it, not on exit codes)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -540,10 +554,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "backend": getattr(state, "backend", None),
         "wrapper": type(trainer.model_wrapped).__name__,
         "optimizer": innermost_optimizer_name(trainer.optimizer),
-        "compiled_layers": compiled_layer_count(trainer.model),
-        "compiled_vision_layers": compiled_layer_count(trainer.model, "vision"),
-        "llm_attention": llm_attention(trainer.model),
-        "vision_attention": vision_attention(trainer.model),
+        **fast_paths_in_effect(trainer.model),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,
     }
