@@ -523,7 +523,7 @@ def main() -> None:
     parser.add_argument("--mm-dir", default=None, help="where the synthetic multimodal set is written, or reused when one made with the same parameters is there (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=6, help="DataLoader workers for the multimodal rows")
     parser.add_argument("--fp32-trainable", action="store_true", help="upcast every trainable parameter to fp32")
-    parser.add_argument("--fast-kernels", default="liger,compile", help="what the *_fast rows use: liger, compile, varlen (comma-separated)")
+    parser.add_argument("--fast-kernels", default="liger,compile", help="what the *_fast rows use: liger, compile, varlen, vision-varlen, vision-compile (comma-separated)")
     parser.add_argument("--profile-dir", default=None, help="profile 2 extra steps per row; kernel tables written here")
     parser.add_argument("--tiny", action="store_true", help="tiny architecture (smoke test; CPU works)")
     parser.add_argument("--json", default=None, help="write the results (and environment) here")

@@ -214,7 +214,7 @@ def check_optimizer_choice(training_args: TrainingArguments) -> None:
 def resolve_compile_layers(
     compile_layers: bool | None, cuda: bool, zero3: bool, q_lora: bool, remote_code: bool, torch_compile: bool = False
 ) -> bool:
-    """An explicit --compile_layers wins. By default the decoder layers are compiled on a CUDA GPU, where they
+    """An explicit --compile_layers wins. By default the layers of both towers are compiled on a CUDA GPU, where they
     were measured to be faster and never to use more memory (one GPU without DeepSpeed; ZeRO-2 and DDP leave the
     layers' forward alone and are checked to train with them, their speed there was not measured); not on the
     CPU (compiling costs more than it saves on tiny runs), and not where it would change what runs inside the
@@ -242,7 +242,7 @@ def resolve_attn_implementation(requested: str | None, gpu_in_half: bool, flash_
 
 
 def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:
-    """--use_liger_kernel / --compile_layers act on the native class's LLM (finetune.model.kernels)."""
+    """--use_liger_kernel (the LLM) / --compile_layers (both towers) act on the native class (finetune.model.kernels)."""
     wanted = [flag for flag, on in (("--use_liger_kernel", training_args.use_liger_kernel), ("--compile_layers", training_args.compile_layers)) if on]
     if wanted and model_args.trust_remote_code:
         raise UsageError(f"{' and '.join(wanted)} need the native model class (drop --trust_remote_code)")
