@@ -394,16 +394,17 @@ def train_step(model, batch, label_tokens: int, optimizer, params, autocast, bas
 
 def profile_steps(row: Row, args, model, batches, optimizer, params, autocast, baseline: bool, device, steps: int = 2) -> None:
     """torch.profiler over `steps` more steps (after the timed ones, so timing is unaffected): the kernels by
-    self device time, written to PROFILE_DIR/<row>.txt."""
+    self device time, written to PROFILE_DIR/<row>.txt, and the chrome trace to PROFILE_DIR/<row>.trace.json."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=True) as prof:  # the stacks: for bench/gpu_gaps.py
         for _ in range(steps):
             batch = next(batches)
             train_step(model, batch, batch_stats(batch)[1], optimizer, params, autocast, baseline, device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     os.makedirs(args.profile_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(args.profile_dir, f"{row.name}.trace.json"))
     with open(os.path.join(args.profile_dir, f"{row.name}.txt"), "w") as handle:
         handle.write(f"{row.name}: {steps} steps after the timed ones, by {sort}\n")
         handle.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))

@@ -18,6 +18,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 13  # vision tower varlen + compiled: GPU tests; bench loop multimodal A/B (GPU0) | finetune.py multimodal, AdamW and 8-bit AdamW (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh 15  # finetune.py multimodal A/B of the vision tower's fast paths (GPU0) | text speed mode at 1 and 2 rows a step (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh 16  # 1 GPU alone: text speed mode vs the checkpointed baseline at 1 and 2 rows a step, bench loop and finetune.py
+#   OUT=$OUT bash bench/device_suite.sh 17  # diagnostics: GPU idle gaps of the one-row text step (bench loop vs finetune.py); what is alive at the memory peak (multimodal 1 GPU, ZeRO-3 LoRA only)
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -92,6 +93,14 @@ if [ "$PART" = 15 ]; then  # GPU1 does not wait for the set-up (GPU0 builds the 
     ) &
     SPEED_PID=$!
     CKPT_GPU=0
+fi
+if [ "$PART" = 17 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint): the bench loop's row, profiled
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        bench_train text_rows1_17 --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_suite_nogc_fast --profile-dir /tmp/profile_text_rows1_17
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=1
 fi
 if [ "$PART" = 10 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
@@ -376,6 +385,33 @@ PY
     export WARMUP=5 BENCH_SYNC=steps
     trainer s1_lora_nogc_rows1_16 0 130 $NOGC
     trainer s1_lora_nogc_rows2_16 0 130 $NOGC --per_device_train_batch_size 2
+    ;;
+17) # GPU0, after the bench loop's row: finetune.py's one-row text step profiled (steps 3-5, Python stacks) and
+    # timed (steps 8-15). GPU1: the same step with the vision tower's fast paths off (the dummy image's path:
+    # sdpa, eager), then what is alive at the multimodal upstream recipe's memory peak. Then ZeRO-3 LoRA only
+    # on both GPUs, its memory peak.
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 16"
+    (
+        PORT=6600
+        while kill -0 $SPEED_PID 2>/dev/null; do sleep 2; done
+        WARMUP=8 BENCH_SYNC=steps BENCH_PROFILE=/tmp/profile_s1_17.txt trainer s1_lora_nogc_profiled17 0 200 $NOGC
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    WARMUP=8 BENCH_SYNC=steps BENCH_VISION_ATTENTION=sdpa BENCH_VISION_COMPILE=0 trainer s1_lora_nogc_vision_plain17 1 150 $NOGC
+    BENCH_MEMORY=/tmp/memory_mm17.md trainer m1_upstream_memory17 1 200 $MM $UPSTREAM --max_steps 5
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    BENCH_MEMORY=/tmp/memory_z3lora17.md trainer t2_lora_z3lean_8bit_memory17 0,1 150 $TEXT $LORA_ONLY --max_steps 5 \
+        --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    {
+        for trace in /tmp/profile_text_rows1_17/*.trace.json /tmp/profile_s1_17.txt.trace.json; do
+            [ -f "$trace" ] && python3 bench/gpu_gaps.py "$trace" --top 30 && echo
+        done
+        for report in /tmp/memory_mm17.md /tmp/memory_z3lora17.md; do
+            [ -f "$report" ] && echo "## $report" && cat "$report" && echo
+        done
+    } > "$OUT/analysis.md" 2>&1
+    [ -f /tmp/profile_s1_17.txt ] && cat /tmp/profile_s1_17.txt >> "$OUT/profiles.txt"
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

@@ -2,10 +2,12 @@
 
     torchrun --nproc_per_node 2 bench/trainer_bench.py <finetune.py arguments> [--deepspeed ...]
     env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing),
-        BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5;
-        the timing then starts at step 8 at the earliest); for A/B rows of the vision tower's fast paths,
+        BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5:
+        tables in path, the chrome trace in path.trace.json; the timing then starts at step 8 at the earliest); for A/B rows of the vision tower's fast paths,
         BENCH_VISION_ATTENTION=sdpa (the vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers
-        not compiled), applied to the model finetune.py built
+        not compiled), applied to the model finetune.py built; BENCH_MEMORY=path (rank 0 records the CUDA
+        allocator's trace from the Trainer's creation on and writes what is alive at the peak, by the code that
+        allocated it: bench/memory_at_peak.py; slows the host, so not for timed rows)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
@@ -35,6 +37,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
+from memory_at_peak import start_recording, write_report  # noqa: E402
 from finetune.model.attention import set_vision_attention  # noqa: E402
 from finetune.model.kernels import tower_layers  # noqa: E402
 
@@ -72,6 +75,9 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         self._bench_largest = [0, 0]  # this rank's largest micro-batch: tokens, image views
         self._bench_shapes = model_shapes(self.model)
         self._bench_vision = bool(self.args.tune_vision)
+        self._bench_memory_start = None
+        if os.environ.get("BENCH_MEMORY") and torch.cuda.is_available() and self.args.process_index == 0:
+            self._bench_memory_start = start_recording()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._bench_starts.append(_now(_SYNC_IN_STEP))
@@ -91,10 +97,12 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             return
         if index == 3:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self._bench_profiler = torch.profiler.profile(activities=activities)
+            # with_stack: the trace gets the Python frames that bench/gpu_gaps.py reads the GPU's idle gaps with
+            self._bench_profiler = torch.profiler.profile(activities=activities, with_stack=True)
             self._bench_profiler.__enter__()
         elif index == 6 and getattr(self, "_bench_profiler", None) is not None:
             self._bench_profiler.__exit__(None, None, None)
+            self._bench_profiler.export_chrome_trace(path + ".trace.json")
             averages = self._bench_profiler.key_averages()
             with open(path, "w") as handle:
                 for key in ("self_cuda_time_total", "self_cpu_time_total", "cpu_time_total"):
@@ -105,6 +113,8 @@ class TimedTrainer(ft.MiniCPMVTrainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         self._bench_report()
+        if self._bench_memory_start is not None:
+            write_report(os.environ["BENCH_MEMORY"], self._bench_memory_start)
         return output
 
     def _bench_report(self) -> None:
