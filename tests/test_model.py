@@ -153,6 +153,30 @@ def test_text_only_training_keeps_vision_in_graph(golden_dir, golden_cases):
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
+def test_text_only_training_without_the_dummy_image_gives_the_same_loss_and_gradients(golden_dir, golden_cases):
+    """In one process the dummy image's only effect is zero gradients for the vision parameters: the stand-in
+    gives the same loss and the same gradient for every parameter, and never runs the vision tower."""
+    case = golden_cases[3]
+    runs = {}
+    for stand_in in (False, True):
+        model = AutoModel.from_pretrained(golden_dir).train()
+        model.dummy_image_stand_in = stand_in
+        tower_calls = []
+        model.vpm.register_forward_hook(lambda *args: tower_calls.append(1))
+        loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
+        loss.backward()
+        runs[stand_in] = (loss.detach(), {name: p.grad for name, p in model.named_parameters()}, len(tower_calls))
+    (loss_dummy, grads_dummy, calls_dummy), (loss_stand_in, grads_stand_in, calls_stand_in) = runs[False], runs[True]
+    assert (calls_dummy, calls_stand_in) == (1, 0)
+    assert torch.equal(loss_dummy, loss_stand_in)
+    assert grads_dummy.keys() == grads_stand_in.keys() and all(g is not None for g in grads_stand_in.values())
+    for name, grad in grads_dummy.items():
+        assert torch.equal(grad, grads_stand_in[name]), name
+        assert grad.shape == grads_stand_in[name].shape
+    vision = [g for name, g in grads_stand_in.items() if name.startswith(("vpm.", "resampler."))]
+    assert vision and all(torch.count_nonzero(g) == 0 for g in vision)
+
+
 def test_dtype_cast_on_load(golden_dir):
     model = AutoModel.from_pretrained(golden_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

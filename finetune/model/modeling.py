@@ -75,6 +75,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     loss_chunk_size: int = 2048
     # "chunked" (label_position_loss's own chunks) or "liger" (fused linear cross-entropy; kernels.py sets it).
     loss_kernel: str = "chunked"
+    # In a single process, a training call without images gives the trained vision parameters the zero
+    # gradients the published dummy image gives them, without running the vision tower (ZeroGradients).
+    # False runs the dummy image as published (tests and benchmarks compare the two).
+    dummy_image_stand_in: bool = True
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -194,14 +198,24 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         else:
             vision_hidden_states = self.vision_features(data["pixel_values"], data["tgt_sizes"])
 
-        # A call without any image still runs the vision tower once, on the published dummy image, when vision
-        # parameters train (they stay in the graph with zero gradient, so DDP ranks stay in step) or under
-        # torch.distributed (ZeRO-3 gathers must match across ranks: same modules, same order, before the LLM).
-        dummy = None
+        # A training call without any image still runs the vision tower once in the published code, on an
+        # all-zero image whose features enter as `features.mean() * 0`: every trained vision parameter gets an
+        # all-zero gradient (AdamW then still moves it by its momentum and weight decay, as upstream). Under
+        # torch.distributed the ranks must run the same modules (ZeRO-3 gathers in step, before the LLM), so
+        # the dummy image runs there, trained or not. In a single process only its gradients matter, and
+        # ZeroGradients gives exactly those without running the tower, whose 27 layers forward and backward
+        # are host time spent on arithmetic that is multiplied by zero.
+        vision_zero = None
         if all(len(f) == 0 for f in vision_hidden_states):
-            vision_trained = self.training and any(p.requires_grad for p in self._vision_parameters())
-            if vision_trained or _distributed():
-                dummy = self._dummy_vision_feature()
+            if _distributed():
+                vision_zero = self._dummy_vision_feature().mean() * 0
+            elif self.training:
+                trained = [p for p in self._vision_parameters() if p.requires_grad]
+                # (ZeRO-3, even on one GPU, holds partitioned parameters: only a real forward gathers them.)
+                if trained and self.dummy_image_stand_in and not any(hasattr(p, "ds_id") for p in trained):
+                    vision_zero = ZeroGradients.apply(*trained)
+                elif trained:
+                    vision_zero = self._dummy_vision_feature().mean() * 0
 
         embeddings = self.llm.get_input_embeddings()(input_ids)
         if getattr(self.config, "scale_emb", None):  # MiniCPM-V 2.0's LLM scales embeddings; Llama-3 does not
@@ -232,13 +246,13 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             # Written over, not added (published semantics); out of place so autograd sees both paths.
             embeddings = embeddings.index_put(index, torch.cat(flat_features).to(embeddings.dtype))
 
-        if dummy is not None:
-            embeddings = embeddings + dummy.mean() * 0
+        if vision_zero is not None:
+            embeddings = embeddings + vision_zero.to(embeddings.dtype)
         return embeddings, vision_hidden_states
 
     def _vision_parameters(self):
-        yield from self.vpm.parameters()
         yield from self.resampler.parameters()
+        yield from self.vpm.parameters()
 
     def forward(
         self,
@@ -346,6 +360,29 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
             "image_bound": [image_bounds(ids, tokens.image_start, tokens.image_end)],
         }
+
+
+class ZeroGradients(torch.autograd.Function):
+    """A zero scalar that depends on the given parameters: backward gives each an all-zero gradient, what
+    `features.mean() * 0` of the published dummy image gives the vision parameters it ran through. The zeros
+    come as views of one buffer per dtype and device (one fill kernel, not one per parameter)."""
+
+    @staticmethod
+    def forward(ctx, *parameters: torch.Tensor) -> torch.Tensor:
+        ctx.kinds = [(p.shape, p.dtype, p.device) for p in parameters]
+        return parameters[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads: list[torch.Tensor | None] = [None] * len(ctx.kinds)
+        groups: dict[tuple, list[int]] = {}
+        for index, (_, dtype, device) in enumerate(ctx.kinds):
+            groups.setdefault((dtype, device), []).append(index)
+        for (dtype, device), indices in groups.items():
+            sizes = [ctx.kinds[i][0].numel() for i in indices]
+            for i, flat in zip(indices, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
+                grads[i] = flat.view(ctx.kinds[i][0])
+        return tuple(grads)
 
 
 def _distributed() -> bool:
