@@ -16,7 +16,8 @@ does without DeepSpeed), so their AdamW states are bf16 too; `--fp32-trainable` 
 Modes:
   baseline  plain transformers + PEFT: model(..., return_logits=True) -> LlamaForCausalLM computes the full
             [tokens, 128256] logits and transformers' ForCausalLMLoss; padding (no packing); gradient
-            checkpointing (non-reentrant); sdpa.
+            checkpointing (non-reentrant); sdpa; a text-only step runs the published dummy image through the
+            vision tower (the suite gives its zero gradients without running it: MiniCPMV.dummy_image_stand_in).
   suite     the suite's path: model(data=..., labels=..., num_items_in_batch=...) -> label-position chunked loss
             (finetune.model.modeling.label_position_loss); packing (one row) where the batch has >1 sample;
             gradient checkpointing; sdpa.
@@ -272,6 +273,7 @@ def build_model(row: Row, args, device):
     else:
         model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
+    model.dummy_image_stand_in = row.mode != "baseline"  # upstream runs the dummy image in text-only steps
     gc_on = "nogc" not in row.mode
     training_args = SimpleNamespace(tune_llm=False, tune_vision=row.recipe == "upstream", use_lora=True, tune_embeddings=False, gradient_checkpointing=gc_on)
     lora_args = SimpleNamespace(lora_r=64, lora_alpha=64, lora_dropout=0.05, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)

@@ -19,6 +19,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 15  # finetune.py multimodal A/B of the vision tower's fast paths (GPU0) | text speed mode at 1 and 2 rows a step (GPU1)
 #   OUT=$OUT bash bench/device_suite.sh 16  # 1 GPU alone: text speed mode vs the checkpointed baseline at 1 and 2 rows a step, bench loop and finetune.py
 #   OUT=$OUT bash bench/device_suite.sh 17  # diagnostics: GPU idle gaps of the one-row text step (bench loop vs finetune.py); what is alive at the memory peak (multimodal 1 GPU, ZeRO-3 LoRA only)
+#   OUT=$OUT bash bench/device_suite.sh 18  # text speed mode with the dummy image's zero-gradient stand-in vs the baseline (GPU0) | 2 rows, multimodal 3 samples + 8-bit (GPU1); ZeRO-3 LoRA-only memory by phase
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -98,6 +99,14 @@ if [ "$PART" = 17 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the 
     (
         export CUDA_VISIBLE_DEVICES=0
         bench_train text_rows1_17 --steps 8 --warmup 3 --fast-kernels varlen,compile --config text_lora_suite_nogc_fast --profile-dir /tmp/profile_text_rows1_17
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=1
+fi
+if [ "$PART" = 18 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint): baseline and speed mode, bench loop
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        bench_train text18 --steps 8 --warmup 3 --fast-kernels varlen,vision-varlen,compile,vision-compile --config text_lora_baseline,text_lora_suite_nogc_fast
     ) &
     SPEED_PID=$!
     CKPT_GPU=1
@@ -412,6 +421,27 @@ PY
         done
     } > "$OUT/analysis.md" 2>&1
     [ -f /tmp/profile_s1_17.txt ] && cat /tmp/profile_s1_17.txt >> "$OUT/profiles.txt"
+    ;;
+18) # GPU0, after its bench-loop rows: finetune.py's one-row speed mode with its defaults (the dummy image's
+    # zero-gradient stand-in), then with the dummy image run as published. GPU1: two rows a step; the multimodal
+    # upstream recipe at 3 samples a step with 8-bit AdamW states. Then ZeRO-3 LoRA only: memory by phase.
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    export BENCH_SYNC=steps
+    (
+        PORT=6600
+        while kill -0 $SPEED_PID 2>/dev/null; do sleep 2; done
+        WARMUP=5 trainer s1_lora_nogc_rows1_18 0 130 $NOGC
+        WARMUP=5 BENCH_DUMMY_IMAGE=run trainer s1_lora_nogc_rows1_dummy18 0 130 $NOGC
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    WARMUP=5 trainer s1_lora_nogc_rows2_18 1 130 $NOGC --per_device_train_batch_size 2
+    WARMUP=4 trainer m1_upstream_bs3_8bit18 1 170 $MM $UPSTREAM --max_steps 10 --per_device_train_batch_size 3 --optim adamw_bnb_8bit
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    unset BENCH_SYNC
+    BENCH_MEMORY=/tmp/memory_z3lora18.md trainer t2_lora_z3lean_8bit_memory18 0,1 130 $TEXT $LORA_ONLY --max_steps 4 \
+        --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    [ -f /tmp/memory_z3lora18.md ] && cp /tmp/memory_z3lora18.md "$OUT/memory_z3lora.md"
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

@@ -5,9 +5,10 @@
         BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5:
         tables in path, the chrome trace in path.trace.json; the timing then starts at step 8 at the earliest); for A/B rows of the vision tower's fast paths,
         BENCH_VISION_ATTENTION=sdpa (the vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers
-        not compiled), applied to the model finetune.py built; BENCH_MEMORY=path (rank 0 records the CUDA
-        allocator's trace from the Trainer's creation on and writes what is alive at the peak, by the code that
-        allocated it: bench/memory_at_peak.py; slows the host, so not for timed rows)
+        not compiled), applied to the model finetune.py built; BENCH_DUMMY_IMAGE=run (text-only steps run the
+        published dummy image through the vision tower instead of its zero-gradient stand-in); BENCH_MEMORY=path (rank 0 writes the peak
+        allocated memory between marks at every layer's entry and exit and at the step's phases:
+        bench/memory_at_peak.py; its peak reserved figure is then meaningless, and the hooks cost host time)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
@@ -37,9 +38,9 @@ from transformers import TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
-from memory_at_peak import start_recording, write_report  # noqa: E402
+from memory_at_peak import PhasePeaks  # noqa: E402
 from finetune.model.attention import set_vision_attention  # noqa: E402
-from finetune.model.kernels import tower_layers  # noqa: E402
+from finetune.model.kernels import native_model, tower_layers  # noqa: E402
 
 
 def _now(sync: bool = True) -> float:
@@ -64,6 +65,8 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         super().__init__(*args, **kwargs)
         if os.environ.get("BENCH_VISION_ATTENTION"):
             set_vision_attention(self.model, os.environ["BENCH_VISION_ATTENTION"])
+        if os.environ.get("BENCH_DUMMY_IMAGE") == "run":
+            native_model(self.model).dummy_image_stand_in = False
         if os.environ.get("BENCH_VISION_COMPILE") == "0":
             for layer in tower_layers(self.model, "vision"):
                 layer._compiled_call_impl = None  # what nn.Module.compile set: plain calls again
@@ -75,9 +78,11 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         self._bench_largest = [0, 0]  # this rank's largest micro-batch: tokens, image views
         self._bench_shapes = model_shapes(self.model)
         self._bench_vision = bool(self.args.tune_vision)
-        self._bench_memory_start = None
+        self._bench_peaks = None
         if os.environ.get("BENCH_MEMORY") and torch.cuda.is_available() and self.args.process_index == 0:
-            self._bench_memory_start = start_recording()
+            self._bench_peaks = PhasePeaks()
+            self._bench_peaks.attach(native_model(self.model))
+            self.add_callback(self._bench_peaks)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._bench_starts.append(_now(_SYNC_IN_STEP))
@@ -113,8 +118,9 @@ class TimedTrainer(ft.MiniCPMVTrainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         self._bench_report()
-        if self._bench_memory_start is not None:
-            write_report(os.environ["BENCH_MEMORY"], self._bench_memory_start)
+        if self._bench_peaks is not None:
+            with open(os.environ["BENCH_MEMORY"], "w") as handle:
+                handle.write(self._bench_peaks.report())
         return output
 
     def _bench_report(self) -> None:
@@ -126,7 +132,9 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         stats = torch.tensor(self._bench_stats, dtype=torch.float64)
         cuda = torch.cuda.is_available()
         peak = torch.tensor(
-            [torch.cuda.max_memory_allocated() / 1024**3 if cuda else 0.0, torch.cuda.max_memory_reserved() / 1024**3 if cuda else 0.0]
+            # (BENCH_MEMORY resets the peak statistics at every mark: its own record has the peak)
+            [(self._bench_peaks.highest() if self._bench_peaks else torch.cuda.max_memory_allocated()) / 1024**3 if cuda else 0.0,
+             torch.cuda.max_memory_reserved() / 1024**3 if cuda else 0.0]
             + self._bench_largest,
             dtype=torch.float64,
         )

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from bench_train import make_text_dataset  # noqa: E402
 from gpu_gaps import analyse  # noqa: E402
-from memory_at_peak import live_at_peak, owner  # noqa: E402
+from memory_at_peak import PhasePeaks  # noqa: E402
 from summarize import table  # noqa: E402
 
 
@@ -66,19 +67,43 @@ def test_gpu_gaps_are_charged_to_the_python_frames_open_on_the_launching_thread(
     }
 
 
-def test_memory_peak_replays_allocations_and_frees():
-    frames = [{"filename": "/x/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
-              {"filename": "/x/site-packages/transformers/models/llama/modeling_llama.py", "line": 9, "name": "forward"},
-              {"filename": "/work/main/finetune/model/modeling.py", "line": 3, "name": "forward"}]  # fmt: skip
-    events = [
-        {"action": "free_completed", "addr": 99, "size": 50},  # a block from before recording: lowers the total
-        {"action": "alloc", "addr": 1, "size": 100, "frames": frames},
-        {"action": "alloc", "addr": 2, "size": 30, "frames": frames[2:]},
-        {"action": "free_requested", "addr": 1, "size": 100},
-        {"action": "alloc", "addr": 3, "size": 10, "frames": []},  # 90: the peak (block 1 is not free yet)
-        {"action": "free_completed", "addr": 1, "size": 100},
-        {"action": "alloc", "addr": 4, "size": 60, "frames": []},  # 50
+class _FakeMemory:
+    """Stands in for torch.cuda's allocated / peak counters."""
+
+    def __init__(self):
+        self.now = self.top = 0
+
+    def change(self, amount: int) -> None:
+        self.now += amount
+        self.top = max(self.top, self.now)
+
+    def reset(self) -> None:
+        self.top = self.now
+
+
+def test_memory_peaks_are_placed_between_the_layer_marks(golden_dir, golden_cases):
+    from transformers import AutoModel
+
+    memory = _FakeMemory()
+    peaks = PhasePeaks(allocated=lambda: memory.now, peak=lambda: memory.top, reset=memory.reset)
+    model = AutoModel.from_pretrained(golden_dir).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peaks.attach(model)
+    mlp = model.llm.model.layers[0].mlp  # inside it, 100 bytes come and go, in forward and in recomputation
+    mlp.register_forward_pre_hook(lambda *args: memory.change(100))
+    mlp.register_forward_hook(lambda *args: memory.change(-100))
+    case = golden_cases[3]
+    model(data=_text_only(case), labels=case["input_ids"][None].clone()).loss.backward()
+    peaks.mark("done")
+    assert peaks.highest() == 100
+    top = [interval for interval in peaks.intervals if interval[4] == 100]
+    assert [(start, end) for _, start, end, *_ in top] == [
+        ("llm layer 0 begins", "llm layer 1 begins"), ("llm layer 0 begins (backward)", "done")
     ]  # fmt: skip
-    peak, index, live = live_at_peak(events)
-    assert (peak, index, sorted(live)) == (90, 4, [1, 2, 3])
-    assert owner(frames) == ("transformers/models/llama/modeling_llama.py:9(forward)", "finetune/model/modeling.py:3(forward)")
+    assert peaks.report().splitlines()[0] == f"peak allocated over all intervals: {100 / 1024**3:.2f} GiB ({len(peaks.intervals)} intervals)"
+
+
+def _text_only(case) -> dict:
+    ids = case["input_ids"][None]
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    return {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None], "pixel_values": [[]], "tgt_sizes": [empty], "image_bound": [empty]}
