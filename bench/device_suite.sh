@@ -20,6 +20,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 16  # 1 GPU alone: text speed mode vs the checkpointed baseline at 1 and 2 rows a step, bench loop and finetune.py
 #   OUT=$OUT bash bench/device_suite.sh 17  # diagnostics: GPU idle gaps of the one-row text step (bench loop vs finetune.py); what is alive at the memory peak (multimodal 1 GPU, ZeRO-3 LoRA only)
 #   OUT=$OUT bash bench/device_suite.sh 18  # text speed mode with the dummy image's zero-gradient stand-in vs the baseline (GPU0) | 2 rows, multimodal 3 samples + 8-bit (GPU1); ZeRO-3 LoRA-only memory by phase
+#   OUT=$OUT bash bench/device_suite.sh 19  # text speed mode at 1 and 2 rows, bench loop (GPU0) | finetune.py on 96 text samples, no epoch boundary in the timing (GPU1); ZeRO-3 LoRA-only memory timeline
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -111,6 +112,18 @@ if [ "$PART" = 18 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the 
     SPEED_PID=$!
     CKPT_GPU=1
 fi
+if [ "$PART" = 19 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint): text at 1 and 2 rows, bench loop
+    export TEXT_SAMPLES=96  # (a warm machine's 24-sample set is rebuilt: finetune.py's timed steps then stay in one epoch)
+    rm -f /tmp/data/text/train.json
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        BT="--steps 8 --warmup 3 --fast-kernels varlen,vision-varlen,compile,vision-compile --config text_lora_baseline,text_lora_suite_nogc_fast"
+        bench_train text_rows1_19 $BT
+        bench_train text_rows2_19 $BT --text-rows 2
+    ) &
+    SPEED_PID=$!
+    CKPT_GPU=1
+fi
 if [ "$PART" = 10 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
         export CUDA_VISIBLE_DEVICES=0
@@ -158,7 +171,7 @@ if [ ! -f /tmp/ckpt/config.json ] || [ ! -f /tmp/data/text/train.json ]; then
     [ "$PART" = 1 ] && [ -z "${TINY:-}" ] && { python3 -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' > /tmp/cpu_adam_build.log 2>&1 & }
     CUDA_VISIBLE_DEVICES=${CKPT_GPU:-0} python3 bench/make_checkpoint.py /tmp/ckpt $TINY_FLAG >> "$OUT/env.txt" 2>&1 &
     CHECKPOINT_PID=$!
-    python3 bench/make_datasets.py /tmp/data $TINY_FLAG >> "$OUT/env.txt" 2>&1
+    python3 bench/make_datasets.py /tmp/data $TINY_FLAG --text-samples ${TEXT_SAMPLES:-24} >> "$OUT/env.txt" 2>&1
     wait $CHECKPOINT_PID
 fi
 echo "part $PART: set-up done at ${SECONDS}s" >> "$OUT/env.txt"
@@ -442,6 +455,17 @@ PY
     BENCH_MEMORY=/tmp/memory_z3lora18.md trainer t2_lora_z3lean_8bit_memory18 0,1 130 $TEXT $LORA_ONLY --max_steps 4 \
         --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
     [ -f /tmp/memory_z3lora18.md ] && cp /tmp/memory_z3lora18.md "$OUT/memory_z3lora.md"
+    ;;
+19) # GPU1: finetune.py's speed mode at 1 and 2 rows a step (96 text samples: 48-96 steps an epoch, so no epoch
+    # boundary falls in the 14 steps). Then ZeRO-3 LoRA only on both GPUs: memory by phase, lm_head marked.
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    PORT=6500
+    WARMUP=5 BENCH_SYNC=steps trainer s1_lora_nogc_rows1_19 1 130 $NOGC
+    WARMUP=5 BENCH_SYNC=steps trainer s1_lora_nogc_rows2_19 1 130 $NOGC --per_device_train_batch_size 2
+    while kill -0 $SPEED_PID 2>/dev/null; do sleep 2; done
+    BENCH_MEMORY=/tmp/memory_z3lora19.md trainer t2_lora_z3lean_8bit_memory19 0,1 130 $TEXT $LORA_ONLY --max_steps 4 \
+        --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    [ -f /tmp/memory_z3lora19.md ] && cp /tmp/memory_z3lora19.md "$OUT/memory_z3lora.md"
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

@@ -6,7 +6,7 @@
 
 `bench/trainer_bench.py` does this when BENCH_MEMORY=path is set. A mark reads torch.cuda.memory_allocated and
 max_memory_allocated, then resets the peak statistic, so each interval between two marks gets its own peak.
-Marks sit at the entry and exit of the embeddings, the vision tower, the resampler and the whole model, and at
+Marks sit at the entry and exit of the embeddings, the vision tower, the resampler, lm_head and the whole model, and at
 the start of every LLM decoder layer and vision encoder layer; a mark made during backward says so
 (checkpointed layers run their forward again there, which marks the backward's progress layer by layer). The allocator's own trace
 with Python stacks (torch.cuda.memory._record_memory_history) would say which tensors, but it failed inside
@@ -51,7 +51,10 @@ class PhasePeaks(TrainerCallback):
         """Marks in a (PEFT-unwrapped) MiniCPMV: around the embeddings, the vision tower, the resampler and the
         whole model; at the start of every decoder / encoder layer, on its first norm, which (unlike the layer's
         own hooks) runs again when a checkpointed layer is recomputed in backward."""
-        around = [("embed_tokens", native.llm.get_input_embeddings()), ("vision tower", native.vpm), ("resampler", native.resampler), ("model", native)]
+        around = [
+            ("embed_tokens", native.llm.get_input_embeddings()), ("vision tower", native.vpm), ("resampler", native.resampler),
+            ("lm_head", native.llm.get_output_embeddings()), ("model", native),
+        ]  # fmt: skip
         for name, module in around:
             module.register_forward_pre_hook(lambda _m, _a, name=name: self.mark(self._label(f"{name} in")))
             module.register_forward_hook(lambda _m, _a, _o, name=name: self.mark(self._label(f"{name} out")))
@@ -89,4 +92,9 @@ class PhasePeaks(TrainerCallback):
         ]
         for step, start, end, before, top_bytes, after in sorted(self.intervals, key=lambda i: -i[4])[:top]:
             lines.append(f"| {top_bytes / GiB:.3f} | {step} | {start} | {end} | {before / GiB:.3f} | {after / GiB:.3f} |")
+        steps = sorted({interval[0] for interval in self.intervals})
+        if steps:  # one whole step in order: the one before the last (warmed up, not the wrap-up)
+            shown = steps[-2] if len(steps) > 1 else steps[-1]
+            lines += ["", f"Step {shown} in order:", "", "| to mark | peak GiB since the previous mark | allocated GiB at the mark |", "| --- | ---: | ---: |"]
+            lines += [f"| {end} | {top_bytes / GiB:.3f} | {after / GiB:.3f} |" for step, _, end, _, top_bytes, after in self.intervals if step == shown]
         return "\n".join(lines) + "\n"
