@@ -21,6 +21,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 17  # diagnostics: GPU idle gaps of the one-row text step (bench loop vs finetune.py); what is alive at the memory peak (multimodal 1 GPU, ZeRO-3 LoRA only)
 #   OUT=$OUT bash bench/device_suite.sh 18  # text speed mode with the dummy image's zero-gradient stand-in vs the baseline (GPU0) | 2 rows, multimodal 3 samples + 8-bit (GPU1); ZeRO-3 LoRA-only memory by phase
 #   OUT=$OUT bash bench/device_suite.sh 19  # text speed mode at 1 and 2 rows, bench loop (GPU0) | finetune.py on 96 text samples, no epoch boundary in the timing (GPU1); ZeRO-3 LoRA-only memory timeline
+#   OUT=$OUT bash bench/device_suite.sh 20  # ZeRO-3 LoRA-only memory timeline with the gathered parameters at every mark
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -466,6 +467,12 @@ PY
     BENCH_MEMORY=/tmp/memory_z3lora19.md trainer t2_lora_z3lean_8bit_memory19 0,1 130 $TEXT $LORA_ONLY --max_steps 4 \
         --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
     [ -f /tmp/memory_z3lora19.md ] && cp /tmp/memory_z3lora19.md "$OUT/memory_z3lora.md"
+    ;;
+20) # ZeRO-3 LoRA only on both GPUs: memory by phase, with the bytes of parameters held gathered at every mark
+    PORT=6500
+    BENCH_MEMORY=/tmp/memory_z3lora20.md trainer t2_lora_z3lean_8bit_memory20 0,1 130 $TEXT $LORA_ONLY --max_steps 4 \
+        --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    [ -f /tmp/memory_z3lora20.md ] && cp /tmp/memory_z3lora20.md "$OUT/memory_z3lora.md"
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

@@ -11,6 +11,7 @@ the start of every LLM decoder layer and vision encoder layer; a mark made durin
 (checkpointed layers run their forward again there, which marks the backward's progress layer by layer). The allocator's own trace
 with Python stacks (torch.cuda.memory._record_memory_history) would say which tensors, but it failed inside
 checkpoint recomputation on torch 2.11 ("cross_entropy_loss returned NULL without setting an exception").
+Under ZeRO-3 every mark also records how many bytes of partitioned parameters are gathered whole at that moment.
 """
 
 from __future__ import annotations
@@ -40,17 +41,32 @@ class PhasePeaks(TrainerCallback):
         self.last = ("start", allocated())
         # (step, from label, to label, allocated at the first mark, peak between them, allocated at the second)
         self.intervals: list[tuple[int, str, str, int, int, int]] = []
+        self.gathered: list[tuple[int, list[str]]] = []  # per mark under ZeRO-3: gathered bytes, the big ones named
+        self._partitioned: list[tuple[str, nn.Parameter]] = []
 
     def mark(self, label: str) -> None:
         now, top = self._allocated(), self._peak()
         self.intervals.append((self.step, self.last[0], label, self.last[1], top, now))
+        self.gathered.append(self._gathered())
         self._reset()
         self.last = (label, now)
+
+    def _gathered(self) -> tuple[int, list[str]]:
+        """ZeRO-3: the bytes of partitioned parameters gathered whole right now (not the persistent small ones),
+        and the names of those over 100 M elements."""
+        total, big = 0, []
+        for name, parameter in self._partitioned:
+            if parameter.ds_status.name == "AVAILABLE" and not parameter.ds_persist:
+                total += parameter.ds_numel * parameter.element_size()
+                if parameter.ds_numel > 100_000_000:
+                    big.append(name)
+        return total, big
 
     def attach(self, native: nn.Module) -> None:
         """Marks in a (PEFT-unwrapped) MiniCPMV: around the embeddings, the vision tower, the resampler and the
         whole model; at the start of every decoder / encoder layer, on its first norm, which (unlike the layer's
         own hooks) runs again when a checkpointed layer is recomputed in backward."""
+        self._partitioned = [(name, p) for name, p in native.named_parameters() if hasattr(p, "ds_status")]
         around = [
             ("embed_tokens", native.llm.get_input_embeddings()), ("vision tower", native.vpm), ("resampler", native.resampler),
             ("lm_head", native.llm.get_output_embeddings()), ("model", native),
@@ -95,6 +111,11 @@ class PhasePeaks(TrainerCallback):
         steps = sorted({interval[0] for interval in self.intervals})
         if steps:  # one whole step in order: the one before the last (warmed up, not the wrap-up)
             shown = steps[-2] if len(steps) > 1 else steps[-1]
-            lines += ["", f"Step {shown} in order:", "", "| to mark | peak GiB since the previous mark | allocated GiB at the mark |", "| --- | ---: | ---: |"]
-            lines += [f"| {end} | {top_bytes / GiB:.3f} | {after / GiB:.3f} |" for step, _, end, _, top_bytes, after in self.intervals if step == shown]
+            lines += ["", f"Step {shown} in order (gathered: ZeRO-3 parameters held whole at the mark):", "",
+                      "| to mark | peak GiB since the previous mark | allocated GiB at the mark | gathered GiB | gathered, over 100 M |",
+                      "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+            lines += [
+                f"| {end} | {top_bytes / GiB:.3f} | {after / GiB:.3f} | {held / GiB:.3f} | {', '.join(big)} |"
+                for (step, _, end, _, top_bytes, after), (held, big) in zip(self.intervals, self.gathered) if step == shown
+            ]  # fmt: skip
         return "\n".join(lines) + "\n"

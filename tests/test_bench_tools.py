@@ -88,6 +88,12 @@ def test_memory_peaks_are_placed_between_the_layer_marks(golden_dir, golden_case
     peaks = PhasePeaks(allocated=lambda: memory.now, peak=lambda: memory.top, reset=memory.reset)
     model = AutoModel.from_pretrained(golden_dir).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # ZeRO-3's parameter attributes, faked on two parameters: lm_head gathered whole (and big), one norm not
+    from types import SimpleNamespace
+
+    head, norm = model.llm.lm_head.weight, model.llm.model.norm.weight
+    head.ds_status, head.ds_persist, head.ds_numel = SimpleNamespace(name="AVAILABLE"), False, 200_000_000
+    norm.ds_status, norm.ds_persist, norm.ds_numel = SimpleNamespace(name="NOT_AVAILABLE"), False, norm.numel()
     peaks.attach(model)
     mlp = model.llm.model.layers[0].mlp  # inside it, 100 bytes come and go, in forward and in recomputation
     mlp.register_forward_pre_hook(lambda *args: memory.change(100))
@@ -95,6 +101,7 @@ def test_memory_peaks_are_placed_between_the_layer_marks(golden_dir, golden_case
     case = golden_cases[3]
     model(data=_text_only(case), labels=case["input_ids"][None].clone()).loss.backward()
     peaks.mark("done")
+    assert peaks.gathered[-1] == (200_000_000 * 4, ["llm.lm_head.weight"])
     assert peaks.highest() == 100
     top = [interval for interval in peaks.intervals if interval[4] == 100]
     assert [(start, end) for _, start, end, *_ in top] == [
