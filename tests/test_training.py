@@ -407,6 +407,21 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
     PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), out)
 
 
+def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_path):
+    """ZeRO-3 partitions lm_head and the loss gathers it chunk by chunk itself (DeepSpeed's module hooks held it
+    whole through the backward pass): the losses must be ZeRO-2's, where nothing is partitioned."""
+    curves = {}
+    for stage in ("zero2", "zero3"):
+        out, report = tmp_path / stage, tmp_path / f"report_{stage}"
+        args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4",
+                         "--deepspeed", str(ROOT / "finetune" / f"ds_config_{stage}.json"))  # fmt: skip
+        result = torchrun_two_processes(args, report)
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[stage] = losses(read_reports(report, 2)[0]["log_history"])
+    assert len(curves["zero3"]) == 3
+    assert curves["zero3"] == pytest.approx(curves["zero2"], rel=1e-4)
+
+
 def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path):
     """Regression: with ranks holding different label counts the loss made different numbers of lm_head calls,
     i.e. ZeRO-3 gathers, and gloo/NCCL aborted with a collective mismatch."""
