@@ -22,7 +22,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 18  # text speed mode with the dummy image's zero-gradient stand-in vs the baseline (GPU0) | 2 rows, multimodal 3 samples + 8-bit (GPU1); ZeRO-3 LoRA-only memory by phase
 #   OUT=$OUT bash bench/device_suite.sh 19  # text speed mode at 1 and 2 rows, bench loop (GPU0) | finetune.py on 96 text samples, no epoch boundary in the timing (GPU1); ZeRO-3 LoRA-only memory timeline
 #   OUT=$OUT bash bench/device_suite.sh 20  # ZeRO-3 LoRA-only memory timeline with the gathered parameters at every mark
-#   OUT=$OUT bash bench/device_suite.sh 21  # ZeRO-3 with lm_head gathered per loss chunk: LoRA only and upstream recipe peaks, LoRA-only timeline
+#   OUT=$OUT bash bench/device_suite.sh 21  # ZeRO-3 with lm_head gathered per loss chunk (commit 8223987, reverted: it peaked higher): LoRA only and upstream recipe peaks, LoRA-only timeline
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -475,8 +475,9 @@ PY
         --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
     [ -f /tmp/memory_z3lora20.md ] && cp /tmp/memory_z3lora20.md "$OUT/memory_z3lora.md"
     ;;
-21) # ZeRO-3 on both GPUs, lean config + 8-bit AdamW (Update 3's rows), now that the loss gathers lm_head chunk by
-    # chunk: LoRA only and the upstream recipe (peaks as measured), then LoRA only's timeline by phase
+21) # ZeRO-3 on both GPUs, lean config + 8-bit AdamW (Update 3's rows), with the loss gathering lm_head chunk by
+    # chunk (commit 8223987; reverted after this part): LoRA only and the upstream recipe (peaks as measured), then
+    # LoRA only's timeline by phase
     PORT=6500
     Z3="--deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512"
     trainer t2_lora_z3lean_8bit_c512_21 0,1 130 $TEXT $LORA_ONLY $Z3

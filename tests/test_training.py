@@ -408,8 +408,8 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
 
 
 def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_path):
-    """ZeRO-3 partitions lm_head and the loss gathers it chunk by chunk itself (DeepSpeed's module hooks held it
-    whole through the backward pass): the losses must be ZeRO-2's, where nothing is partitioned."""
+    """Under ZeRO-3 every parameter is partitioned and gathered per call (lm_head once per loss chunk, again in the
+    chunks' recomputation): the losses must be ZeRO-2's, where nothing is partitioned."""
     curves = {}
     for stage in ("zero2", "zero3"):
         out, report = tmp_path / stage, tmp_path / f"report_{stage}"

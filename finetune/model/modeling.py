@@ -445,20 +445,6 @@ def _normalise(total: torch.Tensor, label_count: int, num_items_in_batch: int | 
 
 
 def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    # Read through named_parameters: under ZeRO-3 the attribute `lm_head.weight` read inside a forward would
-    # gather the partitioned weight and tie it to the running module (MiniCPMV) until that module's backward ends.
-    weight = dict(lm_head.named_parameters(recurse=False))["weight"]
-    if hasattr(weight, "ds_id") and not weight.requires_grad and lm_head.bias is None:
-        # ZeRO-3 with lm_head frozen: gather its weight for this chunk only. Called as a module inside the
-        # checkpointed chunk, lm_head was gathered again in the backward pass's recomputation, where DeepSpeed
-        # charges a frozen parameter to the innermost module whose backward is running (MiniCPMV): it stayed
-        # whole (0.98 GiB at full size) through the LLM's backward, where the memory peaks (bench/README.md,
-        # "Update 6"). The detached tensor keeps the gathered storage alive exactly as long as autograd needs it.
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight]):
-            weight = weight.detach()
-        return F.cross_entropy(F.linear(states, weight).float(), targets, reduction="sum")
     return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
 
 
