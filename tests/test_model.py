@@ -172,7 +172,6 @@ def test_text_only_training_without_the_dummy_image_gives_the_same_loss_and_grad
     assert grads_dummy.keys() == grads_stand_in.keys() and all(g is not None for g in grads_stand_in.values())
     for name, grad in grads_dummy.items():
         assert torch.equal(grad, grads_stand_in[name]), name
-        assert grad.shape == grads_stand_in[name].shape
     vision = [g for name, g in grads_stand_in.items() if name.startswith(("vpm.", "resampler."))]
     assert vision and all(torch.count_nonzero(g) == 0 for g in vision)
 
