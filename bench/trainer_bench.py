@@ -3,12 +3,13 @@
     torchrun --nproc_per_node 2 bench/trainer_bench.py <finetune.py arguments> [--deepspeed ...]
     env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing),
         BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5:
-        tables in path, the chrome trace in path.trace.json; the timing then starts at step 8 at the earliest); for A/B rows of the vision tower's fast paths,
-        BENCH_VISION_ATTENTION=sdpa (the vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers
-        not compiled), applied to the model finetune.py built; BENCH_DUMMY_IMAGE=run (text-only steps run the
-        published dummy image through the vision tower instead of its zero-gradient stand-in); BENCH_MEMORY=path (rank 0 writes the peak
-        allocated memory between marks at every layer's entry and exit and at the step's phases:
-        bench/memory_at_peak.py; its peak reserved figure is then meaningless, and the hooks cost host time)
+        tables in path, the chrome trace with Python stacks in path.trace.json; the timing then starts at
+        step 8 at the earliest); for A/B rows of the vision tower's fast paths, BENCH_VISION_ATTENTION=sdpa (the
+        vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers not compiled), applied to the model
+        finetune.py built; BENCH_DUMMY_IMAGE=run (text-only steps run the published dummy image through the
+        vision tower instead of its zero-gradient stand-in); BENCH_MEMORY=path (rank 0 writes the peak allocated
+        memory between marks at every layer's start and the step's phases, bench/memory_at_peak.py; the peak
+        reserved figure is then meaningless, and the hooks cost host time)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
