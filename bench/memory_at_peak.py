@@ -1,17 +1,19 @@
 """Where in a training step the CUDA memory peaks: the peak allocated between consecutive marks.
 
-    peaks = PhasePeaks(); peaks.attach(model)   # marks at module entries/exits
-    ... train (TrainerCallback marks: step begin, optimizer step, step end) ...
+    peaks = PhasePeaks(); peaks.attach(native_model)   # marks in the model (below)
+    trainer.add_callback(peaks)                        # marks at step begin, optimizer step, step end
+    ... train ...
     open(path, "w").write(peaks.report())
 
 `bench/trainer_bench.py` does this when BENCH_MEMORY=path is set. A mark reads torch.cuda.memory_allocated and
 max_memory_allocated, then resets the peak statistic, so each interval between two marks gets its own peak.
-Marks sit at the entry and exit of the embeddings, the vision tower, the resampler, lm_head and the whole model, and at
-the start of every LLM decoder layer and vision encoder layer; a mark made during backward says so
-(checkpointed layers run their forward again there, which marks the backward's progress layer by layer). The allocator's own trace
-with Python stacks (torch.cuda.memory._record_memory_history) would say which tensors, but it failed inside
-checkpoint recomputation on torch 2.11 ("cross_entropy_loss returned NULL without setting an exception").
-Under ZeRO-3 every mark also records how many bytes of partitioned parameters are gathered whole at that moment.
+Marks sit at the entry and exit of the embeddings, the vision tower, the resampler, lm_head and the whole
+model, and at the start of every LLM decoder layer and vision encoder layer; a mark made during backward says
+so (checkpointed layers run their forward again there, which marks the backward's progress layer by layer).
+Under ZeRO-3 every mark also records how many bytes of partitioned parameters are held gathered at that moment.
+The allocator's own trace with Python stacks (torch.cuda.memory._record_memory_history) would say which
+tensors, but it failed inside checkpoint recomputation on torch 2.11 ("cross_entropy_loss returned NULL
+without setting an exception").
 """
 
 from __future__ import annotations
