@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from copy import deepcopy
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +213,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             elif self.training:
                 trained = [p for p in self._vision_parameters() if p.requires_grad]
                 # (ZeRO-3, even on one GPU, holds partitioned parameters: only a real forward gathers them.)
-                if trained and self.dummy_image_stand_in and not any(hasattr(p, "ds_id") for p in trained):
+                if trained and self.dummy_image_stand_in and not _partitioned(trained):
                     vision_zero = ZeroGradients.apply(*trained)
                 elif trained:
                     vision_zero = self._dummy_vision_feature().mean() * 0
@@ -390,9 +390,9 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
-def _partitioned(module: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions the module's parameters (it gathers them in each call)."""
-    return any(hasattr(parameter, "ds_id") for parameter in module.parameters())
+def _partitioned(parameters: Iterable[nn.Parameter]) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions these parameters (it gathers them in each call)."""
+    return any(hasattr(parameter, "ds_id") for parameter in parameters)
 
 
 def label_position_loss(
@@ -420,7 +420,7 @@ def label_position_loss(
         return _normalise(total, len(targets), num_items_in_batch)
     total = hidden.new_zeros((), dtype=torch.float32)
     num_chunks = max(1, -(-len(targets) // chunk_size))
-    if _distributed() and _partitioned(lm_head):
+    if _distributed() and _partitioned(lm_head.parameters()):
         # Every chunk calls lm_head; under ZeRO-3 each call gathers its weight, so all ranks must make the same
         # number of calls whatever their label counts: the extra chunks are empty. (Elsewhere the count stays
         # local: this all-reduce would be a collective and a host sync in every step.)
