@@ -41,6 +41,8 @@ from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_v
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available, native_model
 from finetune.model.loading import load_pretrained, looks_like_hub_id
+from finetune.model.modeling import MiniCPMV
+from finetune.model.sharded_loss import zero3_vocab_shard
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
 from finetune.trainer import MiniCPMVTrainer
@@ -404,11 +406,21 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
         apply_liger_kernels(model, fused_loss=fused_loss)
         applied.append("liger-kernel RMSNorm/SwiGLU/RoPE" + (" + fused linear cross-entropy" if fused_loss else ""))
         training_args.use_liger_kernel = False
+    elif vocab_sharded(model):
+        applied.append(f"loss over lm_head's vocabulary shards ({training_args.world_size} ranks; lm_head never gathered)")
     if training_args.compile_layers:
         # Sequence lengths change every step: compiled for any length at once, instead of once for the first
         # length and again when the second one arrives (each ~15 s for the full-size layer on an H200).
         applied.append(f"torch.compile of {compile_decoder_layers(model, vision=True, dynamic=True)} layers (LLM and vision tower)")
     return applied
+
+
+def vocab_sharded(model) -> bool:
+    """Whether the native model's loss runs on ZeRO-3's row shards of lm_head (the remote code's loss is its own)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, MiniCPMV) or not base.vocab_sharded_loss:
+        return False
+    return zero3_vocab_shard(base.llm.lm_head, base.llm.lm_head.weight.device) is not None
 
 
 def full_size(parameter: torch.nn.Parameter) -> int:
@@ -535,6 +547,7 @@ def fast_paths_in_effect(model) -> dict:
     native = native_model(model)
     return {
         "loss_kernel": getattr(native, "loss_kernel", None),  # the hub's class has none
+        "vocab_sharded_loss": vocab_sharded(model),
         "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
         "compiled_layers": compiled_layer_count(native),
         "compiled_vision_layers": compiled_layer_count(native, "vision"),

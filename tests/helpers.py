@@ -1,4 +1,4 @@
-"""finetune.py command lines for the tiny model, shared by the test files that train with it.
+"""finetune.py command lines for the tiny model, and a free port for process groups: shared by the test files.
 
 (pytest puts tests/ on sys.path, as it does for conftest.py: test files import this as `from helpers import ...`.)
 Later flags override earlier ones (argparse keeps the last value), so a test passes the value it needs as an extra.
@@ -6,6 +6,7 @@ Later flags override earlier ones (argparse keeps the last value), so a test pas
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 
@@ -27,3 +28,10 @@ def training_flags(*extra: str) -> list[str]:
 def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """The paths and the standard training flags, then the test's own."""
     return path_flags(model, data, out, *training_flags(*extra))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process group's rendezvous (other runs may hold the default)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

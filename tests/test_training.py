@@ -7,14 +7,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_args, training_flags
+from helpers import base_args, free_port, training_flags
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
@@ -346,12 +345,6 @@ def test_cli_unknown_flag_is_one_line_error(tiny_model, demo, tmp_path):
 # --- launchers and torchrun --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_env(report: Path) -> dict:
     env = dict(os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -408,8 +401,8 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
 
 
 def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_path):
-    """Under ZeRO-3 every parameter is partitioned and gathered per call (lm_head once per loss chunk, again in the
-    chunks' recomputation): the losses must be ZeRO-2's, where nothing is partitioned."""
+    """Under ZeRO-3 every parameter is partitioned and gathered per call, except lm_head: each rank computes the
+    loss's logits on its own rows of it. The losses must be ZeRO-2's, where nothing is partitioned."""
     curves = {}
     for stage in ("zero2", "zero3"):
         out, report = tmp_path / stage, tmp_path / f"report_{stage}"
@@ -417,6 +410,7 @@ def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_
                          "--deepspeed", str(ROOT / "finetune" / f"ds_config_{stage}.json"))  # fmt: skip
         result = torchrun_two_processes(args, report)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert ("loss over lm_head's vocabulary shards (2 ranks" in result.stdout) == (stage == "zero3")
         curves[stage] = losses(read_reports(report, 2)[0]["log_history"])
     assert len(curves["zero3"]) == 3
     assert curves["zero3"] == pytest.approx(curves["zero2"], rel=1e-4)

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
 from .resampler import Resampler, ResamplerAttention
+from .sharded_loss import vocab_sharded_loss, zero3_vocab_shard
 from .tokenization import SpecialTokens
 
 IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
@@ -79,6 +80,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     # gradients the published dummy image gives them, without running the vision tower (ZeroGradients).
     # False runs the dummy image as published (tests and benchmarks compare the two).
     dummy_image_stand_in: bool = True
+    # Under ZeRO-3, the loss computes each rank's logits on its own rows of a frozen lm_head (sharded_loss),
+    # which is never gathered. False gathers it per loss chunk instead (benchmarks compare the two).
+    vocab_sharded_loss: bool = True
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -283,8 +287,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         kwargs.pop("use_cache", None)
         hidden = self.llm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **kwargs)
         loss = label_position_loss(
-            hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, self.loss_chunk_size, fused=self.loss_kernel == "liger"
-        )
+            hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, self.loss_chunk_size,
+            fused=self.loss_kernel == "liger", vocab_shards=self.vocab_sharded_loss,
+        )  # fmt: skip
         return CausalLMOutputWithPast(loss=loss)
 
     # --- inference ------------------------------------------------------------------------------------------
@@ -402,6 +407,7 @@ def label_position_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 2048,
     fused: bool = False,
+    vocab_shards: bool = True,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy computed only where a next-token label exists, in fp32, chunk by chunk.
 
@@ -409,7 +415,9 @@ def label_position_loss(
     [tokens, vocab] matrix exist only for `chunk_size` label positions at a time, and each chunk's logits are
     recomputed in backward instead of kept: with a 128k vocabulary that is gigabytes saved per 2k tokens.
     `fused=True` hands the label positions to liger-kernel's fused linear cross-entropy instead (its own
-    chunks; gradients computed in the forward pass, so lm_head is not recomputed).
+    chunks; gradients computed in the forward pass, so lm_head is not recomputed). Where ZeRO-3 partitions a
+    frozen lm_head on row boundaries, each rank computes the logits of its own rows (`sharded_loss`) unless
+    `vocab_shards=False`.
     """
     shifted = F.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)
     selected = shifted != -100
@@ -418,6 +426,9 @@ def label_position_loss(
     if fused:
         total = _fused_loss(states, targets, lm_head)
         return _normalise(total, len(targets), num_items_in_batch)
+    shard = zero3_vocab_shard(lm_head, hidden.device) if vocab_shards else None
+    if shard is not None:  # ZeRO-3: each rank computes the logits of its own rows; lm_head is never gathered
+        return _normalise(vocab_sharded_loss(states, targets, shard, chunk_size), len(targets), num_items_in_batch)
     total = hidden.new_zeros((), dtype=torch.float32)
     num_chunks = max(1, -(-len(targets) // chunk_size))
     if _distributed() and _partitioned(lm_head.parameters()):
