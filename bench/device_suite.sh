@@ -23,6 +23,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 19  # text speed mode at 1 and 2 rows, bench loop (GPU0) | finetune.py on 96 text samples, no epoch boundary in the timing (GPU1); ZeRO-3 LoRA-only memory timeline
 #   OUT=$OUT bash bench/device_suite.sh 20  # ZeRO-3 LoRA-only memory timeline with the gathered parameters at every mark
 #   OUT=$OUT bash bench/device_suite.sh 21  # ZeRO-3 with lm_head gathered per loss chunk (commit 8223987, reverted: it peaked higher): LoRA only and upstream recipe peaks, LoRA-only timeline
+#   OUT=$OUT bash bench/device_suite.sh 22  # ZeRO-3 with the loss on each rank's rows of lm_head vs gathering it: LoRA only and upstream recipe, LoRA-only timeline
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -484,6 +485,18 @@ PY
     trainer t2_upstream_z3lean_8bit_c512_21 0,1 130 $TEXT $UPSTREAM $Z3
     BENCH_MEMORY=/tmp/memory_z3lora21.md trainer t2_lora_z3lean_8bit_memory21 0,1 130 $TEXT $LORA_ONLY --max_steps 4 $Z3
     [ -f /tmp/memory_z3lora21.md ] && cp /tmp/memory_z3lora21.md "$OUT/memory_z3lora.md"
+    ;;
+22) # ZeRO-3 on both GPUs, lean config + 8-bit AdamW: the loss on each rank's rows of lm_head (never gathered)
+    # against the chunked loss gathering it (BENCH_VOCAB_SHARDS=off), LoRA only and the upstream recipe; then
+    # LoRA only's memory timeline by phase
+    PORT=6500
+    Z3="--deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512"
+    trainer t2_lora_z3lean_8bit_c512_shards22 0,1 130 $TEXT $LORA_ONLY $Z3
+    BENCH_VOCAB_SHARDS=off trainer t2_lora_z3lean_8bit_c512_gather22 0,1 130 $TEXT $LORA_ONLY $Z3
+    trainer t2_upstream_z3lean_8bit_c512_shards22 0,1 130 $TEXT $UPSTREAM $Z3
+    BENCH_VOCAB_SHARDS=off trainer t2_upstream_z3lean_8bit_c512_gather22 0,1 130 $TEXT $UPSTREAM $Z3
+    BENCH_MEMORY=/tmp/memory_z3lora22.md trainer t2_lora_z3lean_8bit_memory22 0,1 130 $TEXT $LORA_ONLY --max_steps 4 $Z3
+    [ -f /tmp/memory_z3lora22.md ] && cp /tmp/memory_z3lora22.md "$OUT/memory_z3lora.md"
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

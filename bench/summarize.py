@@ -35,7 +35,7 @@ def describe(report: dict) -> list[str]:
         str(report["world_size"]),
         stage,
         report.get("optim", "?").replace("adamw_bnb_8bit", "8-bit AdamW").replace("adamw_torch_fused", "AdamW"),
-        str(report.get("loss_chunk_size", "?")),
+        str(report.get("loss_chunk_size", "?")) + (" on vocabulary shards" if report.get("vocab_sharded_loss") else ""),
         kernels(report),
         f"{report['tokens_per_s']:.0f}",
         f"{report['samples_per_s']:.2f}",

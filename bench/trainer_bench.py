@@ -7,7 +7,8 @@
         step 8 at the earliest); for A/B rows of the vision tower's fast paths, BENCH_VISION_ATTENTION=sdpa (the
         vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers not compiled), applied to the model
         finetune.py built; BENCH_DUMMY_IMAGE=run (text-only steps run the published dummy image through the
-        vision tower instead of its zero-gradient stand-in); BENCH_MEMORY=path (rank 0 writes the peak allocated
+        vision tower instead of its zero-gradient stand-in); BENCH_VOCAB_SHARDS=off (under ZeRO-3 the loss
+        gathers lm_head per chunk instead of using each rank's rows of it); BENCH_MEMORY=path (rank 0 writes the peak allocated
         memory between marks at every layer's start and the step's phases, bench/memory_at_peak.py; the peak
         reserved figure is then meaningless, and the hooks cost host time)
 
@@ -68,6 +69,8 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             set_vision_attention(self.model, os.environ["BENCH_VISION_ATTENTION"])
         if os.environ.get("BENCH_DUMMY_IMAGE") == "run":
             native_model(self.model).dummy_image_stand_in = False
+        if os.environ.get("BENCH_VOCAB_SHARDS") == "off":
+            native_model(self.model).vocab_sharded_loss = False
         if os.environ.get("BENCH_VISION_COMPILE") == "0":
             for layer in tower_layers(self.model, "vision"):
                 layer._compiled_call_impl = None  # what nn.Module.compile set: plain calls again
@@ -191,6 +194,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "data_wait_s": data_wait,
             "optimizer_s": optimizer,
             "tune_vision": self._bench_vision,
+            "losses": [entry["loss"] for entry in self.state.log_history if "loss" in entry],
             **ft.fast_paths_in_effect(self.model),
         }
         print("[bench] " + json.dumps(report), flush=True)
