@@ -24,7 +24,9 @@ and allocator slack, HEADROOM_GIB, before a plan is said to fit):
     activations    tokens per micro-batch x a per-token constant, with activation checkpointing or without;
                    images: a per-448-px-view constant (tuned or frozen vision tower).
     logits         the chunked loss keeps one chunk of min(tokens, --loss_chunk_size) x vocab logits (bf16 + fp32 +
-                   fp32 grad): 2.45 GiB at the default 2048, 0.61 GiB at 512.
+                   fp32 grad): 2.45 GiB at the default 2048, 0.61 GiB at 512. ZeRO-3 (parameters on the GPU, N
+                   dividing the vocabulary): the loss runs on each rank's vocab / N rows of lm_head, so the
+                   chunk is vocab / N wide and lm_head's 0.98 GiB is never among the gathered parameters.
     overhead       a fixed constant (buffers, cuBLAS workspaces, allocator rounding).
 
 Calibration: bench/plan_validation.md (predicted vs measured, % error).
@@ -96,6 +98,7 @@ class Counts:
     vision: int
     resampler: int
     vocab: int
+    lm_head: int
     lora_per_rank: int  # LoRA parameters per unit of rank on the default q/k/v/o targets
 
 
@@ -122,6 +125,7 @@ def parameter_counts() -> Counts:
         vision=sum(p.numel() for p in model.vpm.parameters()),
         resampler=sum(p.numel() for p in model.resampler.parameters()),
         vocab=model.config.vocab_size,
+        lm_head=model.llm.lm_head.weight.numel(),
         lora_per_rank=lora,
     )
 
@@ -146,6 +150,9 @@ class Setup:
     loss_chunk: int = LOSS_CHUNK  # finetune.py --loss_chunk_size
     optim_8bit: bool = False  # --optim adamw_bnb_8bit (without DeepSpeed, or with ds_config_zero3_lean.json)
     lean: bool = False  # ZeRO-3 with ds_config_zero3_lean.json: ~one layer's parameters live, the Trainer's optimizer
+    # ZeRO-3: the loss on each rank's rows of lm_head where they can be (finetune.py's default; False: the runs
+    # measured before it, which gathered lm_head)
+    vocab_shards: bool = True
 
 
 def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
@@ -177,8 +184,12 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
         if setup.offload:  # master, states and the gradient partition live in CPU memory (measured 18.05 GiB)
             sharded = 0
         states = lora * 2 + sharded / n + min(constants.ds_bucket_elements, trainable) * 2 * 2
+    vocab_shards = setup.zero_stage == 3 and setup.vocab_shards and not setup.offload and c.vocab % n == 0
     if setup.zero_stage == 3:
-        weights = weights / n + (constants.zero3_lean_live_gib if setup.lean else constants.zero3_live_gib) * GiB
+        live = (constants.zero3_lean_live_gib if setup.lean else constants.zero3_live_gib) * GiB
+        if vocab_shards:  # lm_head is never gathered (finetune.model.sharded_loss)
+            live -= c.lm_head * 2
+        weights = weights / n + live
         if setup.offload:  # offload_param as well in ds_config_zero3_offload.json
             weights = constants.zero3_live_gib * GiB
     tokens = setup.micro_batch * setup.tokens_per_sample
@@ -189,7 +200,7 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
     else:
         per_view = constants.vision_frozen_bytes_per_view
     activations = tokens * per_token + views * per_view
-    logits = min(tokens, setup.loss_chunk) * c.vocab * constants.logit_bytes_per_element
+    logits = min(tokens, setup.loss_chunk) * (c.vocab // n if vocab_shards else c.vocab) * constants.logit_bytes_per_element
     terms = {
         "weights": weights / GiB,
         "optimizer_and_grads": states / GiB,
@@ -428,7 +439,7 @@ def trainer_bench_setup(data: dict) -> tuple[str, Setup, float, str]:
     setup = Setup(world, stage, "offload" in ds, bool(data.get("gradient_checkpointing", True)), 1, tokens, views,
                   bool(data.get("q_lora", False)), bool(data.get("tune_vision", True)),
                   loss_chunk=int(data.get("loss_chunk_size", LOSS_CHUNK)), optim_8bit="8bit" in str(data.get("optim", "")),
-                  lean=stage == 3 and "lean" in ds)  # fmt: skip
+                  lean=stage == 3 and "lean" in ds, vocab_shards=bool(data.get("vocab_sharded_loss", False)))  # fmt: skip
     name = data.get("name") or f"{world} GPU ZeRO-{stage} Trainer"
     return (f"{name} ({world} GPU{'s' if world > 1 else ''}, {'ZeRO-%d' % stage if stage else 'no DeepSpeed'})", setup,
             max(data["peak_allocated_gib_per_rank"]), note)  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shlex
 import stat
@@ -107,6 +109,17 @@ def test_lean_zero3_with_8bit_states_is_the_multi_gpu_lever_before_offload():
     assert "ZeRO-3 (lean" in plan.format()
 
 
+def test_zero3_plans_count_lm_head_as_never_gathered_only_where_the_loss_runs_on_its_vocabulary_shards():
+    """Measured on 2 x H200 (bench/README.md, Update 7): 0.94 GiB less per GPU with the loss on the shards. The
+    shards need the parameters on the GPU and N dividing the 128,256-row vocabulary; elsewhere lm_head is gathered."""
+    lm_head_gib = 128256 * 4096 * 2 / 2**30
+    for gpus in (2, 8):
+        sharded, gathered = (predict(Setup(gpus=gpus, zero_stage=3, loss_chunk=512, vocab_shards=v))["total"] for v in (True, False))
+        assert gathered - sharded == pytest.approx(lm_head_gib + 512 * 128256 * 10 * (1 - 1 / gpus) / 2**30)
+    for setup in (Setup(gpus=5, zero_stage=3), Setup(gpus=2, zero_stage=3, offload=True), Setup(gpus=2, zero_stage=2)):
+        assert predict(setup) == predict(dataclasses.replace(setup, vocab_shards=False))
+
+
 def test_more_memory_never_gives_a_slower_plan():
     smallest, small, large = make_plan(1, 21), make_plan(1, 24), make_plan(1, 141)
     assert smallest.setup.offload and not small.setup.offload  # offload only where nothing faster fits
@@ -208,8 +221,10 @@ def test_validate_reads_trainer_bench_reports(tmp_path, capsys):
     from finetune.plan import measured_setups
 
     (name1, setup1, peak1, _), (name2, setup2, peak2, _) = measured_setups(str(path))
-    assert setup1 == Setup(1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True) and peak1 == 20.48
-    assert setup2 == Setup(2, 3, False, True, 1, 4000, 12.0, False, False) and peak2 == 12.5  # the worst rank
+    # (reports from before the loss ran on lm_head's vocabulary shards lack the field: they gathered it)
+    assert setup1 == Setup(1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True, vocab_shards=False)
+    assert peak1 == 20.48
+    assert setup2 == Setup(2, 3, False, True, 1, 4000, 12.0, False, False, vocab_shards=False) and peak2 == 12.5  # the worst rank
     assert main(["--validate", str(path)]) == 0
     table = capsys.readouterr().out
     assert "t1_8bit (1 GPU, no DeepSpeed)" in table and "t2_z3 (2 GPUs, ZeRO-3)" in table
