@@ -176,6 +176,55 @@ def test_text_only_training_without_the_dummy_image_gives_the_same_loss_and_grad
     assert vision and all(torch.count_nonzero(g) == 0 for g in vision)
 
 
+def _checkpointed_step(golden_dir, case, vision_trained: bool, use_reentrant: bool, library_hooks: bool = False,
+                       embeddings_trained: bool = True):
+    """One checkpointed training step on an image case: (whether backward reached the vision tower's
+    embeddings, the loss, the gradients)."""
+    from transformers import PreTrainedModel
+
+    model = AutoModel.from_pretrained(golden_dir).train()
+    model.vpm.requires_grad_(vision_trained)
+    model.vpm.embeddings.requires_grad_(vision_trained and embeddings_trained)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if library_hooks:  # transformers' own: every sub-model's input embeddings, the vision tower's included
+        model.disable_input_require_grads()
+        PreTrainedModel.enable_input_require_grads(model)
+    reached = []
+
+    def watch(module, inputs, output):
+        if output.requires_grad:
+            output.register_hook(lambda grad: reached.append(True))
+
+    model.vpm.embeddings.register_forward_hook(watch)
+    loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
+    loss.backward()
+    return bool(reached), loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_backward_does_not_run_through_a_frozen_vision_tower_under_checkpointing(golden_dir, golden_cases):
+    """transformers' checkpointing marks every sub-model's embeddings as requiring grad, the vision tower's too:
+    with the tower frozen, backward then ran through all its layers (recomputing them where they are
+    checkpointed) for gradients nothing used. The loss and the trained gradients stay the same without."""
+    case = next(c for c in golden_cases if len(c["pixel_values"]))
+    reached, loss, grads = _checkpointed_step(golden_dir, case, vision_trained=False, use_reentrant=False)
+    library_reached, library_loss, library_grads = _checkpointed_step(golden_dir, case, False, False, library_hooks=True)
+    assert (reached, library_reached) == (False, True)
+    assert torch.equal(loss, library_loss) and grads.keys() == library_grads.keys()
+    assert any(name.startswith("resampler.") for name in grads) and not any(name.startswith("vpm.") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, library_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_trained_vision_tower_gets_gradients_under_reentrant_checkpointing(golden_dir, golden_cases):
+    """Reentrant checkpointing gives a block's parameters gradients only if its input requires grad: the hook
+    must still mark the vision tower's embeddings when the tower is trained, here all of it but the embeddings
+    (whose own trained weights would otherwise make their output require grad anyway)."""
+    case = next(c for c in golden_cases if len(c["pixel_values"]))
+    reached, _, grads = _checkpointed_step(golden_dir, case, vision_trained=True, use_reentrant=True, embeddings_trained=False)
+    layers = {name: g for name, g in grads.items() if name.startswith("vpm.encoder.layers.")}
+    assert reached and layers and all(g is not None and torch.count_nonzero(g) > 0 for g in layers.values())
+
+
 def test_dtype_cast_on_load(golden_dir):
     model = AutoModel.from_pretrained(golden_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

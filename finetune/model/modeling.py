@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from copy import deepcopy
+from functools import partial
 from typing import Any, Iterable
 
 import torch
@@ -123,6 +124,28 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.llm.set_output_embeddings(value)
+
+    def enable_input_require_grads(self) -> None:
+        """What reentrant checkpointing needs: the embeddings' output requires grad, so that a checkpointed
+        block's trained parameters get their gradients. transformers hooks the input embeddings of every
+        sub-model, the vision tower's included: with the vision tower frozen (LoRA only), every image's features
+        then required grad, and backward ran through all 27 encoder layers, recomputation included, for
+        gradients nothing uses. Here the vision tower's embeddings are marked only while it has trained
+        parameters (checked at each call: a recipe may freeze or unfreeze it after this hook is set)."""
+        self.disable_input_require_grads()  # called by PEFT and again by the Trainer: one set of hooks
+
+        def require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        def require_grads_if_trained(tower, module, inputs, output):
+            if any(p.requires_grad for p in tower.parameters()):
+                output.requires_grad_(True)
+
+        hooks = [self.get_input_embeddings().register_forward_hook(require_grads)]
+        for tower in self.modules():  # a trained vision tower is two: the original and PEFT's trained copy
+            if isinstance(tower, Idefics2VisionTransformer):
+                hooks.append(tower.embeddings.register_forward_hook(partial(require_grads_if_trained, tower)))
+        self._require_grads_hooks = hooks
 
     # --- vision --------------------------------------------------------------------------------------------
 
