@@ -180,6 +180,40 @@ def test_8bit_optimizer_states_track_fp32_adam(tiny_model, demo, tmp_path):
     assert got[0] == pytest.approx(expected[0], rel=1e-6)  # same data and initial weights
     assert got == pytest.approx(expected, rel=0.05), (expected, got)
     assert got[-1] < got[0]
+    assert hasattr(optimizer.step, "__wrapped__")  # finetune.trainer.skip_per_parameter_syncs applied
+
+
+def test_8bit_steps_without_per_parameter_syncs_update_the_same(monkeypatch):
+    """bitsandbytes synchronises the device after every parameter's update; the wrapped step makes none of those
+    calls and leaves the same parameters and states. Paged optimizers and torch's own are left alone."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (requirements-extras.txt)")
+    import bitsandbytes as bnb
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    from finetune.trainer import skip_per_parameter_syncs
+
+    syncs = []
+    real_sync = bnb_optimizer.sync_gpu
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda tensor: syncs.append(tensor) or real_sync(tensor))
+    results = {}
+    for wrapped in (False, True):
+        torch.manual_seed(0)
+        parameters = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(4096, 2))]
+        optimizer = bnb.optim.AdamW8bit(parameters, lr=1e-2)
+        if wrapped:
+            assert skip_per_parameter_syncs(optimizer)
+        syncs.clear()
+        for _ in range(3):
+            for parameter in parameters:
+                parameter.grad = torch.randn_like(parameter)
+            optimizer.step()
+        results[wrapped] = ([p.detach().clone() for p in parameters], len(syncs), optimizer.state[parameters[0]]["state1"].clone())
+    (plain_params, plain_syncs, plain_state), (params, wrapped_syncs, state) = results[False], results[True]
+    assert (plain_syncs, wrapped_syncs) == (9, 0)
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, params)) and torch.equal(plain_state, state)
+    assert bnb_optimizer.sync_gpu is not real_sync  # the test's spy is back in place after the wrapped steps
+    paged = bnb.optim.PagedAdamW8bit([torch.nn.Parameter(torch.randn(8))], lr=1e-2)
+    assert not skip_per_parameter_syncs(paged) and not skip_per_parameter_syncs(torch.optim.AdamW([torch.nn.Parameter(torch.randn(8))]))
 
 
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
