@@ -24,6 +24,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 20  # ZeRO-3 LoRA-only memory timeline with the gathered parameters at every mark
 #   OUT=$OUT bash bench/device_suite.sh 21  # ZeRO-3 with lm_head gathered per loss chunk (commit 8223987, reverted: it peaked higher): LoRA only and upstream recipe peaks, LoRA-only timeline
 #   OUT=$OUT bash bench/device_suite.sh 22  # ZeRO-3 with the loss on each rank's rows of lm_head vs gathering it: LoRA only and upstream recipe, LoRA-only timeline
+#   OUT=$OUT bash bench/device_suite.sh 23  # multimodal: LoRA only without backward through the frozen vision tower; 8-bit AdamW without per-parameter syncs; memory by phase; ZeRO-3 LoRA only
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -497,6 +498,25 @@ PY
     BENCH_VOCAB_SHARDS=off trainer t2_upstream_z3lean_8bit_c512_gather22 0,1 130 $TEXT $UPSTREAM $Z3
     BENCH_MEMORY=/tmp/memory_z3lora22.md trainer t2_lora_z3lean_8bit_memory22 0,1 130 $TEXT $LORA_ONLY --max_steps 4 $Z3
     [ -f /tmp/memory_z3lora22.md ] && cp /tmp/memory_z3lora22.md "$OUT/memory_z3lora.md"
+    ;;
+23) # GPU0: multimodal LoRA only, without / with backward through the frozen vision tower (transformers'
+    # checkpointing hooks, BENCH_INPUT_GRADS=library); the upstream recipe with fused AdamW. GPU1: the upstream
+    # recipe with 8-bit AdamW, without / with bitsandbytes' sync after every parameter; then with loss chunk 512,
+    # memory by phase. Then ZeRO-3 LoRA only on both GPUs (the dummy image's backward no longer runs through the tower).
+    (
+        PORT=6600
+        WARMUP=4 trainer m1_lora23 0 170 $MM $LORA_ONLY --max_steps 10
+        WARMUP=4 BENCH_INPUT_GRADS=library trainer m1_lora_library23 0 150 $MM $LORA_ONLY --max_steps 10
+        WARMUP=4 trainer m1_upstream23 0 150 $MM $UPSTREAM --max_steps 10
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    WARMUP=4 trainer m1_upstream_8bit23 1 170 $MM $UPSTREAM --max_steps 10 --optim adamw_bnb_8bit
+    WARMUP=4 BENCH_BNB_SYNCS=each trainer m1_upstream_8bit_syncs23 1 150 $MM $UPSTREAM --max_steps 10 --optim adamw_bnb_8bit
+    BENCH_MEMORY=/tmp/memory_mm23.md trainer m1_upstream_8bit_c512_memory23 1 150 $MM $UPSTREAM --max_steps 6 --optim adamw_bnb_8bit --loss_chunk_size 512
+    [ -f /tmp/memory_mm23.md ] && cp /tmp/memory_mm23.md "$OUT/memory_mm.md"
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    trainer t2_lora_z3lean_8bit_c512_23 0,1 120 $TEXT $LORA_ONLY --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

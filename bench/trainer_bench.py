@@ -8,7 +8,9 @@
         vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers not compiled), applied to the model
         finetune.py built; BENCH_DUMMY_IMAGE=run (text-only steps run the published dummy image through the
         vision tower instead of its zero-gradient stand-in); BENCH_VOCAB_SHARDS=off (under ZeRO-3 the loss
-        gathers lm_head per chunk instead of using each rank's rows of it); BENCH_MEMORY=path (rank 0 writes the peak allocated
+        gathers lm_head per chunk instead of using each rank's rows of it); BENCH_INPUT_GRADS=library
+        (transformers' checkpointing hooks: a frozen vision tower's embeddings marked as requiring grad too);
+        BENCH_BNB_SYNCS=each (bitsandbytes' device sync after every parameter's update kept); BENCH_MEMORY=path (rank 0 writes the peak allocated
         memory between marks at every layer's start and the step's phases, bench/memory_at_peak.py; the peak
         reserved figure is then meaningless, and the hooks cost host time)
 
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import PreTrainedModel, Trainer, TrainerCallback  # noqa: E402
 
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
@@ -69,6 +71,10 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             set_vision_attention(self.model, os.environ["BENCH_VISION_ATTENTION"])
         if os.environ.get("BENCH_DUMMY_IMAGE") == "run":
             native_model(self.model).dummy_image_stand_in = False
+        if os.environ.get("BENCH_INPUT_GRADS") == "library":
+            native = native_model(self.model)
+            native.disable_input_require_grads()
+            type(native).enable_input_require_grads = PreTrainedModel.enable_input_require_grads
         if os.environ.get("BENCH_VOCAB_SHARDS") == "off":
             native_model(self.model).vocab_sharded_loss = False
         if os.environ.get("BENCH_VISION_COMPILE") == "0":
@@ -87,6 +93,11 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             self._bench_peaks = PhasePeaks()
             self._bench_peaks.attach(native_model(self.model))
             self.add_callback(self._bench_peaks)
+
+    def create_optimizer(self):
+        if os.environ.get("BENCH_BNB_SYNCS") == "each":  # bitsandbytes as shipped: a device sync after every parameter
+            return Trainer.create_optimizer(self)
+        return super().create_optimizer()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._bench_starts.append(_now(_SYNC_IN_STEP))
