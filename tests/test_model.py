@@ -225,6 +225,30 @@ def test_a_trained_vision_tower_gets_gradients_under_reentrant_checkpointing(gol
     assert reached and layers and all(g is not None and torch.count_nonzero(g) > 0 for g in layers.values())
 
 
+def test_a_trained_fp32_vision_tower_under_autocast_carries_its_residual_in_bf16(golden_dir, golden_cases):
+    """fp32 master weights under bf16 autocast: the position embeddings (fp32) would make the vision residual
+    fp32 in every layer, twice the checkpointed bytes of the bf16 model. It starts in bf16 instead; the loss and
+    the vision gradients stay within bf16 tolerance of the fp32 stream's."""
+    case = next(c for c in golden_cases if len(c["pixel_values"]))
+    runs = {}
+    for bf16_residual in (False, True):
+        model = AutoModel.from_pretrained(golden_dir).train()
+        MiniCPMV.vision_residual_in_autocast_dtype = bf16_residual  # (the hook reads the class's switch)
+        layer_inputs = []
+        model.vpm.encoder.layers[1].register_forward_pre_hook(lambda module, args, kwargs: layer_inputs.append(args[0].dtype), with_kwargs=True)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
+            loss.backward()
+        finally:
+            MiniCPMV.vision_residual_in_autocast_dtype = True
+        runs[bf16_residual] = (layer_inputs, loss.detach(), {n: p.grad for n, p in model.named_parameters() if n.startswith("vpm.encoder.layers.0.")})
+    assert runs[False][0] == [torch.float32] and runs[True][0] == [torch.bfloat16]
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=2e-2, atol=0)
+    for name, grad in runs[False][2].items():
+        assert torch.linalg.vector_norm(runs[True][2][name] - grad) <= 0.05 * torch.linalg.vector_norm(grad) + 1e-6, name
+
+
 def test_dtype_cast_on_load(golden_dir):
     model = AutoModel.from_pretrained(golden_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

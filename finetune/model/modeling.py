@@ -84,6 +84,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     # Under ZeRO-3, the loss computes each rank's logits on its own rows of a frozen lm_head (sharded_loss),
     # which is never gathered. False gathers it per loss chunk instead (benchmarks compare the two).
     vocab_sharded_loss: bool = True
+    # Under autocast, the vision tower's residual stream starts in the autocast dtype, as in the bf16 model
+    # (_residual_in_autocast_dtype). False keeps the fp32 stream a trained fp32 tower would carry (benchmarks).
+    vision_residual_in_autocast_dtype: bool = True
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -94,6 +97,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if config.drop_vision_last_layer:
             self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
         self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
+        self.vpm.embeddings.register_forward_hook(_residual_in_autocast_dtype)
         self.post_init()
 
     # --- loading: refuse anything that would leave weights random ------------------------------------------
@@ -389,6 +393,22 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
             "image_bound": [image_bounds(ids, tokens.image_start, tokens.image_end)],
         }
+
+
+def _residual_in_autocast_dtype(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+    """The vision embeddings' output in the autocast dtype, when autocast runs and it is not already.
+
+    A trained vision tower keeps fp32 master weights without DeepSpeed, and autocast computes its matmuls in
+    bf16; but its fp32 position embeddings, added to the bf16 patch embeddings, would make the residual stream
+    fp32 through all 27 layers: every checkpointed layer input twice the bytes of the bf16 model's (1.8 GiB
+    more at 39 views of 448 px), for precision that the bf16 model, the published one and DeepSpeed's, never
+    has. A frozen tower is already bf16, so this changes nothing there."""
+    device = output.device.type
+    if MiniCPMV.vision_residual_in_autocast_dtype and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if output.dtype != dtype:
+            return output.to(dtype)
+    return None
 
 
 class ZeroGradients(torch.autograd.Function):
