@@ -10,7 +10,9 @@
         vision tower instead of its zero-gradient stand-in); BENCH_VOCAB_SHARDS=off (under ZeRO-3 the loss
         gathers lm_head per chunk instead of using each rank's rows of it); BENCH_INPUT_GRADS=library
         (transformers' checkpointing hooks: a frozen vision tower's embeddings marked as requiring grad too);
-        BENCH_BNB_SYNCS=each (bitsandbytes' device sync after every parameter's update kept); BENCH_MEMORY=path (rank 0 writes the peak allocated
+        BENCH_BNB_SYNCS=each (bitsandbytes' device sync after every parameter's update kept);
+        BENCH_VISION_RESIDUAL=fp32 (a trained fp32 vision tower's residual stream left in fp32 under autocast);
+        BENCH_MEMORY=path (rank 0 writes the peak allocated
         memory between marks at every layer's start and the step's phases, bench/memory_at_peak.py; the peak
         reserved figure is then meaningless, and the hooks cost host time)
 
@@ -75,6 +77,8 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             native = native_model(self.model)
             native.disable_input_require_grads()
             type(native).enable_input_require_grads = PreTrainedModel.enable_input_require_grads
+        if os.environ.get("BENCH_VISION_RESIDUAL") == "fp32":
+            type(native_model(self.model)).vision_residual_in_autocast_dtype = False
         if os.environ.get("BENCH_VOCAB_SHARDS") == "off":
             native_model(self.model).vocab_sharded_loss = False
         if os.environ.get("BENCH_VISION_COMPILE") == "0":
