@@ -25,6 +25,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 21  # ZeRO-3 with lm_head gathered per loss chunk (commit 8223987, reverted: it peaked higher): LoRA only and upstream recipe peaks, LoRA-only timeline
 #   OUT=$OUT bash bench/device_suite.sh 22  # ZeRO-3 with the loss on each rank's rows of lm_head vs gathering it: LoRA only and upstream recipe, LoRA-only timeline
 #   OUT=$OUT bash bench/device_suite.sh 23  # multimodal: LoRA only without backward through the frozen vision tower; 8-bit AdamW without per-parameter syncs; memory by phase; ZeRO-3 LoRA only
+#   OUT=$OUT bash bench/device_suite.sh 24  # multimodal upstream recipe with the vision residual in bf16 (A/B), 8-bit AdamW at 4 and 5 samples a step; ZeRO-3 LoRA only
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -517,6 +518,22 @@ PY
     [ -f /tmp/memory_mm23.md ] && cp /tmp/memory_mm23.md "$OUT/memory_mm.md"
     while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
     trainer t2_lora_z3lean_8bit_c512_23 0,1 120 $TEXT $LORA_ONLY --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    ;;
+24) # The upstream recipe on the multimodal set with the vision residual in bf16. GPU0: fused AdamW, against the
+    # fp32 residual (BENCH_VISION_RESIDUAL=fp32). GPU1: 8-bit AdamW at 4 samples a step, and at 5 with loss chunk
+    # 512. Then ZeRO-3 LoRA only on both GPUs (part 23 ran out of time for it).
+    (
+        PORT=6600
+        WARMUP=4 trainer m1_upstream24 0 170 $MM $UPSTREAM --max_steps 10
+        WARMUP=4 BENCH_VISION_RESIDUAL=fp32 trainer m1_upstream_fp32res24 0 150 $MM $UPSTREAM --max_steps 10
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    WARMUP=4 trainer m1_upstream_8bit24 1 170 $MM $UPSTREAM --max_steps 10 --optim adamw_bnb_8bit
+    WARMUP=4 trainer m1_upstream_8bit_bs5_c512_24 1 150 $MM $UPSTREAM --max_steps 10 --optim adamw_bnb_8bit \
+        --loss_chunk_size 512 --per_device_train_batch_size 5
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    trainer t2_lora_z3lean_8bit_c512_24 0,1 100 $TEXT $LORA_ONLY --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
