@@ -199,8 +199,12 @@ trainer() {
         torchrun --nproc_per_node "$nproc" --master_port $PORT bench/trainer_bench.py "$@" --output_dir /tmp/out_$name > /tmp/$name.log 2>&1
     local rc=$?
     echo "$name: rc=$rc at ${SECONDS}s" >> "$OUT/env.txt"
-    [ -f /tmp/$name.json ] && python3 -c "import json,sys; r=json.load(open('/tmp/$name.json')); r['name']='$name'; print(json.dumps(r))" >> "$OUT/results.jsonl"
-    { echo "===== $name (rc=$rc): $*"; grep -v -E '^\s*[0-9]+%\||it/s\]$' /tmp/$name.log | tail -n 60; } >> "$OUT/logs.txt"
+    # (both GPUs' runs append here: one writer at a time, or two reports ending together interleave)
+    (
+        flock 9
+        [ -f /tmp/$name.json ] && python3 -c "import json,sys; r=json.load(open('/tmp/$name.json')); r['name']='$name'; print(json.dumps(r))" >> "$OUT/results.jsonl"
+        { echo "===== $name (rc=$rc): $*"; grep -v -E '^\s*[0-9]+%\||it/s\]$' /tmp/$name.log | tail -n 60; } >> "$OUT/logs.txt"
+    ) 9> /tmp/device_suite_append.lock
 }
 
 case $PART in
