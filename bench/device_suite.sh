@@ -26,6 +26,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 22  # ZeRO-3 with the loss on each rank's rows of lm_head vs gathering it: LoRA only and upstream recipe, LoRA-only timeline
 #   OUT=$OUT bash bench/device_suite.sh 23  # multimodal: LoRA only without backward through the frozen vision tower; 8-bit AdamW without per-parameter syncs; memory by phase; ZeRO-3 LoRA only
 #   OUT=$OUT bash bench/device_suite.sh 24  # multimodal upstream recipe with the vision residual in bf16 (A/B), 8-bit AdamW at 4 and 5 samples a step; ZeRO-3 LoRA only
+#   OUT=$OUT bash bench/device_suite.sh 25  # ZeRO-3 LoRA only: with / without the dummy image's backward through the frozen vision tower
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -538,6 +539,14 @@ PY
         --loss_chunk_size 512 --per_device_train_batch_size 5
     while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
     trainer t2_lora_z3lean_8bit_c512_24 0,1 100 $TEXT $LORA_ONLY --deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512
+    ;;
+25) # ZeRO-3 LoRA only on both GPUs (part 24's ran 1.3x slower than part 22's): the dummy image's backward through
+    # the frozen vision tower (BENCH_INPUT_GRADS=library) against without, in one call, the default twice
+    PORT=6500
+    Z3="--deepspeed finetune/ds_config_zero3_lean.json --optim adamw_bnb_8bit --loss_chunk_size 512"
+    trainer t2_lora_z3lean_8bit_c512_25a 0,1 80 $TEXT $LORA_ONLY $Z3
+    BENCH_INPUT_GRADS=library trainer t2_lora_z3lean_8bit_c512_library25 0,1 80 $TEXT $LORA_ONLY $Z3
+    trainer t2_lora_z3lean_8bit_c512_25b 0,1 80 $TEXT $LORA_ONLY $Z3
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
