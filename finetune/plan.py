@@ -79,7 +79,9 @@ class Constants:
     full_bytes_fp32: float = 10.0
     logit_bytes_per_element: float = 10.0  # bf16 logits + fp32 upcast + fp32 grad of one loss chunk (analytical)
     vision_gc_bytes_per_view: float = 96.7e6  # tuned vision tower (checkpointed) + trained resampler, per view
-    vision_frozen_bytes_per_view: float = 95.6e6  # frozen vision tower + trained resampler, per view
+    # frozen vision tower + trained resampler, per view: refitted on finetune.py's m1_lora23 (bench/plan_validation.md,
+    # Update 5) once backward stopped running through a frozen tower (95.6e6 before, on a bench-loop row)
+    vision_frozen_bytes_per_view: float = 44.4e6
     vision_nogc_bytes_per_view: float = 1.4e9  # tuned vision tower, not checkpointed: analytical, NOT measured
     ds_bucket_elements: float = 2e8  # reduce_bucket_size of ds_config_zero2.json
     zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each); the two
