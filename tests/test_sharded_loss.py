@@ -23,7 +23,7 @@ def reference(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
 def test_a_single_shard_holding_every_row_gives_the_plain_loss_and_gradient():
     torch.manual_seed(0)
     weight, states, targets = torch.randn(VOCAB, HIDDEN), torch.randn(7, HIDDEN, requires_grad=True), torch.randint(0, VOCAB, (7,))
-    loss = vocab_sharded_loss(states, targets, VocabShard(rows=weight, first_row=0, group=None), chunk_size=3)
+    loss = vocab_sharded_loss(states, targets, VocabShard(rows=weight, first_row=0), chunk_size=3)
     (2 * loss).backward()
     plain = states.detach().clone().requires_grad_(True)
     (2 * reference(plain, targets, weight)).backward()
@@ -46,13 +46,15 @@ def _sharded_loss_on_rank(rank: int, port: int, counts: tuple[int, int], results
         if rank == 0 and counts[rank]:  # one target in each half of the vocabulary at least
             targets[:2] = torch.tensor([0, VOCAB - 1])
         rows = VOCAB // 2
-        shard = VocabShard(rows=weight[rank * rows : (rank + 1) * rows], first_row=rank * rows, group=torch.distributed.group.WORLD)
+        shard = VocabShard(rows=weight[rank * rows : (rank + 1) * rows], first_row=rank * rows, ranks=(0, 1))
+        with torch.no_grad():  # evaluation: the forward alone, the same collectives
+            evaluated = vocab_sharded_loss(states, targets, shard, chunk_size=4)
         loss = vocab_sharded_loss(states, targets, shard, chunk_size=4)
         ((1 + 2 * rank) * loss).backward()
         plain = states.detach().clone().requires_grad_(True)
         expected = reference(plain, targets, weight)
         ((1 + 2 * rank) * expected).backward()
-        results[rank] = json.dumps({"loss": [loss.item(), expected.item()],
+        results[rank] = json.dumps({"loss": [loss.item(), expected.item()], "evaluated": evaluated.item(),
                                     "grad_error": (states.grad - plain.grad).abs().max().item() if counts[rank] else 0.0,
                                     "grad_size": plain.grad.abs().max().item() if counts[rank] else 0.0})  # fmt: skip
     finally:
@@ -66,6 +68,7 @@ def test_two_ranks_each_holding_half_the_vocabulary_get_the_whole_weights_loss_a
     for rank in (0, 1):
         result = json.loads(results[rank])
         assert result["loss"][0] == pytest.approx(result["loss"][1], rel=1e-5, abs=1e-6)
+        assert result["evaluated"] == result["loss"][0]
         assert result["grad_error"] <= 1e-5 * max(1.0, result["grad_size"])
     assert json.loads(results[0])["grad_size"] > 0
 

@@ -35,7 +35,7 @@ class VocabShard:
 
     rows: torch.Tensor  # [rows, hidden], the rank's own ZeRO-3 partition viewed as rows (no copy)
     first_row: int
-    group: dist.ProcessGroup | None  # the ranks that share the weight; None in a single process
+    ranks: tuple[int, ...] = ()  # the global ranks that share the weight; () in a single process
 
 
 _LOSS_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
@@ -44,7 +44,7 @@ _LOSS_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 def zero3_vocab_shard(lm_head: nn.Module, device: torch.device) -> VocabShard | None:
     """This rank's rows of a ZeRO-3-partitioned, frozen, bias-free lm_head, or None where the plain path
     must run: not partitioned, trained, offloaded off `device`, or cut across rows (world sizes that do not
-    divide the vocabulary)."""
+    divide the vocabulary). Local: no collective, so one rank alone may ask (reports do)."""
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         return None
     # Read from the module's dict: under ZeRO-3 a parameter read inside a forward can gather it.
@@ -60,13 +60,16 @@ def zero3_vocab_shard(lm_head: nn.Module, device: torch.device) -> VocabShard | 
     if size % hidden or size * world != vocab * hidden or partition.device != device:
         return None
     rows = partition.view(-1)[:size].view(size // hidden, hidden)
-    return VocabShard(rows=rows, first_row=rank * (size // hidden), group=_loss_group(group) if world > 1 else None)
+    ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD)) if world > 1 else ()
+    return VocabShard(rows=rows, first_row=rank * (size // hidden), ranks=ranks)
 
 
-def _loss_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """A communicator of the loss's own, over the same ranks: its collectives then cannot interleave with
-    DeepSpeed's gathers on that group's streams. Created on the first loss call, which every rank makes."""
-    ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+def _loss_group(ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
+    """A communicator of the loss's own over these ranks (None for none): its collectives then cannot
+    interleave with DeepSpeed's gathers on the weight's group. Created on the first loss call, which every
+    rank makes."""
+    if not ranks:
+        return None
     if ranks not in _LOSS_GROUPS:
         _LOSS_GROUPS[ranks] = dist.new_group(list(ranks))
     return _LOSS_GROUPS[ranks]
@@ -75,28 +78,29 @@ def _loss_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
 def vocab_sharded_loss(states: torch.Tensor, targets: torch.Tensor, shard: VocabShard, chunk_size: int) -> torch.Tensor:
     """Summed fp32 cross-entropy of `states @ weight.T` against `targets` (this rank's label positions), where
     this rank holds only `shard` of the weight. Every rank of the shard's group must call it together."""
+    group = _loss_group(shard.ranks)
     if torch.is_grad_enabled() and states.requires_grad:
-        return _VocabShardedCrossEntropy.apply(states, targets, shard, chunk_size)
+        return _VocabShardedCrossEntropy.apply(states, targets, shard, group, chunk_size)
     with torch.no_grad():
-        return _forward(states, targets, shard, chunk_size)[0]
+        return _forward(states, targets, shard, group, chunk_size)[0]
 
 
 class _VocabShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, states, targets, shard, chunk_size):
-        total, plan, log_normalisers = _forward(states, targets, shard, chunk_size)
-        ctx.shard, ctx.chunk_size, ctx.plan = shard, chunk_size, plan
+    def forward(ctx, states, targets, shard, group, chunk_size):
+        total, plan, log_normalisers = _forward(states, targets, shard, group, chunk_size)
+        ctx.shard, ctx.group, ctx.chunk_size, ctx.plan = shard, group, chunk_size, plan
         ctx.save_for_backward(states, log_normalisers)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         states, log_normalisers = ctx.saved_tensors
-        shard, plan = ctx.shard, ctx.plan
+        shard, group, plan = ctx.shard, ctx.group, ctx.plan
         # Each rank scales its own positions' gradient by its own upstream gradient.
-        scales = _all_gather_scalars(grad_total.float().reshape(()), shard.group)
+        scales = _all_gather_scalars(grad_total.float().reshape(()), group)
         grad_states = None
-        for peer, peer_states, peer_targets in _each_ranks_positions(states, plan, shard.group):
+        for peer, peer_states, peer_targets in _each_ranks_positions(states, plan, group):
             peer_lse = log_normalisers[plan.offsets[peer] : plan.offsets[peer] + len(peer_targets)]
             partial = torch.empty(peer_states.shape, dtype=torch.float32, device=states.device)
             for start in range(0, len(peer_targets), ctx.chunk_size):
@@ -108,13 +112,13 @@ class _VocabShardedCrossEntropy(torch.autograd.Function):
                 probabilities *= scales[peer]
                 # Cast as autograd would through `.float()`, then the bf16 matmul against the rows.
                 partial[start:end] = probabilities.to(states.dtype) @ shard.rows.to(states.dtype)
-            if shard.group is not None:
-                dist.reduce(partial, dst=dist.get_global_rank(shard.group, peer), group=shard.group)
+            if group is not None:
+                dist.reduce(partial, dst=dist.get_global_rank(group, peer), group=group)
             if peer == plan.rank:
                 grad_states = partial.to(states.dtype)
         if grad_states is None:  # no label positions here: still a gradient of the right shape
             grad_states = torch.zeros_like(states)
-        return grad_states, None, None, None
+        return grad_states, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,10 @@ class _Plan:
     targets: torch.Tensor
 
 
-def _forward(states, targets, shard: VocabShard, chunk_size: int):
-    plan = _plan(targets, shard.group)
+def _forward(states, targets, shard: VocabShard, group, chunk_size: int):
+    plan = _plan(targets, group)
     lse_parts, target_parts = [], []
-    for _peer, peer_states, peer_targets in _each_ranks_positions(states, plan, shard.group):
+    for _peer, peer_states, peer_targets in _each_ranks_positions(states, plan, group):
         for start in range(0, len(peer_targets), chunk_size):
             logits = _logits(peer_states[start : start + chunk_size], shard)
             owned, columns = _owned_targets(peer_targets[start : start + chunk_size], shard)
@@ -140,11 +144,11 @@ def _forward(states, targets, shard: VocabShard, chunk_size: int):
     empty = states.new_zeros(0, dtype=torch.float32)
     local_lse = torch.cat(lse_parts) if lse_parts else empty
     target_logits = torch.cat(target_parts) if target_parts else empty
-    if shard.group is not None:  # log(sum over ranks of exp(lse)), shifted by the maximum for range
+    if group is not None:  # log(sum over ranks of exp(lse)), shifted by the maximum for range
         maximum = local_lse.clone()
-        dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=shard.group)
+        dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
         sums = torch.stack([torch.exp(local_lse - maximum), target_logits])
-        dist.all_reduce(sums, group=shard.group)
+        dist.all_reduce(sums, group=group)
         log_normalisers, target_logits = maximum + torch.log(sums[0]), sums[1]
     else:
         log_normalisers = local_lse
