@@ -98,10 +98,10 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             self._bench_peaks.attach(native_model(self.model))
             self.add_callback(self._bench_peaks)
 
-    def create_optimizer(self):
+    def create_optimizer(self, model=None):
         if os.environ.get("BENCH_BNB_SYNCS") == "each":  # bitsandbytes as shipped: a device sync after every parameter
-            return Trainer.create_optimizer(self)
-        return super().create_optimizer()
+            return Trainer.create_optimizer(self, model)
+        return super().create_optimizer(model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._bench_starts.append(_now(_SYNC_IN_STEP))

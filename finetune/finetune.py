@@ -398,7 +398,8 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
     --use_liger_kernel is transformers' own flag, but the Trainer's hook matches liger's patches by model type
     and knows no "minicpmv": it would do nothing. So the kernels are applied here, to the LLM inside, and the
     flag is cleared before the Trainer sees it (its evaluation would also pass a `skip_logits` our forward does
-    not take). Under ZeRO-3 lm_head's weight exists only inside lm_head's own call, so the loss stays chunked.
+    not take). Under ZeRO-3 liger's fused loss would need lm_head's whole weight, which exists only inside
+    lm_head's own call, so the loss stays label_position_loss: on each rank's rows of lm_head where it can be.
     """
     applied = []
     if training_args.use_liger_kernel:
@@ -406,7 +407,7 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
         apply_liger_kernels(model, fused_loss=fused_loss)
         applied.append("liger-kernel RMSNorm/SwiGLU/RoPE" + (" + fused linear cross-entropy" if fused_loss else ""))
         training_args.use_liger_kernel = False
-    elif vocab_sharded(model):
+    if vocab_sharded(model):
         applied.append(f"loss over lm_head's vocabulary shards ({training_args.world_size} ranks; lm_head never gathered)")
     if training_args.compile_layers:
         # Sequence lengths change every step: compiled for any length at once, instead of once for the first

@@ -52,8 +52,8 @@ class MiniCPMVTrainer(Trainer):
             self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["data"]["input_ids"].numel() * self._non_embedding_parameters
 
-    def create_optimizer(self):
-        optimizer = super().create_optimizer()
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
         if not self.is_deepspeed_enabled:  # DeepSpeed steps flat partitions on its own streams: left as it is
             skip_per_parameter_syncs(optimizer)
         return optimizer
