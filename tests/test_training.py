@@ -436,18 +436,22 @@ def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_
 
 def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_path):
     """Under ZeRO-3 every parameter is partitioned and gathered per call, except lm_head: each rank computes the
-    loss's logits on its own rows of it. The losses must be ZeRO-2's, where nothing is partitioned."""
-    curves = {}
+    loss's logits on its own rows of it, in training and in evaluation (no gradients there). The losses must be
+    ZeRO-2's, where nothing is partitioned."""
+    curves, evaluated = {}, {}
     for stage in ("zero2", "zero3"):
         out, report = tmp_path / stage, tmp_path / f"report_{stage}"
         args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4",
+                         "--eval_data_path", str(two_samples), "--eval_strategy", "steps", "--eval_steps", "3",
                          "--deepspeed", str(ROOT / "finetune" / f"ds_config_{stage}.json"))  # fmt: skip
         result = torchrun_two_processes(args, report)
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("loss over lm_head's vocabulary shards (2 ranks" in result.stdout) == (stage == "zero3")
-        curves[stage] = losses(read_reports(report, 2)[0]["log_history"])
-    assert len(curves["zero3"]) == 3
+        history = read_reports(report, 2)[0]["log_history"]
+        curves[stage], evaluated[stage] = losses(history), [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(curves["zero3"]) == 3 and len(evaluated["zero3"]) == 1
     assert curves["zero3"] == pytest.approx(curves["zero2"], rel=1e-4)
+    assert evaluated["zero3"] == pytest.approx(evaluated["zero2"], rel=1e-4)
 
 
 def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path):
