@@ -454,16 +454,19 @@ def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_
     assert evaluated["zero3"] == pytest.approx(evaluated["zero2"], rel=1e-4)
 
 
-def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path):
+@pytest.mark.parametrize(("extra", "vocab_shards"), [([], True), (["--tune_embeddings", "true"], False)], ids=["vocabulary shards", "lm_head trained"])
+def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path, extra, vocab_shards):
     """Regression: with ranks holding different label counts the loss made different numbers of lm_head calls,
-    i.e. ZeRO-3 gathers, and gloo/NCCL aborted with a collective mismatch."""
+    i.e. ZeRO-3 gathers, and gloo/NCCL aborted with a collective mismatch. Both loss paths: each rank's rows of
+    a frozen lm_head, and (lm_head trained) the chunked loss gathering it."""
     out, report = tmp_path / "out", tmp_path / "report"
     args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "4", "--packing", "true", "--loss_chunk_size", "4",
-                     "--deepspeed", str(ROOT / "finetune" / "ds_config_zero3.json"))  # fmt: skip
+                     "--deepspeed", str(ROOT / "finetune" / "ds_config_zero3.json"), *extra)  # fmt: skip
     result = torchrun_two_processes(args, report)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in read_reports(report, 2):
         assert rank["wrapper"] == "DeepSpeedEngine" and rank["num_processes"] == 2 and rank["global_step"] == 4
+        assert rank["vocab_sharded_loss"] is vocab_shards
 
 
 def test_ranks_share_validation_and_all_stop_on_a_bad_sample(tiny_model, tmp_path):
