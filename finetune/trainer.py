@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import types
 from pathlib import Path
 
 import torch
@@ -93,19 +94,20 @@ def skip_per_parameter_syncs(optimizer: torch.optim.Optimizer) -> bool:
         return False
     if not isinstance(optimizer, bnb_optimizer.Optimizer8bit) or optimizer.is_paged or not hasattr(bnb_optimizer, "sync_gpu"):
         return False
-    step = optimizer.step
+    step = type(optimizer).step
 
     @functools.wraps(step)
-    def step_without_syncs(*args, **kwargs):
+    def step_without_syncs(self, *args, **kwargs):
         if torch.cuda.is_available() and torch.cuda.current_stream() != torch.cuda.default_stream():
-            return step(*args, **kwargs)
+            return step(self, *args, **kwargs)
         synchronise, bnb_optimizer.sync_gpu = bnb_optimizer.sync_gpu, _no_sync
         try:
-            return step(*args, **kwargs)
+            return step(self, *args, **kwargs)
         finally:
             bnb_optimizer.sync_gpu = synchronise
 
-    optimizer.step = step_without_syncs
+    # A bound method, as the class's step is: torch's LR schedulers wrap `optimizer.step.__func__`.
+    optimizer.step = types.MethodType(step_without_syncs, optimizer)
     return True
 
 

@@ -212,6 +212,7 @@ def test_8bit_steps_without_per_parameter_syncs_update_the_same(monkeypatch):
     assert (plain_syncs, wrapped_syncs) == (9, 0)
     assert all(torch.equal(a, b) for a, b in zip(plain_params, params)) and torch.equal(plain_state, state)
     assert bnb_optimizer.sync_gpu is not real_sync  # the test's spy is back in place after the wrapped steps
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # schedulers wrap a bound step: it still is one
     paged = bnb.optim.PagedAdamW8bit([torch.nn.Parameter(torch.randn(8))], lr=1e-2)
     assert not skip_per_parameter_syncs(paged) and not skip_per_parameter_syncs(torch.optim.AdamW([torch.nn.Parameter(torch.randn(8))]))
 
