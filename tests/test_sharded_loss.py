@@ -98,9 +98,20 @@ def _deepspeed_shard_on_rank(rank: int, port: int, results) -> None:
             "trained": zero3_vocab_shard(heads["trained"], torch.device("cpu")) is None,
             "odd vocabulary": zero3_vocab_shard(heads["odd vocabulary"], torch.device("cpu")) is None,
             "plain linear": zero3_vocab_shard(nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False), torch.device("cpu")) is None,
+            "quantized": _quantized_partition_refused(heads["frozen"]),
         })  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _quantized_partition_refused(head: nn.Linear) -> bool:
+    """ZeRO++'s zero_quantized_nontrainable_weights keeps a frozen partition as int8 codes beside ds_quant_scale."""
+    partition = head.weight.ds_tensor
+    partition.ds_quant_scale = torch.ones(1)
+    try:
+        return zero3_vocab_shard(head, torch.device("cpu")) is None
+    finally:
+        del partition.ds_quant_scale
 
 
 def test_deepspeed_zero3_partitions_a_frozen_lm_head_into_whole_rows_each_rank_reads_in_place():
@@ -110,5 +121,5 @@ def test_deepspeed_zero3_partitions_a_frozen_lm_head_into_whole_rows_each_rank_r
     ranks = [json.loads(results[rank]) for rank in (0, 1)]
     assert [r["first_row"] for r in ranks] == [0, VOCAB // 2] and all(r["rows"] == VOCAB // 2 for r in ranks)
     assert all(r["rows_match"] for r in ranks)
-    # the plain path stays where the rows cannot be read in place: trained, cut mid-row, not partitioned
-    assert all(r["trained"] and r["odd vocabulary"] and r["plain linear"] for r in ranks)
+    # the plain path stays where the rows cannot be read in place: trained, cut mid-row, not partitioned, quantized
+    assert all(r["trained"] and r["odd vocabulary"] and r["plain linear"] and r["quantized"] for r in ranks)

@@ -136,7 +136,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         then required grad, and backward ran through all 27 encoder layers, recomputation included, for
         gradients nothing uses. Here the vision tower's embeddings are marked only while it has trained
         parameters (checked at each call: a recipe may freeze or unfreeze it after this hook is set)."""
-        self.disable_input_require_grads()  # called by PEFT and again by the Trainer: one set of hooks
+        # Called by PEFT and again by the Trainer: the earlier handles go first. (PEFT's copy of a trained vision
+        # tower carries copies of hooks set before it was made, which these handles do not reach; the hooks only
+        # ever set requires_grad, so a second one changes nothing.)
+        self.disable_input_require_grads()
 
         def require_grads(module, inputs, output):
             output.requires_grad_(True)
@@ -402,7 +405,8 @@ def _residual_in_autocast_dtype(module: nn.Module, inputs, output: torch.Tensor)
     bf16; but its fp32 position embeddings, added to the bf16 patch embeddings, would make the residual stream
     fp32 through all 27 layers: every checkpointed layer input twice the bytes of the bf16 model's (1.8 GiB
     more at 39 views of 448 px), for precision that the bf16 model, the published one and DeepSpeed's, never
-    has. A frozen tower is already bf16, so this changes nothing there."""
+    has. A frozen tower loaded in bf16 is bf16 already, so this changes nothing there. The switch is read from
+    the class (MiniCPMV.vision_residual_in_autocast_dtype), since PEFT's copies of the tower carry this hook."""
     device = output.device.type
     if MiniCPMV.vision_residual_in_autocast_dtype and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)

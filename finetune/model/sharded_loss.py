@@ -15,7 +15,8 @@ cross-entropy, except that the ranks also hold different tokens (data parallel):
 What this saves: lm_head's weight is never gathered, where the plain path holds its 1 GiB gathered copy from
 the loss through the whole backward pass (DeepSpeed charges it to the outermost module; see bench/README.md,
 Update 6). What it costs: the same matmul FLOPs as the plain chunked loss, the label positions' hidden states
-sent twice (16 MiB per 2,048 positions), and a few all-reduces of [positions] floats.
+sent twice (16 MiB per 2,048 positions in bf16), their fp32 gradients reduced once (32 MiB), and a few
+all-reduces of [positions] floats.
 
 Only a frozen weight qualifies (LoRA trains no lm_head; `--tune_embeddings` does and takes the plain path).
 """
@@ -38,13 +39,17 @@ class VocabShard:
     ranks: tuple[int, ...] = ()  # the global ranks that share the weight; () in a single process
 
 
-_LOSS_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+# ranks -> (the default group it was made under, the loss's communicator): a re-initialised default group
+# (destroy_process_group, then init again in one process) invalidates the communicator.
+_LOSS_GROUPS: dict[tuple[int, ...], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
 
 def zero3_vocab_shard(lm_head: nn.Module, device: torch.device) -> VocabShard | None:
     """This rank's rows of a ZeRO-3-partitioned, frozen, bias-free lm_head, or None where the plain path
-    must run: not partitioned, trained, offloaded off `device`, or cut across rows (world sizes that do not
-    divide the vocabulary). Local: no collective, so one rank alone may ask (reports do)."""
+    must run: not partitioned, trained, offloaded off `device`, stored quantized (ZeRO++'s
+    zero_quantized_nontrainable_weights keeps int8 codes), partitioned over a subgroup of the ranks, or cut
+    across rows (world sizes that do not divide the vocabulary). Local: no collective, so one rank alone may
+    ask (reports do)."""
     if type(lm_head) is not nn.Linear or lm_head.bias is not None:
         return None
     # Read from the module's dict: under ZeRO-3 a parameter read inside a forward can gather it.
@@ -59,6 +64,12 @@ def zero3_vocab_shard(lm_head: nn.Module, device: torch.device) -> VocabShard | 
     size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
     if size % hidden or size * world != vocab * hidden or partition.device != device:
         return None
+    if partition.dtype != weight.dtype or hasattr(partition, "ds_quant_scale"):
+        return None
+    # The loss's communicator is made by every rank together (dist.new_group), so every rank must name the same
+    # ranks: true of the whole world, not of data-parallel subgroups (sequence or expert parallelism).
+    if world > 1 and world != dist.get_world_size():
+        return None
     rows = partition.view(-1)[:size].view(size // hidden, hidden)
     ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD)) if world > 1 else ()
     return VocabShard(rows=rows, first_row=rank * (size // hidden), ranks=ranks)
@@ -70,9 +81,11 @@ def _loss_group(ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
     rank makes."""
     if not ranks:
         return None
-    if ranks not in _LOSS_GROUPS:
-        _LOSS_GROUPS[ranks] = dist.new_group(list(ranks))
-    return _LOSS_GROUPS[ranks]
+    made_under, group = _LOSS_GROUPS.get(ranks, (None, None))
+    if made_under is not dist.group.WORLD:
+        group = dist.new_group(list(ranks))
+        _LOSS_GROUPS[ranks] = (dist.group.WORLD, group)
+    return group
 
 
 def vocab_sharded_loss(states: torch.Tensor, targets: torch.Tensor, shard: VocabShard, chunk_size: int) -> torch.Tensor:
