@@ -111,7 +111,7 @@ class _VocabShardedCrossEntropy(torch.autograd.Function):
         states, log_normalisers = ctx.saved_tensors
         shard, group, plan = ctx.shard, ctx.group, ctx.plan
         # Each rank scales its own positions' gradient by its own upstream gradient.
-        scales = _all_gather_scalars(grad_total.float().reshape(()), group)
+        scales = _all_gather(grad_total.float().reshape(()), group)
         grad_states = None
         for peer, peer_states, peer_targets in _each_ranks_positions(states, plan, group):
             peer_lse = log_normalisers[plan.offsets[peer] : plan.offsets[peer] + len(peer_targets)]
@@ -173,17 +173,13 @@ def _forward(states, targets, shard: VocabShard, group, chunk_size: int):
 def _plan(targets: torch.Tensor, group) -> _Plan:
     if group is None:
         return _Plan(rank=0, counts=[len(targets)], offsets=[0], targets=targets)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    counts_tensor = torch.tensor([len(targets)], device=targets.device)
-    gathered = [torch.empty_like(counts_tensor) for _ in range(world)]
-    dist.all_gather(gathered, counts_tensor, group=group)
-    counts = [int(c) for c in gathered]  # one host sync: buffer sizes depend on it
-    padded = targets.new_full((max(counts),), -1)
+    counts = [int(c) for c in _all_gather(torch.tensor(len(targets), device=targets.device), group)]  # a host sync
+    padded = targets.new_full((max(counts),), -1)  # buffer sizes depend on the counts
     padded[: len(targets)] = targets
-    all_targets = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(all_targets, padded, group=group)
-    offsets = [sum(counts[:peer]) for peer in range(world)]
-    return _Plan(rank=rank, counts=counts, offsets=offsets, targets=torch.cat([t[:c] for t, c in zip(all_targets, counts)]))
+    all_targets = _all_gather(padded, group)
+    offsets = [sum(counts[:peer]) for peer in range(len(counts))]
+    concatenated = torch.cat([t[:count] for t, count in zip(all_targets, counts)])
+    return _Plan(rank=dist.get_rank(group), counts=counts, offsets=offsets, targets=concatenated)
 
 
 def _each_ranks_positions(states: torch.Tensor, plan: _Plan, group):
@@ -213,7 +209,8 @@ def _owned_targets(targets: torch.Tensor, shard: VocabShard) -> tuple[torch.Tens
     return owned, columns.clamp(0, len(shard.rows) - 1)
 
 
-def _all_gather_scalars(value: torch.Tensor, group) -> list[torch.Tensor]:
+def _all_gather(value: torch.Tensor, group) -> list[torch.Tensor]:
+    """`value` as every rank of the group has it, in rank order."""
     if group is None:
         return [value]
     gathered = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
