@@ -418,10 +418,10 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
 
 def vocab_sharded(model) -> bool:
     """Whether the native model's loss runs on ZeRO-3's row shards of lm_head (the remote code's loss is its own)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, MiniCPMV) or not base.vocab_sharded_loss:
+    native = native_model(model)
+    if not isinstance(native, MiniCPMV) or not native.vocab_sharded_loss:
         return False
-    return zero3_vocab_shard(base.llm.lm_head, base.llm.lm_head.weight.device) is not None
+    return zero3_vocab_shard(native.llm.lm_head, native.llm.lm_head.weight.device) is not None
 
 
 def full_size(parameter: torch.nn.Parameter) -> int:
