@@ -409,9 +409,7 @@ def _residual_in_autocast_dtype(module: nn.Module, inputs, output: torch.Tensor)
     the class (MiniCPMV.vision_residual_in_autocast_dtype), since PEFT's copies of the tower carry this hook."""
     device = output.device.type
     if MiniCPMV.vision_residual_in_autocast_dtype and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        if output.dtype != dtype:
-            return output.to(dtype)
+        return output.to(torch.get_autocast_dtype(device))  # (the same tensor when it is in that dtype already)
     return None
 
 
