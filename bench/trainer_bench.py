@@ -12,9 +12,9 @@
         (transformers' checkpointing hooks: a frozen vision tower's embeddings marked as requiring grad too);
         BENCH_BNB_SYNCS=each (bitsandbytes' device sync after every parameter's update kept);
         BENCH_VISION_RESIDUAL=fp32 (a trained fp32 vision tower's residual stream left in fp32 under autocast);
-        BENCH_MEMORY=path (rank 0 writes the peak allocated
-        memory between marks at every layer's start and the step's phases, bench/memory_at_peak.py; the peak
-        reserved figure is then meaningless, and the hooks cost host time)
+        BENCH_MEMORY=path (rank 0 writes the peak allocated memory between marks at every layer's start and
+        the step's phases, bench/memory_at_peak.py; the peak reserved figure is then meaningless, and the hooks
+        cost host time)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
