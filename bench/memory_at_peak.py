@@ -7,9 +7,10 @@
 
 `bench/trainer_bench.py` does this when BENCH_MEMORY=path is set. A mark reads torch.cuda.memory_allocated and
 max_memory_allocated, then resets the peak statistic, so each interval between two marks gets its own peak.
-Marks sit at the entry and exit of the embeddings, the vision tower, the resampler, lm_head and the whole
-model, and at the start of every LLM decoder layer and vision encoder layer; a mark made during backward says
-so (checkpointed layers run their forward again there, which marks the backward's progress layer by layer).
+The marks (StepMarks, which bench/time_by_phase.py shares) sit at the entry and exit of the embeddings, the
+vision tower, the resampler, lm_head and the whole model, at the start of every LLM decoder layer and vision
+encoder layer, and where the resampler's output and input gradients arrive; a mark made during backward says so
+(checkpointed layers run their forward again there, which marks the backward's progress layer by layer).
 Under ZeRO-3 every mark also records how many bytes of partitioned parameters are held gathered at that moment.
 The allocator's own trace with Python stacks (torch.cuda.memory._record_memory_history) would say which
 tensors, but it failed inside checkpoint recomputation on torch 2.11 ("cross_entropy_loss returned NULL
@@ -31,7 +32,60 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class PhasePeaks(TrainerCallback):
+class StepMarks(TrainerCallback):
+    """Marks at fixed points of a training step; a subclass says what a mark records (`mark`)."""
+
+    step = 0
+
+    def mark(self, label: str) -> None:
+        raise NotImplementedError
+
+    def attach(self, native: nn.Module) -> None:
+        """Marks in a (PEFT-unwrapped) MiniCPMV: around the embeddings, the vision tower, the resampler and the
+        whole model; at the start of every decoder / encoder layer, on its first norm, which (unlike the layer's
+        own hooks) runs again when a checkpointed layer is recomputed in backward; and in backward where the
+        resampler's output gradient arrives (the LLM's backward is done) and where its input's does (the vision
+        tower's backward begins), when those require grad."""
+        around = [
+            ("embed_tokens", native.llm.get_input_embeddings()), ("vision tower", native.vpm), ("resampler", native.resampler),
+            ("lm_head", native.llm.get_output_embeddings()), ("model", native),
+        ]  # fmt: skip
+        for name, module in around:
+            module.register_forward_pre_hook(lambda _m, _a, name=name: self._mark_here(f"{name} in"))
+            module.register_forward_hook(lambda _m, _a, _o, name=name: self._mark_here(f"{name} out"))
+        native.resampler.register_forward_hook(self._mark_resampler_gradients)
+        starts = [(f"llm layer {i}", layer.input_layernorm) for i, layer in enumerate(native.llm.model.layers)]
+        starts += [(f"vision layer {i}", layer.layer_norm1) for i, layer in enumerate(native.vpm.encoder.layers)]
+        for name, first_norm in starts:
+            first_norm.register_forward_pre_hook(lambda _m, _a, name=name: self._mark_here(f"{name} begins"))
+
+    def _mark_resampler_gradients(self, _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(lambda _grad: self._mark_here("resampler output's gradient"))
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad:
+            inputs[0].register_hook(lambda _grad: self._mark_here("resampler input's gradient"))
+
+    @torch.compiler.disable
+    def _mark_here(self, text: str) -> None:
+        """A mark from a hook. Hooks inside compiled layers are traced by dynamo; disabled here, the mark breaks
+        the graph and runs at run time (a traced CUDA event record would never run)."""
+        self.mark(text + (" (backward)" if _in_backward() else ""))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+        self.mark("step begin")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.mark("optimizer step begins")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.mark("optimizer step done")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.mark("step end")
+
+
+class PhasePeaks(StepMarks):
     def __init__(
         self,
         allocated: Callable[[], int] = torch.cuda.memory_allocated,
@@ -39,7 +93,6 @@ class PhasePeaks(TrainerCallback):
         reset: Callable[[], None] = torch.cuda.reset_peak_memory_stats,
     ):
         self._allocated, self._peak, self._reset = allocated, peak, reset
-        self.step = 0
         self.last = ("start", allocated())
         # (step, from label, to label, allocated at the first mark, peak between them, allocated at the second)
         self.intervals: list[tuple[int, str, str, int, int, int]] = []
@@ -65,38 +118,8 @@ class PhasePeaks(TrainerCallback):
         return total, big
 
     def attach(self, native: nn.Module) -> None:
-        """Marks in a (PEFT-unwrapped) MiniCPMV: around the embeddings, the vision tower, the resampler and the
-        whole model; at the start of every decoder / encoder layer, on its first norm, which (unlike the layer's
-        own hooks) runs again when a checkpointed layer is recomputed in backward."""
         self._partitioned = [(name, p) for name, p in native.named_parameters() if hasattr(p, "ds_status")]
-        around = [
-            ("embed_tokens", native.llm.get_input_embeddings()), ("vision tower", native.vpm), ("resampler", native.resampler),
-            ("lm_head", native.llm.get_output_embeddings()), ("model", native),
-        ]  # fmt: skip
-        for name, module in around:
-            module.register_forward_pre_hook(lambda _m, _a, name=name: self.mark(self._label(f"{name} in")))
-            module.register_forward_hook(lambda _m, _a, _o, name=name: self.mark(self._label(f"{name} out")))
-        starts = [(f"llm layer {i}", layer.input_layernorm) for i, layer in enumerate(native.llm.model.layers)]
-        starts += [(f"vision layer {i}", layer.layer_norm1) for i, layer in enumerate(native.vpm.encoder.layers)]
-        for name, first_norm in starts:
-            first_norm.register_forward_pre_hook(lambda _m, _a, name=name: self.mark(self._label(f"{name} begins")))
-
-    @staticmethod
-    def _label(text: str) -> str:
-        return text + (" (backward)" if _in_backward() else "")
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step + 1
-        self.mark("step begin")
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.mark("optimizer step begins")
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.mark("optimizer step done")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.mark("step end")
+        super().attach(native)
 
     def highest(self) -> int:
         return max((interval[4] for interval in self.intervals), default=0)

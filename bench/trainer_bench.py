@@ -14,7 +14,9 @@
         BENCH_VISION_RESIDUAL=fp32 (a trained fp32 vision tower's residual stream left in fp32 under autocast);
         BENCH_MEMORY=path (rank 0 writes the peak allocated memory between marks at every layer's start and
         the step's phases, bench/memory_at_peak.py; the peak reserved figure is then meaningless, and the hooks
-        cost host time)
+        cost host time); BENCH_PHASES=path (rank 0 writes the GPU time per step by phase between the same marks,
+        bench/time_by_phase.py, over the timed steps; the report gets it as phase_ms; the marks break compiled
+        layers' graphs, which can slow the row)
 
 It runs finetune.finetune.cli() unchanged, with MiniCPMVTrainer replaced by a subclass that only adds timing:
 the GPU is synchronised and a timestamp taken at the start and end of every training_step (forward + backward)
@@ -45,6 +47,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback  # noqa: E402
 import finetune.finetune as ft  # noqa: E402
 from bench_train import PEAK_BF16_FLOPS, batch_stats, flops_of_batch, model_shapes  # noqa: E402
 from memory_at_peak import PhasePeaks  # noqa: E402
+from time_by_phase import PhaseTimes  # noqa: E402
 from finetune.model.attention import set_vision_attention  # noqa: E402
 from finetune.model.kernels import native_model, tower_layers  # noqa: E402
 
@@ -97,6 +100,11 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             self._bench_peaks = PhasePeaks()
             self._bench_peaks.attach(native_model(self.model))
             self.add_callback(self._bench_peaks)
+        self._bench_phases = None
+        if os.environ.get("BENCH_PHASES") and self.args.process_index == 0:
+            self._bench_phases = PhaseTimes()
+            self._bench_phases.attach(native_model(self.model))
+            self.add_callback(self._bench_phases)
 
     def create_optimizer(self, model=None):
         if os.environ.get("BENCH_BNB_SYNCS") == "each":  # bitsandbytes as shipped: a device sync after every parameter
@@ -111,6 +119,8 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         self._bench_largest[1] = max(self._bench_largest[1], len(patches))
         self._bench_profile_step(len(self._bench_starts) - 1)
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._bench_phases is not None:
+            self._bench_phases.mark("training_step done")
         self._bench_ends.append(_now(_SYNC_IN_STEP))
         return loss
 
@@ -140,13 +150,24 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         if self._bench_peaks is not None:
             with open(os.environ["BENCH_MEMORY"], "w") as handle:
                 handle.write(self._bench_peaks.report())
+        if self._bench_phases is not None:
+            with open(os.environ["BENCH_PHASES"], "w") as handle:
+                handle.write(self._bench_phases.report(first_step=self._bench_first_timed_step()))
         return output
 
-    def _bench_report(self) -> None:
+    @staticmethod
+    def _bench_warmup() -> int:
         warmup = int(os.environ.get("BENCH_WARMUP", "2"))
         if os.environ.get("BENCH_PROFILE"):
             # The profiler stops, and writes its tables (seconds), inside the 7th step: never time that step.
             warmup = max(warmup, 7)
+        return warmup
+
+    def _bench_first_timed_step(self) -> int:
+        """The first timed step, numbered from 1 as state.global_step (the timing starts at the end of the one before)."""
+        return min(max(1, self._bench_warmup()), len(self._bench_step_ends) - 1) + 1
+
+    def _bench_report(self) -> None:
         accum = self.args.gradient_accumulation_steps
         stats = torch.tensor(self._bench_stats, dtype=torch.float64)
         cuda = torch.cuda.is_available()
@@ -172,7 +193,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             return
         ends = self._bench_step_ends
         steps = len(ends)
-        first = min(max(1, warmup), steps - 1)  # timed: steps first..steps-1, from the end of step first-1
+        first = self._bench_first_timed_step() - 1  # timed: steps first..steps-1 (0-based), from the end of step first-1
         timed = range(first, steps)
         total = ends[-1] - ends[first - 1]
         step_times = [ends[0] - self._bench_starts[0]] + [b - a for a, b in zip(ends, ends[1:])]
@@ -210,6 +231,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "optimizer_s": optimizer,
             "tune_vision": self._bench_vision,
             "losses": [entry["loss"] for entry in self.state.log_history if "loss" in entry],
+            "phase_ms": self._bench_phases.by_phase(self._bench_first_timed_step()) if self._bench_phases else None,
             **ft.fast_paths_in_effect(self.model),
         }
         print("[bench] " + json.dumps(report), flush=True)

@@ -19,6 +19,7 @@ from bench_train import make_text_dataset  # noqa: E402
 from gpu_gaps import analyse  # noqa: E402
 from memory_at_peak import PhasePeaks  # noqa: E402
 from summarize import table  # noqa: E402
+from time_by_phase import PhaseTimes, phase_of  # noqa: E402
 
 
 def test_text_rows_are_as_long_as_asked_and_fit(tiny_model, tmp_path):
@@ -114,3 +115,49 @@ def _text_only(case) -> dict:
     ids = case["input_ids"][None]
     empty = torch.zeros(0, 2, dtype=torch.int64)
     return {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None], "pixel_values": [[]], "tgt_sizes": [empty], "image_bound": [empty]}
+
+
+def test_step_time_is_charged_to_the_phases_of_a_checkpointed_image_step(golden_dir, golden_cases):
+    """Marks at every layer's start, in forward and in the recomputation, and where the resampler's gradients
+    arrive: on a fake clock that ticks 1 ms a mark, every interval lands in its phase and the phases add up."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModel
+
+    clock = iter(range(10_000))
+    times = PhaseTimes(record=lambda: next(clock), elapsed_ms=lambda start, end: float(end - start))
+    model = AutoModel.from_pretrained(golden_dir, dtype=torch.float32).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    times.attach(model)
+    case = next(c for c in golden_cases if len(c["pixel_values"]))
+    data = {
+        "input_ids": case["input_ids"][None], "position_ids": torch.arange(len(case["input_ids"]))[None],
+        "pixel_values": [case["pixel_values"]], "tgt_sizes": [case["tgt_sizes"]], "image_bound": [case["image_bound"]],
+    }  # fmt: skip
+    for step in (1, 2):
+        times.on_step_begin(None, SimpleNamespace(global_step=step - 1), None)
+        model(data=data, labels=case["input_ids"][None].clone()).loss.backward()
+        times.mark("training_step done")
+        times.on_pre_optimizer_step(None, None, None)
+        times.on_optimizer_step(None, None, None)
+        times.on_step_end(None, None, None)
+    labels = [label for step, label, _ in times.marks if step == 2]
+    layers = (len(model.llm.model.layers), len(model.vpm.encoder.layers))
+    # backward order: the LLM's layers last to first, then the resampler's gradients, then the vision layers
+    backward = [label for label in labels if label.endswith("(backward)")]
+    llm_backward = [f"llm layer {i} begins (backward)" for i in reversed(range(layers[0]))]
+    vision_backward = [f"vision layer {i} begins (backward)" for i in reversed(range(layers[1]))]
+    assert [b for b in backward if b.startswith("llm layer")] == llm_backward
+    assert [b for b in backward if b.startswith("vision layer")] == vision_backward
+    order = [backward.index(x) for x in (llm_backward[-1], "resampler output's gradient (backward)",
+                                         "resampler input's gradient (backward)", vision_backward[0])]  # fmt: skip
+    assert order == sorted(order)
+
+    phases = times.by_phase(first_step=2)
+    marks_in_step = len(labels)  # step 2's intervals: from each of its marks to the next (the last to step 3's none)
+    assert sum(phases.values()) == marks_in_step - 1
+    assert phases["llm layers: forward"] == layers[0] and phases["llm layers: recompute + backward"] == layers[0]
+    assert phases["vision layers: forward"] == layers[1] and phases["vision layers: recompute + backward"] == layers[1]
+    assert phases["optimizer step"] == 1 and phases["gradient norm + clipping"] == 1
+    assert phase_of("lm_head in (backward)") == "loss (lm_head chunks): recompute + backward"
+    assert "| llm layers: forward |" in times.report(first_step=2)
