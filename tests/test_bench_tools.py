@@ -15,7 +15,7 @@ from finetune.model.image_processing import SliceSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from bench_train import make_text_dataset  # noqa: E402
+from bench_train import make_mm_dataset, make_text_dataset, mm_set_stats  # noqa: E402
 from gpu_gaps import analyse  # noqa: E402
 from memory_at_peak import PhasePeaks  # noqa: E402
 from summarize import table  # noqa: E402
@@ -30,6 +30,24 @@ def test_text_rows_are_as_long_as_asked_and_fit(tiny_model, tmp_path):
     lengths = [len(dataset.prepare(i, load_pixels=False).input_ids) for i in range(len(dataset))]
     assert len(lengths) == 3 and all(276 <= n <= 300 for n in lengths), lengths
     assert all("image" not in sample for sample in json.loads(Path(path).read_text()))
+
+
+def test_multimodal_set_can_be_made_with_a_given_average_of_views(tiny_model, tmp_path):
+    """The upstream-like set's knob: images chosen so the set's mean view count (real slicing rule) is the one asked,
+    exchanges within their range; the default set's parameters file keeps its old keys (a cached set stays valid)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    settings = SliceSettings(112, 14, 9, 16)
+    free = mm_set_stats(make_mm_dataset(str(tmp_path / "free"), 24, tokenizer, settings, sides=(100, 400), turns=(2, 4)), tokenizer, settings)
+    path = make_mm_dataset(str(tmp_path / "shaped"), 24, tokenizer, settings, sides=(100, 400), turns=(2, 4), mean_views=3.0)
+    shaped = mm_set_stats(path, tokenizer, settings)
+    assert abs(free["mean_views"] - 3.0) > 0.5, free  # the uniform draw alone lands elsewhere
+    assert abs(shaped["mean_views"] - 3.0) < 0.1, shaped
+    samples = json.loads(Path(path).read_text())
+    assert all(2 <= len(sample["conversations"]) // 2 <= 4 for sample in samples)
+    assert 2 <= shaped["mean_exchanges"] <= 4 and shaped["samples"] == 24
+    default = make_mm_dataset(str(tmp_path / "default"), 2, tokenizer, settings)
+    params = json.loads((Path(default).parent / "train.params.json").read_text())
+    assert set(params) == {"num", "seed", "min_len", "max_len", "settings", "vocab"}
 
 
 def test_summary_table_has_a_row_per_report():
