@@ -27,6 +27,11 @@
 #   OUT=$OUT bash bench/device_suite.sh 23  # multimodal: LoRA only without backward through the frozen vision tower; 8-bit AdamW without per-parameter syncs; memory by phase; ZeRO-3 LoRA only
 #   OUT=$OUT bash bench/device_suite.sh 24  # multimodal upstream recipe with the vision residual in bf16 (A/B), 8-bit AdamW at 4 and 5 samples a step; ZeRO-3 LoRA only
 #   OUT=$OUT bash bench/device_suite.sh 25  # ZeRO-3 LoRA only: with / without the dummy image's backward through the frozen vision tower
+#   OUT=$OUT bash bench/device_suite.sh 26  # multimodal step's GPU time by phase (upstream recipe, LoRA only) | the upstream recipe profiled, GPU idle gaps
+#   OUT=$OUT bash bench/device_suite.sh 27  # part 26 again with its phase marks fixed (GPU0) | torch's attention kernels on the step's shapes, then LoRA only by phase (GPU1)
+#   OUT=$OUT bash bench/device_suite.sh 28  # multimodal upstream recipe on the set with upstream's averages (and the default set): baseline mode, suite, the Trainer's own synchronisation
+#   OUT=$OUT bash bench/device_suite.sh 29  # part 28's upstream-like rows again (another call), 6 samples a step; baseline mode for both recipes
+#   OUT=$OUT bash bench/device_suite.sh 30  # LoRA only on the upstream-like set: the suite (GPU0) | the baseline mode (GPU1), one call
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -186,6 +191,8 @@ COMMON="--model_name_or_path /tmp/ckpt --use_lora true --model_max_length 2048 -
  --report_to none --disable_tqdm true --max_steps 7"
 TEXT="$COMMON --data_path /tmp/data/text/train.json --per_device_train_batch_size 1 --dataloader_num_workers 2"
 MM="$COMMON --data_path /tmp/data/mm/train.json --per_device_train_batch_size 4 --max_slice_nums 9 --dataloader_num_workers 6"
+# the multimodal set with the averages of upstream's published measurement (bench_train.UPSTREAM_LIKE)
+MM_UL="$COMMON --data_path /tmp/data/mm_upstream_like/train.json --per_device_train_batch_size 4 --max_slice_nums 9 --dataloader_num_workers 6"
 UPSTREAM="--tune_vision true"; LORA_ONLY="--tune_vision false"
 PORT=6300
 
@@ -547,6 +554,86 @@ PY
     trainer t2_lora_z3lean_8bit_c512_25a 0,1 80 $TEXT $LORA_ONLY $Z3
     BENCH_INPUT_GRADS=library trainer t2_lora_z3lean_8bit_c512_library25 0,1 80 $TEXT $LORA_ONLY $Z3
     trainer t2_lora_z3lean_8bit_c512_25b 0,1 80 $TEXT $LORA_ONLY $Z3
+    ;;
+26) # Where the multimodal step's time goes, at part 24's best setting within 26.8 GiB (5 samples a step, 8-bit
+    # AdamW, loss chunk 512). GPU0: GPU time by phase (BENCH_PHASES), upstream recipe then LoRA only. GPU1: the
+    # upstream recipe profiled (steps 3-5: kernel tables, GPU idle gaps by Python frame).
+    BEST="$MM --max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5"
+    (
+        PORT=6600
+        WARMUP=4 BENCH_PHASES=/tmp/phases_upstream26.md trainer m1_upstream_phases26 0 170 $BEST $UPSTREAM
+        WARMUP=4 BENCH_PHASES=/tmp/phases_lora26.md trainer m1_lora_phases26 0 150 $BEST $LORA_ONLY
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    BENCH_SYNC=steps BENCH_PROFILE=/tmp/profile_mm26.txt trainer m1_upstream_profiled26 1 200 $BEST $UPSTREAM
+    {
+        [ -f /tmp/profile_mm26.txt.trace.json ] && python3 bench/gpu_gaps.py /tmp/profile_mm26.txt.trace.json --top 30
+    } > "$OUT/analysis.md" 2>&1
+    [ -f /tmp/profile_mm26.txt ] && cat /tmp/profile_mm26.txt >> "$OUT/profiles.txt"
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    for report in /tmp/phases_upstream26.md /tmp/phases_lora26.md; do
+        [ -f "$report" ] && { echo "## $report"; cat "$report"; echo; } >> "$OUT/phases.md"
+    done
+    ;;
+27) # Part 26's phase runs failed (a CUDA event traced by dynamo inside a compiled layer was never recorded; the
+    # marks now break the graph). GPU0: the upstream recipe by phase. GPU1: the attention kernels torch ships on
+    # the step's vision and LLM shapes, then LoRA only by phase.
+    BEST="$MM --max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5"
+    (
+        PORT=6600
+        WARMUP=4 BENCH_PHASES=/tmp/phases_upstream27.md trainer m1_upstream_phases27 0 190 $BEST $UPSTREAM
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    CUDA_VISIBLE_DEVICES=1 timeout 120 python3 bench/attention_kernels.py --json "$OUT/attention_kernels.json" > /tmp/attention27.log 2>&1
+    echo "attention_kernels: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+    { echo "===== bench/attention_kernels.py"; cat /tmp/attention27.log; } >> "$OUT/logs.txt"
+    WARMUP=4 BENCH_PHASES=/tmp/phases_lora27.md trainer m1_lora_phases27 1 170 $BEST $LORA_ONLY
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    for report in /tmp/phases_upstream27.md /tmp/phases_lora27.md; do
+        [ -f "$report" ] && { echo "## $report"; cat "$report"; echo; } >> "$OUT/phases.md"
+    done
+    ;;
+28) # The multimodal target is stated on data comparable to upstream's measurement (865 tokens and 5.7 views per
+    # sample here, against 1209 and 7.6 in the default set). Part 24's best setting within 26.8 GiB (5 samples a
+    # step, 8-bit AdamW, loss chunk 512), upstream recipe. GPU0: the baseline mode (bench loop) on that set, then
+    # the suite on it, with the benchmark's synchronisation around every training_step (as all rows before) and
+    # with the Trainer's own (BENCH_SYNC=steps). GPU1: the same two on the default set; then LoRA only on the
+    # upstream-like set.
+    BEST="--max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5 $UPSTREAM"
+    (
+        PORT=6600
+        CUDA_VISIBLE_DEVICES=0 bench_train mm_baseline_ul28 --steps 8 --warmup 3 --mm-dir /tmp/mm_ul_gpu0 --mm-set upstream_like --config mm_upstream_baseline
+        WARMUP=4 trainer m1_upstream_ul28 0 150 $MM_UL $BEST
+        WARMUP=4 BENCH_SYNC=steps trainer m1_upstream_ul_stepsync28 0 150 $MM_UL $BEST
+    ) &
+    GPU0_PID=$!
+    PORT=6500
+    WARMUP=4 trainer m1_upstream28 1 170 $MM $BEST
+    WARMUP=4 BENCH_SYNC=steps trainer m1_upstream_stepsync28 1 150 $MM $BEST
+    WARMUP=4 trainer m1_lora_ul28 1 150 $MM_UL --max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5 $LORA_ONLY
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    ;;
+29) # Part 28's upstream-like rows in another call. GPU0: the suite, upstream recipe, 5 then 6 samples a step.
+    # GPU1: the baseline mode (bench loop), upstream recipe and LoRA only, on the same set.
+    BEST="--max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5 $UPSTREAM"
+    (
+        PORT=6600
+        WARMUP=4 trainer m1_upstream_ul29 0 150 $MM_UL $BEST
+        WARMUP=4 trainer m1_upstream_ul_bs6_29 0 150 $MM_UL $BEST --per_device_train_batch_size 6
+    ) &
+    GPU0_PID=$!
+    CUDA_VISIBLE_DEVICES=1 bench_train mm_baseline_ul29 --steps 8 --warmup 3 --mm-dir /tmp/mm_ul_gpu1 --mm-set upstream_like --config mm_upstream_baseline,mm_lora_baseline
+    while kill -0 $GPU0_PID 2>/dev/null; do sleep 2; done
+    ;;
+30) # LoRA only on the upstream-like set, suite (GPU0) and baseline mode (GPU1) in one call (part 28 ran the
+    # suite's row, part 29 the baseline's).
+    CUDA_VISIBLE_DEVICES=1 bench_train mm_lora_baseline_ul30 --steps 8 --warmup 3 --mm-dir /tmp/mm_ul_gpu1 --mm-set upstream_like --config mm_lora_baseline &
+    GPU1_PID=$!
+    PORT=6600
+    WARMUP=4 trainer m1_lora_ul30 0 150 $MM_UL --max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5 $LORA_ONLY
+    while kill -0 $GPU1_PID 2>/dev/null; do sleep 2; done
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
