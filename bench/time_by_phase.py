@@ -49,8 +49,8 @@ def phase_of(label: str) -> str:
         if backward:
             return f"{tower} layers: recompute + backward"
         return f"{tower} layers: forward"
-    if name == "resampler output's gradient":
-        return "resampler + embeddings: backward"
+    if name == "resampler output's gradient":  # (the image features' scatter into the embeddings came before it)
+        return "resampler: backward"
     if name == "resampler input's gradient":
         return "vision tower after its layers: backward"  # post_layernorm, then its last layer's mark
     if name in ("lm_head in", "lm_head out"):
@@ -70,6 +70,8 @@ class PhaseTimes(StepMarks):
         record: Callable[[], Any] | None = None,
         elapsed_ms: Callable[[Any, Any], float] | None = None,
     ):
+        if (record is None) != (elapsed_ms is None):
+            raise ValueError("give both record and elapsed_ms, or neither")
         if record is None:
             cuda = torch.cuda.is_available()
             record = _cuda_event if cuda else time.perf_counter
@@ -89,9 +91,12 @@ class PhaseTimes(StepMarks):
             for (step, label, event), (_, next_label, next_event) in zip(self.marks, self.marks[1:])
         ]
 
+    def _ended_steps(self, first_step: int) -> list[int]:
+        return sorted({step for step, label, _ in self.marks if label == "step end" and step >= first_step})
+
     def by_phase(self, first_step: int) -> dict[str, float]:
         """Mean ms per optimizer step of each phase, over the steps from first_step on that have ended."""
-        ended = {step for step, label, _ in self.marks if label == "step end" and step >= first_step}
+        ended = set(self._ended_steps(first_step))
         totals: dict[str, float] = defaultdict(float)
         for step, label, _, ms in self.intervals():
             # the interval from a step's end to the next step's begin is charged to the step that ended
@@ -102,7 +107,7 @@ class PhaseTimes(StepMarks):
     def report(self, first_step: int) -> str:
         phases = self.by_phase(first_step)
         total = sum(phases.values())
-        steps = sorted({step for step, label, _ in self.marks if label == "step end" and step >= first_step})
+        steps = self._ended_steps(first_step)
         lines = [
             f"GPU time per optimizer step by phase, steps {steps[0]}-{steps[-1]}: {total:.1f} ms a step (mean)"
             if steps else "GPU time by phase: no step ended from the first timed step on",
