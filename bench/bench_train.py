@@ -105,6 +105,13 @@ def _photo(rng: random.Random, size: tuple[int, int]):
     return Image.fromarray(small).resize(size, Image.BILINEAR)
 
 
+def _encoded_length(sample: dict, encoder) -> int:
+    """Tokens of a sample as the training data path encodes it (no pixels loaded)."""
+    from finetune.dataset import parse_record, prepare_sample
+
+    return len(prepare_sample(parse_record(sample, sample["id"]), encoder, None, load_pixels=False).input_ids)
+
+
 def _made_with(data_path: str, params_path: str, params: dict) -> bool:
     """Whether data_path is a finished set made with `params` (its parameters file matches) whose images exist."""
     try:
@@ -139,7 +146,7 @@ def make_mm_dataset(
     whose images are all there is reused, not rebuilt."""
     from dataclasses import asdict
 
-    from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
+    from finetune.dataset import ConversationEncoder
     from finetune.model.image_processing import plan_slices
 
     data_path = os.path.join(folder, "train.json")
@@ -163,8 +170,9 @@ def make_mm_dataset(
         else:
             log_side = lambda: round(math.exp(rng.uniform(math.log(sides[0]), math.log(sides[1]))))  # noqa: E731
             candidates = [(log_side(), log_side()) for _ in range(8)]
-            size = min(candidates, key=lambda c: abs((views_so_far + len(plan_slices(c, settings).view_sizes())) / (index + 1) - mean_views))
-            views_so_far += len(plan_slices(size, settings).view_sizes())
+            views = {c: len(plan_slices(c, settings).view_sizes()) for c in candidates}
+            size = min(candidates, key=lambda c: abs((views_so_far + views[c]) / (index + 1) - mean_views))
+            views_so_far += views[size]
         path = os.path.join(folder, "images", f"{index:04d}.jpg")
         _photo(rng, size).save(path, quality=90)
         target = rng.randint(min_len, max_len)
@@ -179,7 +187,7 @@ def make_mm_dataset(
                 conversations.append({"role": "user", "content": ("<image>\n" if turn == 0 else "") + question})
                 conversations.append({"role": "assistant", "content": words(answer_words[turn])})
             sample = {"id": f"mm{index}", "image": path, "conversations": conversations}
-            length = len(prepare_sample(parse_record(sample, sample["id"]), encoder, None, load_pixels=False).input_ids)
+            length = _encoded_length(sample, encoder)
             if abs(length - target) <= 16 or length > max_len:
                 break
             text = sum(answer_words)
@@ -203,13 +211,13 @@ def mm_set_stats(data_path: str, tokenizer, settings) -> dict:
     """A multimodal set's averages per sample: encoded tokens, image views (the real slicing rule), exchanges."""
     from PIL import Image
 
-    from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
+    from finetune.dataset import ConversationEncoder
     from finetune.model.image_processing import plan_slices
 
     encoder = ConversationEncoder(tokenizer, settings)
     with open(data_path) as handle:
         samples = json.load(handle)
-    tokens = [len(prepare_sample(parse_record(s, s["id"]), encoder, None, load_pixels=False).input_ids) for s in samples]
+    tokens = [_encoded_length(sample, encoder) for sample in samples]
     views = []
     for sample in samples:
         with Image.open(sample["image"]) as image:
@@ -224,7 +232,7 @@ def make_text_dataset(folder: str, num: int, tokenizer, settings, length: int = 
     """Write `num` text-only samples (one question, one long answer) whose encoded length is in
     [length - 24, length]: the Trainer-path counterpart of bench_train's 2048-token text rows (the labels are the
     answer and its <|eot_id|>, ~98% of the row). Returns the JSON path."""
-    from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
+    from finetune.dataset import ConversationEncoder
 
     rng = random.Random(seed)
     encoder = ConversationEncoder(tokenizer, settings)
@@ -236,7 +244,7 @@ def make_text_dataset(folder: str, num: int, tokenizer, settings, length: int = 
         def encoded(words: int) -> tuple[int, dict]:
             sample = {"id": f"text{index}", "conversations": [
                 {"role": "user", "content": question}, {"role": "assistant", "content": " ".join(vocabulary[:words])}]}  # fmt: skip
-            return len(prepare_sample(parse_record(sample, sample["id"]), encoder, None, load_pixels=False).input_ids), sample
+            return _encoded_length(sample, encoder), sample
 
         low, high = 1, len(vocabulary)  # the longest answer that still fits (length grows with the word count)
         while low < high:
