@@ -176,6 +176,51 @@ def test_text_only_training_without_the_dummy_image_gives_the_same_loss_and_grad
     assert vision and all(torch.count_nonzero(g) == 0 for g in vision)
 
 
+def test_train_and_eval_reach_every_module_and_skip_the_walk_when_nothing_would_change(golden_dir, monkeypatch):
+    """MiniCPMV.train skips nn.Module.train when every module already is in the asked mode (the Trainer calls it
+    every step), and otherwise sets every module, as nn.Module.train does. A module with its own `train` is
+    always called (PEFT's DoRA layers clear a cache there)."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    model = get_peft_model(AutoModel.from_pretrained(golden_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    flags_set = []
+    library_setattr = nn.Module.__setattr__
+
+    def counted(module, name, value):
+        if name == "training":
+            flags_set.append(type(module).__name__)
+        library_setattr(module, name, value)
+
+    monkeypatch.setattr(nn.Module, "__setattr__", counted)
+    modules = list(model.modules())
+    model.eval()
+    assert not any(m.training for m in modules) and len(flags_set) == len(modules)
+    model.train()
+    assert all(m.training for m in modules)
+    flags_set.clear()
+    model.train()  # already training everywhere: only the two wrappers above MiniCPMV set their flag
+    assert all(m.training for m in modules) and flags_set == ["PeftModel", "LoraModel"]
+    native = model.get_base_model()
+    dropout = native.llm.model.layers[0].self_attn.q_proj.lora_dropout["default"]
+    dropout.eval()  # one module out of step: the next train() walks and sets it again
+    model.train()
+    assert dropout.training and all(m.training for m in modules)
+
+    class OwnTrain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def train(self, mode=True):
+            self.calls += 1
+            return super().train(mode)
+
+    native.resampler.extra = OwnTrain()
+    model.train()
+    assert native.resampler.extra.calls == 1
+
+
 def _checkpointed_step(golden_dir, case, vision_trained: bool, use_reentrant: bool, library_hooks: bool = False,
                        embeddings_trained: bool = True):
     """One checkpointed training step on an image case: (whether backward reached the vision tower's
