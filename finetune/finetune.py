@@ -117,6 +117,11 @@ class TrainingArguments(transformers.TrainingArguments):
     prediction_loss_only: bool = True
     # Image decoding and slicing take ~35 ms a sample on one core: workers keep the GPU from waiting on data.
     dataloader_num_workers: int = field(default_factory=lambda: min(4, (os.cpu_count() or 1) // 2))
+    # The library's filter asks the device whether each step's loss is nan/inf, a synchronisation after every
+    # backward: the host then runs clipping, the optimizer step and zero_grad while the GPU waits, instead of
+    # queueing them behind the backward. It also hides a diverging run from its logs (a nan loss is logged as
+    # the running average). Off: a nan or inf loss is logged as it is.
+    logging_nan_inf_filter: bool = False
     report_to: None | str | list[str] = "tensorboard"
     output_dir: str = "output/output__lora"
 

@@ -137,6 +137,19 @@ def test_bf16_is_the_default_where_supported(monkeypatch):
     assert entry.resolve_bf16(None, fp16=False, use_cpu=False) is False
 
 
+def test_the_loss_is_not_checked_for_nan_on_the_device_every_step(tmp_path):
+    """The library's logging_nan_inf_filter asks the device about every step's loss (a synchronisation after each
+    backward, the GPU then idle through clipping and the optimizer step); finetune.py turns it off unless asked."""
+    from transformers import HfArgumentParser
+
+    import finetune.finetune as entry
+
+    parser = HfArgumentParser(entry.TrainingArguments)
+    (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    (asked,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu", "true", "--logging_nan_inf_filter", "true"])
+    assert default.logging_nan_inf_filter is False and asked.logging_nan_inf_filter is True
+
+
 def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):
     trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
     dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
