@@ -128,7 +128,22 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self):
         self.bf16 = resolve_bf16(self.bf16, self.fp16, self.use_cpu)
+        self.accelerator_config = with_non_blocking_copies(self.accelerator_config)
         super().__post_init__()
+
+
+def with_non_blocking_copies(accelerator_config: dict | str | None) -> dict | str | None:
+    """accelerate's `non_blocking` on, unless the given --accelerator_config says otherwise (a JSON file or a config
+    object is left as it is). Each batch then goes from the DataLoader's pinned memory to the GPU without the
+    host waiting for the copy, and with it for the GPU to finish the work queued before it: 0.160 against 0.182 s
+    per one-row text step without checkpointing, same H200, one call (bench/README.md, Update 10)."""
+    if accelerator_config is None:
+        return {"non_blocking": True}
+    if isinstance(accelerator_config, str) and accelerator_config.lstrip().startswith("{"):  # JSON on the command line
+        accelerator_config = json.loads(accelerator_config)
+    if isinstance(accelerator_config, dict):
+        return {"non_blocking": True, **accelerator_config}
+    return accelerator_config
 
 
 def resolve_bf16(bf16: bool | None, fp16: bool, use_cpu: bool) -> bool:

@@ -150,6 +150,21 @@ def test_the_loss_is_not_checked_for_nan_on_the_device_every_step(tmp_path):
     assert default.logging_nan_inf_filter is False and asked.logging_nan_inf_filter is True
 
 
+def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_config_says_otherwise(tmp_path):
+    from transformers import HfArgumentParser
+
+    import finetune.finetune as entry
+
+    parser = HfArgumentParser(entry.TrainingArguments)
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "true"]
+    (default,) = parser.parse_args_into_dataclasses(common)
+    (merged,) = parser.parse_args_into_dataclasses(common + ["--accelerator_config", '{"split_batches": false}'])
+    (refused,) = parser.parse_args_into_dataclasses(common + ["--accelerator_config", '{"non_blocking": false}'])
+    assert default.accelerator_config.non_blocking is True
+    assert merged.accelerator_config.non_blocking is True and merged.accelerator_config.split_batches is False
+    assert refused.accelerator_config.non_blocking is False
+
+
 def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):
     trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
     dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
