@@ -32,6 +32,9 @@
 #   OUT=$OUT bash bench/device_suite.sh 28  # multimodal upstream recipe on the set with upstream's averages (and the default set): baseline mode, suite, the Trainer's own synchronisation
 #   OUT=$OUT bash bench/device_suite.sh 29  # part 28's upstream-like rows again (another call), 6 samples a step; baseline mode for both recipes
 #   OUT=$OUT bash bench/device_suite.sh 30  # LoRA only on the upstream-like set: the suite (GPU0) | the baseline mode (GPU1), one call
+#   OUT=$OUT bash bench/device_suite.sh 31  # 1 GPU alone: text speed mode with the step's host work trimmed vs not, baseline before and after; attention kernels on the text row
+#   OUT=$OUT bash bench/device_suite.sh 32  # 1 GPU alone: trimmed speed mode at 1 and 2 rows; logging every 10 steps, window-synchronised, with / without non-blocking copies; GPU numerics tests
+#   OUT=$OUT bash bench/device_suite.sh 33  # 1 GPU: GPU numerics tests; speed mode logging every 5 steps with non-blocking copies, window- and step-synchronised
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -84,6 +87,14 @@ if [ "$PART" = 11 ]; then  # the tests do not wait for the set-up (GPU1 builds t
     TEST_PID=$!
     CKPT_GPU=1
 fi
+if [ "$PART" = 33 ]; then  # the GPU tests do not wait for the set-up
+    (
+        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+    ) &
+    TEST_PID=$!
+fi
 if [ "$PART" = 13 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
         export CUDA_VISIBLE_DEVICES=0
@@ -122,6 +133,10 @@ if [ "$PART" = 18 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the 
     ) &
     SPEED_PID=$!
     CKPT_GPU=1
+fi
+if [ "$PART" = 31 ] || [ "$PART" = 32 ] || [ "$PART" = 33 ]; then  # 96 text samples: finetune.py's timed steps stay in one epoch
+    export TEXT_SAMPLES=96
+    [ "$(python3 -c 'import json; print(len(json.load(open("/tmp/data/text/train.json"))))' 2>/dev/null)" = 96 ] || rm -f /tmp/data/text/train.json
 fi
 if [ "$PART" = 19 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint): text at 1 and 2 rows, bench loop
     export TEXT_SAMPLES=96  # (a warm machine's 24-sample set is rebuilt: finetune.py's timed steps then stay in one epoch)
@@ -634,6 +649,46 @@ PY
     PORT=6600
     WARMUP=4 trainer m1_lora_ul30 0 150 $MM_UL --max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5 $LORA_ONLY
     while kill -0 $GPU1_PID 2>/dev/null; do sleep 2; done
+    ;;
+31) # one GPU, nothing else running: the text speed mode through finetune.py with the step's host work trimmed
+    # (MiniCPMV.train's skip, no nan filter) against the same without the trim, and the checkpointed
+    # baseline before and after; first the attention kernels on the text row's shape
+    timeout $((LIMIT - SECONDS)) python3 bench/attention_kernels.py --json "$OUT/attention_kernels.json" > /tmp/attention31.log 2>&1
+    echo "attention_kernels: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+    { echo "===== attention_kernels"; tail -n 30 /tmp/attention31.log; } >> "$OUT/logs.txt"
+    bench_train text_baseline31a --steps 8 --warmup 3 --config text_lora_baseline
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    export WARMUP=5 BENCH_SYNC=steps
+    trainer s1_lora_nogc_trimmed31 0 130 $NOGC
+    BENCH_MODEL_TRAIN=library trainer s1_lora_nogc_untrimmed31 0 130 $NOGC --logging_nan_inf_filter true
+    trainer s1_lora_nogc_trimmed31b 0 130 $NOGC
+    bench_train text_baseline31b --steps 8 --warmup 3 --config text_lora_baseline
+    ;;
+32) # one GPU, nothing else running: the trimmed speed mode at 1 and 2 rows a step synchronised at step ends (as
+    # part 31); at 1 row logging every 10 steps and synchronised only at the timed window's ends, without and with
+    # non-blocking host-to-device copies; the baseline at 1 and 2 rows around them; then the GPU numerics tests
+    bench_train text_baseline32a --steps 8 --warmup 3 --config text_lora_baseline
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    export WARMUP=5
+    BENCH_SYNC=steps trainer s1_lora_nogc_rows1_32 0 130 $NOGC
+    BENCH_SYNC=steps trainer s1_lora_nogc_rows2_32 0 130 $NOGC --per_device_train_batch_size 2
+    BENCH_SYNC=window trainer s1_lora_nogc_log10_32 0 130 $NOGC --logging_steps 10
+    BENCH_SYNC=window trainer s1_lora_nogc_log10_nonblocking32 0 130 $NOGC --logging_steps 10 --accelerator_config '{"non_blocking": true}'
+    bench_train text_baseline32b --steps 8 --warmup 3 --config text_lora_baseline
+    bench_train text_baseline_rows2_32 --steps 8 --warmup 3 --text-rows 2 --config text_lora_baseline
+    timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+    echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+    { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+    ;;
+33) # one GPU: the GPU numerics tests (started above, beside the set-up; part 32's ran out of time), then the
+    # baseline and the speed mode logging every 5 steps (the first log, which took 0.5 s in part 32's window,
+    # falls in the warm-up) with non-blocking copies, synchronised at the window's ends, then at every step end
+    wait $TEST_PID
+    bench_train text_baseline33 --steps 8 --warmup 3 --config text_lora_baseline
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14 --logging_steps 5"
+    export WARMUP=5
+    BENCH_SYNC=window trainer s1_lora_nogc_log5_nonblocking33 0 130 $NOGC --accelerator_config '{"non_blocking": true}'
+    BENCH_SYNC=steps trainer s1_lora_nogc_log5_nonblocking_stepsync33 0 130 $NOGC --accelerator_config '{"non_blocking": true}'
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"

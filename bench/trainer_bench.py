@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 bench/trainer_bench.py <finetune.py arguments> [--deepspeed ...]
     env BENCH_TRAINER_JSON=out.json (rank 0 writes it), BENCH_WARMUP=2 (steps left out of the timing),
-        BENCH_SYNC=steps (synchronise at optimizer-step ends only), BENCH_PROFILE=path (profile steps 3-5:
+        BENCH_SYNC=steps (synchronise at optimizer-step ends only) or BENCH_SYNC=window (only where the timed
+        steps start and end: in between, the Trainer's own synchronisations alone), BENCH_PROFILE=path (profile steps 3-5:
         tables in path, the chrome trace with Python stacks in path.trace.json; the timing then starts at
         step 8 at the earliest); for A/B rows of the vision tower's fast paths, BENCH_VISION_ATTENTION=sdpa (the
         vision tower back on sdpa) and BENCH_VISION_COMPILE=0 (its layers not compiled), applied to the model
@@ -12,6 +13,8 @@
         (transformers' checkpointing hooks: a frozen vision tower's embeddings marked as requiring grad too);
         BENCH_BNB_SYNCS=each (bitsandbytes' device sync after every parameter's update kept);
         BENCH_VISION_RESIDUAL=fp32 (a trained fp32 vision tower's residual stream left in fp32 under autocast);
+        BENCH_MODEL_TRAIN=library (the Trainer's model.train() before every step walks every module again, as
+        nn.Module.train does, instead of MiniCPMV.train's skip when nothing would change);
         BENCH_MEMORY=path (rank 0 writes the peak allocated memory between marks at every layer's start and
         the step's phases, bench/memory_at_peak.py; the peak reserved figure is then meaningless, and the hooks
         cost host time); BENCH_PHASES=path (rank 0 writes the GPU time per step by phase between the same marks,
@@ -27,6 +30,9 @@ ZeRO communication and optimizer, nothing of the Trainer's start-up or wrap-up (
 The synchronisations around training_step keep the CPU from queueing work ahead of the GPU, which the Trainer
 alone would do between its own synchronisations (the logged loss); with BENCH_SYNC=steps only the step ends
 are synchronised: step times are then the Trainer's own, and data wait / optimizer fractions host-side times.
+With BENCH_SYNC=window the host may queue one step's work while the GPU still runs the one before, as in a run
+that logs every few steps: the mean step time stays exact (the window's ends are synchronised), the per-step
+times and the fractions are host-side.
 Tokens per step are the real (non-pad) tokens of the micro-batch, summed over ranks; patches per view come from
 tgt_sizes (for the FLOP count, see bench_train.flops_of_batch). Peak memory is torch.cuda.max_memory_* per rank.
 """
@@ -58,15 +64,18 @@ def _now(sync: bool = True) -> float:
     return time.perf_counter()
 
 
-_SYNC_IN_STEP = os.environ.get("BENCH_SYNC", "all") != "steps"
+_SYNC = os.environ.get("BENCH_SYNC", "all")
+_SYNC_IN_STEP = _SYNC == "all"
 
 
 class _StepEnds(TrainerCallback):
-    def __init__(self, times: list[float]):
+    def __init__(self, times: list[float], first_timed_step):
         self.times = times
+        self.first_timed_step = first_timed_step  # -> the first timed step (1-based), once the steps are known
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(_now())
+        window_end = state.global_step in (self.first_timed_step(state.max_steps) - 1, state.max_steps)
+        self.times.append(_now(sync=_SYNC != "window" or window_end))
 
 
 class TimedTrainer(ft.MiniCPMVTrainer):
@@ -82,6 +91,8 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             type(native).enable_input_require_grads = PreTrainedModel.enable_input_require_grads
         if os.environ.get("BENCH_VISION_RESIDUAL") == "fp32":
             type(native_model(self.model)).vision_residual_in_autocast_dtype = False
+        if os.environ.get("BENCH_MODEL_TRAIN") == "library":
+            type(native_model(self.model)).train = PreTrainedModel.train
         if os.environ.get("BENCH_VOCAB_SHARDS") == "off":
             native_model(self.model).vocab_sharded_loss = False
         if os.environ.get("BENCH_VISION_COMPILE") == "0":
@@ -90,7 +101,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
         self._bench_starts: list[float] = []  # per micro-batch: training_step entered
         self._bench_ends: list[float] = []  # per micro-batch: forward + backward done
         self._bench_step_ends: list[float] = []  # per optimizer step: optimizer step done
-        self.add_callback(_StepEnds(self._bench_step_ends))
+        self.add_callback(_StepEnds(self._bench_step_ends, self._bench_first_timed_step))
         self._bench_stats: list[tuple[int, int, float]] = []  # (tokens, samples, flops) of this rank's micro-batch
         self._bench_largest = [0, 0]  # this rank's largest micro-batch: tokens, image views
         self._bench_shapes = model_shapes(self.model)
@@ -163,9 +174,11 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             warmup = max(warmup, 7)
         return warmup
 
-    def _bench_first_timed_step(self) -> int:
-        """The first timed step, numbered from 1 as state.global_step (the timing starts at the end of the one before)."""
-        return min(max(1, self._bench_warmup()), len(self._bench_step_ends) - 1) + 1
+    def _bench_first_timed_step(self, steps: int | None = None) -> int:
+        """The first timed step, numbered from 1 as state.global_step (the timing starts at the end of the one before),
+        of `steps` steps (by default those that ran)."""
+        steps = len(self._bench_step_ends) if steps is None else steps
+        return min(max(1, self._bench_warmup()), steps - 1) + 1
 
     def _bench_report(self) -> None:
         accum = self.args.gradient_accumulation_steps
@@ -220,7 +233,7 @@ class TimedTrainer(ft.MiniCPMVTrainer):
             "largest_micro_batch_tokens": max(p[2] for p in peaks),
             "largest_micro_batch_views": max(p[3] for p in peaks),
             "optim": str(getattr(self.args.optim, "value", self.args.optim)),
-            "synchronised": "step ends" if not _SYNC_IN_STEP else "training_step and step ends",
+            "synchronised": {"all": "training_step and step ends", "steps": "step ends", "window": "the timed window's ends"}.get(_SYNC, _SYNC),
             "loss_chunk_size": self.args.loss_chunk_size,
             "gradient_checkpointing": bool(self.args.gradient_checkpointing),
             "q_lora": any(type(m).__name__ == "Linear4bit" for m in self.model.modules()),

@@ -179,3 +179,21 @@ def test_step_time_is_charged_to_the_phases_of_a_checkpointed_image_step(golden_
     assert phases["optimizer step"] == 1 and phases["gradient norm + clipping"] == 1
     assert phase_of("lm_head in (backward)") == "loss (lm_head chunks): recompute + backward"
     assert "| llm layers: forward |" in times.report(first_step=2)
+
+
+def test_window_timing_synchronises_only_where_the_timed_steps_start_and_end(monkeypatch):
+    """BENCH_SYNC=window: the step ends before and at the end of the timed steps wait for the GPU, no other
+    (the mean step time over the window stays exact while the host may run ahead inside it)."""
+    from types import SimpleNamespace
+
+    import trainer_bench
+
+    synced = []
+    monkeypatch.setattr(trainer_bench, "_now", lambda sync=True: synced.append(sync) or 0.0)
+    for mode, expected in (("window", [False, False, True, False, False, True]), ("steps", [True] * 6)):
+        synced.clear()
+        monkeypatch.setattr(trainer_bench, "_SYNC", mode)
+        ends = trainer_bench._StepEnds([], first_timed_step=lambda steps: 4)  # steps 4-6 timed, from step 3's end
+        for step in range(1, 7):
+            ends.on_step_end(None, SimpleNamespace(global_step=step, max_steps=6), None)
+        assert synced == expected, mode
