@@ -136,7 +136,8 @@ def with_non_blocking_copies(accelerator_config: dict | str | None) -> dict | st
     """accelerate's `non_blocking` on, unless the given --accelerator_config says otherwise (a JSON file or a config
     object is left as it is). Each batch then goes from the DataLoader's pinned memory to the GPU without the
     host waiting for the copy, and with it for the GPU to finish the work queued before it: 0.160 against 0.182 s
-    per one-row text step without checkpointing, same H200, one call (bench/README.md, Update 10)."""
+    per one-row text step without checkpointing, logging every 10 steps, same H200, one call (bench/README.md,
+    Update 10)."""
     if accelerator_config is None:
         return {"non_blocking": True}
     if isinstance(accelerator_config, str) and accelerator_config.lstrip().startswith("{"):  # JSON on the command line
