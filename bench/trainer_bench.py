@@ -254,7 +254,6 @@ class TimedTrainer(ft.MiniCPMVTrainer):
                 json.dump(report, handle, indent=1)
 
 
-ft.MiniCPMVTrainer = TimedTrainer
-
 if __name__ == "__main__":
+    ft.MiniCPMVTrainer = TimedTrainer  # (only when run: importing this module changes nothing in finetune.py)
     ft.cli()
