@@ -66,7 +66,7 @@ def varlen_flash(q, k, v, samples, causal):
 
 
 def dense_per_sample(q, k, v, samples, causal, backend, gqa: bool = False):
-    """One SDPA call per sample on one backend; grouped query heads repeated to the query heads, or with `gqa`
+    """One SDPA call per sample on one backend; grouped key / value heads repeated to the query heads, or with `gqa`
     handed over as they are (enable_gqa)."""
     outputs, start = [], 0
     for n, length in samples:
