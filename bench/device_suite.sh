@@ -76,6 +76,13 @@ for r in d['results']: print(json.dumps(dict(r, invocation='$name', date=d['date
     [ -d /tmp/profile_$name ] && cat /tmp/profile_$name/*.txt >> "$OUT/profiles.txt"
 }
 
+# gpu_tests [pytest flags...]: the GPU numerics tests (tests/test_fast_paths.py), the end of their output to logs.txt
+gpu_tests() {
+    timeout $((LIMIT - SECONDS)) python3 -m pytest -q "$@" -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
+    echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
+    { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+}
+
 if [ "$PART" = 9 ]; then CKPT_GPU=1; fi
 if [ "$PART" = 11 ]; then  # the tests do not wait for the set-up (GPU1 builds the checkpoint)
     (
@@ -88,19 +95,13 @@ if [ "$PART" = 11 ]; then  # the tests do not wait for the set-up (GPU1 builds t
     CKPT_GPU=1
 fi
 if [ "$PART" = 33 ]; then  # the GPU tests do not wait for the set-up
-    (
-        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
-        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
-        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
-    ) &
+    gpu_tests -rfEs &
     TEST_PID=$!
 fi
 if [ "$PART" = 13 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
         export CUDA_VISIBLE_DEVICES=0
-        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
-        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
-        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+        gpu_tests -rfEs
         MMA="--steps 8 --warmup 4 --mm-dir /tmp/mm_gpu0"
         bench_train mm_llm13 $MMA --fast-kernels varlen,compile --config mm_upstream_baseline,mm_upstream_suite_fast
         bench_train mm_vvarlen13 $MMA --fast-kernels varlen,vision-varlen,compile --config mm_upstream_suite_fast
@@ -153,9 +154,7 @@ fi
 if [ "$PART" = 10 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the checkpoint)
     (
         export CUDA_VISIBLE_DEVICES=0
-        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
-        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
-        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+        gpu_tests
         MMA="--steps 8 --warmup 4 --mm-dir /tmp/mm_gpu0"
         bench_train mm_plain10 $MMA --config mm_upstream_baseline,mm_upstream_suite
         bench_train mm_varlen $MMA --fast-kernels varlen --config mm_upstream_suite_fast --profile-dir /tmp/profile_mm_varlen
@@ -183,9 +182,7 @@ if [ "$PART" = 6 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the c
         bench_train text_liger $BT --fast-kernels liger --config text_lora_suite_nogc_fast,text_lora_suite_fast
         bench_train text_compile $BT --fast-kernels compile --config text_lora_suite_nogc_fast
         bench_train text_both $BT --fast-kernels liger,compile --config text_lora_suite_nogc_fast,text_upstream_suite_nogc_fast,text_lora_suite_fast --profile-dir /tmp/profile_text_both
-        timeout $((LIMIT - SECONDS)) python3 -m pytest -q -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
-        echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
-        { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+        gpu_tests
     ) &
     SPEED_PID=$!
     CKPT_GPU=1
@@ -676,9 +673,7 @@ PY
     BENCH_SYNC=window trainer s1_lora_nogc_log10_nonblocking32 0 130 $NOGC --logging_steps 10 --accelerator_config '{"non_blocking": true}'
     bench_train text_baseline32b --steps 8 --warmup 3 --config text_lora_baseline
     bench_train text_baseline_rows2_32 --steps 8 --warmup 3 --text-rows 2 --config text_lora_baseline
-    timeout $((LIMIT - SECONDS)) python3 -m pytest -q -rfEs -p no:cacheprovider tests/test_fast_paths.py > /tmp/pytest_fast.log 2>&1
-    echo "pytest fast paths: rc=$? at ${SECONDS}s" >> "$OUT/env.txt"
-    { echo "===== pytest tests/test_fast_paths.py (GPU)"; tail -n 40 /tmp/pytest_fast.log; } >> "$OUT/logs.txt"
+    gpu_tests -rfEs
     ;;
 33) # one GPU: the GPU numerics tests (started above, beside the set-up; part 32's ran out of time), then the
     # baseline and the speed mode logging every 5 steps (the first log, which took 0.5 s in part 32's window,
