@@ -197,3 +197,23 @@ def test_window_timing_synchronises_only_where_the_timed_steps_start_and_end(mon
         for step in range(1, 7):
             ends.on_step_end(None, SimpleNamespace(global_step=step, max_steps=6), None)
         assert synced == expected, mode
+
+
+def test_the_baseline_without_checkpointing_is_the_plain_path_with_checkpointing_off():
+    from types import SimpleNamespace
+
+    from bench_train import ROW_BY_NAME, build_model
+
+    args = SimpleNamespace(tiny=True, fp32_trainable=False, fast_kernels="")
+    built = {}
+    for name in ("text_lora_baseline", "text_lora_baseline_nogc", "text_lora_suite_nogc"):
+        torch.manual_seed(0)
+        row = ROW_BY_NAME[name]
+        model = build_model(row, args, torch.device("cpu"))
+        built[name] = (row.baseline, model.get_base_model().dummy_image_stand_in, model.is_gradient_checkpointing)
+    # (baseline?, the suite's dummy-image stand-in, gradient checkpointing)
+    assert built == {
+        "text_lora_baseline": (True, False, True),
+        "text_lora_baseline_nogc": (True, False, False),
+        "text_lora_suite_nogc": (False, True, False),
+    }
