@@ -35,6 +35,8 @@
 #   OUT=$OUT bash bench/device_suite.sh 31  # 1 GPU alone: text speed mode with the step's host work trimmed vs not, baseline before and after; attention kernels on the text row
 #   OUT=$OUT bash bench/device_suite.sh 32  # 1 GPU alone: trimmed speed mode at 1 and 2 rows; logging every 10 steps, window-synchronised, with / without non-blocking copies; GPU numerics tests
 #   OUT=$OUT bash bench/device_suite.sh 33  # 1 GPU: GPU numerics tests; speed mode logging every 5 steps with non-blocking copies, window- and step-synchronised
+#   OUT=$OUT bash bench/device_suite.sh 34  # 1 GPU alone: the text speed mode as shipped (logging every step, non-blocking copies, no bench syncs) at 1 and 2 rows, between both baselines
+#   OUT=$OUT bash bench/device_suite.sh 35  # 1 GPU alone: the multimodal targets again with today's defaults (data like upstream's): baseline mode, upstream recipe, LoRA only
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -135,7 +137,7 @@ if [ "$PART" = 18 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the 
     SPEED_PID=$!
     CKPT_GPU=1
 fi
-if [ "$PART" = 31 ] || [ "$PART" = 32 ] || [ "$PART" = 33 ]; then  # 96 text samples: finetune.py's timed steps stay in one epoch
+if [ "$PART" = 31 ] || [ "$PART" = 32 ] || [ "$PART" = 33 ] || [ "$PART" = 34 ]; then  # 96 text samples: finetune.py's timed steps stay in one epoch
     export TEXT_SAMPLES=96
     [ "$(python3 -c 'import json; print(len(json.load(open("/tmp/data/text/train.json"))))' 2>/dev/null)" = 96 ] || rm -f /tmp/data/text/train.json
 fi
@@ -684,6 +686,28 @@ PY
     export WARMUP=5
     BENCH_SYNC=window trainer s1_lora_nogc_log5_nonblocking33 0 130 $NOGC --accelerator_config '{"non_blocking": true}'
     BENCH_SYNC=steps trainer s1_lora_nogc_log5_nonblocking_stepsync33 0 130 $NOGC --accelerator_config '{"non_blocking": true}'
+    ;;
+34) # one GPU, nothing else running: the text speed mode with finetune.py's defaults (non-blocking copies),
+    # logging every step as finetune_lora.sh does, and no synchronisation of the benchmark's own (the logging's
+    # is then the only one a step), at 1 and 2 rows a step; at 1 row also synchronised at step ends (as parts
+    # 31-33). Around them the plain transformers+PEFT baselines with and without checkpointing, before and after
+    BASELINES="text_lora_baseline,text_lora_baseline_nogc"
+    bench_train text_baselines34a --steps 8 --warmup 3 --config $BASELINES
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 14"
+    export WARMUP=5
+    BENCH_SYNC=window trainer s1_lora_nogc_shipped34 0 130 $NOGC
+    BENCH_SYNC=window trainer s1_lora_nogc_shipped_rows2_34 0 130 $NOGC --per_device_train_batch_size 2
+    BENCH_SYNC=steps trainer s1_lora_nogc_stepsync34 0 130 $NOGC
+    bench_train text_baselines34b --steps 8 --warmup 3 --config $BASELINES
+    bench_train text_baseline_rows2_34 --steps 8 --warmup 3 --text-rows 2 --config text_lora_baseline
+    ;;
+35) # one GPU, nothing else running: the multimodal rows of parts 28-30 (data like upstream's, Update 9's best
+    # setting within 26.8 GiB) with the defaults changed since (non-blocking copies, no nan filter, the
+    # model.train skip), after the baseline mode of both recipes in the same call
+    bench_train mm_baselines_ul35 --steps 8 --warmup 3 --mm-dir /tmp/mm_ul_gpu0 --mm-set upstream_like --config mm_upstream_baseline,mm_lora_baseline
+    BEST="--max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5"
+    WARMUP=4 trainer m1_upstream_ul35 0 170 $MM_UL $BEST $UPSTREAM
+    WARMUP=4 trainer m1_lora_ul35 0 150 $MM_UL $BEST $LORA_ONLY
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
