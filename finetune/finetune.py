@@ -563,6 +563,12 @@ def innermost_optimizer_name(optimizer) -> str:
     return f"{type(optimizer).__module__}.{type(optimizer).__name__}" + (f" {bits}-bit" if bits else "")
 
 
+def checkpointing_in_effect(model: torch.nn.Module) -> bool:
+    """Whether any module of the model recomputes its activations in backward (what transformers'
+    `is_activation_checkpointing` reads; spelled out, as its name differs across transformers 5 releases)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
 def fast_paths_in_effect(model) -> dict:
     """The fast paths as the model has them (finetune.model.kernels and .attention), whatever the flags said:
     the run report's fields, and bench/trainer_bench.py's."""
@@ -582,6 +588,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
     """One JSON per rank saying how this process really trained (tests assert on it, not on exit codes)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = trainer.accelerator.state
+    native = native_model(trainer.model)
     report = {
         "process_index": trainer.args.process_index,
         "num_processes": trainer.accelerator.num_processes,
@@ -589,6 +596,9 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
         "backend": getattr(state, "backend", None),
         "wrapper": type(trainer.model_wrapped).__name__,
         "optimizer": innermost_optimizer_name(trainer.optimizer),
+        "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_checkpointing": checkpointing_in_effect(native),
+        "vision_trained": any(p.requires_grad for p in native.vpm.parameters()),
         **fast_paths_in_effect(trainer.model),
         "global_step": trainer.state.global_step,
         "log_history": trainer.state.log_history,

@@ -204,13 +204,15 @@ def test_the_baseline_without_checkpointing_is_the_plain_path_with_checkpointing
 
     from bench_train import ROW_BY_NAME, build_model
 
+    from finetune.finetune import checkpointing_in_effect
+
     args = SimpleNamespace(tiny=True, fp32_trainable=False, fast_kernels="")
     built = {}
     for name in ("text_lora_baseline", "text_lora_baseline_nogc", "text_lora_suite_nogc"):
         torch.manual_seed(0)
         row = ROW_BY_NAME[name]
         model = build_model(row, args, torch.device("cpu"))
-        built[name] = (row.baseline, model.get_base_model().dummy_image_stand_in, model.is_gradient_checkpointing)
+        built[name] = (row.baseline, model.get_base_model().dummy_image_stand_in, checkpointing_in_effect(model))
     # (baseline?, the suite's dummy-image stand-in, gradient checkpointing)
     assert built == {
         "text_lora_baseline": (True, False, True),

@@ -596,6 +596,7 @@ def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model,
     assert "nodes=1 x 1 processes" in result.stdout  # GPUS_PER_NODE detected on a CPU machine
     (rank,) = read_reports(report, 1)
     assert rank["wrapper"] == "DeepSpeedEngine", "the launcher trains under DeepSpeed ZeRO-2 by default"
+    assert rank["gradient_checkpointing"] and rank["vision_trained"] and rank["per_device_train_batch_size"] == 1
     assert (copy / "output" / "output__lora" / "adapter_model.safetensors").is_file()
     # The published snippet, run from finetune/: PeftModel.from_pretrained(base, "output/output__lora")
     cwd = os.getcwd()
