@@ -7,6 +7,8 @@
 # Several GPUs, least memory each: DS_CONFIG=<this folder>/ds_config_zero3_lean.json ... --optim adamw_bnb_8bit (12.8 GiB
 # on each of 2). With liger-kernel installed, --use_liger_kernel true saves memory too (2.6-5.6 GiB on one GPU,
 # LoRA only) and was slower on an H200.
+# Fastest on one large GPU (text rows, vision tower frozen): DS_CONFIG="" TUNE_VISION=false BATCH_SIZE=2 ...
+# --gradient_checkpointing false (14.5k tokens/s on an H200 at 2048 tokens, 38 GiB; bench/README.md "Update 11").
 # On CUDA the layers of the LLM and the vision tower are compiled (about a minute at start; --compile_layers false
 # skips that), and each sample of a packed micro-batch, and each image strip, is attended on its own
 # (--attn_implementation varlen; sdpa is the other).

@@ -605,3 +605,21 @@ def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model,
         PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), "output/output__lora")
     finally:
         os.chdir(cwd)
+
+
+def test_launcher_speed_recipe_of_its_header_trains_as_it_says(tiny_model, two_samples, tmp_path):
+    """finetune_lora.sh's header line for the fastest text runs on one GPU: no DeepSpeed, the vision tower frozen,
+    two rows a step, and `--gradient_checkpointing false` after the launcher's own `true` (the later flag wins)."""
+    header = (ROOT / "finetune" / "finetune_lora.sh").read_text()
+    assert 'DS_CONFIG="" TUNE_VISION=false BATCH_SIZE=2' in header and "--gradient_checkpointing false" in header
+    report = tmp_path / "report"
+    env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(tmp_path / "out"), MAX_STEPS="2",
+               REPORT_TO="none", SAVE_STEPS="100", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+               DS_CONFIG="", TUNE_VISION="false", BATCH_SIZE="2")  # fmt: skip
+    result = subprocess.run(["sh", str(ROOT / "finetune" / "finetune_lora.sh"), "--gradient_checkpointing", "false"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (rank,) = read_reports(report, 1)
+    assert rank["wrapper"] != "DeepSpeedEngine" and rank["num_processes"] == 1
+    assert not rank["gradient_checkpointing"] and not rank["vision_trained"]
+    assert rank["per_device_train_batch_size"] == 2 and rank["global_step"] == 2
