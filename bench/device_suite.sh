@@ -37,6 +37,7 @@
 #   OUT=$OUT bash bench/device_suite.sh 33  # 1 GPU: GPU numerics tests; speed mode logging every 5 steps with non-blocking copies, window- and step-synchronised
 #   OUT=$OUT bash bench/device_suite.sh 34  # 1 GPU alone: the text speed mode as shipped (logging every step, non-blocking copies, no bench syncs) at 1 and 2 rows, between both baselines
 #   OUT=$OUT bash bench/device_suite.sh 35  # 1 GPU alone: the multimodal targets again with today's defaults (data like upstream's): baseline mode, upstream recipe, LoRA only
+#   OUT=$OUT bash bench/device_suite.sh 36  # 1 GPU alone: the one-row speed mode host-ahead vs step-synchronised, 40 steps each, with the GPU's clocks and power sampled
 #   OUT=$OUT bash bench/device_suite.sh all   # parts 2, 3 and 4 one after the other (a machine without a call limit)
 #
 # Needs the wheels in .whl/ (deepspeed and its needs) and .whl_qlora/ (bitsandbytes), carried; parts 6-7 also
@@ -137,7 +138,7 @@ if [ "$PART" = 18 ]; then  # GPU0 does not wait for the set-up (GPU1 builds the 
     SPEED_PID=$!
     CKPT_GPU=1
 fi
-if [ "$PART" = 31 ] || [ "$PART" = 32 ] || [ "$PART" = 33 ] || [ "$PART" = 34 ]; then  # 96 text samples: finetune.py's timed steps stay in one epoch
+if [ "$PART" = 31 ] || [ "$PART" = 32 ] || [ "$PART" = 33 ] || [ "$PART" = 34 ] || [ "$PART" = 36 ]; then  # 96 text samples: finetune.py's timed steps stay in one epoch
     export TEXT_SAMPLES=96
     [ "$(python3 -c 'import json; print(len(json.load(open("/tmp/data/text/train.json"))))' 2>/dev/null)" = 96 ] || rm -f /tmp/data/text/train.json
 fi
@@ -708,6 +709,23 @@ PY
     BEST="--max_steps 10 --optim adamw_bnb_8bit --loss_chunk_size 512 --per_device_train_batch_size 5"
     WARMUP=4 trainer m1_upstream_ul35 0 170 $MM_UL $BEST $UPSTREAM
     WARMUP=4 trainer m1_lora_ul35 0 150 $MM_UL $BEST $LORA_ONLY
+    ;;
+36) # one GPU, nothing else running: why letting the host run ahead (the shipped way) was faster than
+    # synchronising at every step end on some machines and slower on others (parts 33, 34, 34b). The one-row
+    # speed mode both ways, 40 steps each (35 timed), while nvidia-smi samples the SM clock, power and the
+    # clock-limiting reasons every 100 ms; each run's start and end times are in marks.txt
+    FIELDS="timestamp,clocks.sm,power.draw,temperature.gpu,utilization.gpu"
+    nvidia-smi --query-gpu=$FIELDS,clocks_event_reasons.active --format=csv -i 0 > /dev/null 2>&1 && FIELDS="$FIELDS,clocks_event_reasons.active"
+    nvidia-smi --query-gpu=$FIELDS --format=csv -i 0 -lms 100 > "$OUT/clocks.csv" 2>&1 &
+    SAMPLER_PID=$!
+    NOGC="$TEXT $LORA_ONLY --gradient_checkpointing false --max_steps 40"
+    export WARMUP=5
+    for sync in window steps; do
+        echo "start $sync $(date -u +%Y/%m/%d\ %H:%M:%S.%N)" >> "$OUT/marks.txt"
+        BENCH_SYNC=$sync trainer s1_lora_nogc_40steps_${sync}36 0 150 $NOGC
+        echo "end $sync $(date -u +%Y/%m/%d\ %H:%M:%S.%N)" >> "$OUT/marks.txt"
+    done
+    kill $SAMPLER_PID 2>/dev/null
     ;;
 esac
 echo "part $PART done at ${SECONDS}s" >> "$OUT/env.txt"
