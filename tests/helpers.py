@@ -1,4 +1,5 @@
-"""finetune.py command lines for the tiny model, and a free port for process groups: shared by the test files.
+"""finetune.py command lines for the tiny model, a free port for process groups and a golden case as model input:
+shared by the test files.
 
 (pytest puts tests/ on sys.path, as it does for conftest.py: test files import this as `from helpers import ...`.)
 Later flags override earlier ones (argparse keeps the last value), so a test passes the value it needs as an extra.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+
+import torch
 
 
 def path_flags(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -35,3 +38,14 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def case_data(case: dict) -> dict:
+    """A golden case as the published `data` argument: one row, position ids 0.., its images (if any)."""
+    return {
+        "input_ids": case["input_ids"][None],
+        "position_ids": torch.arange(len(case["input_ids"]))[None],
+        "pixel_values": [case.get("pixel_values", [])],
+        "tgt_sizes": [case["tgt_sizes"]],
+        "image_bound": [case["image_bound"]],
+    }

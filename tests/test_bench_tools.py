@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import case_data
 from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
@@ -148,10 +149,7 @@ def test_step_time_is_charged_to_the_phases_of_a_checkpointed_image_step(golden_
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     times.attach(model)
     case = next(c for c in golden_cases if len(c["pixel_values"]))
-    data = {
-        "input_ids": case["input_ids"][None], "position_ids": torch.arange(len(case["input_ids"]))[None],
-        "pixel_values": [case["pixel_values"]], "tgt_sizes": [case["tgt_sizes"]], "image_bound": [case["image_bound"]],
-    }  # fmt: skip
+    data = case_data(case)
     for step in (1, 2):
         times.on_step_begin(None, SimpleNamespace(global_step=step - 1), None)
         model(data=data, labels=case["input_ids"][None].clone()).loss.backward()

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import case_data
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
@@ -14,16 +15,6 @@ from transformers import AutoModel, AutoTokenizer
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.model import MiniCPMV, SpecialTokens
 from finetune.model.checkpoint import CheckpointError
-
-
-def case_data(case: dict) -> dict:
-    return {
-        "input_ids": case["input_ids"][None],
-        "position_ids": torch.arange(len(case["input_ids"]))[None],
-        "pixel_values": [case.get("pixel_values", [])],
-        "tgt_sizes": [case["tgt_sizes"]],
-        "image_bound": [case["image_bound"]],
-    }
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])

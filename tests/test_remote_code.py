@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from helpers import path_flags
+from helpers import case_data, path_flags
 from transformers import AutoModel, AutoTokenizer
 
 import finetune  # noqa: F401
@@ -37,10 +37,7 @@ def test_native_without_and_hub_class_with_trust_remote_code(golden_dir, golden_
     assert type(remote) is not MiniCPMV and getattr(remote, "is_remote_code_standin", False)
     assert type(remote).__module__.startswith("transformers_modules")
     case = golden_cases[0]
-    data = {
-        "input_ids": case["input_ids"][None], "position_ids": torch.arange(len(case["input_ids"]))[None],
-        "pixel_values": [case["pixel_values"]], "tgt_sizes": [case["tgt_sizes"]], "image_bound": [case["image_bound"]],
-    }  # fmt: skip
+    data = case_data(case)
     with torch.no_grad():
         torch.testing.assert_close(remote.eval()(data=data).logits[0], case["logits"], atol=1e-4, rtol=0)
     # The tokenizer stays the native one over tokenizer.json (the hub class drops spaces on transformers 5).
