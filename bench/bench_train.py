@@ -79,6 +79,11 @@ class Row:
         """plain transformers + PEFT (with or without checkpointing), as against the suite's path"""
         return self.mode.startswith("baseline")
 
+    @property
+    def checkpointed(self) -> bool:
+        """gradient checkpointing on (every mode but the *_nogc ones)"""
+        return "nogc" not in self.mode
+
 
 ROWS = [
     Row(f"{w}_{r}_{m}", w, r, m)
@@ -335,7 +340,7 @@ def build_model(row: Row, args, device):
         model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
     model.dummy_image_stand_in = not row.baseline  # upstream runs the dummy image in text-only steps
-    gc_on = "nogc" not in row.mode
+    gc_on = row.checkpointed
     training_args = SimpleNamespace(tune_llm=False, tune_vision=row.recipe == "upstream", use_lora=True, tune_embeddings=False, gradient_checkpointing=gc_on)
     lora_args = SimpleNamespace(lora_r=64, lora_alpha=64, lora_dropout=0.05, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)
     model = configure_trainable(model, training_args, lora_args)
@@ -516,7 +521,7 @@ def run_row(row: Row, args, env) -> dict:
         "workload": row.workload,
         "recipe": row.recipe,
         "mode": row.mode,
-        "gradient_checkpointing": "nogc" not in row.mode,
+        "gradient_checkpointing": row.checkpointed,
         "fast_kernels": args.fast_kernels if row.mode.endswith("_fast") else None,
         "packing": not row.baseline and row.workload == "mm",
         "rows_per_step": args.text_rows if row.workload == "text" else None,
