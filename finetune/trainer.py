@@ -14,7 +14,8 @@ What differs from the library's Trainer, and nothing else:
   same order, same numbers).
 - Saving: the adapter (or model) as the library writes it, plus the base model's tokenizer, preprocessor and
   generation files copied byte for byte, so the output directory is self-contained and the inference chat
-  template is exactly the published one (re-serialising a tokenizer can rewrite it).
+  template is exactly the published one (re-serialising a tokenizer can rewrite it). The library calls `_save`
+  on every rank under DeepSpeed and DDP; the copies are made only where it saves (`args.should_save`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class MiniCPMVTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:  # other ranks: the directory may not even exist yet
+            return
         output_dir = Path(output_dir or self.args.output_dir)
         if self.base_model_dir and Path(self.base_model_dir).is_dir():
             copy_passthrough_files(Path(self.base_model_dir), output_dir)
