@@ -44,6 +44,7 @@ from finetune.model.loading import load_pretrained, looks_like_hub_id
 from finetune.model.modeling import MiniCPMV
 from finetune.model.sharded_loss import zero3_vocab_shard
 from finetune.model.tokenization import SpecialTokens, detect_llm_type
+from finetune.run_directory import RunDirectoryError, prepare_output_dir, remove_incomplete_checkpoints_after, resolve_resume_checkpoint
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, RunReportCallback
 from finetune.trainer import MiniCPMVTrainer
 
@@ -124,6 +125,9 @@ class TrainingArguments(transformers.TrainingArguments):
     logging_nan_inf_filter: bool = False
     report_to: None | str | list[str] = "tensorboard"
     output_dir: str = "output/output__lora"
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into an output_dir that holds another run, removing that run's checkpoints, logs and adapter first"}
+    )
 
 
     def __post_init__(self):
@@ -166,6 +170,22 @@ class LoraArguments:
 
 class UsageError(ValueError):
     """A command line that cannot work; reported in one line before any model memory is touched."""
+
+
+def prepare_run_directory(training_args: TrainingArguments) -> Path | None:
+    """The checkpoint to resume (complete, and safe to unpickle), or None; and an output directory this run may
+    write: not another run's unless resuming or overwriting it, writable. Before any model memory is touched."""
+    output_dir, deepspeed = Path(training_args.output_dir), bool(training_args.deepspeed)
+    try:
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, deepspeed, training_args.world_size)
+        prepare_output_dir(output_dir, resume is not None, training_args.overwrite_output_dir, training_args.should_save)
+        if resume is not None and training_args.should_save:
+            remove_incomplete_checkpoints_after(output_dir, resume, deepspeed, training_args.world_size)
+    except RunDirectoryError as error:
+        raise UsageError(str(error)) from error
+    if resume is not None and training_args.process_index == 0:
+        print(f"[resume] resuming from {resume}", flush=True)
+    return resume
 
 
 # --- checks that need no model weights ------------------------------------------------------------------------
@@ -619,6 +639,7 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
     except ValueError as error:  # unknown flags and invalid values: one line, not a traceback
         raise UsageError(str(error)) from error
     check_arguments(model_args, data_args, training_args, lora_args)
+    resume = prepare_run_directory(training_args)
     # Before anything random: LoRA's initial weights must not depend on what ran earlier in the process.
     transformers.set_seed(training_args.seed)
 
@@ -645,7 +666,7 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
         base_model_dir=model_args.model_name_or_path,
         callbacks=[RunReportCallback()],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     if os.environ.get("FINETUNE_RUN_REPORT"):

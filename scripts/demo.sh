@@ -14,7 +14,7 @@ python -m finetune.demo_data "$OUT/data"
 echo "[demo 3/4] LoRA fine-tuning with finetune/finetune_lora.sh on CPU (DeepSpeed ZeRO-2, one process)"
 MODEL="$OUT/model" DATA="$OUT/data/train.json" EVAL_DATA="$OUT/data/eval.json" OUTPUT_DIR="$OUT/output" \
 MAX_STEPS=${DEMO_STEPS:-300} EVAL_STEPS=100 SAVE_STEPS=1000 BATCH_SIZE=4 LR=${DEMO_LR:-3e-3} \
-    sh finetune/finetune_lora.sh --dataloader_num_workers 0 --disable_tqdm true --logging_steps 25
+    sh finetune/finetune_lora.sh --overwrite_output_dir true --dataloader_num_workers 0 --disable_tqdm true --logging_steps 25
 
 echo "[demo 4/4] reloading the adapter with PeftModel and answering held-out questions"
 python -m finetune.evaluate --model "$OUT/model" --adapter "$OUT/output" --data "$OUT/data/eval.json" \
