@@ -539,6 +539,62 @@ def validate_across_ranks(name: str, spec: str, dataset: SupervisedDataset, trai
     return split_report(name, spec, results, log=rank == 0)
 
 
+# --- a worker's lifetime -----------------------------------------------------------------------------------------
+
+
+def stop_with_launcher(poll_seconds: float = 1.0) -> None:
+    """Under torchrun, end this worker (SIGTERM) as soon as the launcher that started it dies.
+
+    torchrun starts each worker in a session of its own, so when torchrun itself is killed outright (kill -9,
+    the OOM killer) nothing reaches the workers: they trained on with parent 1 and kept writing into the output
+    directory. On Linux the kernel sends the signal when the parent dies (prctl PR_SET_PDEATHSIG; torchrun
+    starts its workers from its main thread, which lives as long as it does); where that is missing, a daemon
+    thread polls the parent pid every POLL_SECONDS. SIGTERM's default action ends the process at once, even in
+    the middle of a step or inside a gloo collective, where a Python-level handler would not run; a handler the
+    run itself installs (transformers' --enable_jit_checkpoint) runs as it would for any SIGTERM.
+
+    Only for workers of torchrun's elastic agent (TORCHELASTIC_RUN_ID in the environment: the agent sets it in
+    each worker, and starts each as its own child process): a plain `python finetune.py`, perhaps under nohup, must outlive the shell that
+    started it. A launcher that died before this call, while the modules were being imported, is not noticed.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import signal
+
+    launcher = os.getppid()
+    if signal_on_parent_death(signal.SIGTERM):
+        if os.getppid() != launcher:  # it died before the kernel was asked: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    import threading
+
+    threading.Thread(target=_stop_when_orphaned, args=(launcher, poll_seconds), name="stop-with-launcher", daemon=True).start()
+
+
+def signal_on_parent_death(signum: int) -> bool:
+    """Asks the Linux kernel to send SIGNUM to this process when its parent dies; False where it cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_pdeathsig = 1  # PR_SET_PDEATHSIG in <linux/prctl.h>
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(pr_set_pdeathsig, ctypes.c_ulong(signum), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):  # no C library to load, or one without prctl
+        return False
+
+
+def _stop_when_orphaned(launcher: int, poll_seconds: float) -> None:
+    """Sends this process SIGTERM once its parent is no longer LAUNCHER (it died; an orphan is re-parented)."""
+    import signal
+    import time
+
+    while os.getppid() == launcher:
+        time.sleep(poll_seconds)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 # --- distributed set-up on CPU -----------------------------------------------------------------------------------
 
 
@@ -630,6 +686,7 @@ def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
+    stop_with_launcher()  # a worker must not train on, orphaned, after torchrun is killed
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = prepare_cpu_distributed(argv)

@@ -9,8 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from helpers import base_args, free_port, training_flags
@@ -623,3 +626,118 @@ def test_launcher_speed_recipe_of_its_header_trains_as_it_says(tiny_model, two_s
     assert rank["wrapper"] != "DeepSpeedEngine" and rank["num_processes"] == 1
     assert not rank["gradient_checkpointing"] and not rank["vision_trained"]
     assert rank["per_device_train_batch_size"] == 2 and rank["global_step"] == 2
+
+
+# --- a launcher killed outright ----------------------------------------------------------------------------
+
+
+def ended(process: psutil.Process) -> bool:
+    """Whether PROCESS has exited (a zombie left for its new parent to reap counts: it runs no more)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until_ended(processes: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    """Waits up to SECONDS for every one of PROCESSES to exit; returns those still running."""
+    deadline = time.monotonic() + seconds
+    running = [p for p in processes if not ended(p)]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = [p for p in running if not ended(p)]
+    return running
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of PROCESSES still running, by its pid (a stopped one too), and waits for them to go."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    wait_until_ended(processes, 10)
+
+
+def stop_with_launcher_child(mode: str) -> str:
+    """A worker as finetune.py is until main() starts: calls stop_with_launcher(), says "ready", sleeps."""
+    return (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+            "import finetune.finetune as finetune_py\n"
+            f"if {mode!r} == 'polling':  # as where prctl is missing\n"
+            "    finetune_py.signal_on_parent_death = lambda signum: False\n"
+            "finetune_py.stop_with_launcher(poll_seconds=0.2)\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(600)\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["kernel signal", "polling", "not under torchrun"])
+def test_a_worker_ends_when_its_launcher_dies(tmp_path, mode):
+    """stop_with_launcher() in a worker that a stand-in launcher started as torchrun does (a session of its own,
+    TORCHELASTIC_RUN_ID set): kill -9 of the launcher must end the worker, through the kernel's parent-death
+    signal or, where that is missing, the thread that polls the parent pid. Without TORCHELASTIC_RUN_ID (a plain
+    `python finetune.py`, perhaps under nohup) the worker outlives its parent."""
+    child = tmp_path / "worker.py"
+    child.write_text(stop_with_launcher_child(mode))
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="test")
+    if mode == "not under torchrun":
+        del env["TORCHELASTIC_RUN_ID"]
+    starter = (f"import subprocess, sys; worker = subprocess.Popen([sys.executable, {str(child)!r}], start_new_session=True); "
+               "print(worker.pid, flush=True); worker.wait()")  # fmt: skip
+    launcher = subprocess.Popen([sys.executable, "-c", starter], env=env, stdout=subprocess.PIPE, text=True)
+    processes = [psutil.Process(launcher.pid)]
+    try:
+        processes.append(psutil.Process(int(launcher.stdout.readline())))
+        assert launcher.stdout.readline().strip() == "ready"
+        processes[0].kill()
+        launcher.wait(timeout=10)
+        running = wait_until_ended(processes[1:], 3 if mode == "not under torchrun" else 5)
+        assert running == (processes[1:] if mode == "not under torchrun" else [])
+    finally:
+        kill_all(processes)
+        launcher.stdout.close()
+
+
+def read_lines_into(stream, lines: list[str]) -> threading.Thread:
+    """A daemon thread appending each line of STREAM to LINES (so that a full pipe never blocks the writer)."""
+    reader = threading.Thread(target=lambda: lines.extend(stream), daemon=True)
+    reader.start()
+    return reader
+
+
+@pytest.mark.parametrize("ds_config", ["", None], ids=["no DeepSpeed", "default ZeRO-2"])
+def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_path, ds_config):
+    """kill -9 of torchrun (finetune_lora.sh execs it) while two workers train: torchrun starts each worker in a
+    session of its own, so nothing else stops them, and they trained on into OUTPUT_DIR with parent 1. They must
+    end within seconds, with their data-loader processes. Rank 1 is stopped (SIGSTOP) first, so that rank 0 is
+    waiting inside a gloo collective for it when the launcher dies, where no Python-level handler runs."""
+    env = dict(run_env(tmp_path / "report"), MODEL=str(tiny_model), DATA=str(demo / "train.json"), OUTPUT_DIR=str(tmp_path / "out"),
+               GPUS_PER_NODE="2", MAX_STEPS="100000", SAVE_STEPS="100000", REPORT_TO="none", MASTER_PORT=str(free_port()))  # fmt: skip
+    if ds_config is None:
+        env.pop("DS_CONFIG", None)
+    else:
+        env["DS_CONFIG"] = ds_config
+    launcher = subprocess.Popen(["sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    torchrun, lines = psutil.Process(launcher.pid), []  # the same process once sh has exec'd torchrun
+    reader, processes = read_lines_into(launcher.stdout, lines), [torchrun]
+    try:
+        deadline = time.monotonic() + 240
+        while not any("'loss'" in line for line in lines) and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert any("'loss'" in line for line in lines), "".join(lines)[-3000:]
+        processes += torchrun.children(recursive=True)
+        workers = [p for p in torchrun.children() if any(arg.endswith("finetune.py") for arg in p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in torchrun.children()]
+        rank1 = next(p for p in workers if p.environ().get("LOCAL_RANK") == "1")
+        rank1.suspend()
+        time.sleep(3)  # rank 0 runs on to the next gradient all-reduce and waits there for rank 1
+        torchrun.kill()
+        launcher.wait(timeout=10)
+        rank0 = next(p for p in workers if p is not rank1)
+        assert wait_until_ended([rank0], 5) == [], "rank 0 trains on, or waits in the collective, without its launcher"
+        rank1.resume()  # a stopped process acts on its pending SIGTERM once continued
+        assert wait_until_ended([rank1], 5) == [], "rank 1 trains on without its launcher"
+        assert wait_until_ended(processes, 15) == [], "a data-loader process of a worker is left running"
+    finally:
+        kill_all(processes)
+        reader.join(timeout=10)
