@@ -33,7 +33,17 @@ fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6001}
+# Rendezvous: one node without MASTER_PORT takes a free port (torchrun --standalone, which holds it from the start
+# and gives it to the workers as MASTER_ADDR/MASTER_PORT), so two runs on one machine do not collide. Several
+# nodes must agree on the port: MASTER_ADDR:MASTER_PORT, 6001 by default. An explicit MASTER_PORT is always used.
+if [ "$NNODES" = "1" ] && [ -z "${MASTER_PORT:-}" ]; then
+    RENDEZVOUS_ARGS="--standalone"
+    RENDEZVOUS="a free port"
+else
+    MASTER_PORT=${MASTER_PORT:-6001}
+    RENDEZVOUS_ARGS="--master_addr $MASTER_ADDR --master_port $MASTER_PORT"
+    RENDEZVOUS="$MASTER_ADDR:$MASTER_PORT"
+fi
 
 EVAL_ARGS=""
 if [ -n "$EVAL_DATA" ]; then
@@ -60,11 +70,11 @@ if [ "${AUTO:-0}" = "1" ]; then
     eval "set -- $PLAN_FLAGS \"\$@\""
 fi
 
-echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes -> $OUTPUT_DIR"
-# shellcheck disable=SC2086  # EVAL_ARGS and DS_ARGS are lists of words on purpose
+echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes (rendezvous: $RENDEZVOUS) -> $OUTPUT_DIR"
+# shellcheck disable=SC2086  # RENDEZVOUS_ARGS, EVAL_ARGS and DS_ARGS are lists of words on purpose
 exec torchrun \
     --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    $RENDEZVOUS_ARGS \
     "$HERE/finetune.py" \
     --model_name_or_path "$MODEL" \
     --llm_type "$LLM_TYPE" \

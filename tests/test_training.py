@@ -741,3 +741,65 @@ def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_
     finally:
         kill_all(processes)
         reader.join(timeout=10)
+
+
+# --- the launcher's rendezvous port --------------------------------------------------------------------------
+
+
+def without_rendezvous_settings(env: dict) -> dict:
+    """ENV without the launcher's distributed settings, so that its defaults apply."""
+    return {name: value for name, value in env.items() if name not in {"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"}}
+
+
+def test_two_runs_started_together_on_one_machine_both_train_and_save(tiny_model, two_samples, tmp_path):
+    """finetune_lora.sh and finetune_ds.sh at the same time with the default settings (no MASTER_PORT, DeepSpeed):
+    both rendezvous on a free port of their own; the fixed default 6001 made one of them fail with EADDRINUSE."""
+    runs = {}
+    for launcher in ("finetune_lora.sh", "finetune_ds.sh"):
+        out, report = tmp_path / launcher / "out", tmp_path / launcher / "report"
+        env = dict(without_rendezvous_settings(run_env(report)), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out),
+                   MAX_STEPS="1", SAVE_STEPS="100", REPORT_TO="none")  # fmt: skip
+        env.pop("DS_CONFIG", None)
+        process = subprocess.Popen(["sh", str(ROOT / "finetune" / launcher)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        runs[launcher] = (process, out, report)
+    try:
+        outputs = {launcher: process.communicate(timeout=400)[0] for launcher, (process, _, _) in runs.items()}
+    finally:
+        for process, _, _ in runs.values():
+            process.kill()  # sh has exec'd torchrun, which stops its own workers when it ends (or dies)
+            process.wait()
+    for launcher, (process, out, report) in runs.items():
+        assert process.returncode == 0, f"{launcher}:\n{outputs[launcher][-3000:]}"
+        (rank,) = read_reports(report, 1)
+        assert rank["wrapper"] == "DeepSpeedEngine" and rank["global_step"] == 1
+    assert (runs["finetune_lora.sh"][1] / "adapter_model.safetensors").is_file()
+    assert (runs["finetune_ds.sh"][1] / "config.json").is_file() and list(runs["finetune_ds.sh"][1].glob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("launcher", "settings", "expected", "absent"),
+    [("finetune_lora.sh", {}, ["--standalone"], ["--master_port", "--master_addr"]),
+     ("finetune_ds.sh", {}, ["--standalone"], ["--master_port", "--master_addr"]),
+     ("finetune_lora.sh", {"MASTER_PORT": "12345"}, ["--master_addr localhost", "--master_port 12345"], ["--standalone"]),
+     ("finetune_lora.sh", {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7"},
+      ["--nnodes 2", "--node_rank 1", "--master_addr 10.0.0.7", "--master_port 6001"], ["--standalone"]),
+     ("finetune_ds.sh", {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7"},
+      ["--nnodes 2", "--node_rank 1", "--master_addr 10.0.0.7", "--master_port 6001"], ["--standalone"]),
+     ("finetune_lora.sh", {"NNODES": "2", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "7010"}, ["--master_port 7010"], ["--standalone"])],
+    ids=["one node", "one node, full", "one node, MASTER_PORT", "two nodes", "two nodes, full", "two nodes, MASTER_PORT"],
+)  # fmt: skip
+def test_launcher_rendezvous_arguments(tmp_path, launcher, settings, expected, absent):
+    """The rendezvous the launchers ask torchrun for, read from a stand-in `torchrun` on PATH that prints its
+    arguments: one node without MASTER_PORT, a free port (--standalone); several nodes must agree on a port, so
+    without MASTER_PORT the documented 6001; an explicit MASTER_PORT always."""
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "torchrun $*"\n')
+    fake.chmod(0o755)
+    env = dict(without_rendezvous_settings(dict(os.environ)), PATH=f"{fake.parent}:{os.environ['PATH']}", MODEL="m", DATA="d.json", **settings)
+    result = subprocess.run(["sh", str(ROOT / "finetune" / launcher)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    command = next(line for line in result.stdout.splitlines() if line.startswith("torchrun "))
+    words = f" {command} "
+    assert all(f" {flag} " in words for flag in expected), command
+    assert not any(f" {flag} " in words for flag in absent), command
