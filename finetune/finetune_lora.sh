@@ -71,6 +71,7 @@ if [ "${AUTO:-0}" = "1" ]; then
 fi
 
 echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes (rendezvous: $RENDEZVOUS) -> $OUTPUT_DIR"
+# torchrun's workers end with it, even when it is killed outright (finetune.py's stop_with_launcher).
 # shellcheck disable=SC2086  # RENDEZVOUS_ARGS, EVAL_ARGS and DS_ARGS are lists of words on purpose
 exec torchrun \
     --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
