@@ -35,6 +35,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
+from finetune.base_identity import identity_for_training
 from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report, validate_built
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention, vision_attention
@@ -721,6 +722,7 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
         eval_dataset=eval_dataset,
         data_collator=collator,
         base_model_dir=model_args.model_name_or_path,
+        base_identity=identity_for_training(model_args.model_name_or_path),
         callbacks=[RunReportCallback()],
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

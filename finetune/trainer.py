@@ -14,8 +14,10 @@ What differs from the library's Trainer, and nothing else:
   same order, same numbers).
 - Saving: the adapter (or model) as the library writes it, plus the base model's tokenizer, preprocessor and
   generation files copied byte for byte, so the output directory is self-contained and the inference chat
-  template is exactly the published one (re-serialising a tokenizer can rewrite it). The library calls `_save`
-  on every rank under DeepSpeed and DDP; the copies are made only where it saves (`args.should_save`).
+  template is exactly the published one (re-serialising a tokenizer can rewrite it), plus the base's identity
+  (`base_model_identity.json`, finetune.base_identity), by which merge recognises the base the adapter belongs to.
+  The library calls `_save` on every rank under DeepSpeed and DDP; these files are written only where it saves
+  (`args.should_save`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from finetune.base_identity import write_identity
+
 # Files of the base model that inference needs beside the weights; copied verbatim into every save.
 PASSTHROUGH_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -36,9 +40,10 @@ PASSTHROUGH_FILES = (
 
 
 class MiniCPMVTrainer(Trainer):
-    def __init__(self, *args, base_model_dir: str | None = None, **kwargs):
+    def __init__(self, *args, base_model_dir: str | None = None, base_identity: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_model_dir = base_model_dir
+        self.base_identity = base_identity  # base_identity.identity_for_training of the base, written into every save
         self._non_embedding_parameters: int | None = None  # floating_point_ops' count, taken once
         if not self.model_accepts_loss_kwargs:
             # Without it the Trainer would average per micro-batch means: tokens of short samples would weigh
@@ -67,6 +72,8 @@ class MiniCPMVTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         if self.base_model_dir and Path(self.base_model_dir).is_dir():
             copy_passthrough_files(Path(self.base_model_dir), output_dir)
+            if self.base_identity is not None:
+                write_identity(output_dir, self.base_identity)
 
 
 def copy_passthrough_files(model_dir: Path, output_dir: Path) -> list[str]:

@@ -28,11 +28,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
     """An adapter of tiny_model as training saves it (LoRA on the attention projections, resampler + vpm as
     modules_to_save), with every trained tensor moved away from its initial value, plus the trainer's verbatim
-    copies of the base's files: merge, chat and evaluate need one that changes the model, without a training run.
-    Read-only for tests (copy it to tamper with it)."""
+    copies of the base's files and its record of the base's identity: merge, chat and evaluate need one that
+    changes the model, without a training run. Read-only for tests (copy it to tamper with it)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
+    from finetune.base_identity import identity_for_training, write_identity
     from finetune.finetune import DEFAULT_LORA_TARGETS
     from finetune.trainer import copy_passthrough_files
 
@@ -46,6 +47,7 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     peft_model.save_pretrained(out)
     copy_passthrough_files(tiny_model, out)
+    write_identity(out, identity_for_training(str(tiny_model)))
     return out
 
 

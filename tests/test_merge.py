@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import base_args
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,9 @@ from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune import merge as merge_module
+from finetune.base_identity import IDENTITY_FILE, compare, fingerprint, identity_for_training
 from finetune.dataset import DataCollator, SupervisedDataset
+from finetune.finetune import main
 from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.checkpoint import stored_shapes
@@ -206,3 +209,23 @@ def test_cli_refuses_a_foreign_adapter_in_one_line(tiny_adapter, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "finetune.merge: error:" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- the base's identity, as training records it ------------------------------------------------------------------
+
+
+def test_training_records_the_base_identity_in_the_output_and_every_checkpoint(tiny_model, demo, tmp_path):
+    out = tmp_path / "run"
+    main(base_args(tiny_model, demo / "train.json", out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    expected = fingerprint(tiny_model)
+    for directory in (out, out / "checkpoint-1", out / "checkpoint-2"):
+        recorded = json.loads((directory / IDENTITY_FILE).read_text())
+        assert recorded["base"] == str(tiny_model)
+        assert recorded["weights"] == expected["weights"] and recorded["tokenizer"] == expected["tokenizer"]
+        assert compare(recorded, expected) is None
+
+
+def test_no_identity_is_recorded_for_a_hub_id_missing_from_the_local_cache(caplog):
+    with caplog.at_level("WARNING", logger="finetune.base_identity"):
+        assert identity_for_training("no-such-org/no-such-model") is None
+    assert "no-such-org/no-such-model" in caplog.text and "not recorded" in caplog.text
