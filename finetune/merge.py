@@ -13,7 +13,11 @@ the base there) or else from the base. Load it with `AutoModel.from_pretrained(o
 Order of work, so that a mistake costs nothing:
 1. check the base directory (headers only) and the adapter against it: every target module exists, every
    adapter tensor maps to a base module of matching shape -- an adapter of another base is refused here,
-   naming the tensor, before any weight is loaded or any file written;
+   naming the tensor, before any weight is loaded or any file written; then the base's identity that training
+   recorded beside the adapter (finetune.base_identity: sampled weight values, tokenizer vocabulary) against
+   this base -- another base of the same shapes is refused too, naming both directories and what differs (an
+   adapter without the record is merged with a notice); and an adapter whose tokenizer.json has another
+   vocabulary than the base's is refused, as its files would be copied over the base's;
 2. load the base ONCE in the target dtype, apply the adapter (PeftModel), merge_and_unload (no second copy);
 3. write everything into `OUT.tmp-<pid>`, check it, and rename it to OUT only at the end. An interrupted run
    leaves at most the `.tmp-<pid>` directory, never a directory named OUT that looks complete.
@@ -32,6 +36,7 @@ from pathlib import Path
 
 
 from finetune import trainer
+from finetune.base_identity import FORMAT, IDENTITY_FILE, compare, fingerprint, read_identity, vocabulary_fingerprint
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.loading import DTYPES, looks_like_hub_id
 from finetune.trainer import PASSTHROUGH_FILES  # files inference needs beside the weights, copied verbatim
@@ -174,6 +179,56 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
     return AdapterCheck(sorted(lora_modules), saved)
 
 
+def check_base_identity(base_dir: Path, adapter_dir: Path) -> None:
+    """Raise MergeError unless the base identity training recorded in the adapter (IDENTITY_FILE) is that of
+    `base_dir`: the same tensor names and shapes, the same sampled weight values (within bf16 rounding, so a copy
+    of the base in another dtype passes) and the same tokenizer vocabulary. Without a record (an adapter of an
+    older version or another tool), or with one of another format, prints a one-line notice and returns."""
+    try:
+        recorded = read_identity(adapter_dir)
+    except ValueError as error:
+        raise MergeError(str(error)) from error
+    unverified = "its base could not be verified beyond tensor shapes"
+    if recorded is None:
+        notice(f"--adapter {adapter_dir} has no {IDENTITY_FILE} (saved by an older version or another tool): {unverified}")
+        return
+    if recorded.get("format") != FORMAT:
+        notice(f"{adapter_dir / IDENTITY_FILE}: format {recorded.get('format')!r}, this version reads {FORMAT}: {unverified}")
+        return
+    try:
+        actual = fingerprint(base_dir)
+    except ValueError as error:  # an unreadable tokenizer.json (the weights were read by check_adapter already)
+        raise MergeError(f"--base: {error}") from error
+    try:
+        reason = compare(recorded, actual)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise MergeError(f"{adapter_dir / IDENTITY_FILE}: malformed record ({type(error).__name__}: {error})") from error
+    if reason:
+        recorded_base = recorded.get("base")
+        named = f" (it records its base as {recorded_base})" if recorded_base and recorded_base != str(base_dir) else ""
+        raise MergeError(f"--adapter {adapter_dir} was not trained on --base {base_dir}: {reason}{named}")
+
+
+def check_tokenizer_files(base_dir: Path, adapter_dir: Path) -> None:
+    """Raise MergeError when the adapter's tokenizer.json has another vocabulary than the base's: the adapter's
+    copy would be copied over the base's, and the merged model would then map text to ids its embeddings were
+    not trained for. Checked with or without an identity record."""
+    try:
+        adapter_vocabulary, base_vocabulary = vocabulary_fingerprint(adapter_dir), vocabulary_fingerprint(base_dir)
+    except ValueError as error:
+        raise MergeError(str(error)) from error
+    if adapter_vocabulary and base_vocabulary and adapter_vocabulary != base_vocabulary:
+        raise MergeError(
+            f"{adapter_dir / 'tokenizer.json'}: another vocabulary than --base {base_dir}'s ({adapter_vocabulary['tokens']} "
+            f"against {base_vocabulary['tokens']} tokens): not copying it over the base's"
+        )
+
+
+def notice(message: str) -> None:
+    """A one-line notice on stderr: the merge goes on."""
+    print(f"finetune.merge: notice: {message}", file=sys.stderr)
+
+
 def prepare_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing non-empty OUT unless overwrite; returns the temporary directory to write into."""
     out = Path(out)
@@ -217,8 +272,9 @@ def merge(
     device: str = "cpu",
     overwrite: bool = False,
 ) -> Path:
-    """Check, merge, write atomically. Returns the output directory. Raises MergeError before writing anything
-    when the adapter does not fit the base or OUT is in the way."""
+    """Check, merge, write atomically. Returns the output directory. Raises MergeError before loading any weights
+    or writing anything when the adapter does not fit the base (shapes, recorded identity, tokenizer vocabulary)
+    or OUT is in the way."""
     from peft import PeftModel
     from transformers import AutoModel
 
@@ -228,6 +284,8 @@ def merge(
         raise MergeError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     base_dir, adapter_dir, out = resolve_base(str(base)), Path(adapter), Path(out)
     check_adapter(base_dir, adapter_dir)
+    check_base_identity(base_dir, adapter_dir)
+    check_tokenizer_files(base_dir, adapter_dir)
     tmp = prepare_output(out, overwrite)
 
     model = AutoModel.from_pretrained(base_dir, dtype=DTYPES[dtype], device_map=device if device != "cpu" else None)

@@ -49,6 +49,39 @@ def eval_batch(model_dir: Path, demo: Path):
     return DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad)([dataset[i] for i in range(len(dataset))])
 
 
+def copy_of_base(model_dir: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """A copy of the checkpoint, its weights stored in `dtype` when given."""
+    shutil.copytree(model_dir, out)
+    if dtype is not None:
+        for file in out.glob("*.safetensors"):
+            save_file({name: tensor.to(dtype) for name, tensor in load_file(file).items()}, str(file), metadata={"format": "pt"})
+    return out
+
+
+def copy_of_adapter_without_record(adapter: Path, out: Path) -> Path:
+    """The adapter as an older version (or another tool) saved it: no base_model_identity.json."""
+    shutil.copytree(adapter, out)
+    (out / IDENTITY_FILE).unlink()
+    return out
+
+
+def swap_two_token_ids(model_dir: Path) -> None:
+    """Another vocabulary of the same size (the embedding shapes stay): two tokens exchange their ids."""
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def refuse_weight_loading(monkeypatch) -> None:
+    """Make loading the base fail loudly: a refusal must come before any weights are loaded."""
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the base's weights were loaded")
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", loading)
+
+
 def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(directory.glob("*.safetensors")):
@@ -197,6 +230,56 @@ def test_interrupted_overwrite_keeps_the_old_output(tiny_model, tiny_adapter, tm
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "previous merge"
 
 
+# --- the base's identity: other weights or another vocabulary of the same shapes -------------------------------------
+
+
+def test_adapter_of_another_base_with_the_same_shapes_is_refused_naming_both(tiny_adapter, tmp_path, monkeypatch):
+    other = build_tiny_checkpoint(tmp_path / "other", seed=1)  # same architecture and tokenizer, other weights
+    check_adapter(other, tiny_adapter)  # the shapes alone cannot tell
+    refuse_weight_loading(monkeypatch)
+    with pytest.raises(MergeError) as refusal:
+        merge(other, tiny_adapter, tmp_path / "out", dtype="fp32")
+    message = str(refusal.value)
+    assert f"--adapter {tiny_adapter} was not trained on --base {other}" in message
+    assert "the weights differ (sampled values of" in message and "tokenizer" not in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_base_with_another_tokenizer_vocabulary_is_refused(tiny_model, tiny_adapter, tmp_path, monkeypatch):
+    base = copy_of_base(tiny_model, tmp_path / "base")
+    swap_two_token_ids(base)
+    refuse_weight_loading(monkeypatch)
+    expected = rf"was not trained on --base .*: the tokenizer vocabulary differs \(818 tokens each, other tokens or ids\) \(it records its base as {re.escape(str(tiny_model))}\)$"
+    with pytest.raises(MergeError, match=expected) as refusal:
+        merge(base, tiny_adapter, tmp_path / "out", dtype="fp32")
+    assert "weights" not in str(refusal.value)
+    # without the record, the adapter's tokenizer files are still never copied over a base of another vocabulary
+    unrecorded = copy_of_adapter_without_record(tiny_adapter, tmp_path / "unrecorded")
+    with pytest.raises(MergeError, match=rf"{re.escape(str(unrecorded / 'tokenizer.json'))}: another vocabulary than --base {re.escape(str(base))}'s"):
+        merge(base, unrecorded, tmp_path / "out", dtype="fp32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_base_stored_in_bf16_with_a_reserialised_tokenizer_is_accepted(tiny_model, tiny_adapter, tmp_path, capsys):
+    base = copy_of_base(tiny_model, tmp_path / "bf16", torch.bfloat16)
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer, indent=4, sort_keys=True))  # other bytes, same vocabulary
+    assert (base / "tokenizer.json").read_bytes() != (tiny_model / "tokenizer.json").read_bytes()
+    with safe_open(str(base / "model.safetensors"), framework="pt") as handle:
+        assert {handle.get_slice(name).get_dtype() for name in handle.keys()} == {"BF16"}
+    merge(base, tiny_adapter, tmp_path / "out", dtype="fp32")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert "notice" not in capsys.readouterr().err
+
+
+def test_adapter_without_a_record_merges_with_a_one_line_notice(tiny_model, tiny_adapter, tmp_path, capsys):
+    adapter = copy_of_adapter_without_record(tiny_adapter, tmp_path / "old_adapter")
+    merge(tiny_model, adapter, tmp_path / "out", dtype="fp32")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune.merge: notice:")]
+    assert len(notices) == 1 and str(adapter) in notices[0] and "could not be verified beyond tensor shapes" in notices[0]
+
+
 # --- command line ---------------------------------------------------------------------------------------------------
 
 
@@ -211,10 +294,22 @@ def test_cli_refuses_a_foreign_adapter_in_one_line(tiny_adapter, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_an_adapter_of_another_base_of_the_same_shapes_in_one_line(tiny_adapter, tmp_path, capsys):
+    """In process (the test above runs `python -m finetune.merge` for the exit status of the real command)."""
+    other = build_tiny_checkpoint(tmp_path / "other", seed=1)
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    status = merge_module.cli(["--base", str(other), "--adapter", str(tiny_adapter), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert captured.err.startswith("finetune.merge: error: ") and captured.err.count("\n") == 1, captured.err
+    assert f"--adapter {tiny_adapter} was not trained on --base {other}: the weights differ" in captured.err
+    assert not (tmp_path / "out").exists()
+
+
 # --- the base's identity, as training records it ------------------------------------------------------------------
 
 
-def test_training_records_the_base_identity_in_the_output_and_every_checkpoint(tiny_model, demo, tmp_path):
+def test_training_records_the_base_identity_in_the_output_and_every_checkpoint_and_merge_accepts_it(tiny_model, demo, tmp_path, capsys):
     out = tmp_path / "run"
     main(base_args(tiny_model, demo / "train.json", out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
     expected = fingerprint(tiny_model)
@@ -223,6 +318,9 @@ def test_training_records_the_base_identity_in_the_output_and_every_checkpoint(t
         assert recorded["base"] == str(tiny_model)
         assert recorded["weights"] == expected["weights"] and recorded["tokenizer"] == expected["tokenizer"]
         assert compare(recorded, expected) is None
+    merge(tiny_model, out, tmp_path / "merged", dtype="fp32")  # the adapter of a run with its own base
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    assert "notice" not in capsys.readouterr().err
 
 
 def test_no_identity_is_recorded_for_a_hub_id_missing_from_the_local_cache(caplog):
