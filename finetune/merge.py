@@ -229,13 +229,34 @@ def notice(message: str) -> None:
     print(f"finetune.merge: notice: {message}", file=sys.stderr)
 
 
-def prepare_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty OUT unless overwrite; returns the temporary directory to write into."""
+def prepare_output(out: str | Path, overwrite: bool, base_dir: Path, adapter_dir: Path) -> Path:
+    """Refuse an OUT whose replacement would destroy what was not a merge's output; returns the temporary
+    directory to write into.
+
+    Refused: a file; the base or the adapter directory itself, or a directory containing either (paths compared
+    resolved, so `a/../adapter` and links count); with --overwrite also a directory inside either (it would
+    replace part of it: a checkpoint-N, say); an existing non-empty directory without --overwrite; and with
+    --overwrite one that does not look like a model (config.json and *.safetensors), whose files are not ours to
+    delete. A new or empty directory inside the adapter directory is fine without --overwrite.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MergeError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    resolved = out.resolve()
+    for flag, protected in (("--base", base_dir), ("--adapter", adapter_dir)):
+        protected_resolved = Path(protected).resolve()
+        if resolved == protected_resolved:
+            raise MergeError(f"--out {out} is the {flag} directory: the merge would replace it; choose another --out")
+        if protected_resolved.is_relative_to(resolved):
+            raise MergeError(f"--out {out} contains the {flag} directory {protected}: the merge would replace it; choose another --out")
+        if overwrite and resolved.is_relative_to(protected_resolved):
+            raise MergeError(f"--out {out} is inside the {flag} directory {protected}: --overwrite would replace part of it; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise MergeError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+        missing = [name for name, found in (("config.json", (out / "config.json").is_file()), ("*.safetensors", any(out.glob("*.safetensors")))) if not found]
+        if missing:
+            raise MergeError(f"--out {out}: exists and does not look like a model (no {', no '.join(missing)}): not deleting it, even with --overwrite")
     return out.with_name(f"{out.name}.tmp-{os.getpid()}")
 
 
@@ -286,7 +307,7 @@ def merge(
     check_adapter(base_dir, adapter_dir)
     check_base_identity(base_dir, adapter_dir)
     check_tokenizer_files(base_dir, adapter_dir)
-    tmp = prepare_output(out, overwrite)
+    tmp = prepare_output(out, overwrite, base_dir, adapter_dir)
 
     model = AutoModel.from_pretrained(base_dir, dtype=DTYPES[dtype], device_map=device if device != "cpu" else None)
     model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)

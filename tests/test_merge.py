@@ -82,6 +82,20 @@ def refuse_weight_loading(monkeypatch) -> None:
     monkeypatch.setattr(AutoModel, "from_pretrained", loading)
 
 
+def previous_merge(out: Path) -> Path:
+    """A directory that looks like an earlier merge's output (config.json, a safetensors file), with a note in it."""
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "minicpmv"}))
+    save_file({"weight": torch.zeros(2)}, str(out / "model-00001-of-00001.safetensors"))
+    (out / "old.txt").write_text("previous merge")
+    return out
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (relative path -> bytes): to check that a refusal deleted nothing."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(directory.glob("*.safetensors")):
@@ -191,15 +205,44 @@ def test_unknown_target_module_and_missing_adapter(tiny_model, tiny_adapter, tmp
 
 
 def test_existing_output_is_refused_unless_overwrite(tiny_model, tiny_adapter, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    out = previous_merge(tmp_path / "out")
     with pytest.raises(MergeError, match="exists and is not empty"):
         merge(tiny_model, tiny_adapter, out, dtype="fp32")
-    assert (out / "keep.txt").read_text() == "user data"
+    assert (out / "old.txt").read_text() == "previous merge"
     merge(tiny_model, tiny_adapter, out, dtype="fp32", overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("base", r"--out .*/base is the --base directory"),
+        ("elsewhere/../adapter", r"--out .*/elsewhere/\.\./adapter is the --adapter directory"),  # compared resolved
+        ("adapter/merged", r"--out .*/adapter/merged is inside the --adapter directory .*/adapter: --overwrite would replace part of it"),
+        (".", r"--out .* contains the --base directory .*/base"),
+    ],
+)
+def test_overwrite_refuses_the_base_and_the_adapter_directories(tiny_model, tiny_adapter, tmp_path, monkeypatch, out, message):
+    base, adapter = copy_of_base(tiny_model, tmp_path / "base"), shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    (tmp_path / "elsewhere").mkdir()
+    before = contents(tmp_path)
+    refuse_weight_loading(monkeypatch)
+    with pytest.raises(MergeError, match=message):
+        merge(base, adapter, tmp_path / out, dtype="fp32", overwrite=True)
+    assert contents(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "elsewhere"]
+
+
+def test_overwrite_refuses_a_directory_that_does_not_look_like_a_model_and_keeps_its_files(tiny_model, tiny_adapter, tmp_path, monkeypatch):
+    out = tmp_path / "documents"
+    (out / "chapter1").mkdir(parents=True)
+    (out / "thesis.tex").write_text("years of work")
+    (out / "chapter1" / "figure.safetensors.txt").write_text("not a model either")
+    before = contents(out)
+    refuse_weight_loading(monkeypatch)
+    with pytest.raises(MergeError, match=r"--out .*/documents: exists and does not look like a model \(no config\.json, no \*\.safetensors\): not deleting it"):
+        merge(tiny_model, tiny_adapter, out, dtype="fp32", overwrite=True)
+    assert contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["documents"]
 
 
 def test_interrupted_write_leaves_no_output(tiny_model, tiny_adapter, tmp_path, monkeypatch):
@@ -217,9 +260,7 @@ def test_interrupted_write_leaves_no_output(tiny_model, tiny_adapter, tmp_path, 
 
 
 def test_interrupted_overwrite_keeps_the_old_output(tiny_model, tiny_adapter, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous merge")
+    out = previous_merge(tmp_path / "out")
 
     def broken_save(self, *args, **kwargs):
         raise OSError("disk full")
