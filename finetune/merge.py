@@ -20,7 +20,8 @@ Order of work, so that a mistake costs nothing:
    vocabulary than the base's is refused, as its files would be copied over the base's;
 2. load the base ONCE in the target dtype, apply the adapter (PeftModel), merge_and_unload (no second copy);
 3. write everything into `OUT.tmp-<pid>`, check it, and rename it to OUT only at the end. An interrupted run
-   leaves at most the `.tmp-<pid>` directory, never a directory named OUT that looks complete.
+   leaves at most the `.tmp-<pid>` (and, replacing an old OUT, `.old-<pid>`) directory, never a directory named
+   OUT that looks complete; the next merge into OUT removes those of a process that has ended.
 """
 
 from __future__ import annotations
@@ -260,6 +261,41 @@ def prepare_output(out: str | Path, overwrite: bool, base_dir: Path, adapter_dir
     return out.with_name(f"{out.name}.tmp-{os.getpid()}")
 
 
+def remove_leftovers(out: Path) -> None:
+    """Remove the `OUT.tmp-<pid>` / `OUT.old-<pid>` directories that an interrupted merge into OUT left beside it,
+    each with a one-line notice, when their process has ended; one whose process still runs (a merge in progress)
+    is left alone and reported. This process's own are leftovers too: its merges never overlap."""
+    pattern = re.compile(rf"{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir() or int(match.group(1)) <= 0:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _process_running(pid):
+            notice(f"{path}: left alone, process {pid} that wrote it is still running (a merge into {out} in progress? if not, delete it)")
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError as error:
+            notice(f"could not remove {path}, left by an interrupted merge: {error}")
+            continue
+        notice(f"removed {path}, left by an interrupted merge (process {pid} has ended)")
+
+
+def _process_running(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 checks without signalling; another user's process
+    answers PermissionError)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def copy_passthrough_files(adapter_dir: Path, base_dir: Path, out: Path) -> list[str]:
     """Tokenizer / preprocessor / generation files, byte for byte; the adapter's copy wins over the base's (it is
     copied second)."""
@@ -308,6 +344,7 @@ def merge(
     check_base_identity(base_dir, adapter_dir)
     check_tokenizer_files(base_dir, adapter_dir)
     tmp = prepare_output(out, overwrite, base_dir, adapter_dir)
+    remove_leftovers(out)
 
     model = AutoModel.from_pretrained(base_dir, dtype=DTYPES[dtype], device_map=device if device != "cpu" else None)
     model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
@@ -315,8 +352,6 @@ def merge(
     model.config.use_cache = False
 
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         if (tmp / "model.safetensors").is_file():  # one shard: still the published sharded layout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -319,6 +320,25 @@ def test_adapter_without_a_record_merges_with_a_one_line_notice(tiny_model, tiny
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune.merge: notice:")]
     assert len(notices) == 1 and str(adapter) in notices[0] and "could not be verified beyond tensor shapes" in notices[0]
+
+
+def test_leftovers_of_an_interrupted_merge_are_removed_and_those_of_a_running_one_kept(tiny_model, tiny_adapter, tmp_path, capsys):
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid names no process now
+    leftovers = [tmp_path / f"out.tmp-{ended.pid}", tmp_path / f"out.old-{ended.pid}", tmp_path / f"out.tmp-{os.getpid()}"]
+    for leftover in leftovers:
+        leftover.mkdir()
+        (leftover / "model-00001-of-00002.safetensors").write_bytes(b"half written")
+    running, unrelated = tmp_path / "out.tmp-1", [tmp_path / "out.tmp-notes", tmp_path / f"other.tmp-{ended.pid}"]
+    for directory in (running, *unrelated):  # pid 1 is always running; the others are not a merge's into out
+        directory.mkdir()
+    merge(tiny_model, tiny_adapter, tmp_path / "out", dtype="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, *(p.name for p in unrelated)])
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune.merge: notice:")]
+    assert sorted(notices) == sorted(
+        [f"finetune.merge: notice: removed {p}, left by an interrupted merge (process {p.name.rsplit('-', 1)[1]} has ended)" for p in leftovers]
+        + [f"finetune.merge: notice: {running}: left alone, process 1 that wrote it is still running (a merge into {tmp_path / 'out'} in progress? if not, delete it)"]
+    )
 
 
 # --- command line ---------------------------------------------------------------------------------------------------
