@@ -419,3 +419,59 @@ def test_views_as_images_or_strips_give_the_same_logits(golden_dir, golden_cases
         from_strips = model(data=data).logits
         from_images = model(data=dict(data, pixel_values=[[normalize_view(v) for v in views]])).logits
     assert torch.equal(from_strips, from_images)
+
+
+def _padded_batch(cases: list[dict]) -> tuple[dict, torch.Tensor]:
+    """`data` (pixel_values, tgt_sizes and image_bound one entry per sample) and the attention mask of a
+    right-padded batch of golden cases; callers swap in the tgt_sizes form they test."""
+    length = max(len(case["input_ids"]) for case in cases)
+    input_ids = torch.zeros(len(cases), length, dtype=torch.int64)
+    mask = torch.zeros(len(cases), length, dtype=torch.int64)
+    for row, case in enumerate(cases):
+        input_ids[row, : len(case["input_ids"])] = case["input_ids"]
+        mask[row, : len(case["input_ids"])] = 1
+    data = {
+        "input_ids": input_ids,
+        "position_ids": torch.arange(length).expand(len(cases), -1),
+        "pixel_values": [list(case["pixel_values"]) for case in cases],
+        "tgt_sizes": [case["tgt_sizes"] for case in cases],
+        "image_bound": [case["image_bound"] for case in cases],
+    }
+    return data, mask
+
+
+def test_published_collator_form_gives_a_text_only_sample_and_an_image_sample_their_own_features(golden_dir, golden_cases):
+    """The published collator stacks tgt_sizes only for samples that have images (a text-only sample has no
+    entry), and the published get_vllm_embedding concatenates them and hands the views out in order over all
+    samples' pixel_values lists. A [text-only, image] batch in that form, in the suite's own per-sample form,
+    and with the upstream dataset's `[]` for the text-only sample all give each sample its logits alone."""
+    model = AutoModel.from_pretrained(golden_dir, attn_implementation="eager").eval()
+    text, image = golden_cases[3], golden_cases[1]
+    data, mask = _padded_batch([text, image])
+    forms = {
+        "published collator (text-only entry left out)": [image["tgt_sizes"]],
+        "upstream dataset ([] for the text-only sample)": [[], image["tgt_sizes"]],
+        "suite collator (one [n, 2] per sample)": [torch.zeros(0, 2, dtype=torch.int64), image["tgt_sizes"]],
+    }
+    with torch.no_grad():
+        alone = [model(data=case_data(case)).logits[0] for case in (text, image)]
+        for form, tgt_sizes in forms.items():
+            logits = model(data=dict(data, tgt_sizes=tgt_sizes), attention_mask=mask).logits
+            for row, case in enumerate((text, image)):
+                n = len(case["input_ids"])
+                torch.testing.assert_close(logits[row, :n], alone[row], atol=1e-5, rtol=0, msg=lambda m: f"{form}, row {row}: {m}")
+    torch.testing.assert_close(alone[1], image["logits"], atol=1e-4, rtol=0)
+
+
+def test_views_and_tgt_sizes_that_disagree_are_refused(golden_dir, golden_cases):
+    """More or fewer sizes than views, or a size that does not fit its view, is an error, never a silent
+    misassignment of views to sizes."""
+    model = AutoModel.from_pretrained(golden_dir).eval()
+    text, small, sliced = golden_cases[3], golden_cases[1], golden_cases[0]
+    data, mask = _padded_batch([text, small])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"1 view\(s\) .* but tgt_sizes give 5 sizes"):
+        model(data=dict(data, tgt_sizes=[small["tgt_sizes"], sliced["tgt_sizes"]]), attention_mask=mask)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"1 view\(s\) .* but tgt_sizes give 0 sizes"):
+        model(data=dict(data, tgt_sizes=[]), attention_mask=mask)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"sample 1, view 0: .* 63 patches but its tgt_size \(6, 10\) gives 60"):
+        model(data=dict(data, tgt_sizes=[sliced["tgt_sizes"][:1]]), attention_mask=mask)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from copy import deepcopy
 from functools import partial
-from typing import Any, Iterable
+from itertools import accumulate
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,8 +175,15 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         patch = self.config.patch_size
         return view if view.shape[1] == patch else to_patch_strip(view, patch)
 
-    def vision_features(self, pixel_values: list[list[torch.Tensor]], tgt_sizes: list[torch.Tensor]) -> list[torch.Tensor]:
+    def vision_features(self, pixel_values: list[list[torch.Tensor]], tgt_sizes: Sequence[Any] | torch.Tensor) -> list[torch.Tensor]:
         """Per sample, [n_views, query_num, hidden]; an empty tensor for a sample without images.
+
+        Views and sizes are matched as the published `get_vllm_embedding` matches them: the views of all samples,
+        in order over the samples' pixel_values lists, take the rows of the concatenated tgt_sizes in order
+        (`view_sizes`). So tgt_sizes may hold one [n_i, 2] per sample (the suite's collator, `prepare_inputs`) or
+        leave out the samples without images (the published collator); empty entries add no rows. Counts that
+        disagree, or a size whose patch count is not its view's, raise ValueError: matching them any other way
+        would silently give one sample another sample's image.
 
         The published vision tower pads every strip of a call to the call's longest strip and attends over
         that padding (its patch mask ends up all True), so a sample's features depend on its batch. We define
@@ -186,8 +194,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         """
         weight = self.vpm.embeddings.patch_embedding.weight
         patch = self.config.patch_size
-        strips, own_length, sizes, counts = [], [], [], []
-        for views, sample_sizes in zip(pixel_values, tgt_sizes):
+        strips, own_length, counts = [], [], []
+        for views in pixel_values:
             sample_strips = [self._as_strip(v) for v in views]
             counts.append(len(sample_strips))
             if not sample_strips:
@@ -195,7 +203,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             longest = max(s.shape[-1] for s in sample_strips) // patch
             strips += sample_strips
             own_length += [longest] * len(sample_strips)
-            sizes.append(torch.as_tensor(sample_sizes).reshape(-1, 2))
+        sizes = view_sizes(tgt_sizes, [s.shape[-1] // patch for s in strips], counts)
         empty = torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
         if not strips:
             return [empty for _ in counts]
@@ -208,7 +216,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         lengths = torch.tensor(own_length, device=weight.device)
         patch_mask = (torch.arange(length, device=weight.device)[None, :] < lengths[:, None])[:, None, :]
         hidden = self._vision_tower(batch, patch_mask)
-        queries = self.resampler(hidden, torch.cat(sizes).to(weight.device))
+        queries = self.resampler(hidden, sizes)
         return list(queries.split(counts))  # a sample without images gets a [0, Q, D] tensor
 
     def _vision_tower(self, batch: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
@@ -447,6 +455,38 @@ class ZeroGradients(torch.autograd.Function):
             for i, flat in zip(indices, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
                 grads[i] = flat.view(ctx.kinds[i][0])
         return tuple(grads)
+
+
+def view_sizes(tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[int], views_per_sample: Sequence[int]) -> torch.Tensor:
+    """The (h, w) of every view of a call, [n_views, 2], as the published `get_vllm_embedding` reads tgt_sizes.
+
+    The published code stacks the entries of `data["tgt_sizes"]` that are tensors, in order, and gives row j to
+    the j-th view over all samples' pixel_values lists; its collator leaves samples without images out, the
+    suite's collator gives them a [0, 2]. Both are read here the same way; an empty entry (`[]`, None, [0, 2])
+    adds no rows, and a single [n, 2] tensor is taken as it is. `view_patches[j]` is view j's patch count,
+    `views_per_sample` the number of views of each sample (for the messages). Raises ValueError when the rows
+    and the views differ in number, or when a row's h * w is not its view's patch count.
+    """
+    entries = [tgt_sizes] if torch.is_tensor(tgt_sizes) else [entry for entry in tgt_sizes if entry is not None]
+    rows = [torch.as_tensor(entry, dtype=torch.int64).reshape(-1, 2) for entry in entries]  # int, as published casts them
+    rows = [row for row in rows if len(row)]  # (an empty `[]` is made on the host, beside rows on the device)
+    # On the host: the checks below read every row, and so does the resampler (its position table). Training
+    # moves tgt_sizes to the device; one copy back is the call's only device sync for them.
+    sizes = torch.cat([row.to(rows[0].device) for row in rows]).cpu() if rows else torch.zeros(0, 2, dtype=torch.int64)
+    if len(sizes) != len(view_patches):
+        raise ValueError(
+            f"data: {len(view_patches)} view(s) in pixel_values (per sample: {list(views_per_sample)}) but tgt_sizes "
+            f"give {len(sizes)} sizes; the concatenated tgt_sizes are assigned to the views in order, so the counts must agree"
+        )
+    starts = [0, *accumulate(views_per_sample)]
+    for index, ((h, w), patches) in enumerate(zip(sizes.tolist(), view_patches)):
+        if h * w != patches:
+            sample = next(i for i in range(len(views_per_sample)) if index < starts[i + 1])
+            raise ValueError(
+                f"data: sample {sample}, view {index - starts[sample]}: its strip has {patches} patches but its "
+                f"tgt_size ({h}, {w}) gives {h * w}: tgt_sizes must give the views' sizes in the views' order"
+            )
+    return sizes
 
 
 def _distributed() -> bool:
