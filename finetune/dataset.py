@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .model.configuration import slice_settings_from_config
 from .model.image_processing import SliceGrid, SliceSettings, image_bound_array, image_placeholder, plan_slices, view_patch_sizes, view_strips
 from .model.tokenization import SpecialTokens, detect_llm_type
 
@@ -632,8 +633,9 @@ def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int
 
 
 def resolve_settings(config, max_slice_nums: int | None = None, scale_resolution: int | None = None, slicing: bool | None = None) -> SliceSettings:
-    """config.slice_settings with command-line overrides."""
-    settings = config.slice_settings
+    """The config's slice settings with command-line overrides. `config` is this project's MiniCPMVConfig or the
+    hub's remote-code one (--trust_remote_code): only fields both expose are read (slice_settings_from_config)."""
+    settings = slice_settings_from_config(config)
     overrides = {k: v for k, v in (("max_slice_nums", max_slice_nums), ("scale_resolution", scale_resolution), ("slicing", slicing)) if v is not None}
     return dataclasses.replace(settings, **overrides)
 

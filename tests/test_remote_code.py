@@ -5,19 +5,27 @@ loads the remote code from the checkpoint's auto_map itself.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from helpers import case_data, path_flags
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, LlamaConfig
 
 import finetune  # noqa: F401
 from finetune.finetune import main
-from finetune.model import MiniCPMV
+from finetune.model import MiniCPMV, MiniCPMVConfig, SliceSettings
+from finetune.model.configuration import slice_settings_from_config
 from finetune.model.loading import load_pretrained
 
 STANDIN = Path(__file__).resolve().parent / "remote_code_standin"
+REFERENCE_CONFIG = Path(__file__).resolve().parent / "reference" / "config.json"  # the real checkpoint's
+# What the published MiniCPMVConfig.__init__ sets beyond LlamaConfig; config.json's other keys become attributes.
+PUBLISHED_CONFIG_FIELDS = {
+    "use_cache", "query_num", "image_size", "drop_vision_last_layer", "batch_vision_input", "slice_config",
+    "slice_mode", "vision_config", "patch_size",
+}  # fmt: skip
 
 
 def checkpoint_with_code(golden_dir: Path, target: Path) -> Path:
@@ -58,3 +66,26 @@ def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
                               "--save_strategy", "no", "--disable_tqdm", "true"))  # fmt: skip
     assert getattr(trainer.model.get_base_model(), "is_remote_code_standin", False)
     assert trainer.state.global_step == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    # The images were sliced by the checkpoint's slice_config (a MiniCPMVSliceConfig object in the hub's class).
+    assert trainer.train_dataset.settings == SliceSettings(scale_resolution=112, patch_size=14, max_slice_nums=9, query_num=16)
+
+
+def test_the_stand_in_config_has_the_published_surface_and_no_more(golden_dir, tmp_path):
+    """A stand-in with native-only fields would hide every read of them (it did: `slice_settings`)."""
+    directory = checkpoint_with_code(golden_dir, tmp_path / "ckpt")
+    config = load_pretrained(str(directory), trust_remote_code=True).config
+    raw = json.loads((directory / "config.json").read_text())
+    beyond_llama = {name for name in set(vars(config)) - set(vars(LlamaConfig())) if not name.startswith("_")}
+    assert beyond_llama <= PUBLISHED_CONFIG_FIELDS | set(raw), beyond_llama - PUBLISHED_CONFIG_FIELDS - set(raw)
+    assert {name for name in set(dir(type(config))) - set(dir(LlamaConfig)) if not name.startswith("_")} == {"default_vision_config", "keys_to_ignore_at_inference"}
+    assert type(config.slice_config).__name__ == "MiniCPMVSliceConfig" and not isinstance(config.slice_config, dict)
+
+
+def test_slice_settings_of_the_real_config_from_either_class():
+    """The real config.json has no scale_resolution: 448, the published slice config class's default."""
+    from remote_code_standin.configuration_minicpm import MiniCPMVConfig as PublishedConfig
+
+    raw = json.loads(REFERENCE_CONFIG.read_text())
+    expected = SliceSettings(scale_resolution=448, patch_size=14, max_slice_nums=9, query_num=96, slicing=True)
+    assert slice_settings_from_config(PublishedConfig(**raw)) == expected
+    assert slice_settings_from_config(MiniCPMVConfig.from_dict(raw)) == expected == MiniCPMVConfig.from_dict(raw).slice_settings

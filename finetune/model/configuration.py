@@ -8,6 +8,7 @@ tools keep reading checkpoints this project saves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import LlamaConfig
@@ -42,6 +43,31 @@ def vision_config_from(value: Any) -> Idefics2VisionConfig:
     return Idefics2VisionConfig(**fields)
 
 
+def slice_settings_from_config(config: Any) -> SliceSettings:
+    """The slicing settings of a MiniCPM-Llama3-V-2.5 config: this project's class or the hub's remote code.
+
+    The data and training path build their settings here, so it reads only what the published config class
+    exposes too: `slice_config` (a dict in this project's class, a MiniCPMVSliceConfig object in the hub's) with
+    max_slice_nums, scale_resolution and patch_size, then `query_num`, `slice_mode` and `patch_size`. A slice
+    field that is absent takes the published MiniCPMVSliceConfig default (DEFAULT_SLICE_CONFIG): the real
+    config.json has no scale_resolution, and 448 is what the hub's code then uses.
+    """
+    slice_config = getattr(config, "slice_config", None)
+    slice_config = {} if slice_config is None else slice_config
+
+    def read(name: str, fallback: Any) -> Any:
+        value = slice_config.get(name) if isinstance(slice_config, Mapping) else getattr(slice_config, name, None)
+        return fallback if value is None else value
+
+    return SliceSettings(
+        scale_resolution=int(read("scale_resolution", DEFAULT_SLICE_CONFIG["scale_resolution"])),
+        patch_size=int(read("patch_size", getattr(config, "patch_size", DEFAULT_SLICE_CONFIG["patch_size"]))),
+        max_slice_nums=int(read("max_slice_nums", DEFAULT_SLICE_CONFIG["max_slice_nums"])),
+        query_num=int(config.query_num),
+        slicing=bool(getattr(config, "slice_mode", True)),
+    )
+
+
 class MiniCPMVConfig(LlamaConfig):
     """Config of MiniCPM-Llama3-V-2.5: a Llama-3 LLM config plus the vision and slicing settings."""
 
@@ -72,13 +98,7 @@ class MiniCPMVConfig(LlamaConfig):
 
     @property
     def slice_settings(self) -> SliceSettings:
-        return SliceSettings(
-            scale_resolution=int(self.slice_config.get("scale_resolution", 448)),
-            patch_size=int(self.slice_config.get("patch_size", self.patch_size)),
-            max_slice_nums=int(self.slice_config.get("max_slice_nums", 9)),
-            query_num=int(self.query_num),
-            slicing=bool(self.slice_mode),
-        )
+        return slice_settings_from_config(self)
 
     @property
     def llm_config(self) -> LlamaConfig:
