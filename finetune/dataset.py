@@ -42,6 +42,9 @@ IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
 # Tag strings the tokenizer turns into image-structure tokens: in plain text they would corrupt image_bound.
 RESERVED_TAGS = ("<image>", "</image>", "<slice>", "</slice>")
+# Grounding markup the model is taught to write (`<ref>a cat</ref><box>x1 y1 x2 y2</box>`): special tokens that
+# are content, not control: they move no role, trained span or image bound.
+GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>")
 _DICT_MARKER = re.compile(r"<image_[^<>\s]*>")
 
 
@@ -268,13 +271,22 @@ def resolve_image_path(path: str, base_dir: str | None, image_folder: str | None
     return (tried[0] if tried else path), tried or [path]
 
 
-def parse_record(raw: Any, name: str, base_dir: str | None = None, image_folder: str | None = None, check_files: bool = True) -> Record:
+def parse_record(
+    raw: Any,
+    name: str,
+    base_dir: str | None = None,
+    image_folder: str | None = None,
+    check_files: bool = True,
+    control_tokens: re.Pattern[str] | None = None,
+) -> Record:
     """Validate one raw sample (upstream format) and resolve its images. Raises DataError naming the sample.
 
     `name` is used when the sample has no "id". Rules: optional leading system message, then user/assistant
     alternating starting with user and ending with assistant; contents are non-empty strings; `image` is a path
     (one image: an optional single `<image>` marker; without one it goes before the first user text) or a dict
     name -> path (each name must appear exactly once as `<name>` in user turns), or absent (text only).
+    With `control_tokens` (`control_token_pattern`; the dataset passes its tokenizer's), no content may contain
+    one of those tokens as text: the tokenizer would make it that token, moving roles and trained spans.
     """
     if not isinstance(raw, dict):
         raise DataError(f"expected a JSON object, got {type(raw).__name__}", name)
@@ -295,6 +307,9 @@ def parse_record(raw: Any, name: str, base_dir: str | None = None, image_folder:
             raise DataError(f"turn {turn} ({role}): content must be a string, got {type(content).__name__}", sample)
         if not content.strip():
             raise DataError(f"turn {turn} ({role}): empty content", sample)
+        found = control_tokens.search(content) if control_tokens is not None else None
+        if found:
+            raise DataError(f"turn {turn} ({role}) contains the special token {found.group()!r} as text", sample)
         messages.append((role, content))
 
     # Roles: [system] user assistant user assistant ...
@@ -320,6 +335,27 @@ def parse_record(raw: Any, name: str, base_dir: str | None = None, image_folder:
             raise DataError(f"image file not found: {path!r} (tried {', '.join(tried)})", sample)
         resolved.append((marker, full))
     return Record(sample, tuple(messages), tuple(resolved), has_id)
+
+
+def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
+    """A pattern matching the text of every control token of `tokenizer`, or None when it has none.
+
+    Control tokens are its special tokens (`all_special_tokens` and the added tokens marked special) that it
+    splits out of text (added tokens), except:
+    - the image tags (RESERVED_TAGS): `<image>` is the data format's image marker, and the other three are
+      refused by a rule of their own (`_parse_images`), as before;
+    - the grounding tags (GROUNDING_TAGS): content, see there;
+    - the pad token: padding is found by length (DataCollator), never by id, and MiniCPM-V's pad is "!", an
+      ordinary character.
+    What is left (`<|begin_of_text|>`, `<|end_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`,
+    `<unk>` (the image placeholder), the reserved special tokens) would, written in a turn, start a new role,
+    end a trained span (upstream's label rule stops at the first `<|eot_id|>`) or add an image placeholder.
+    """
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS) | {tokenizer.pad_token}
+    control = sorted((t for t in special if t in added and t not in allowed), key=lambda t: (-len(t), t))
+    return re.compile("|".join(map(re.escape, control))) if control else None
 
 
 def _dict_marker(name: str) -> str:
@@ -450,6 +486,7 @@ class ConversationEncoder:
         if self.tokens.start_header is None or self.tokens.end_header is None or self.tokens.eot is None:
             raise ValueError("tokenizer lacks <|start_header_id|>, <|end_header_id|> or <|eot_id|>")
         self.unk_token = tokenizer.unk_token or "<unk>"
+        self.control_tokens = control_token_pattern(tokenizer)  # refused as text in records (parse_record)
         self.newline = self.text_ids("\n")
         self.double_newline = self.text_ids("\n\n")
         self._headers: dict[str, list[int]] = {}
@@ -697,7 +734,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """The validated record at dataset position `index` (DataError when bad)."""
         mixed = self.mixed_index(index)
         location = self.source.location(mixed)
-        return parse_record(self.source[mixed], location, self.source.base_dir(mixed), self.image_folder)
+        return parse_record(self.source[mixed], location, self.source.base_dir(mixed), self.image_folder, control_tokens=self.encoder.control_tokens)
 
     def prepare(self, index: int, load_pixels: bool = True, decode_all: bool = False) -> PreparedSample:
         return prepare_sample(self.record(index), self.encoder, self.model_max_length, load_pixels, decode_all)

@@ -160,3 +160,14 @@ def test_main_overrides(good_data, capsys):
     out = capsys.readouterr().out
     views = out.split("views per image: ")[1].splitlines()[0]
     assert all(int(part.split(":")[0]) <= 3 for part in views.split(", "))
+
+
+def test_special_token_text_is_reported_by_id_and_turn(tmp_path, good_data, capsys):
+    """check_data (and training, which validates the same way) lists such a sample as bad."""
+    samples = json.loads(good_data.read_text()) + [{"id": "12", "conversations": conv("q", "a", "q2", "Done.<|eot_id|>")}]
+    data = tmp_path / "with_token.json"
+    data.write_text(json.dumps(samples))
+    assert main(["--model", CHECKPOINT, "--data", str(data), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD 12: turn 3 (assistant) contains the special token '<|eot_id|>' as text" in out
+    assert "kept: 3" in out and "bad: 1" in out

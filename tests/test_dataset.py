@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -423,6 +424,38 @@ def test_bad_records(tmp_path, raw, message):
     make_image(tmp_path)
     with pytest.raises(DataError, match=message):
         parse_record(raw, "data.json[5]", str(tmp_path))
+
+
+SPECIAL_TOKEN_TEXT = [
+    ("eot in an answer", conv("q", "Sure.<|eot_id|>more"), "turn 1 (assistant)", "<|eot_id|>"),
+    ("header in a question", conv("Hi <|start_header_id|>assistant<|end_header_id|> ok", "a"), "turn 0 (user)", "<|start_header_id|>"),
+    ("unk in a later question", conv("q", "a", "what is <unk>?", "b"), "turn 2 (user)", "<unk>"),
+    ("end of text in a system turn", [{"role": "system", "content": "Be brief.<|end_of_text|>"}, *conv("q", "a")], "turn 0 (system)", "<|end_of_text|>"),
+    ("begin of text in an answer", conv("q", "<|begin_of_text|>a"), "turn 1 (assistant)", "<|begin_of_text|>"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("conversations,turn,token", [case[1:] for case in SPECIAL_TOKEN_TEXT], ids=[case[0] for case in SPECIAL_TOKEN_TEXT])
+def test_special_token_text_in_a_turn_is_a_bad_sample(tmp_path, tokenizer, config, conversations, turn, token):
+    """Written as text, a control token becomes that token (roles, label spans, the end of a turn move);
+    the sample is refused by id, naming the turn and the token, before it is encoded."""
+    ds = dataset(tmp_path, [{"id": "s12", "conversations": conversations}], tokenizer, config)
+    expected = f"sample s12: {turn} contains the special token '{token}' as text"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        ds.record(0)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        ds[0]
+
+
+def test_image_marker_and_grounding_tags_in_text_are_accepted(tmp_path, tokenizer, config):
+    """The <image> marker is the data format's own; <ref>/<box> (grounding) are content the model is taught to
+    write, not control tokens: both stay accepted, and the grounding tags are trained as single tokens."""
+    make_image(tmp_path)
+    answer = "<ref>the cat</ref><box>10 20 30 40</box>"
+    samples = [{"id": "g", "image": "img.png", "conversations": conv("<image>\nWhere is the cat?", answer)}]
+    item = dataset(tmp_path, samples, tokenizer, config)[0]
+    assert labeled_text(tokenizer, item) == answer + "<|eot_id|>"
+    assert tokenizer.convert_tokens_to_ids("<box>") in item["labels"].tolist()
 
 
 def test_missing_image_names_path(tmp_path, tokenizer, config):
