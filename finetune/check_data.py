@@ -55,6 +55,7 @@ class SplitReport:
     results: list[SampleResult] = field(default_factory=list)
     file_errors: list[str] = field(default_factory=list)  # a whole file unusable (malformed JSON list, missing)
     duplicate_ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # one line per data file: what it contributes (MixedSource)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -178,7 +179,7 @@ def validate_split(name: str, options: dict[str, Any], workers: int) -> SplitRep
 
 def validate_built(name: str, spec: str, dataset, workers: int, options: dict[str, Any] | None = None) -> SplitReport:
     """Validate every sample of a built SupervisedDataset, on `workers` processes."""
-    return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers, options))
+    return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers, options), sources=dataset.source.share_lines())
 
 
 def check_samples(dataset, indices: Sequence[int], workers: int, options: dict[str, Any] | None = None) -> list[SampleResult]:
@@ -208,13 +209,14 @@ def check_samples(dataset, indices: Sequence[int], workers: int, options: dict[s
         _WORKER.pop("dataset", None)
 
 
-def split_report(name: str, spec: str, results: list[SampleResult], log: bool = True) -> SplitReport:
+def split_report(name: str, spec: str, results: list[SampleResult], log: bool = True, sources: Sequence[str] = ()) -> SplitReport:
     """The report of one data spec from every sample's result, in dataset order; with `log`, each truncated or
     skipped sample and duplicate ids are logged here (workers are quiet). Bad samples are not: the report lists
-    them, and finetune.py's error and check_data's exit do again."""
+    them, and finetune.py's error and check_data's exit do again. `sources`: MixedSource.share_lines(), printed
+    for a mix of several files."""
     from finetune.dataset import duplicate_ids
 
-    report = SplitReport(name, spec, results=results)
+    report = SplitReport(name, spec, results=results, sources=list(sources))
     for r in results if log else ():
         if r.status == "truncated":
             logger.info("sample %s: truncated from %d to %d tokens", r.id, r.length, r.kept_length)
@@ -259,6 +261,8 @@ def _format_split(split: SplitReport, model_max_length: int | None) -> str:
         f"  samples: {len(results)}  kept: {split.count('kept')}  truncated: {split.count('truncated')}  "
         f"skipped (too long): {split.count('skipped')}  bad: {split.count('bad')}"
     )
+    if len(split.sources) > 1:
+        lines += [f"  from {line}" for line in split.sources]
     stats = split.percentiles()
     if stats:
         lines.append("  tokens (before truncation): " + "  ".join(f"{k} {v}" for k, v in stats.items()))

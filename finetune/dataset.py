@@ -162,7 +162,9 @@ def open_source(path: str) -> JsonListSource | JsonlSource:
 def parse_data_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
     """`"ocr.json:0.7,chat.jsonl:0.3"` -> [("ocr.json", 0.7), ("chat.jsonl", 0.3)]; no ratio -> None.
 
-    A trailing `:number` is a ratio only if it parses as a non-negative float, so paths with colons still work.
+    A trailing `:number` is a ratio if it parses as a float, so paths with colons still work. A ratio must be
+    finite and > 0 (a file to drop is left out of the spec), and the ratios must add up to a finite number (they
+    are normalised by their sum). Raises ValueError, one line, naming the item or the spec.
     """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     parsed = []
@@ -178,11 +180,18 @@ def parse_data_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]
                 path = head
             except ValueError:
                 pass
-        if ratio is not None and (ratio < 0 or not math.isfinite(ratio)):
-            raise ValueError(f"data spec {item!r}: ratio must be a finite number >= 0")
+        if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+            hint = " (leave a file out of the spec to drop it)" if ratio == 0 else ""
+            raise ValueError(f"data spec {item!r}: ratio must be a finite number > 0{hint}")
         parsed.append((path, ratio))
     if not parsed:
         raise ValueError(f"empty data spec {spec!r}")
+    if not math.isfinite(sum(ratio for _, ratio in parsed if ratio is not None)):
+        shown = spec if isinstance(spec, str) else ",".join(spec)
+        raise ValueError(
+            f"data spec {shown!r}: the ratios add up to more than the largest float; only their proportions count, "
+            f"so give them on a smaller scale (7,3 mixes as 0.7,0.3 does)"
+        )
     return parsed
 
 
@@ -195,27 +204,36 @@ class MixedSource:
       Ratios are normalised (r_i / sum r); file i contributes k_i = round(N * r_i / sum r) samples. When
       k_i <= n_i they are a seeded sample without replacement (random.Random(seed + i), kept in file order);
       when k_i > n_i the file is repeated floor(k_i / n_i) times plus a seeded sample of the remainder
-      (oversampling). A ratio of 0 drops the file.
+      (oversampling).
+    Every file named must contribute at least one sample: a file with none, or a ratio whose share rounds to 0
+    samples, raises DataError (one line) instead of silently leaving out a file the user asked for.
     Order in the mixed dataset: sources in spec order, each source's picks in increasing index order (the
-    trainer's sampler shuffles).
+    trainer's sampler shuffles). `counts` and `share_lines()` say what each file contributes.
     """
 
     def __init__(self, spec: str | Sequence[str], seed: int = 42):
         entries = parse_data_spec(spec)
         self.sources = [open_source(path) for path, _ in entries]
         self.ratios = [ratio for _, ratio in entries]
-        total_ratio = sum(r for r in self.ratios if r is not None)
+        total_ratio = sum(r for r in self.ratios if r is not None)  # finite: parse_data_spec checks
         pool = sum(len(s) for s, r in zip(self.sources, self.ratios) if r is not None)
+        where = "data mix" if len(entries) > 1 else "data"
         self.counts = []  # samples each source contributes
         picks: list[np.ndarray] = []
         for i, (source, ratio) in enumerate(zip(self.sources, self.ratios)):
             n = len(source)
+            if n == 0:
+                raise DataError(f"{where}: {source.path} gets 0 samples: the file holds none")
             if ratio is None:
                 chosen = np.arange(n)
-            elif total_ratio <= 0 or n == 0:
-                chosen = np.arange(0)
             else:
-                k = int(round(pool * ratio / total_ratio))
+                share = ratio / total_ratio  # first: pool * ratio alone can overflow for a huge ratio
+                k = int(round(pool * share))
+                if k == 0:
+                    raise DataError(
+                        f"{where}: {source.path} gets 0 samples (ratio {ratio:g} is {100 * share:.3g}% of the ratios, "
+                        f"of a pool of {pool} samples); raise its ratio or leave it out"
+                    )
                 rng = random.Random(seed + i)
                 repeats, rest = divmod(k, n)
                 chosen = np.concatenate([np.tile(np.arange(n), repeats), np.sort(rng.sample(range(n), rest))]).astype(np.int64)
@@ -224,6 +242,18 @@ class MixedSource:
             picks.append(chosen)
         self._source_of = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(picks)]) if picks else np.zeros(0, np.int64)
         self._index_in = np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
+
+    def share_lines(self) -> list[str]:
+        """One line per file: the samples it contributes and how (check_data and training print them)."""
+        lines = []
+        for source, ratio, count in zip(self.sources, self.ratios, self.counts):
+            size = len(source)
+            if ratio is None:
+                how = "no ratio: every sample once"
+            else:
+                how = f"ratio {ratio:g}: {size} in the file" + (f", {count - size} repeated" if count > size else "")
+            lines.append(f"{source.path}: {count} samples ({how})")
+        return lines
 
     def __len__(self) -> int:
         return len(self._index_in)

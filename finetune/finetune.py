@@ -537,7 +537,7 @@ def validate_across_ranks(name: str, spec: str, dataset: SupervisedDataset, trai
     if failures:
         raise UsageError(f"validating the {name} data failed on " + "; ".join(failures))
     results = sorted((result for share, _ in shares for result in share), key=lambda result: result.index)
-    return split_report(name, spec, results, log=rank == 0)
+    return split_report(name, spec, results, log=rank == 0, sources=dataset.source.share_lines())
 
 
 # --- a worker's lifetime -----------------------------------------------------------------------------------------

@@ -171,3 +171,16 @@ def test_special_token_text_is_reported_by_id_and_turn(tmp_path, good_data, caps
     out = capsys.readouterr().out
     assert "BAD 12: turn 3 (assistant) contains the special token '<|eot_id|>' as text" in out
     assert "kept: 3" in out and "bad: 1" in out
+
+
+def test_a_mix_reports_each_files_share_and_a_file_left_without_samples(tmp_path, good_data, capsys):
+    more = tmp_path / "more.jsonl"
+    more.write_text("\n".join(json.dumps({"id": f"m{i}", "conversations": conv(f"q{i}", f"a{i}")}) for i in range(9)) + "\n")
+    assert main(["--model", CHECKPOINT, "--data", f"{good_data}:0.5,{more}:0.5", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"  from {good_data}: 6 samples (ratio 0.5: 3 in the file, 3 repeated)\n" in out
+    assert f"  from {more}: 6 samples (ratio 0.5: 9 in the file)\n" in out
+    assert "samples: 12  kept: 12" in out
+    assert main(["--model", CHECKPOINT, "--data", f"{good_data}:1,{more}:0.01", "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD FILE: data mix: {more} gets 0 samples (ratio 0.01" in out

@@ -361,6 +361,53 @@ def test_mixing_ratios_deterministic(tmp_path):
     assert [other[i]["id"] for i in range(len(other))] != ids
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("a.json:1e308,b.json:1e308", r"data spec 'a.json:1e308,b.json:1e308': the ratios add up to more than the largest float"),
+        ("a.json:inf,b.json:1", r"data spec 'a.json:inf': ratio must be a finite number > 0"),
+        ("a.json:nan,b.json:1", r"data spec 'a.json:nan': ratio must be a finite number > 0"),
+        ("a.json:-0.5,b.json:1", r"data spec 'a.json:-0.5': ratio must be a finite number > 0"),
+        ("a.json:0,b.json:1", r"data spec 'a.json:0': ratio must be a finite number > 0 \(leave a file out of the spec to drop it\)"),
+    ],
+)
+def test_data_spec_ratios_that_cannot_mix_are_one_line_errors(spec, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_data_spec(spec)
+    assert "\n" not in str(error.value)
+
+
+def test_a_file_that_the_mix_gives_no_samples_is_an_error(tmp_path):
+    """Ratios are shares of the pooled size: one that rounds to 0 samples, or an empty file, would silently
+    drop a file the user asked for."""
+    a = write_json(tmp_path, [{"id": f"a{i}", "conversations": conv("q", "a")} for i in range(60)], "a.json")
+    b = write_json(tmp_path, [{"id": f"b{i}", "conversations": conv("q", "a")} for i in range(10)], "b.json")
+    empty = write_jsonl(tmp_path, [], "empty.jsonl")
+    cases = {
+        f"{a}:1,{b}:0.001": r"data mix: .*b\.json gets 0 samples \(ratio 0\.001 is 0\.0999% of the ratios, of a pool of 70 samples\); raise its ratio or leave it out",
+        f"{a}:1e308,{b}:1": r"data mix: .*b\.json gets 0 samples \(ratio 1 is 1e-306% of the ratios",
+        f"{a}:0.5,{empty}:0.5": r"data mix: .*empty\.jsonl gets 0 samples: the file holds none",
+        f"{a},{empty}": r"data mix: .*empty\.jsonl gets 0 samples: the file holds none",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(DataError, match=message) as error:
+            MixedSource(spec)
+        assert "\n" not in str(error.value), spec
+    # Huge ratios that do not overflow in sum mix as their shares say.
+    assert MixedSource(f"{a}:1e307,{b}:1e307").counts == [35, 35]
+
+
+def test_mix_shares_one_line_per_file(tmp_path):
+    a = write_json(tmp_path, [{"id": f"a{i}", "conversations": conv("q", "a")} for i in range(60)], "a.json")
+    b = write_jsonl(tmp_path, [{"id": f"b{i}", "conversations": conv("q", "a")} for i in range(40)], "b.jsonl")
+    c = write_json(tmp_path, [{"id": f"c{i}", "conversations": conv("q", "a")} for i in range(7)], "c.json")
+    assert MixedSource(f"{a}:0.7,{b}:0.3,{c}").share_lines() == [
+        f"{a}: 70 samples (ratio 0.7: 60 in the file, 10 repeated)",
+        f"{b}: 30 samples (ratio 0.3: 40 in the file)",
+        f"{c}: 7 samples (no ratio: every sample once)",
+    ]
+
+
 def test_image_paths_relative_to_data_dir_and_image_folder(tmp_path, tokenizer, config):
     images = tmp_path / "imgs"
     images.mkdir()
