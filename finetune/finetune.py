@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 import finetune  # noqa: F401  (registers the native model with the Auto classes)
-from finetune.base_identity import identity_for_training
+from finetune.base_identity import identity_for_training, local_model_dir
 from finetune.check_data import SplitReport, ValidationReport, check_samples, split_report, validate_built
 from finetune.dataset import DataCollator, DataError, SupervisedDataset, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable, llm_attention, use_varlen_attention, vision_attention
@@ -721,7 +721,8 @@ def main(argv: list[str] | None = None) -> MiniCPMVTrainer:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        base_model_dir=model_args.model_name_or_path,
+        # A hub id's files are in the local cache once the model has loaded: the saves copy and fingerprint those.
+        base_model_dir=str(local_model_dir(model_args.model_name_or_path) or model_args.model_name_or_path),
         base_identity=identity_for_training(model_args.model_name_or_path),
         callbacks=[RunReportCallback()],
     )

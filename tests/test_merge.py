@@ -384,6 +384,25 @@ def test_training_records_the_base_identity_in_the_output_and_every_checkpoint_a
     assert "notice" not in capsys.readouterr().err
 
 
+def test_a_run_from_a_hub_id_saves_the_cached_base_files_and_identity_and_merges_by_that_id(tiny_model, demo, tmp_path):
+    """Users name the base by its hub id: the saves copy its tokenizer files and record its identity from the local
+    cache, as they do for a directory, and merge finds and checks the same base by that id."""
+    repo = tmp_path / "hub" / "models--someone--tiny-minicpmv"
+    shutil.copytree(tiny_model, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    args = base_args("someone/tiny-minicpmv", demo / "train.json", out, "--max_steps", "1")
+    trained = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model / "tokenizer.json").read_bytes()
+    assert json.loads((out / IDENTITY_FILE).read_text())["base"] == "someone/tiny-minicpmv"
+    merged = subprocess.run([sys.executable, "-m", "finetune.merge", "--base", "someone/tiny-minicpmv", "--adapter", str(out), "--out", str(tmp_path / "merged")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert merged.returncode == 0 and "notice" not in merged.stderr, merged.stderr[-3000:]
+
+
 def test_no_identity_is_recorded_for_a_hub_id_missing_from_the_local_cache(caplog):
     with caplog.at_level("WARNING", logger="finetune.base_identity"):
         assert identity_for_training("no-such-org/no-such-model") is None
