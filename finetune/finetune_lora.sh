@@ -2,16 +2,10 @@
 # LoRA fine-tuning of MiniCPM-Llama3-V-2.5. POSIX sh: `cd finetune && sh finetune_lora.sh` or
 # `bash finetune/finetune_lora.sh` from the repository root. Edit the defaults below or set them in the
 # environment; any extra arguments are passed on to finetune.py (e.g. `sh finetune_lora.sh --max_steps 100`).
-# Out of memory? `AUTO=1` picks settings for your cards (python -m finetune.plan). One 24 GB card, vision tower
-# trained: DS_CONFIG="" ... --optim adamw_bnb_8bit --loss_chunk_size 512 (20.5 GiB measured at 2048 tokens).
-# Several GPUs, least memory each: DS_CONFIG=<this folder>/ds_config_zero3_lean.json ... --optim adamw_bnb_8bit (12.8 GiB
-# on each of 2). With liger-kernel installed, --use_liger_kernel true saves memory too (2.6-5.6 GiB on one GPU,
-# LoRA only) and was slower on an H200.
-# Fastest on one large GPU (text rows, vision tower frozen): DS_CONFIG="" TUNE_VISION=false BATCH_SIZE=2 ...
-# --gradient_checkpointing false (14.5k tokens/s on an H200 at 2048 tokens, 38 GiB; bench/README.md "Update 11").
-# On CUDA the layers of the LLM and the vision tower are compiled (about a minute at start; --compile_layers false
-# skips that), and each sample of a packed micro-batch, and each image strip, is attended on its own
-# (--attn_implementation varlen; sdpa is the other).
+# Settings for your cards: `AUTO=1` applies `python -m finetune.plan` (memory levers: DeepSpeed config, 8-bit
+# optimizer, loss chunk, checkpointing); README.md "Settings for the card you have" lists them, and bench/README.md
+# has what each was measured to cost and save. Fastest on one large GPU (text rows, vision tower frozen):
+# DS_CONFIG="" TUNE_VISION=false BATCH_SIZE=2 ... --gradient_checkpointing false
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)

@@ -109,7 +109,8 @@ def parameter_counts() -> Counts:
     """Counted on the meta device from the published config (no memory, no weights)."""
     import torch
 
-    from finetune.finetune import DEFAULT_LORA_TARGETS, lora_targets
+    from finetune.arguments import DEFAULT_LORA_TARGETS
+    from finetune.model_setup import lora_targets
     from finetune.model.builders import build_full_size_random
 
     model = build_full_size_random("meta")

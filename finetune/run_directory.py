@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.arguments import TrainingArguments, UsageError
+
 logger = logging.getLogger("finetune")
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -46,7 +48,7 @@ NOT_LOADED_ON_RESUME = ("training_args.bin",)
 RESUME_KEYWORDS = ("true", "latest")
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(UsageError):
     """The output directory or the checkpoint to resume cannot be used as asked; the message is one line."""
 
 
@@ -277,3 +279,16 @@ def remove_incomplete_checkpoints_after(output_dir: Path, resumed: Path, deepspe
         shutil.rmtree(path)
         removed.append(path)
     return removed
+
+
+def prepare_run_directory(training_args: TrainingArguments) -> Path | None:
+    """The checkpoint to resume (complete, and safe to unpickle), or None; and an output directory this run may
+    write: not another run's unless resuming or overwriting it, writable. Before any model memory is touched."""
+    output_dir, deepspeed = Path(training_args.output_dir), bool(training_args.deepspeed)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, deepspeed, training_args.world_size)
+    prepare_output_dir(output_dir, resume is not None, training_args.overwrite_output_dir, training_args.should_save)
+    if resume is not None and training_args.should_save:
+        remove_incomplete_checkpoints_after(output_dir, resume, deepspeed, training_args.world_size)
+    if resume is not None and training_args.process_index == 0:
+        print(f"[resume] resuming from {resume}", flush=True)
+    return resume

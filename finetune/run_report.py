@@ -33,10 +33,17 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
+
+from finetune.model.attention import llm_attention, vision_attention
+from finetune.model.kernels import compiled_layer_count, native_model
+from finetune.model_setup import vocab_sharded
+
+if TYPE_CHECKING:
+    from finetune.trainer import MiniCPMVTrainer
 
 PLOT_NAME = "loss.png"
 SUMMARY_NAME = "run_summary.txt"
@@ -268,3 +275,58 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
+
+
+# --- how the run really trained: one JSON per rank (FINETUNE_RUN_REPORT) ---------------------------------
+
+
+def innermost_optimizer_name(optimizer) -> str:
+    """The class that really updates the weights, under accelerate's and DeepSpeed's wrappers, with its state
+    precision where bitsandbytes says it (e.g. "bitsandbytes.optim.adamw.AdamW 8-bit")."""
+    while getattr(optimizer, "optimizer", None) is not None and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    bits = getattr(getattr(optimizer, "args", None), "optim_bits", None)
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__}" + (f" {bits}-bit" if bits else "")
+
+
+def checkpointing_in_effect(model: torch.nn.Module) -> bool:
+    """Whether any module of the model recomputes its activations in backward (what transformers'
+    `is_activation_checkpointing` reads; spelled out, as its name differs across transformers 5 releases)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def fast_paths_in_effect(model) -> dict:
+    """The fast paths as the model has them (finetune.model.kernels and .attention), whatever the flags said:
+    the run report's fields, and bench/trainer_bench.py's."""
+    native = native_model(model)
+    return {
+        "loss_kernel": getattr(native, "loss_kernel", None),  # the hub's class has none
+        "vocab_sharded_loss": vocab_sharded(model),
+        "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
+        "compiled_layers": compiled_layer_count(native),
+        "compiled_vision_layers": compiled_layer_count(native, "vision"),
+        "llm_attention": llm_attention(native),
+        "vision_attention": vision_attention(native),
+    }
+
+
+def write_run_report(trainer: MiniCPMVTrainer, directory: Path) -> None:
+    """One JSON per rank saying how this process really trained (tests assert on it, not on exit codes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = trainer.accelerator.state
+    native = native_model(trainer.model)
+    report = {
+        "process_index": trainer.args.process_index,
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(state.distributed_type),
+        "backend": getattr(state, "backend", None),
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "optimizer": innermost_optimizer_name(trainer.optimizer),
+        "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_checkpointing": checkpointing_in_effect(native),
+        "vision_trained": any(p.requires_grad for p in native.vpm.parameters()),
+        **fast_paths_in_effect(trainer.model),
+        "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+    }
+    (directory / f"rank{trainer.args.process_index}.json").write_text(json.dumps(report, indent=1, default=str))

@@ -91,9 +91,8 @@ def skip_per_parameter_syncs(optimizer: torch.optim.Optimizer) -> bool:
     """Make a non-paged bitsandbytes optimizer step without its device synchronisation after every parameter.
 
     bitsandbytes (0.50) calls torch.cuda.synchronize() after each parameter's update in Optimizer8bit.step.
-    For the upstream recipe that is ~700 host-device round trips a step: its optimizer phase took 0.095 s of
-    a 0.89 s multimodal step on an H200, fused AdamW's 0.027 s (bench/results/h200_2026-11-30_vision/part13,
-    `optimizer_s`). Its kernels run on the legacy default stream; while PyTorch's current stream is that
+    For the upstream recipe that is ~700 host-device round trips a step, which made its optimizer phase several
+    times slower than fused AdamW's on an H200. Its kernels run on the legacy default stream; while PyTorch's current stream is that
     stream too, every update is already ordered after the gradients and before the next forward, so the
     syncs order nothing. Paged optimizers (their state migrates between host and device) and other streams
     keep them. Returns whether it applied.

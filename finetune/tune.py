@@ -29,20 +29,22 @@ if __package__ in (None, ""):
 import transformers
 from transformers import HfArgumentParser
 
-from finetune.dataset import DataCollator
-from finetune.finetune import (
+from finetune.arguments import (
     DataArguments,
     LoraArguments,
     ModelArguments,
     TrainingArguments,
     UsageError,
-    build_datasets,
     check_arguments,
+)
+from finetune.data_setup import build_datasets
+from finetune.dataset import DataCollator
+from finetune.model.tokenization import SpecialTokens
+from finetune.model_setup import (
     configure_trainable,
     load_model_and_tokenizer,
     set_trainable_precision,
 )
-from finetune.model.tokenization import SpecialTokens
 from finetune.trainer import MiniCPMVTrainer
 
 RANKS = (8, 16, 32, 64)

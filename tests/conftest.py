@@ -34,7 +34,7 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
     from transformers import AutoModel
 
     from finetune.base_identity import identity_for_training, write_identity
-    from finetune.finetune import DEFAULT_LORA_TARGETS
+    from finetune.arguments import DEFAULT_LORA_TARGETS
     from finetune.trainer import copy_passthrough_files
 
     out = tmp_path_factory.mktemp("adapter") / "adapter"

@@ -202,7 +202,7 @@ def test_the_baseline_without_checkpointing_is_the_plain_path_with_checkpointing
 
     from bench_train import ROW_BY_NAME, build_model
 
-    from finetune.finetune import checkpointing_in_effect
+    from finetune.run_report import checkpointing_in_effect
 
     args = SimpleNamespace(tiny=True, fp32_trainable=False, fast_kernels="")
     built = {}

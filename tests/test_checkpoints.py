@@ -16,7 +16,8 @@ from helpers import base_args, free_port
 from transformers import AutoModel
 
 import finetune  # noqa: F401
-from finetune.finetune import TrainingArguments, UsageError, main
+from finetune.arguments import TrainingArguments, UsageError
+from finetune.train import train
 from finetune.trainer import MiniCPMVTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,17 +151,17 @@ def test_a_checkpoint_of_another_setting_is_refused(tmp_path):
 
 
 def test_resume_without_a_complete_checkpoint_stops_before_the_model_loads(tiny_model, demo, tmp_path, monkeypatch):
-    import finetune.finetune as entry
+    import finetune.train as entry
 
     monkeypatch.setattr(entry, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     with pytest.raises(UsageError, match=r"--resume_from_checkpoint true: no complete checkpoint in .*out \(none saved yet\)"):
-        main(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
+        train(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
     fake_checkpoint(out, 5, **{"trainer_state.json": "missing"})
     with pytest.raises(UsageError, match=r"no complete checkpoint in .*\(checkpoint-5: no trainer_state.json"):
-        main(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
+        train(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
     with pytest.raises(UsageError, match="--resume_from_checkpoint true: no complete checkpoint"):
-        main(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
+        train(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
 
 
 class WritesCanary:
@@ -221,21 +222,21 @@ def test_resume_under_deepspeed_never_runs_code_from_a_checkpoint(deepspeed_chec
 def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_overwrites(tiny_model, demo, tmp_path, monkeypatch):
     out = tmp_path / "out"
     extra = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
-    main(base_args(tiny_model, demo / "train.json", out, *extra))
+    train(base_args(tiny_model, demo / "train.json", out, *extra))
     adapter = (out / "adapter_model.safetensors").read_bytes()
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
 
-    import finetune.finetune as entry
+    import finetune.train as entry
 
     with monkeypatch.context() as patched:
         patched.setattr(entry, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
         with pytest.raises(UsageError, match="--output_dir .*out holds another run .*--resume_from_checkpoint true.*--overwrite_output_dir true"):
-            main(base_args(tiny_model, demo / "train.json", out, *extra, "--seed", "1"))
+            train(base_args(tiny_model, demo / "train.json", out, *extra, "--seed", "1"))
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # untouched
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
 
     (out / "notes.txt").write_text("the user's own file")
-    main(base_args(tiny_model, demo / "train.json", out, "--max_steps", "1", "--seed", "1", "--overwrite_output_dir", "true"))
+    train(base_args(tiny_model, demo / "train.json", out, "--max_steps", "1", "--seed", "1", "--overwrite_output_dir", "true"))
     assert not list(out.glob("checkpoint-*")), "the replaced run's checkpoints must not be mistaken for this run's"
     assert (out / "adapter_model.safetensors").read_bytes() != adapter
     assert (out / "notes.txt").read_text() == "the user's own file"  # only what a run writes is removed
@@ -243,7 +244,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_o
 
 @pytest.mark.parametrize("where", ["file", "under a file", "unwritable"])
 def test_an_output_dir_that_cannot_be_written_stops_before_the_model_loads(tiny_model, demo, tmp_path, monkeypatch, where):
-    import finetune.finetune as entry
+    import finetune.train as entry
 
     monkeypatch.setattr(entry, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a_file").write_text("x")
@@ -253,4 +254,4 @@ def test_an_output_dir_that_cannot_be_written_stops_before_the_model_loads(tiny_
         "unwritable": (Path("/sys/finetune-output"), "cannot write there"),  # root too may not create files in sysfs
     }[where]
     with pytest.raises(UsageError, match=f"--output_dir {out}: {message}"):
-        main(base_args(tiny_model, demo / "train.json", out))
+        train(base_args(tiny_model, demo / "train.json", out))

@@ -19,7 +19,8 @@ from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator
-from finetune.finetune import DEFAULT_LORA_TARGETS, configure_trainable
+from finetune.arguments import DEFAULT_LORA_TARGETS
+from finetune.model_setup import configure_trainable
 from finetune.model.attention import packed_segments, use_varlen_attention, vision_attention
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
 

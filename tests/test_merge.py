@@ -22,7 +22,7 @@ import finetune  # noqa: F401
 from finetune import merge as merge_module
 from finetune.base_identity import IDENTITY_FILE, compare, fingerprint, identity_for_training
 from finetune.dataset import DataCollator, SupervisedDataset
-from finetune.finetune import main
+from finetune.train import train
 from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.checkpoint import stored_shapes
@@ -372,7 +372,7 @@ def test_cli_refuses_an_adapter_of_another_base_of_the_same_shapes_in_one_line(t
 
 def test_training_records_the_base_identity_in_the_output_and_every_checkpoint_and_merge_accepts_it(tiny_model, demo, tmp_path, capsys):
     out = tmp_path / "run"
-    main(base_args(tiny_model, demo / "train.json", out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    train(base_args(tiny_model, demo / "train.json", out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
     expected = fingerprint(tiny_model)
     for directory in (out, out / "checkpoint-1", out / "checkpoint-2"):
         recorded = json.loads((directory / IDENTITY_FILE).read_text())

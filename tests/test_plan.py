@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
-from finetune.finetune import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+from finetune.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from finetune.plan import Setup, main, make_plan, parameter_counts, predict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def test_memory_levers_and_their_flags():
 def test_lean_zero3_with_8bit_states_is_the_multi_gpu_lever_before_offload():
     """ds_config_zero3_lean.json + --optim adamw_bnb_8bit: 6 bytes less per trained parameter (sharded) and fewer
     live parameters; emitted flags that finetune.py accepts (the lean config has no optimizer of its own)."""
-    from finetune.finetune import check_optimizer_choice
+    from finetune.arguments import check_optimizer_choice
 
     standard, lean = predict(Setup(gpus=2, zero_stage=3)), predict(Setup(gpus=2, zero_stage=3, optim_8bit=True, lean=True))
     assert standard["total"] - lean["total"] > 2.0

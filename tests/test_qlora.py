@@ -17,8 +17,10 @@ import pytest
 import torch
 from helpers import base_args, path_flags
 
-import finetune.finetune as ft
-from finetune.finetune import LoraArguments, ModelArguments, UsageError, load_model_and_tokenizer
+import finetune.model_setup as model_setup
+import finetune.train as run
+from finetune.arguments import LoraArguments, ModelArguments, UsageError
+from finetune.model_setup import configure_trainable, load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +45,7 @@ def test_bnb_config_is_nf4_double_quant_and_skips_vision_resampler_lm_head(tiny_
         captured.update(kwargs)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(ft, "load_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(model_setup, "load_pretrained", fake_from_pretrained)
     with pytest.raises(RuntimeError, match="stop"):
         load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), SimpleNamespace(bf16=True, fp16=False, loss_chunk_size=2048), LoraArguments(q_lora=True))
     config = captured["quantization_config"]
@@ -59,7 +61,7 @@ def test_bnb_config_is_nf4_double_quant_and_skips_vision_resampler_lm_head(tiny_
 def test_q_lora_without_cuda_is_refused_in_one_line(tiny_model, demo, tmp_path):
     args = path_flags(tiny_model, demo / "train.json", tmp_path, "--q_lora", "true")
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
-        ft.main(args)
+        run.train(args)
     result = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.py: error:")]
@@ -85,7 +87,7 @@ def test_only_llm_decoder_linears_are_4bit(tiny_model):
 def test_configure_trainable_keeps_frozen_modules_bf16(tiny_model):
     model, _ = load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), SimpleNamespace(bf16=True, fp16=False, loss_chunk_size=2048), LoraArguments(q_lora=True))
     args = SimpleNamespace(tune_llm=False, tune_vision=False, use_lora=True, tune_embeddings=False, gradient_checkpointing=True)
-    peft_model = ft.configure_trainable(model, args, LoraArguments(q_lora=True))
+    peft_model = configure_trainable(model, args, LoraArguments(q_lora=True))
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("resampler" in n for n in trainable)
     assert not any(".vpm." in n for n in trainable)
@@ -101,11 +103,11 @@ def test_q_lora_trains_and_the_adapter_reloads_on_both_bases(tiny_model, demo, t
     from finetune.dataset import DataCollator, SupervisedDataset
     from finetune.model.tokenization import SpecialTokens
 
-    real_check = ft.check_arguments
-    monkeypatch.setattr(ft, "check_arguments", lambda m, d, t, lora: real_check(m, d, t, dataclasses.replace(lora, q_lora=False)))
+    real_check = run.check_arguments
+    monkeypatch.setattr(run, "check_arguments", lambda m, d, t, lora: real_check(m, d, t, dataclasses.replace(lora, q_lora=False)))
     out = tmp_path / "adapter"
     # --seed 42 (TrainingArguments' default) is the seed the reload tolerances below were set with.
-    trainer = ft.main(base_args(tiny_model, demo / "train.json", out, "--q_lora", "true", "--bf16", "true", "--max_steps", "4",
+    trainer = run.train(base_args(tiny_model, demo / "train.json", out, "--q_lora", "true", "--bf16", "true", "--max_steps", "4",
                                 "--tune_vision", "false", "--seed", "42", *([] if torch.cuda.is_available() else ["--use_cpu", "true"])))  # fmt: skip
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

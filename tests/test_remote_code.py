@@ -14,7 +14,7 @@ from helpers import case_data, path_flags
 from transformers import AutoModel, AutoTokenizer, LlamaConfig
 
 import finetune  # noqa: F401
-from finetune.finetune import main
+from finetune.train import train
 from finetune.model import MiniCPMV, MiniCPMVConfig, SliceSettings
 from finetune.model.configuration import slice_settings_from_config
 from finetune.model.loading import load_pretrained
@@ -62,7 +62,7 @@ def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
         ' {"role": "assistant", "content": "A picture."}]}]' % (images / "small_90x70.png")
     )
     # Not base_args: batch size, learning rate, seed and data-loader workers stay finetune.py's defaults, as before.
-    trainer = main(path_flags(directory, data, tmp_path / "out", "--trust_remote_code", "true", "--max_steps", "2", "--report_to", "none",
+    trainer = train(path_flags(directory, data, tmp_path / "out", "--trust_remote_code", "true", "--max_steps", "2", "--report_to", "none",
                               "--save_strategy", "no", "--disable_tqdm", "true"))  # fmt: skip
     assert getattr(trainer.model.get_base_model(), "is_remote_code_standin", False)
     assert trainer.state.global_step == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()

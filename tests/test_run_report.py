@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
 from finetune.dataset import SupervisedDataset
-from finetune.finetune import main
+from finetune.train import train
 from finetune.model.configuration import MiniCPMVConfig
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, cli, plot_losses, report_from_state, series
 
@@ -30,7 +30,7 @@ def run(tiny_model, demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     args = base_args(tiny_model, demo / "train.json", out, "--eval_data_path", str(demo / "eval.json"), "--eval_strategy", "steps",
                      "--eval_steps", "2", "--num_train_epochs", "1", "--report_to", "tensorboard")  # fmt: skip
-    return main(args), out
+    return train(args), out
 
 
 def parse_summary(path: Path) -> dict[str, str]:

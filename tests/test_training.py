@@ -23,7 +23,8 @@ from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune.dataset import DataCollator, SupervisedDataset
-from finetune.finetune import UsageError, main
+from finetune.arguments import UsageError
+from finetune.train import train
 from finetune.model.attention import llm_attention, vision_attention
 from finetune.model.kernels import compiled_layer_count
 from finetune.model.tokenization import SpecialTokens
@@ -61,7 +62,7 @@ def trained(tiny_model, demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "adapter"
     args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "30", "--eval_data_path",
                      str(demo / "eval.json"), "--eval_strategy", "steps", "--eval_steps", "15")  # fmt: skip
-    trainer = main(args)
+    trainer = train(args)
     return trainer, out
 
 
@@ -116,7 +117,7 @@ def test_loss_weighs_every_label_token_of_the_step_equally(tiny_model, demo, tmp
         args = base_args(tiny_model, demo / "train.json", out, "--max_steps", "1", "--optim", "sgd",
                          "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
                          "--lora_dropout", "0", "--max_grad_norm", "0", "--weight_decay", "0")  # fmt: skip
-        trainer = main(args)
+        trainer = train(args)
         results.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5, msg=name)
@@ -126,7 +127,7 @@ def test_bf16_is_the_default_where_supported(monkeypatch):
     """Regression: a bool default_factory reached HfArgumentParser as False, and GPU runs trained in fp32."""
     from transformers import HfArgumentParser
 
-    import finetune.finetune as entry
+    import finetune.arguments as entry
 
     (action,) = [a for a in HfArgumentParser(entry.TrainingArguments)._actions if a.dest == "bf16"]
     assert action.default is None, "the parser must leave bf16 undecided when the flag is absent"
@@ -145,7 +146,7 @@ def test_the_loss_is_not_checked_for_nan_on_the_device_every_step(tmp_path):
     backward, the GPU then idle through clipping and the optimizer step); finetune.py turns it off unless asked."""
     from transformers import HfArgumentParser
 
-    import finetune.finetune as entry
+    import finetune.arguments as entry
 
     parser = HfArgumentParser(entry.TrainingArguments)
     (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu", "true"])
@@ -156,7 +157,7 @@ def test_the_loss_is_not_checked_for_nan_on_the_device_every_step(tmp_path):
 def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_config_says_otherwise(tmp_path):
     from transformers import HfArgumentParser
 
-    import finetune.finetune as entry
+    import finetune.arguments as entry
 
     parser = HfArgumentParser(entry.TrainingArguments)
     common = ["--output_dir", str(tmp_path), "--use_cpu", "true"]
@@ -169,7 +170,7 @@ def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_co
 
 
 def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):
-    trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
+    trainer = train(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
     dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
 
@@ -182,7 +183,8 @@ def test_trainable_precision_matches_where_the_master_weights_live(tiny_model, d
     the dtypes DeepSpeed receives)."""
     from types import SimpleNamespace
 
-    from finetune.finetune import LoraArguments, configure_trainable, set_trainable_precision
+    from finetune.arguments import LoraArguments
+    from finetune.model_setup import configure_trainable, set_trainable_precision
 
     model = AutoModel.from_pretrained(tiny_model, dtype=torch.bfloat16)
     args = SimpleNamespace(tune_llm=False, tune_vision=True, use_lora=True, tune_embeddings=False, gradient_checkpointing=False,
@@ -200,8 +202,8 @@ def test_8bit_optimizer_states_track_fp32_adam(tiny_model, demo, tmp_path):
     states in uint8 and the loss curve stays on fp32 AdamW's."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (requirements-extras.txt)")
     extra = ("--max_steps", "6", "--learning_rate", "5e-4")
-    reference = main(base_args(tiny_model, demo / "train.json", tmp_path / "fp32", *extra, "--optim", "adamw_torch"))
-    eight_bit = main(base_args(tiny_model, demo / "train.json", tmp_path / "8bit", *extra, "--optim", "adamw_bnb_8bit"))
+    reference = train(base_args(tiny_model, demo / "train.json", tmp_path / "fp32", *extra, "--optim", "adamw_torch"))
+    eight_bit = train(base_args(tiny_model, demo / "train.json", tmp_path / "8bit", *extra, "--optim", "adamw_bnb_8bit"))
     optimizer = getattr(eight_bit.optimizer, "optimizer", eight_bit.optimizer)  # accelerate wraps it
     assert type(optimizer).__module__.startswith("bitsandbytes")
     state_dtypes = {v.dtype for state in optimizer.state.values() for k, v in state.items() if k in ("state1", "state2")}
@@ -250,10 +252,10 @@ def test_8bit_steps_without_per_parameter_syncs_update_the_same(monkeypatch):
 
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     extra = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--lora_dropout", "0"]
-    straight = main(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
-    resumed = main(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra))  # same run, then resume
+    straight = train(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
+    resumed = train(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra))  # same run, then resume
     checkpoint = tmp_path / "b" / "checkpoint-3"
-    again = main(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint)))
+    again = train(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint)))
     assert losses(resumed.state.log_history) == losses(straight.state.log_history)
     curve = losses(again.state.log_history)  # the first 3 come back with the checkpoint's trainer state
     assert len(curve) == 6 and curve[:3] == losses(straight.state.log_history)[:3]
@@ -278,7 +280,7 @@ def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
 )
 def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):
-        main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
+        train(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", *extra))
 
 
 def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model, demo, tmp_path, monkeypatch):
@@ -286,7 +288,7 @@ def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model,
     tokens inside `data`, and counts the parameters once, not at every micro-batch."""
     from transformers import PreTrainedModel, Trainer
 
-    trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2"))
+    trainer = train(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2"))
     batch = next(iter(trainer.get_train_dataloader()))
     counted = []
     library_count = PreTrainedModel.num_parameters
@@ -300,7 +302,7 @@ def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model,
 
 def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, capsys):
     """--compile_layers reaches the model the Trainer trains (numerics: tests/test_fast_paths.py)."""
-    trainer = main(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true"))
+    trainer = train(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true"))
     native = trainer.model.get_base_model()
     llm_layers, vision_layers = len(native.llm.model.layers), len(native.vpm.encoder.layers)
     assert compiled_layer_count(trainer.model) == llm_layers and compiled_layer_count(trainer.model, "vision") == vision_layers
@@ -310,7 +312,7 @@ def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, c
 
 
 def test_compiled_layers_by_default_only_where_measured():
-    from finetune.finetune import resolve_compile_layers
+    from finetune.arguments import resolve_compile_layers
 
     assert resolve_compile_layers(None, cuda=True, zero3=False, q_lora=False, remote_code=False)
     assert not resolve_compile_layers(None, cuda=False, zero3=False, q_lora=False, remote_code=False)
@@ -326,7 +328,7 @@ def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, de
     def curve(attention: str):
         args = base_args(tiny_model, demo / "train.json", tmp_path / attention, "--max_steps", "3", "--per_device_train_batch_size", "2",
                          "--attn_implementation", attention)  # fmt: skip
-        trainer = main(args)
+        trainer = train(args)
         assert llm_attention(trainer.model) == vision_attention(trainer.model) == attention
         return losses(trainer.state.log_history)
 
@@ -336,7 +338,7 @@ def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, de
 
 
 def test_varlen_attention_by_default_only_where_measured():
-    from finetune.finetune import resolve_attn_implementation
+    from finetune.arguments import resolve_attn_implementation
 
     def resolve(requested=None, gpu_in_half=True, flash_gpu=True, remote_code=False):
         return resolve_attn_implementation(requested, gpu_in_half, flash_gpu, remote_code)
@@ -356,7 +358,7 @@ def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypat
     DeepSpeed set-up cannot follow other in-process runs, so the check is called directly)."""
     from types import SimpleNamespace
 
-    from finetune.finetune import check_optimizer_choice
+    from finetune.arguments import check_optimizer_choice
 
     zero2 = str(ROOT / "finetune" / "ds_config_zero2.json")
     with pytest.raises(UsageError, match="--optim adamw_bnb_8bit has no effect with --deepspeed .*ds_config_zero2.json"):
@@ -375,13 +377,13 @@ def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypat
 
 def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
     with pytest.raises(UsageError, match="data file not found: .*nope.json"):
-        main(base_args(tiny_model, tmp_path / "nope.json", tmp_path))
+        train(base_args(tiny_model, tmp_path / "nope.json", tmp_path))
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
     with pytest.raises(UsageError, match="config.json: missing"):
-        main(base_args(not_a_model, demo / "train.json", tmp_path))
+        train(base_args(not_a_model, demo / "train.json", tmp_path))
     with pytest.raises(UsageError, match="no such directory"):
-        main(base_args(tmp_path / "typo" / "model", demo / "train.json", tmp_path))
+        train(base_args(tmp_path / "typo" / "model", demo / "train.json", tmp_path))
 
 
 def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
@@ -392,24 +394,24 @@ def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
         {"id": "lost_image", "image": "nowhere.png", "conversations": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "ok"}]},
     ]))  # fmt: skip
     with pytest.raises(UsageError, match=r"2 bad train samples(.|\n)*no_answer: (.|\n)*lost_image: image file not found"):
-        main(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+        train(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
     data.write_text('[{"id": "a", "conversations": [}]')
     with pytest.raises(UsageError, match=r"line 1 column"):
-        main(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+        train(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
     assert not (tmp_path / "out").exists(), "nothing may be trained or written"
 
 
 def test_a_data_mix_prints_each_files_share_and_bad_mixes_stop_before_training(tiny_model, demo, tmp_path, capsys):
     train, extra = demo / "train.json", tmp_path / "extra.json"
     extra.write_text(json.dumps([{"id": f"x{i}", "conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]))
-    main(base_args(tiny_model, f"{train}:0.5,{extra}:0.5", tmp_path / "out", "--max_steps", "1"))
+    train(base_args(tiny_model, f"{train}:0.5,{extra}:0.5", tmp_path / "out", "--max_steps", "1"))
     out = capsys.readouterr().out
     assert f"[data]   from {train}: 14 samples (ratio 0.5: 24 in the file)\n" in out
     assert f"[data]   from {extra}: 14 samples (ratio 0.5: 4 in the file, 10 repeated)\n" in out
     for spec, message in ((f"{train}:1e308,{extra}:1e308", "the ratios add up to more than the largest float"),
                           (f"{train}:1,{extra}:0.001", rf"data mix: {extra} gets 0 samples")):  # fmt: skip
         with pytest.raises(UsageError, match=message):
-            main(base_args(tiny_model, spec, tmp_path / "bad", "--max_steps", "1"))
+            train(base_args(tiny_model, spec, tmp_path / "bad", "--max_steps", "1"))
     assert not (tmp_path / "bad").exists(), "nothing may be trained or written"
 
 
@@ -546,7 +548,7 @@ class _FailingChecks:
 def _validate_on_rank(rank: int, port: int, errors) -> None:
     from types import SimpleNamespace
 
-    from finetune.finetune import validate_across_ranks
+    from finetune.data_setup import validate_across_ranks
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -674,12 +676,12 @@ def kill_all(processes: list[psutil.Process]) -> None:
 
 
 def stop_with_launcher_child(mode: str) -> str:
-    """A worker as finetune.py is until main() starts: calls stop_with_launcher(), says "ready", sleeps."""
+    """A worker as finetune.py is until training starts: calls stop_with_launcher(), says "ready", sleeps."""
     return (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-            "import finetune.finetune as finetune_py\n"
+            "import finetune.distributed as distributed\n"
             f"if {mode!r} == 'polling':  # as where prctl is missing\n"
-            "    finetune_py.signal_on_parent_death = lambda signum: False\n"
-            "finetune_py.stop_with_launcher(poll_seconds=0.2)\n"
+            "    distributed.signal_on_parent_death = lambda signum: False\n"
+            "distributed.stop_with_launcher(poll_seconds=0.2)\n"
             "print('ready', flush=True)\n"
             "time.sleep(600)\n")  # fmt: skip
 

@@ -12,7 +12,7 @@ pytest.importorskip("optuna")
 
 from transformers import HfArgumentParser  # noqa: E402
 
-from finetune.finetune import DataArguments, LoraArguments, ModelArguments, TrainingArguments  # noqa: E402
+from finetune.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments  # noqa: E402
 from finetune.tune import hp_space, launcher_line, main  # noqa: E402
 
 

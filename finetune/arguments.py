@@ -1,0 +1,257 @@
+"""The training run's command line: four argument dataclasses (parsed by transformers' HfArgumentParser) and the
+checks that need no model weights, so that a command line that cannot work stops in one line (UsageError) before
+any model memory is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from finetune.dataset import parse_data_spec
+from finetune.model.attention import VARLEN, flash_capable
+from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
+from finetune.model.kernels import liger_available
+from finetune.model.loading import looks_like_hub_id
+
+DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="openbmb/MiniCPM-Llama3-V-2_5", metadata={"help": "hub id or local checkpoint directory"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "use the hub's model code (needs its files) instead of the native class"})
+    # None = decide in resolve_attn_implementation (varlen where it was measured to be faster).
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "varlen (each sample of a packed row, and each image strip, attended on its own; torch's flash kernel on CUDA, Ampere or newer) | sdpa | "
+                  "eager | flash_attention_2 (when flash-attn is installed); default: varlen on such GPUs with the native model, else sdpa"},
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "training data: file.json[l], or a mix 'a.json:0.7,b.jsonl:0.3'"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
+    image_folder: str | None = field(default=None, metadata={"help": "where relative image paths are looked up too"})
+    max_slice_nums: int | None = field(default=None, metadata={"help": "override the checkpoint's max_slice_nums"})
+    scale_resolution: int | None = field(default=None, metadata={"help": "override the checkpoint's scale_resolution"})
+    slicing: bool = field(default=True, metadata={"help": "false: every image is one view (no adaptive slicing)"})
+    # On by default: the same loss and gradients as padding (tests/test_packing.py), and no compute spent on
+    # padding (bench/README.md has the measured gain). Nothing changes at batch size 1.
+    packing: bool = field(default=True, metadata={"help": "padding-free packing of each micro-batch into one row"})
+    validate_data: bool = field(default=True, metadata={"help": "check every sample before training (recommended)"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "samples longer are cut at whole turns or skipped"})
+    loss_chunk_size: int = field(default=2048, metadata={"help": "label positions whose vocabulary logits exist at once"})
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "allow torch's cuDNN attention kernels; they re-plan every new sequence length on the CPU, "
+                  "which makes variable-length multimodal steps slower"},
+    )
+    # None = decide in resolve_compile_layers (on where it was measured to be faster).
+    compile_layers: bool | None = field(
+        default=None,
+        metadata={"help": "torch.compile each LLM decoder layer and vision encoder layer (~1 min of compiling at start, then 1.05-1.3x faster steps "
+                  "on H200); default: on with a CUDA GPU, except under ZeRO-3 or QLoRA"},
+    )
+    llm_type: str | None = field(default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"})
+    tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
+    tune_llm: bool = field(default=False, metadata={"help": "full fine-tuning of the LLM (not with --use_lora)"})
+    tune_embeddings: bool = field(default=False, metadata={"help": "also train embed_tokens and lm_head (1 GB per adapter)"})
+    use_lora: bool = field(default=True)
+    # Defaults that work for LoRA (upstream's fp16 + lr 1e-6 gave NaN losses and a learning rate stuck at 0).
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.03
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    # None = decide in __post_init__. (A default_factory would not work: HfArgumentParser gives a bool field
+    # without a plain default the value False, which silently trained in fp32 on GPUs.)
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it"})
+    gradient_checkpointing: bool = True
+    gradient_checkpointing_kwargs: dict | str | None = field(default_factory=lambda: {"use_reentrant": False})
+    remove_unused_columns: bool = False
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"])
+    prediction_loss_only: bool = True
+    # Image decoding and slicing take ~35 ms a sample on one core: workers keep the GPU from waiting on data.
+    dataloader_num_workers: int = field(default_factory=lambda: min(4, (os.cpu_count() or 1) // 2))
+    # The library's filter asks the device whether each step's loss is nan/inf, a synchronisation after every
+    # backward: the host then runs clipping, the optimizer step and zero_grad while the GPU waits, instead of
+    # queueing them behind the backward. It also hides a diverging run from its logs (a nan loss is logged as
+    # the running average). Off: a nan or inf loss is logged as it is.
+    logging_nan_inf_filter: bool = False
+    report_to: None | str | list[str] = "tensorboard"
+    output_dir: str = "output/output__lora"
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into an output_dir that holds another run, removing that run's checkpoints, logs and adapter first"}
+    )
+
+
+    def __post_init__(self):
+        self.bf16 = resolve_bf16(self.bf16, self.fp16, self.use_cpu)
+        self.accelerator_config = with_non_blocking_copies(self.accelerator_config)
+        super().__post_init__()
+
+
+def with_non_blocking_copies(accelerator_config: dict | str | None) -> dict | str | None:
+    """accelerate's `non_blocking` on, unless the given --accelerator_config says otherwise (a JSON file or a config
+    object is left as it is). Each batch then goes from the DataLoader's pinned memory to the GPU without the
+    host waiting for the copy, and with it for the GPU to finish the work queued before it: the host keeps
+    queueing the next step's kernels instead."""
+    if accelerator_config is None:
+        return {"non_blocking": True}
+    if isinstance(accelerator_config, str) and accelerator_config.lstrip().startswith("{"):  # JSON on the command line
+        accelerator_config = json.loads(accelerator_config)
+    if isinstance(accelerator_config, dict):
+        return {"non_blocking": True, **accelerator_config}
+    return accelerator_config
+
+
+def resolve_bf16(bf16: bool | None, fp16: bool, use_cpu: bool) -> bool:
+    """An explicit --bf16 wins; otherwise bf16 on a GPU that supports it, unless fp16 or the CPU was asked for."""
+    if bf16 is not None:
+        return bf16
+    return not fp16 and not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 64
+    lora_alpha: int = 64
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
+    lora_bias: str = "none"
+    q_lora: bool = field(default=False, metadata={"help": "4-bit NF4 base (bitsandbytes, CUDA only)"})
+
+
+class UsageError(ValueError):
+    """A command line that cannot work; reported in one line before any model memory is touched."""
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+    if data_args.data_path is None:
+        raise UsageError("--data_path is required")
+    for spec in filter(None, (data_args.data_path, data_args.eval_data_path)):
+        try:
+            entries = parse_data_spec(spec)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        for path, _ in entries:
+            if not Path(path).is_file():
+                raise UsageError(f"data file not found: {path}")
+    if training_args.use_lora and training_args.tune_llm:
+        raise UsageError("--use_lora true with --tune_llm true: choose LoRA or full LLM fine-tuning (finetune_ds.sh)")
+    if lora_args.q_lora and not training_args.use_lora:
+        raise UsageError("--q_lora true needs --use_lora true")
+    if lora_args.q_lora and not torch.cuda.is_available():
+        raise UsageError("--q_lora true needs a CUDA GPU (bitsandbytes 4-bit kernels)")
+    check_optimizer_choice(training_args)
+    on_gpu = torch.cuda.is_available() and not training_args.use_cpu
+    gpu_in_half = on_gpu and bool(training_args.bf16 or training_args.fp16)
+    model_args.attn_implementation = resolve_attn_implementation(
+        model_args.attn_implementation, gpu_in_half, gpu_in_half and flash_capable(), model_args.trust_remote_code
+    )
+    training_args.compile_layers = resolve_compile_layers(
+        training_args.compile_layers, on_gpu, is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code, training_args.torch_compile
+    )
+    check_fast_paths(model_args, training_args)
+    if training_args.use_lora:
+        try:
+            re.compile(lora_args.lora_target_modules)
+        except re.error as error:
+            raise UsageError(f"--lora_target_modules is not a valid regex: {error}") from error
+    path = Path(model_args.model_name_or_path)
+    if path.is_dir() and not model_args.trust_remote_code:
+        try:
+            validate_checkpoint_dir(path)
+        except CheckpointError as error:
+            raise UsageError(f"--model_name_or_path: {error}") from error
+    elif not path.is_dir() and not looks_like_hub_id(model_args.model_name_or_path):  # a mistyped local path
+        raise UsageError(f"--model_name_or_path {path}: no such directory")
+
+
+def check_optimizer_choice(training_args: TrainingArguments) -> None:
+    """bitsandbytes optimizers need bitsandbytes (the planner proposes one). And --optim would be silently
+    ignored under a DeepSpeed config that names its own optimizer (all of ours do): `--optim adamw_bnb_8bit`
+    would train with DeepSpeed's fp32 AdamW states and run out of memory."""
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:  # found before the model is loaded
+        raise UsageError(f"--optim {optim} needs bitsandbytes: pip install -r requirements-extras.txt")
+    default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    if not training_args.deepspeed or optim == str(getattr(default, "value", default)):
+        return
+    config = training_args.deepspeed
+    if not isinstance(config, dict):
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--deepspeed {training_args.deepspeed}: {error}") from error
+    if "optimizer" in config:
+        raise UsageError(f"--optim {optim} has no effect with --deepspeed {training_args.deepspeed}, which defines its own "
+                         "optimizer; drop --optim, or train without DeepSpeed (DS_CONFIG=\"\" in the launchers)")
+
+
+def resolve_compile_layers(
+    compile_layers: bool | None, cuda: bool, zero3: bool, q_lora: bool, remote_code: bool, torch_compile: bool = False
+) -> bool:
+    """An explicit --compile_layers wins. By default the layers of both towers are compiled on a CUDA GPU, where they
+    were measured to be faster and never to use more memory (one GPU without DeepSpeed; ZeRO-2 and DDP leave the
+    layers' forward alone and are checked to train with them, their speed there was not measured); not on the
+    CPU (compiling costs more than it saves on tiny runs), and not where it would change what runs inside the
+    layers: ZeRO-3 (its parameter hooks fire in every layer), QLoRA (bitsandbytes' 4-bit layers), the hub's
+    model code; and not when --torch_compile compiles the whole model instead."""
+    if compile_layers is not None:
+        return compile_layers
+    return cuda and not (zero3 or q_lora or remote_code or torch_compile)
+
+
+def resolve_attn_implementation(requested: str | None, gpu_in_half: bool, flash_gpu: bool, remote_code: bool) -> str:
+    """An explicit --attn_implementation wins, where it can run: varlen needs the native class (the hub's
+    forward does not pass the segments on), and a GPU training in bf16/fp16 must be one that runs torch's flash
+    kernel (Ampere or newer). By default varlen exactly there (`gpu_in_half` and `flash_gpu`): the kernel then
+    skips the attention between samples of a packed row. sdpa elsewhere: in fp32 or on the CPU varlen would
+    attend segment by segment (a Python loop; it only pays on long rows), older GPUs do not run the kernel,
+    and the hub's model code."""
+    if requested == VARLEN and remote_code:
+        raise UsageError("--attn_implementation varlen needs the native model class (drop --trust_remote_code)")
+    if requested == VARLEN and gpu_in_half and not flash_gpu:
+        raise UsageError("--attn_implementation varlen needs an Ampere or newer GPU for torch's flash kernel; use sdpa on this one")
+    if requested is not None:
+        return requested
+    return VARLEN if gpu_in_half and flash_gpu and not remote_code else "sdpa"
+
+
+def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """--use_liger_kernel (the LLM) / --compile_layers (both towers) act on the native class (finetune.model.kernels)."""
+    wanted = [flag for flag, on in (("--use_liger_kernel", training_args.use_liger_kernel), ("--compile_layers", training_args.compile_layers)) if on]
+    if wanted and model_args.trust_remote_code:
+        raise UsageError(f"{' and '.join(wanted)} need the native model class (drop --trust_remote_code)")
+    if training_args.use_liger_kernel:
+        if not torch.cuda.is_available():
+            raise UsageError("--use_liger_kernel true needs a CUDA GPU (liger-kernel's kernels are Triton)")
+        if not liger_available():
+            raise UsageError("--use_liger_kernel true needs liger-kernel: pip install liger-kernel")
+    if training_args.compile_layers and training_args.torch_compile:
+        raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder and vision encoder layers only)")
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments, LoraArguments]:
+    """The four dataclasses from a finetune.py command line; unknown flags and invalid values are a UsageError."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
+    except ValueError as error:  # one line, not a traceback
+        raise UsageError(str(error)) from error
