@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -233,13 +234,18 @@ def holds_another_run(output_dir: Path) -> bool:
 
 
 def check_writable(output_dir: Path) -> None:
-    """Create `output_dir` (as the run would) and write a probe file in it; RunDirectoryError if either fails."""
+    """RunDirectoryError unless the run could create `output_dir` and write in it. Checked by making (and removing)
+    a probe folder in it or in its nearest existing parent: nothing is left behind, so a run stopped later by a
+    bad sample has written nothing."""
     if output_dir.exists() and not output_dir.is_dir():
         raise RunDirectoryError(f"--output_dir {output_dir}: exists and is not a directory")
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirectoryError(f"--output_dir {output_dir}: cannot write there ({existing} is not a directory)")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-probe-"):
-            pass
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-probe-"))
     except OSError as error:
         raise RunDirectoryError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error})") from error
 
