@@ -111,7 +111,7 @@ def parameter_counts() -> Counts:
 
     from finetune.arguments import DEFAULT_LORA_TARGETS
     from finetune.model_setup import lora_targets
-    from finetune.model.builders import build_full_size_random
+    from finetune.synthetic import build_full_size_random
 
     model = build_full_size_random("meta")
     targets = set(lora_targets(model, DEFAULT_LORA_TARGETS))

@@ -6,7 +6,7 @@ OUT=$(mkdir -p "${1:-demo_run}" && cd "${1:-demo_run}" && pwd)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 echo "[demo 1/4] building a tiny random MiniCPM-Llama3-V-2.5 checkpoint (published layout) in $OUT/model"
-python -m finetune.model.build_tiny "$OUT/model"
+python -m finetune.build_tiny "$OUT/model"
 
 echo "[demo 2/4] writing the bundled demo data (synthetic shapes, multi-turn, text-only, multi-image) to $OUT/data"
 python -m finetune.demo_data "$OUT/data"

@@ -19,7 +19,7 @@ REFERENCE = TESTS / "reference"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random checkpoint in the published layout, built by the project (read-only for tests)."""
-    from finetune.model.builders import build_tiny_checkpoint
+    from finetune.synthetic import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 

@@ -17,7 +17,8 @@ from transformers import AutoModel, AutoTokenizer
 import finetune  # noqa: F401  (registers the native classes)
 from finetune.demo_data import demo_corpus, write_demo_dataset
 from finetune.model import MiniCPMV, MiniCPMVTokenizerFast, SpecialTokens, detect_llm_type
-from finetune.model.builders import (
+from finetune.model.checkpoint import validate_checkpoint_dir
+from finetune.synthetic import (
     REFERENCE_CONFIG,
     SPECIAL_TOKENS,
     build_full_size_random,
@@ -27,7 +28,6 @@ from finetune.model.builders import (
     tiny_config,
     write_published_shards,
 )
-from finetune.model.checkpoint import validate_checkpoint_dir
 
 REFERENCE = Path(__file__).resolve().parent / "reference"
 GOLDEN_CHECKPOINT = Path(__file__).resolve().parent / "golden_tiny" / "checkpoint"
@@ -340,7 +340,7 @@ def test_command_line_tools(tmp_path):
     assert "train.json" in out.stdout
     assert len(json.loads((tmp_path / "d" / "train.json").read_text())) == 8
     out = subprocess.run(
-        [sys.executable, "-m", "finetune.model.build_tiny", str(tmp_path / "t"), "--seed", "3"],
+        [sys.executable, "-m", "finetune.build_tiny", str(tmp_path / "t"), "--seed", "3"],
         cwd=root, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "model.safetensors" in out.stdout and (tmp_path / "t" / "config.json").is_file()

@@ -24,9 +24,9 @@ from finetune.base_identity import IDENTITY_FILE, compare, fingerprint, identity
 from finetune.dataset import DataCollator, SupervisedDataset
 from finetune.train import train
 from finetune.merge import MergeError, check_adapter, merge
-from finetune.model.builders import build_tiny_checkpoint
 from finetune.model.checkpoint import stored_shapes
 from finetune.model.tokenization import SpecialTokens
+from finetune.synthetic import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_TARGET = r"llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight"

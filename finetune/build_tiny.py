@@ -1,4 +1,4 @@
-"""`python -m finetune.model.build_tiny OUT_DIR [--seed N] [--shards K]`: write a tiny random-weight
+"""`python -m finetune.build_tiny OUT_DIR [--seed N] [--shards K]`: write a tiny random-weight
 MiniCPM-Llama3-V-2.5 checkpoint in the published layout (tokenizer trained on the bundled demo texts)."""
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m finetune.model.build_tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finetune.build_tiny", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="tokenizer size cap incl. 256 specials (default 1024)")
     parser.add_argument("--shards", type=int, default=0, help="also write a sharded copy (published layout) to OUT_DIR-sharded")
     args = parser.parse_args(argv)
 
-    import finetune  # noqa: F401  (registers the native classes)
-
-    from .builders import build_tiny_checkpoint, write_published_shards
+    from finetune.synthetic import build_tiny_checkpoint, write_published_shards
 
     out_dir = build_tiny_checkpoint(args.out_dir, seed=args.seed, vocab_size=args.vocab_size)
     config = json.loads((out_dir / "config.json").read_text())

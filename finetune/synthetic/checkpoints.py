@@ -1,4 +1,4 @@
-"""Building MiniCPM-Llama3-V-2.5 artefacts locally: a demo tokenizer, tiny random checkpoints in the published
+"""MiniCPM-Llama3-V-2.5 artefacts built locally: a demo tokenizer, tiny random checkpoints in the published
 layout, sharded copies of them, and the full-size architecture with random weights (for memory / speed runs).
 
 Nothing here needs the network or the real weights. The tokenizer is a Llama-3-style byte-level BPE trained on
@@ -18,8 +18,10 @@ from typing import Iterable
 
 import torch
 
-from .configuration import MiniCPMVConfig
-from .tokenization import INFERENCE_CHAT_TEMPLATE, MiniCPMVTokenizerFast
+from finetune.demo_data import demo_corpus
+from finetune.model.configuration import MiniCPMVConfig
+from finetune.model.modeling import MiniCPMV
+from finetune.model.tokenization import INFERENCE_CHAT_TEMPLATE, MiniCPMVTokenizerFast
 
 # --- the real tokenizer's special tokens ------------------------------------------------------------------
 
@@ -188,8 +190,6 @@ def build_backend_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1
     if vocab_size < 512:
         raise ValueError(f"vocab_size must be at least 512 (256 byte symbols + 256 special tokens), got {vocab_size}")
     if corpus is None:
-        from ..demo_data import demo_corpus
-
         corpus = demo_corpus()
     vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
     merges = train_bpe_merges(corpus, vocab, vocab_size - len(SPECIAL_TOKENS))
@@ -339,8 +339,6 @@ def _make_non_trivial(model: torch.nn.Module, generator: torch.Generator) -> Non
 def build_tiny_model(config: MiniCPMVConfig | None = None, seed: int = 0):
     """A random-weight tiny MiniCPMV in fp32 (the model's own init under torch.manual_seed(seed), then norms and
     biases perturbed deterministically), in eval mode."""
-    from .modeling import MiniCPMV
-
     config = config if config is not None else tiny_config()
     torch.manual_seed(seed)
     with torch.device("cpu"):
@@ -444,8 +442,6 @@ def build_full_size_random(
 ):
     """The full-size MiniCPM-Llama3-V-2.5 (8.54 B parameters) with random weights, created directly on `device` in
     `dtype` (no CPU copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
-    from .modeling import MiniCPMV
-
     config = config if config is not None else full_size_config()
     device = torch.device(device)
     if seed is not None and device.type != "meta":
