@@ -12,13 +12,12 @@ import os
 from copy import deepcopy
 from functools import partial
 from itertools import accumulate
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
@@ -27,8 +26,9 @@ from .attention import VARLEN, Segments, varlen_kwargs
 from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
+from .loss import label_position_loss
+from .parallel import is_distributed, is_zero3_partitioned
 from .resampler import Resampler, ResamplerAttention
-from .sharded_loss import vocab_sharded_loss, zero3_vocab_shard
 from .tokenization import SpecialTokens
 
 IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
@@ -263,12 +263,12 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         # finetune.py on an H200: bench/README.md, "Update 6").
         vision_zero = None
         if all(len(f) == 0 for f in vision_hidden_states):
-            if _distributed():
+            if is_distributed():
                 vision_zero = self._dummy_vision_feature().mean() * 0
             elif self.training:
                 trained = [p for p in self._vision_parameters() if p.requires_grad]
                 # (ZeRO-3, even on one GPU, holds partitioned parameters: only a real forward gathers them.)
-                if trained and self.dummy_image_stand_in and not _partitioned(trained):
+                if trained and self.dummy_image_stand_in and not is_zero3_partitioned(trained):
                     vision_zero = ZeroGradients.apply(*trained)
                 elif trained:
                     vision_zero = self._dummy_vision_feature().mean() * 0
@@ -487,87 +487,6 @@ def view_sizes(tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[i
                 f"tgt_size ({h}, {w}) gives {h * w}: tgt_sizes must give the views' sizes in the views' order"
             )
     return sizes
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
-def _partitioned(parameters: Iterable[nn.Parameter]) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions these parameters (it gathers them in each call)."""
-    return any(hasattr(parameter, "ds_id") for parameter in parameters)
-
-
-def label_position_loss(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    lm_head: nn.Module,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int = 2048,
-    fused: bool = False,
-    vocab_shards: bool = True,
-) -> torch.Tensor:
-    """Causal-LM cross-entropy computed only where a next-token label exists, in fp32, chunk by chunk.
-
-    Equal to transformers' ForCausalLMLoss (shift, fp32 upcast, ignore -100), but the logits of the
-    [tokens, vocab] matrix exist only for `chunk_size` label positions at a time, and each chunk's logits are
-    recomputed in backward instead of kept: with a 128k vocabulary that is gigabytes saved per 2k tokens.
-    `fused=True` hands the label positions to liger-kernel's fused linear cross-entropy instead (its own
-    chunks; gradients computed in the forward pass, so lm_head is not recomputed). Where ZeRO-3 partitions a
-    frozen lm_head on row boundaries, each rank computes the logits of its own rows (`sharded_loss`) unless
-    `vocab_shards=False`.
-    """
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)
-    selected = shifted != -100
-    targets = shifted[selected]
-    states = hidden[selected]
-    if fused:
-        total = _fused_loss(states, targets, lm_head)
-        return _normalise(total, len(targets), num_items_in_batch)
-    shard = zero3_vocab_shard(lm_head, hidden.device) if vocab_shards else None
-    if shard is not None:  # ZeRO-3: each rank computes the logits of its own rows; lm_head is never gathered
-        return _normalise(vocab_sharded_loss(states, targets, shard, chunk_size), len(targets), num_items_in_batch)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    num_chunks = max(1, -(-len(targets) // chunk_size))
-    if _distributed() and _partitioned(lm_head.parameters()):
-        # Every chunk calls lm_head; under ZeRO-3 each call gathers its weight, so all ranks must make the same
-        # number of calls whatever their label counts: the extra chunks are empty. (Elsewhere the count stays
-        # local: this all-reduce would be a collective and a host sync in every step.)
-        count = torch.tensor(num_chunks, device=hidden.device)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        num_chunks = int(count)
-    for index in range(num_chunks):
-        start = index * chunk_size
-        chunk_states, chunk_targets = states[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and chunk_states.requires_grad:
-            total = total + checkpoint(_chunk_loss, chunk_states, chunk_targets, lm_head, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(chunk_states, chunk_targets, lm_head)
-    return _normalise(total, len(targets), num_items_in_batch)
-
-
-def _normalise(total: torch.Tensor, label_count: int, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
-    if num_items_in_batch is None:
-        return total / max(label_count, 1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
-
-
-def _chunk_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(lm_head(states).float(), targets, reduction="sum")
-
-
-def _fused_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    if not len(targets):  # nothing to learn from: a zero that still reaches the graph
-        return states.sum().float() * 0
-    weight = lm_head.weight
-    # Under autocast lm_head would run in the autocast dtype; the kernel runs in its inputs' dtype: match it.
-    dtype = torch.get_autocast_dtype(states.device.type) if torch.is_autocast_enabled(states.device.type) else weight.dtype
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight.to(dtype), states.to(dtype), targets)
-    return loss.float()
 
 
 # The `train` methods that only set the flag (PreTrainedModel's also recasts kernels, on a change of mode only).
