@@ -22,6 +22,7 @@ from finetune.model.attention import VARLEN, flash_capable
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import liger_available
 from finetune.model.loading import looks_like_hub_id
+from finetune.model.modeling import MiniCPMV
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -176,7 +177,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     path = Path(model_args.model_name_or_path)
     if path.is_dir() and not model_args.trust_remote_code:
         try:
-            validate_checkpoint_dir(path)
+            validate_checkpoint_dir(path, MiniCPMV)
         except CheckpointError as error:
             raise UsageError(f"--model_name_or_path: {error}") from error
     elif not path.is_dir() and not looks_like_hub_id(model_args.model_name_or_path):  # a mistyped local path

@@ -40,6 +40,7 @@ from finetune import trainer
 from finetune.base_identity import FORMAT, IDENTITY_FILE, compare, fingerprint, read_identity, vocabulary_fingerprint
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.loading import DTYPES, looks_like_hub_id
+from finetune.model.modeling import MiniCPMV
 from finetune.trainer import PASSTHROUGH_FILES  # files inference needs beside the weights, copied verbatim
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -117,7 +118,7 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
         raise MergeError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be merged")
 
     try:
-        base = {name: shape for name, (shape, _) in validate_checkpoint_dir(base_dir).items()}
+        base = {name: shape for name, (shape, _) in validate_checkpoint_dir(base_dir, MiniCPMV).items()}
     except CheckpointError as error:
         raise MergeError(f"--base: {error}") from error
     linears = _linear_shapes(base)
@@ -357,7 +358,7 @@ def merge(
         if (tmp / "model.safetensors").is_file():  # one shard: still the published sharded layout
             _single_to_index(tmp)
         copy_passthrough_files(adapter_dir, base_dir, tmp)
-        validate_checkpoint_dir(tmp)
+        validate_checkpoint_dir(tmp, MiniCPMV)
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -170,7 +170,7 @@ def test_tiny_checkpoint_published_layout(tiny_dir, tokenizer):
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
     with safe_open(str(tiny_dir / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F32"}
-    validate_checkpoint_dir(tiny_dir)
+    validate_checkpoint_dir(tiny_dir, MiniCPMV)
 
 
 def test_tiny_weights_are_non_trivial_and_deterministic(tiny_dir, tmp_path):
@@ -235,7 +235,7 @@ def test_sharded_copy_loads_identical_weights(tiny_dir, tmp_path):
     assert set(index["weight_map"]) == set(stored)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         assert (sharded / name).read_bytes() == (tiny_dir / name).read_bytes()
-    validate_checkpoint_dir(sharded)
+    validate_checkpoint_dir(sharded, MiniCPMV)
     model = AutoModel.from_pretrained(sharded)
     state = model.state_dict()
     for name, tensor in stored.items():

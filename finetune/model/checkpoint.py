@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import PretrainedConfig, PreTrainedModel
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -22,19 +23,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded faithfully; the message names the file or tensor."""
 
 
-def expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Every persistent tensor of the architecture `config` describes, built on the meta device (no memory)."""
-    return dict(_expected_shapes_cached(config.to_json_string(use_diff=False)))
+def expected_shapes(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> dict[str, tuple[int, ...]]:
+    """Every persistent tensor of `model_class` built from `config`, on the meta device (no memory)."""
+    return dict(_expected_shapes_cached(config.to_json_string(use_diff=False), model_class))
 
 
 @lru_cache(maxsize=4)
-def _expected_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from .configuration import MiniCPMVConfig
-    from .modeling import MiniCPMV
-
-    config = MiniCPMVConfig.from_dict(json.loads(config_json))
+def _expected_shapes_cached(config_json: str, model_class: type[PreTrainedModel]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    config = model_class.config_class.from_dict(json.loads(config_json))
     with torch.device("meta"):
-        model = MiniCPMV(config)
+        model = model_class(config)
     return tuple((name, tuple(t.shape)) for name, t in model.state_dict().items())
 
 
@@ -72,26 +70,29 @@ def stored_shapes(directory: str | Path) -> dict[str, tuple[tuple[int, ...], str
     return shapes
 
 
-def validate_checkpoint_dir(directory: str | Path, config=None) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Raise CheckpointError unless `directory` holds exactly the tensors of a MiniCPM-V model; returns what
-    was read on the way, `stored_shapes(directory)`."""
-    from .configuration import MiniCPMVConfig
-
+def validate_checkpoint_dir(
+    directory: str | Path, model_class: type[PreTrainedModel], config: PretrainedConfig | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Raise CheckpointError unless `directory` holds exactly the tensors of `model_class` (the native MiniCPMV)
+    built from `config` (default: the directory's config.json, read with `model_class.config_class`); returns
+    what was read on the way, `stored_shapes(directory)`. The model class is a parameter, not an import, so that
+    the model can run this check while loading without this module depending on it."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if config is None:
         if not config_path.is_file():
             raise CheckpointError(f"{config_path}: missing: not a model directory")
         raw = json.loads(config_path.read_text())
-        if raw.get("model_type") != "minicpmv":
+        model_type = model_class.config_class.model_type
+        if raw.get("model_type") != model_type:
             raise CheckpointError(
-                f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'minicpmv' (MiniCPM-Llama3-V-2.5)"
+                f"{config_path}: model_type is {raw.get('model_type')!r}, expected {model_type!r} (MiniCPM-Llama3-V-2.5)"
             )
-        config = MiniCPMVConfig.from_dict(raw)
+        config = model_class.config_class.from_dict(raw)
     stored = stored_shapes(directory)
     if getattr(config, "quantization_config", None) is not None:
         return stored  # packed tensors of other shapes: transformers checks those
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, model_class)
     problems = []
     for name, shape in expected.items():
         if name not in stored:

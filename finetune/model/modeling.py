@@ -108,7 +108,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         # A local directory is checked from its safetensors headers before anything loads; any source (hub ids
         # included) is checked again from transformers' loading report, which would otherwise only warn.
         if os.path.isdir(str(pretrained_model_name_or_path)):
-            validate_checkpoint_dir(pretrained_model_name_or_path, kwargs.get("config"))
+            validate_checkpoint_dir(pretrained_model_name_or_path, cls, kwargs.get("config"))
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, info[kind]))[:5]}" for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
