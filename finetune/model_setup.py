@@ -63,7 +63,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, training_args: Training
     except OSError as error:  # a hub id that cannot be resolved (offline, typo, no access)
         raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {error}") from error
     model.config.use_cache = False
-    model.loss_chunk_size = training_args.loss_chunk_size
+    if isinstance(model, MiniCPMV):  # the hub's code computes its own loss
+        model.configure_runtime(loss_chunk_size=training_args.loss_chunk_size)
     if model_args.attn_implementation == VARLEN:
         use_varlen_attention(model)
     return model, tokenizer
@@ -187,7 +188,7 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
 def vocab_sharded(model) -> bool:
     """Whether the native model's loss runs on ZeRO-3's row shards of lm_head (the remote code's loss is its own)."""
     native = native_model(model)
-    if not isinstance(native, MiniCPMV) or not native.vocab_sharded_loss:
+    if not isinstance(native, MiniCPMV) or not native.runtime_options.vocab_sharded_loss:
         return False
     return zero3_vocab_shard(native.llm.lm_head, native.llm.lm_head.weight.device) is not None
 

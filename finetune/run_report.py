@@ -299,8 +299,9 @@ def fast_paths_in_effect(model) -> dict:
     """The fast paths as the model has them (finetune.model.kernels and .attention), whatever the flags said:
     the run report's fields, and bench/trainer_bench.py's."""
     native = native_model(model)
+    options = getattr(native, "runtime_options", None)  # the hub's class has none
     return {
-        "loss_kernel": getattr(native, "loss_kernel", None),  # the hub's class has none
+        "loss_kernel": options.loss_kernel if options is not None else None,
         "vocab_sharded_loss": vocab_sharded(model),
         "liger_rms_norm": "Liger" in getattr(native.llm.model.norm.forward, "__qualname__", ""),
         "compiled_layers": compiled_layer_count(native),

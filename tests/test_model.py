@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoTokenizer
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.model import MiniCPMV, SpecialTokens
 from finetune.model.checkpoint import CheckpointError
+from finetune.model.runtime import RuntimeOptions
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
@@ -151,7 +152,7 @@ def test_text_only_training_without_the_dummy_image_gives_the_same_loss_and_grad
     runs = {}
     for stand_in in (False, True):
         model = AutoModel.from_pretrained(golden_dir).train()
-        model.dummy_image_stand_in = stand_in
+        model.configure_runtime(dummy_image_stand_in=stand_in)
         tower_calls = []
         model.vpm.register_forward_hook(lambda *args: tower_calls.append(1))
         loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
@@ -269,20 +270,40 @@ def test_a_trained_fp32_vision_tower_under_autocast_carries_its_residual_in_bf16
     runs = {}
     for bf16_residual in (False, True):
         model = AutoModel.from_pretrained(golden_dir).train()
-        MiniCPMV.vision_residual_in_autocast_dtype = bf16_residual  # (the hook reads the class's switch)
+        model.configure_runtime(vision_residual_in_autocast_dtype=bf16_residual)
         layer_inputs = []
         model.vpm.encoder.layers[1].register_forward_pre_hook(lambda module, args, kwargs: layer_inputs.append(args[0].dtype), with_kwargs=True)
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
-            loss.backward()
-        finally:
-            MiniCPMV.vision_residual_in_autocast_dtype = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
+        loss.backward()
         runs[bf16_residual] = (layer_inputs, loss.detach(), {n: p.grad for n, p in model.named_parameters() if n.startswith("vpm.encoder.layers.0.")})
     assert runs[False][0] == [torch.float32] and runs[True][0] == [torch.bfloat16]
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=2e-2, atol=0)
     for name, grad in runs[False][2].items():
         assert torch.linalg.vector_norm(runs[True][2][name] - grad) <= 0.05 * torch.linalg.vector_norm(grad) + 1e-6, name
+
+
+def test_runtime_options_are_validated_and_reach_the_trained_copy_of_the_vision_tower(golden_dir):
+    """configure_runtime changes the named options only and refuses unknown names and invalid values (changing
+    nothing then); the vision residual switch reaches PEFT's trained copy of the vision tower, whose hook reads it
+    from its own embeddings module."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings
+
+    model = AutoModel.from_pretrained(golden_dir)
+    assert model.runtime_options == RuntimeOptions()
+    assert model.configure_runtime(loss_chunk_size=4) == model.runtime_options == RuntimeOptions(loss_chunk_size=4)
+    with pytest.raises(TypeError):
+        model.configure_runtime(loss_chunk=4)
+    for invalid in ({"loss_chunk_size": 0}, {"loss_chunk_size": 2.5}, {"loss_kernel": "fused"}, {"dummy_image_stand_in": "no"}):
+        with pytest.raises(ValueError):
+            model.configure_runtime(**invalid)
+    assert model.runtime_options == RuntimeOptions(loss_chunk_size=4)
+
+    get_peft_model(model, LoraConfig(target_modules=r"llm\..*\.q_proj", modules_to_save=["vpm"]))
+    model.configure_runtime(vision_residual_in_autocast_dtype=False)
+    embeddings = [module for module in model.modules() if isinstance(module, Idefics2VisionEmbeddings)]
+    assert len(embeddings) == 2 and not any(module.residual_in_autocast_dtype for module in embeddings)
 
 
 def test_dtype_cast_on_load(golden_dir):

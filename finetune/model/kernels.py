@@ -45,7 +45,7 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
     # RoPE is patched in transformers' llama module (a module-level function the attention calls); RMSNorm and
     # the MLP are patched on this instance's modules. The LLM's own loss is not used by our forward.
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm)
-    native.loss_kernel = "liger" if fused_loss else "chunked"
+    native.configure_runtime(loss_kernel="liger" if fused_loss else "chunked")
 
 
 def tower_layers(model: nn.Module, tower: str = "llm") -> nn.ModuleList:

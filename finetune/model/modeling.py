@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from copy import deepcopy
+from dataclasses import replace
 from functools import partial
 from itertools import accumulate
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from PIL import Image
 from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
+from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
 from .attention import VARLEN, Segments, varlen_kwargs
 from .checkpoint import CheckpointError, validate_checkpoint_dir
@@ -29,6 +30,7 @@ from .image_processing import image_bounds, image_placeholder, image_views, norm
 from .loss import label_position_loss
 from .parallel import is_distributed, is_zero3_partitioned
 from .resampler import Resampler, ResamplerAttention
+from .runtime import RuntimeOptions
 from .tokenization import SpecialTokens
 
 IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
@@ -74,20 +76,7 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
 
 
 class MiniCPMV(MiniCPMVPreTrainedModel):
-    # Label positions whose logits exist at once in the loss: 2048 x 128256 fp32 logits = 1 GiB.
-    loss_chunk_size: int = 2048
-    # "chunked" (label_position_loss's own chunks) or "liger" (fused linear cross-entropy; kernels.py sets it).
-    loss_kernel: str = "chunked"
-    # In a single process, a training call without images gives the trained vision parameters the zero
-    # gradients the published dummy image gives them, without running the vision tower (ZeroGradients).
-    # False runs the dummy image as published (tests and benchmarks compare the two).
-    dummy_image_stand_in: bool = True
-    # Under ZeRO-3, the loss computes each rank's logits on its own rows of a frozen lm_head (sharded_loss),
-    # which is never gathered. False gathers it per loss chunk instead (benchmarks compare the two).
-    vocab_sharded_loss: bool = True
-    # Under autocast, the vision tower's residual stream starts in the autocast dtype, as in the bf16 model
-    # (_residual_in_autocast_dtype). False keeps the fp32 stream a trained fp32 tower would carry (benchmarks).
-    vision_residual_in_autocast_dtype: bool = True
+    runtime_options: RuntimeOptions  # how training arithmetic is scheduled; change with configure_runtime
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
@@ -99,7 +88,21 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
         self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
         self.vpm.embeddings.register_forward_hook(_residual_in_autocast_dtype)
+        self.runtime_options = RuntimeOptions()
+        self.configure_runtime()  # writes the vision option where its hook reads it
         self.post_init()
+
+    def configure_runtime(self, **changes: Any) -> RuntimeOptions:
+        """Set runtime options by name (RuntimeOptions' fields; the others keep their values) and return the
+        options in effect. An unknown name is a TypeError, an invalid value a ValueError.
+
+        The vision residual option is also written onto every vision embeddings module of the model, where its
+        hook reads it: PEFT's trained copy of the vision tower carries the hook too."""
+        self.runtime_options = replace(self.runtime_options, **changes)
+        for module in self.modules():
+            if isinstance(module, Idefics2VisionEmbeddings):
+                module.residual_in_autocast_dtype = self.runtime_options.vision_residual_in_autocast_dtype
+        return self.runtime_options
 
     # --- loading: refuse anything that would leave weights random ------------------------------------------
 
@@ -268,7 +271,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             elif self.training:
                 trained = [p for p in self._vision_parameters() if p.requires_grad]
                 # (ZeRO-3, even on one GPU, holds partitioned parameters: only a real forward gathers them.)
-                if trained and self.dummy_image_stand_in and not is_zero3_partitioned(trained):
+                if trained and self.runtime_options.dummy_image_stand_in and not is_zero3_partitioned(trained):
                     vision_zero = ZeroGradients.apply(*trained)
                 elif trained:
                     vision_zero = self._dummy_vision_feature().mean() * 0
@@ -337,9 +340,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
         kwargs.pop("use_cache", None)
         hidden = self.llm.model(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **kwargs)
+        options = self.runtime_options
         loss = label_position_loss(
-            hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, self.loss_chunk_size,
-            fused=self.loss_kernel == "liger", vocab_shards=self.vocab_sharded_loss,
+            hidden.last_hidden_state, labels, self.llm.lm_head, num_items_in_batch, options.loss_chunk_size,
+            fused=options.loss_kernel == "liger", vocab_shards=options.vocab_sharded_loss,
         )  # fmt: skip
         return CausalLMOutputWithPast(loss=loss)
 
@@ -427,9 +431,10 @@ def _residual_in_autocast_dtype(module: nn.Module, inputs, output: torch.Tensor)
     fp32 through all 27 layers: every checkpointed layer input twice the bytes of the bf16 model's (1.8 GiB
     more at 39 views of 448 px), for precision that the bf16 model, the published one and DeepSpeed's, never
     has. A frozen tower loaded in bf16 is bf16 already, so this changes nothing there. The switch is read from
-    the class (MiniCPMV.vision_residual_in_autocast_dtype), since PEFT's copies of the tower carry this hook."""
+    the embeddings module itself (`MiniCPMV.configure_runtime` writes it there), since PEFT's copies of the
+    tower carry this hook and reach no model."""
     device = output.device.type
-    if MiniCPMV.vision_residual_in_autocast_dtype and torch.is_autocast_enabled(device):
+    if module.residual_in_autocast_dtype and torch.is_autocast_enabled(device):
         return output.to(torch.get_autocast_dtype(device))  # (the same tensor when it is in that dtype already)
     return None
 
