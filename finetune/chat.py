@@ -34,8 +34,8 @@ from transformers import TextStreamer
 
 from finetune.dataset import IMAGE_MARKER as TRAINING_MARKER  # the marker of the training data (chat() has its own)
 from finetune.dataset import DataError, open_image
+from finetune.model.chat_prompt import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
 from finetune.model.loading import DTYPES
-from finetune.model.modeling import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
 
 
 class ChatError(ValueError):

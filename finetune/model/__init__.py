@@ -1,8 +1,9 @@
 """The native MiniCPM-Llama3-V-2.5: configuration, model, resampler, slicing, tokenizer, checkpoints."""
 
+from .chat_prompt import render_chat_prompt
 from .configuration import MiniCPMVConfig
 from .image_processing import SliceSettings, image_placeholder, image_views, plan_slices, slice_image
-from .modeling import MiniCPMV, render_chat_prompt
+from .modeling import MiniCPMV
 from .tokenization import MiniCPMVTokenizerFast, SpecialTokens, detect_llm_type
 
 __all__ = [

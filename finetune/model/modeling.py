@@ -9,10 +9,8 @@ are the ones it gets when run alone (how the published `chat()` runs), whatever 
 from __future__ import annotations
 
 import os
-from copy import deepcopy
 from dataclasses import replace
 from functools import partial
-from itertools import accumulate
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
 from .attention import VARLEN, Segments, varlen_kwargs
+from .chat_prompt import IMAGE_MARKER, PUBLISHED_BEAM_SEARCH, PUBLISHED_SAMPLING, render_chat_prompt
 from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .configuration import MiniCPMVConfig
 from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
@@ -32,11 +31,7 @@ from .parallel import is_distributed, is_zero3_partitioned
 from .resampler import Resampler, ResamplerAttention
 from .runtime import RuntimeOptions
 from .tokenization import SpecialTokens
-
-IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
-# The published chat() decoding: sampling, or (sampling=False) 3-beam search.
-PUBLISHED_SAMPLING = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
-PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
+from .vision import ZeroGradients, cast_residual_to_autocast_dtype, view_sizes
 
 
 class MiniCPMVPreTrainedModel(PreTrainedModel):
@@ -87,7 +82,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if config.drop_vision_last_layer:
             self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
         self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
-        self.vpm.embeddings.register_forward_hook(_residual_in_autocast_dtype)
+        self.vpm.embeddings.register_forward_hook(cast_residual_to_autocast_dtype)
         self.runtime_options = RuntimeOptions()
         self.configure_runtime()  # writes the vision option where its hook reads it
         self.post_init()
@@ -423,77 +418,6 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         }
 
 
-def _residual_in_autocast_dtype(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
-    """The vision embeddings' output in the autocast dtype, when autocast runs and it is not already.
-
-    A trained vision tower keeps fp32 master weights without DeepSpeed, and autocast computes its matmuls in
-    bf16; but its fp32 position embeddings, added to the bf16 patch embeddings, would make the residual stream
-    fp32 through all 27 layers: every checkpointed layer input twice the bytes of the bf16 model's (1.8 GiB
-    more at 39 views of 448 px), for precision that the bf16 model, the published one and DeepSpeed's, never
-    has. A frozen tower loaded in bf16 is bf16 already, so this changes nothing there. The switch is read from
-    the embeddings module itself (`MiniCPMV.configure_runtime` writes it there), since PEFT's copies of the
-    tower carry this hook and reach no model."""
-    device = output.device.type
-    if module.residual_in_autocast_dtype and torch.is_autocast_enabled(device):
-        return output.to(torch.get_autocast_dtype(device))  # (the same tensor when it is in that dtype already)
-    return None
-
-
-class ZeroGradients(torch.autograd.Function):
-    """A zero scalar that depends on the given parameters: backward gives each an all-zero gradient, what
-    `features.mean() * 0` of the published dummy image gives the vision parameters it ran through. The zeros
-    come as views of one buffer per dtype and device (one fill kernel, not one per parameter)."""
-
-    @staticmethod
-    def forward(ctx, *parameters: torch.Tensor) -> torch.Tensor:
-        ctx.kinds = [(p.shape, p.dtype, p.device) for p in parameters]
-        return parameters[0].new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        grads: list[torch.Tensor | None] = [None] * len(ctx.kinds)
-        groups: dict[tuple, list[int]] = {}
-        for index, (_, dtype, device) in enumerate(ctx.kinds):
-            groups.setdefault((dtype, device), []).append(index)
-        for (dtype, device), indices in groups.items():
-            sizes = [ctx.kinds[i][0].numel() for i in indices]
-            for i, flat in zip(indices, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
-                grads[i] = flat.view(ctx.kinds[i][0])
-        return tuple(grads)
-
-
-def view_sizes(tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[int], views_per_sample: Sequence[int]) -> torch.Tensor:
-    """The (h, w) of every view of a call, [n_views, 2], as the published `get_vllm_embedding` reads tgt_sizes.
-
-    The published code stacks the entries of `data["tgt_sizes"]` that are tensors, in order, and gives row j to
-    the j-th view over all samples' pixel_values lists; its collator leaves samples without images out, the
-    suite's collator gives them a [0, 2]. Both are read here the same way; an empty entry (`[]`, None, [0, 2])
-    adds no rows, and a single [n, 2] tensor is taken as it is. `view_patches[j]` is view j's patch count,
-    `views_per_sample` the number of views of each sample (for the messages). Raises ValueError when the rows
-    and the views differ in number, or when a row's h * w is not its view's patch count.
-    """
-    entries = [tgt_sizes] if torch.is_tensor(tgt_sizes) else [entry for entry in tgt_sizes if entry is not None]
-    rows = [torch.as_tensor(entry, dtype=torch.int64).reshape(-1, 2) for entry in entries]  # int, as published casts them
-    rows = [row for row in rows if len(row)]  # (an empty `[]` is made on the host, beside rows on the device)
-    # On the host: the checks below read every row, and so does the resampler (its position table). Training
-    # moves tgt_sizes to the device; one copy back is the call's only device sync for them.
-    sizes = torch.cat([row.to(rows[0].device) for row in rows]).cpu() if rows else torch.zeros(0, 2, dtype=torch.int64)
-    if len(sizes) != len(view_patches):
-        raise ValueError(
-            f"data: {len(view_patches)} view(s) in pixel_values (per sample: {list(views_per_sample)}) but tgt_sizes "
-            f"give {len(sizes)} sizes; the concatenated tgt_sizes are assigned to the views in order, so the counts must agree"
-        )
-    starts = [0, *accumulate(views_per_sample)]
-    for index, ((h, w), patches) in enumerate(zip(sizes.tolist(), view_patches)):
-        if h * w != patches:
-            sample = next(i for i in range(len(views_per_sample)) if index < starts[i + 1])
-            raise ValueError(
-                f"data: sample {sample}, view {index - starts[sample]}: its strip has {patches} patches but its "
-                f"tgt_size ({h}, {w}) gives {h * w}: tgt_sizes must give the views' sizes in the views' order"
-            )
-    return sizes
-
-
 # The `train` methods that only set the flag (PreTrainedModel's also recasts kernels, on a change of mode only).
 _PLAIN_TRAIN = (nn.Module.train, PreTrainedModel.train)
 
@@ -501,29 +425,3 @@ _DATA_KEYS = (
     "input_ids", "position_ids", "pixel_values", "tgt_sizes", "image_bound", "vision_hidden_states",
     "row_of_sample", "sample_offsets",
 )  # fmt: skip
-
-
-def render_chat_prompt(image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "") -> tuple[str, list[Image.Image]]:
-    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images)."""
-    msgs = deepcopy(msgs)
-    if not msgs or msgs[0].get("role") != "user":
-        raise ValueError("chat messages must start with a user turn")
-    if image is not None:
-        leading = image if isinstance(image, list) else [image]
-        first = msgs[0]["content"]
-        msgs[0]["content"] = leading + (first if isinstance(first, list) else [first])
-    images: list[Image.Image] = []
-    for message in msgs:
-        content = message["content"] if isinstance(message["content"], list) else [message["content"]]
-        parts = []
-        for item in content:
-            if isinstance(item, Image.Image):
-                images.append(item)
-                parts.append(IMAGE_MARKER)
-            else:
-                parts.append(str(item))
-        message["content"] = "\n".join(parts)
-    if system_prompt:
-        msgs = [{"role": "system", "content": system_prompt}] + msgs
-    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return prompt, images

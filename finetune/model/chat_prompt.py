@@ -1,0 +1,43 @@
+"""Chat messages -> the prompt text `MiniCPMV.chat` generates from, with the published decoding settings.
+
+Images go into the prompt as IMAGE_MARKER, which `MiniCPMV.prepare_inputs` replaces with each image's
+placeholder text; the turns are rendered by the tokenizer's own chat template (each version ships its own).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+from PIL import Image
+
+IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
+# The published chat() decoding: sampling, or (sampling=False) 3-beam search.
+PUBLISHED_SAMPLING = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
+PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
+
+
+def render_chat_prompt(image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "") -> tuple[str, list[Image.Image]]:
+    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images)."""
+    msgs = deepcopy(msgs)
+    if not msgs or msgs[0].get("role") != "user":
+        raise ValueError("chat messages must start with a user turn")
+    if image is not None:
+        leading = image if isinstance(image, list) else [image]
+        first = msgs[0]["content"]
+        msgs[0]["content"] = leading + (first if isinstance(first, list) else [first])
+    images: list[Image.Image] = []
+    for message in msgs:
+        content = message["content"] if isinstance(message["content"], list) else [message["content"]]
+        parts = []
+        for item in content:
+            if isinstance(item, Image.Image):
+                images.append(item)
+                parts.append(IMAGE_MARKER)
+            else:
+                parts.append(str(item))
+        message["content"] = "\n".join(parts)
+    if system_prompt:
+        msgs = [{"role": "system", "content": system_prompt}] + msgs
+    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return prompt, images
