@@ -32,8 +32,9 @@ import torch
 from PIL import Image
 
 from .model.configuration import slice_settings_from_config
-from .model.image_processing import SliceGrid, SliceSettings, image_bound_array, image_placeholder, plan_slices, view_patch_sizes, view_strips
+from .model.image_processing import SliceGrid, SliceSettings, image_bound_array, plan_slices, view_patch_sizes, view_strips
 from .model.tokenization import SpecialTokens, detect_llm_type
+from .model.versions.minicpm_llama3_v2_5 import image_placeholder
 
 logger = logging.getLogger("finetune.dataset")
 

@@ -92,7 +92,7 @@ def mixed_samples(golden_dir, golden_images, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from finetune.dataset import SupervisedDataset
-    from finetune.model.configuration import MiniCPMVConfig
+    from finetune.model import MiniCPMVConfig
     from finetune.model.tokenization import SpecialTokens
 
     samples = [

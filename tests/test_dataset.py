@@ -30,9 +30,9 @@ from finetune.dataset import (
     parse_record,
 )
 from finetune.check_data import ValidationReport, validate_built
-from finetune.model import MiniCPMVConfig
+from finetune.model import MiniCPMVConfig, image_placeholder
 from finetune.model.image_processing import (
-    image_placeholder, image_views, normalize_pixels, normalize_view, plan_slices, slice_image, to_patch_strip, uint8_patch_strip,
+    image_views, normalize_pixels, normalize_view, plan_slices, slice_image, to_patch_strip, uint8_patch_strip,
 )  # fmt: skip
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "golden_tiny", "checkpoint")

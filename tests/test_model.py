@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.model import MiniCPMV, SpecialTokens
 from finetune.model.checkpoint import CheckpointError
 from finetune.model.runtime import RuntimeOptions
+from finetune.model.versions import VERSIONS, version_of
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
@@ -304,6 +306,15 @@ def test_runtime_options_are_validated_and_reach_the_trained_copy_of_the_vision_
     model.configure_runtime(vision_residual_in_autocast_dtype=False)
     embeddings = [module for module in model.modules() if isinstance(module, Idefics2VisionEmbeddings)]
     assert len(embeddings) == 2 and not any(module.residual_in_autocast_dtype for module in embeddings)
+
+
+def test_the_model_is_built_from_what_its_version_states(golden_dir):
+    """The shared model class takes the LLM and the placeholder text from the config's version (versions/)."""
+    model = AutoModel.from_pretrained(golden_dir)
+    version = version_of(model.config)
+    assert version is VERSIONS["2.5"] and version.hub_id == "openbmb/MiniCPM-Llama3-V-2_5"
+    assert type(model.llm) is version.llm_class and isinstance(model.config, version.llm_config_class)
+    assert version_of(SimpleNamespace()) is version  # a hub config class names no version: 2.5, the one implemented
 
 
 def test_dtype_cast_on_load(golden_dir):

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 import finetune  # noqa: F401
 from finetune.dataset import SupervisedDataset
 from finetune.train import train
-from finetune.model.configuration import MiniCPMVConfig
+from finetune.model import MiniCPMVConfig
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, cli, plot_losses, report_from_state, series
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,11 @@
-"""The native MiniCPM-Llama3-V-2.5: configuration, model, resampler, slicing, tokenizer, checkpoints."""
+"""The native MiniCPM-V family, MiniCPM-Llama3-V-2.5 implemented: model, configuration, resampler, slicing,
+tokenizer, loss, checkpoint checks. What one version does its own way is in `versions/`; everything else is shared."""
 
 from .chat_prompt import render_chat_prompt
-from .configuration import MiniCPMVConfig
-from .image_processing import SliceSettings, image_placeholder, image_views, plan_slices, slice_image
+from .image_processing import SliceSettings, image_views, plan_slices, slice_image
 from .modeling import MiniCPMV
 from .tokenization import MiniCPMVTokenizerFast, SpecialTokens, detect_llm_type
+from .versions.minicpm_llama3_v2_5 import MiniCPMVConfig, image_placeholder
 
 __all__ = [
     "MiniCPMV", "MiniCPMVConfig", "MiniCPMVTokenizerFast", "SliceSettings", "SpecialTokens", "detect_llm_type",

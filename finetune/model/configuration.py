@@ -1,22 +1,28 @@
-"""MiniCPMVConfig: reads and writes the published (transformers 4.40) config.json layout.
+"""The config of a MiniCPM-V model: reads and writes the published (transformers 4.40) config.json layout.
 
-The published config is a LlamaConfig with the vision tower's config nested under `vision_config`, the
-slicing parameters under `slice_config`, and `rope_theta` at top level. transformers 5 stores RoPE as
-`rope_parameters`; we accept both and always write the 4.40 layout back, so the hub's remote code and other
-tools keep reading checkpoints this project saves.
+The published config is its LLM's config (a LlamaConfig for MiniCPM-Llama3-V-2.5) with the vision tower's
+config nested under `vision_config`, the slicing parameters under `slice_config`, and `rope_theta` at top level.
+transformers 5 stores RoPE as `rope_parameters`; we accept both and always write the 4.40 layout back, so the
+hub's remote code and other tools keep reading checkpoints this project saves.
+
+What every version's config does is MiniCPMVConfigMixin here; each version's config class, with its LLM's
+config class and its field defaults, is in `versions/` (MiniCPM-Llama3-V-2.5's: `MiniCPMVConfig`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 
 from .image_processing import SliceSettings
 
-# The published vision tower: SigLIP-so400m-patch14 at 980 px (70 x 70 learned positions).
+if TYPE_CHECKING:
+    from .versions.model_version import ModelVersion
+
+# The published vision tower of every version so far: SigLIP-so400m-patch14 at 980 px (70 x 70 learned positions).
 DEFAULT_VISION_CONFIG = {
     "hidden_size": 1152,
     "image_size": 980,
@@ -44,7 +50,7 @@ def vision_config_from(value: Any) -> Idefics2VisionConfig:
 
 
 def slice_settings_from_config(config: Any) -> SliceSettings:
-    """The slicing settings of a MiniCPM-Llama3-V-2.5 config: this project's class or the hub's remote code.
+    """The slicing settings of a MiniCPM-V config: this project's class or the hub's remote code.
 
     The data and training path build their settings here, so it reads only what the published config class
     exposes too: `slice_config` (a dict in this project's class, a MiniCPMVSliceConfig object in the hub's) with
@@ -68,21 +74,16 @@ def slice_settings_from_config(config: Any) -> SliceSettings:
     )
 
 
-class MiniCPMVConfig(LlamaConfig):
-    """Config of MiniCPM-Llama3-V-2.5: a Llama-3 LLM config plus the vision and slicing settings."""
+class MiniCPMVConfigMixin:
+    """What every MiniCPM-V config adds to its LLM's config: the vision tower's config under `vision_config`, the
+    slicing settings under `slice_config` (missing fields filled with the published defaults), the resampler's
+    check on hidden_size, and the published layout on disk.
 
-    model_type = "minicpmv"
-    # Lets transformers pass the attention implementation chosen at load time on to the vision tower.
-    sub_configs = {"vision_config": Idefics2VisionConfig}
+    A version's config class is `class Config(MiniCPMVConfigMixin, <its LLM's config class>)`, declaring the
+    fields (query_num, image_size, patch_size, drop_vision_last_layer, batch_vision_input, slice_mode,
+    slice_config, vision_config) with the version's defaults, and its `model_version`."""
 
-    query_num: int = 96
-    image_size: int = 448
-    patch_size: int = 14
-    drop_vision_last_layer: bool = False
-    batch_vision_input: bool = True
-    slice_mode: bool = True
-    slice_config: dict | None = None
-    vision_config: dict | Idefics2VisionConfig | None = None
+    model_version: ClassVar[ModelVersion]
 
     def __post_init__(self, **kwargs):
         slice_config = dict(DEFAULT_SLICE_CONFIG)
@@ -92,7 +93,7 @@ class MiniCPMVConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         if self.hidden_size < 128 or self.hidden_size % 128:
             # The resampler uses hidden // 128 heads (published code): any other size silently breaks it.
-            raise ValueError(f"MiniCPMVConfig: hidden_size must be a multiple of 128, got {self.hidden_size}")
+            raise ValueError(f"{type(self).__name__}: hidden_size must be a multiple of 128, got {self.hidden_size}")
 
     # --- what the rest of the project reads ------------------------------------------------------------
 
@@ -101,10 +102,10 @@ class MiniCPMVConfig(LlamaConfig):
         return slice_settings_from_config(self)
 
     @property
-    def llm_config(self) -> LlamaConfig:
-        """A plain LlamaConfig for `llm`: LlamaForCausalLM must not see the multimodal fields."""
+    def llm_config(self) -> PretrainedConfig:
+        """A plain config of the version's LLM (LlamaConfig for 2.5), without the multimodal fields."""
         fields = {k: v for k, v in super().to_dict().items() if k not in _MULTIMODAL_KEYS}
-        llm_config = LlamaConfig(**fields)
+        llm_config = self.model_version.llm_config_class(**fields)
         llm_config._attn_implementation = self._attn_implementation
         return llm_config
 
@@ -113,11 +114,11 @@ class MiniCPMVConfig(LlamaConfig):
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         rope = output.pop("rope_parameters", None) or {}
-        output["rope_theta"] = float(rope.get("rope_theta", 500000.0))
+        output["rope_theta"] = float(rope.get("rope_theta", self.model_version.rope_theta))
         scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
         output["rope_scaling"] = (dict(scaling, rope_type=rope["rope_type"]) if scaling else None)
         if isinstance(output.get("vision_config"), dict):
-            output["vision_config"]["model_type"] = "idefics2"
+            output["vision_config"]["model_type"] = self.model_version.vision_config_model_type
         output["slice_config"] = dict(self.slice_config, model_type="minicpmv")
         output.setdefault("auto_map", PUBLISHED_AUTO_MAP)
         output.setdefault("architectures", ["MiniCPMV"])

@@ -210,17 +210,8 @@ def view_patch_sizes(plans: Sequence[SliceGrid], patch_size: int) -> torch.Tenso
     return torch.from_numpy(np.array(sizes, dtype=np.int64).reshape(-1, 2))
 
 
-# --- placeholder text -------------------------------------------------------------------------------------
-
-
-def image_placeholder(plan: SliceGrid, query_num: int, unk_token: str = "<unk>") -> str:
-    """The text that stands for an image: its global block, then the grid of slice blocks if sliced."""
-    block = "<image>" + unk_token * query_num + "</image>"
-    text = block
-    if plan.grid:
-        cols, rows = plan.grid
-        text += "<slice>" + "\n".join(block * cols for _ in range(rows)) + "</slice>"
-    return text
+# --- where the image features go -----------------------------------------------------------------------
+# (The placeholder text itself is a version's own: `versions.<version>.image_placeholder`.)
 
 
 def image_bounds(input_ids: torch.Tensor, image_start_id: int, image_end_id: int) -> torch.Tensor:

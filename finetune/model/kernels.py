@@ -5,7 +5,7 @@ loss and every gradient against the plain path on one batch (bf16 tolerance). Wh
 is in bench/README.md ("Update 3"): compiled layers were faster and never used more memory (finetune.py turns
 them on by default on CUDA); liger's kernels were slower but saved memory (opt-in).
 
-- `apply_liger_kernels`: Llama's RMSNorm, SwiGLU MLP and rotary embedding become liger-kernel's Triton
+- `apply_liger_kernels`: the LLM's RMSNorm, SwiGLU MLP and rotary embedding become liger-kernel's Triton
   kernels (fewer passes over the activations, less saved for backward), and the label-position loss becomes
   liger's fused linear cross-entropy (logits of a chunk live only inside the kernel, gradients are computed
   in the forward pass, so lm_head is not run again in backward). CUDA only; needs `pip install liger-kernel`.
@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib.util
 
 from torch import nn
+
+from .versions import version_of
 
 
 def native_model(model: nn.Module) -> nn.Module:
@@ -39,12 +41,14 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
     only gathered inside lm_head's own forward)."""
     if not liger_available():
         raise ImportError("liger kernels need the liger-kernel package (pip install liger-kernel; CUDA + Triton)")
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    import liger_kernel.transformers
 
     native = native_model(model)
-    # RoPE is patched in transformers' llama module (a module-level function the attention calls); RMSNorm and
-    # the MLP are patched on this instance's modules. The LLM's own loss is not used by our forward.
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm)
+    # The version's LLM has its own patch function (apply_liger_kernel_to_llama for Llama-3). RoPE is patched in
+    # transformers' module of that LLM (a module-level function the attention calls); RMSNorm and the MLP are
+    # patched on this instance's modules. The LLM's own loss is not used by our forward.
+    patch = getattr(liger_kernel.transformers, version_of(native.config).liger_kernel_patch)
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm)
     native.configure_runtime(loss_kernel="liger" if fused_loss else "chunked")
 
 

@@ -1,4 +1,4 @@
-"""MiniCPMV: Llama-3 + Idefics2 (SigLIP) vision tower + perceiver resampler, on transformers' own modules.
+"""MiniCPMV: the version's LLM + SigLIP vision tower (Idefics2's) + perceiver resampler, on transformers' modules.
 
 Parameter names and shapes equal the published checkpoint's (`llm.*`, `vpm.*`, `resampler.*`), and the call
 interface is the published one: `model(data={input_ids, position_ids, pixel_values, tgt_sizes, image_bound},
@@ -17,29 +17,33 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
 from .attention import VARLEN, Segments, varlen_kwargs
 from .chat_prompt import IMAGE_MARKER, PUBLISHED_BEAM_SEARCH, PUBLISHED_SAMPLING, render_chat_prompt
 from .checkpoint import CheckpointError, validate_checkpoint_dir
-from .configuration import MiniCPMVConfig
-from .image_processing import image_bounds, image_placeholder, image_views, normalize_pixels, to_patch_strip
+from .image_processing import image_bounds, image_views, normalize_pixels, to_patch_strip
 from .loss import label_position_loss
 from .parallel import is_distributed, is_zero3_partitioned
 from .resampler import Resampler, ResamplerAttention
 from .runtime import RuntimeOptions
 from .tokenization import SpecialTokens
+from .versions import version_of
+from .versions.minicpm_llama3_v2_5 import MiniCPMVConfig
 from .vision import ZeroGradients, cast_residual_to_autocast_dtype, view_sizes
 
 
 class MiniCPMVPreTrainedModel(PreTrainedModel):
+    # The Auto classes map model_type "minicpmv" to this config class (MiniCPM-Llama3-V-2.5's, the one version
+    # implemented); the model reads everything a version decides through `versions.version_of(config)`.
     config_class = MiniCPMVConfig
     base_model_prefix = "minicpmv"
     main_input_name = "input_ids"  # inside `data`; the trainer reads it there
     supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer", "Idefics2EncoderLayer"]
+    # Kept whole across devices; the LLM's decoder layer is its own class's (post_init gathers the children's).
+    _no_split_modules = ["Idefics2EncoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -75,9 +79,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     def __init__(self, config: MiniCPMVConfig):
         super().__init__(config)
-        # The LLM reads the same config object (a LlamaConfig subclass), as in the published code, so that
-        # the attention implementation chosen at load time reaches it.
-        self.llm = LlamaForCausalLM(config)
+        # The LLM reads the same config object (a subclass of the LLM's config class), as in the published code,
+        # so that the attention implementation chosen at load time reaches it.
+        self.llm = version_of(config).llm_class(config)
         self.vpm = Idefics2VisionTransformer(config.vision_config)
         if config.drop_vision_last_layer:
             self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
@@ -394,6 +398,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     ) -> dict:
         """The published processor: replace each marker with its image's placeholder, tokenize, find bounds."""
         settings = self.config.slice_settings
+        image_placeholder = version_of(self.config).image_placeholder
         pieces = prompt.split(IMAGE_MARKER)
         if len(pieces) - 1 != len(images):
             raise ValueError(f"prompt has {len(pieces) - 1} image markers but {len(images)} images were given")

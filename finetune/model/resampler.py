@@ -1,4 +1,5 @@
-"""The perceiver resampler: 96 learned queries attend over one view's vision features (spec section 4)."""
+"""The perceiver resampler: query_num learned queries (96 in MiniCPM-Llama3-V-2.5) attend over one view's vision
+features (spec section 4)."""
 
 from __future__ import annotations
 

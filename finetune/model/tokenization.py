@@ -12,20 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerFast
 
-# The 18 tokens MiniCPM-Llama3-V-2.5 relies on, in the order of the real vocabulary (ids 128000...).
-LLAMA3_SPECIAL_TOKENS = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<unk>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "<image>", "</image>", "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>",
-    "<slice>", "</slice>",
-)  # fmt: skip
-
-# The published inference template: it always ends with the assistant header (see spec section 5).
-INFERENCE_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>'"
-    " + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if "
-    "loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{{ "
-    "'<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-)
+from .versions import VERSIONS
 
 
 class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
@@ -106,5 +93,7 @@ class SpecialTokens:
 
 
 def detect_llm_type(tokenizer) -> str:
-    """'llama3' (MiniCPM-Llama3-V-2.5) when the Llama-3 header tokens exist, else 'minicpm' (MiniCPM-V 2.0)."""
-    return "llama3" if "<|start_header_id|>" in tokenizer.get_vocab() else "minicpm"
+    """The upstream finetune's llm_type of the version whose chat tokens the tokenizer has ('llama3': the Llama-3
+    header tokens of MiniCPM-Llama3-V-2.5), else 'minicpm' (MiniCPM-V 2.0, which finetune.model does not implement)."""
+    vocab = tokenizer.get_vocab()
+    return next((version.llm_type for version in VERSIONS.values() if version.chat_token in vocab), "minicpm")

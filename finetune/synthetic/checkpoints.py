@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.model.configuration import MiniCPMVConfig
-from finetune.model.modeling import MiniCPMV
+from finetune.model import MiniCPMV, MiniCPMVConfig
 
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_tokenizer
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterable
 
 from finetune.demo_data import demo_corpus
-from finetune.model.tokenization import INFERENCE_CHAT_TEMPLATE, MiniCPMVTokenizerFast
+from finetune.model.tokenization import MiniCPMVTokenizerFast
+from finetune.model.versions.minicpm_llama3_v2_5 import CHAT_TEMPLATE
 
 # --- the real tokenizer's special tokens ------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ def build_tokenizer(
         "auto_map": {"AutoTokenizer": ["tokenization_minicpmv_fast.MiniCPMVTokenizerFast", None]},
         "added_tokens_decoder": {str(base + k): dict(_token_entry(t), special=True) for k, t in enumerate(SPECIAL_TOKENS)},
         "bos_token": BOS_TOKEN,
-        "chat_template": INFERENCE_CHAT_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE,
         # The published file says True; transformers 5 ignores it for BPE anyway, and False keeps decode exact.
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,

@@ -1,0 +1,29 @@
+"""ModelVersion: what one MiniCPM-V version states about itself, for the shared modules of finetune.model to read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..image_processing import SliceGrid
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """The choices one MiniCPM-V version makes where versions differ (the list of what they share is in
+    `finetune.model.versions`). Each version module fills in one and names it in its config class's
+    `model_version`; the shared modules read it through `versions.version_of(config)`."""
+
+    name: str  # config.json's "version" field ("2.5")
+    hub_id: str  # the published checkpoint's hub id
+    llm_type: str  # the upstream finetune's name for the version's conversation format ("llama3")
+    llm_class: type[PreTrainedModel]  # the causal LM under `llm`, built from the model's own config
+    llm_config_class: type[PretrainedConfig]  # the LLM's config class, which the version's config class extends
+    chat_token: str  # a special token of the version's chat format that no other version's tokenizer has
+    chat_template: str  # the published inference template (tokenizer_config.json's chat_template)
+    image_placeholder: Callable[[SliceGrid, int, str], str]  # (grid, query_num, unk token) -> an image's text
+    rope_theta: float  # the published config's rope_theta, written to config.json when the config holds none
+    vision_config_model_type: str  # the model_type the published config.json gives its vision_config
+    liger_kernel_patch: str  # liger_kernel.transformers' function that patches this LLM's modules in place
