@@ -22,8 +22,7 @@ call, they were attended under a patch mask (the masked kernel again). With varl
 all strips are packed into one sequence (`MiniCPMV._vision_tower`) and each strip is attended on its own,
 bidirectionally (the attention module's `is_causal` is False), by the same kernel.
 
-`tests/test_fast_paths.py` checks loss and gradients against `sdpa` on packed multimodal batches; what it
-bought on an H200 is in bench/README.md ("Update 4" for the LLM, "Update 5" for the vision tower).
+`tests/test_fast_paths.py` checks loss and gradients against `sdpa` on packed multimodal batches.
 """
 
 from __future__ import annotations

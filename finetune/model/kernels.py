@@ -1,9 +1,9 @@
 """Optional fast paths for MiniCPMV: liger-kernel's fused Triton kernels (LLM), regional torch.compile (both towers).
 
 Both change how the same arithmetic is scheduled, not what is computed: tests/test_fast_paths.py checks the
-loss and every gradient against the plain path on one batch (bf16 tolerance). What each one bought on an H200
-is in bench/README.md ("Update 3"): compiled layers were faster and never used more memory (finetune.py turns
-them on by default on CUDA); liger's kernels were slower but saved memory (opt-in).
+loss and every gradient against the plain path on one batch (bf16 tolerance). Compiled layers run faster and
+use no more memory, so finetune.py turns them on by default on CUDA; liger's kernels save memory but run
+slower, so they are opt-in (the measurements, on an H200, are in bench/README.md).
 
 - `apply_liger_kernels`: the LLM's RMSNorm, SwiGLU MLP and rotary embedding become liger-kernel's Triton
   kernels (fewer passes over the activations, less saved for backward), and the label-position loss becomes

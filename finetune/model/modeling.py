@@ -261,8 +261,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         # torch.distributed the ranks must run the same modules (ZeRO-3 gathers in step, before the LLM), so
         # the dummy image runs there, trained or not. In a single process only its gradients matter, and
         # ZeroGradients gives exactly those without running the tower, whose 27 layers forward and backward
-        # are host time spent on arithmetic that is multiplied by zero (1.12x on the one-row text step through
-        # finetune.py on an H200: bench/README.md, "Update 6").
+        # would be host and GPU time spent on arithmetic that is multiplied by zero.
         vision_zero = None
         if all(len(f) == 0 for f in vision_hidden_states):
             if is_distributed():

@@ -13,8 +13,8 @@ cross-entropy, except that the ranks also hold different tokens (data parallel):
   times its rows, and the partial gradients are summed onto the owning rank by a reduce.
 
 What this saves: lm_head's weight is never gathered, where the plain path holds its 1 GiB gathered copy from
-the loss through the whole backward pass (DeepSpeed charges it to the outermost module; see bench/README.md,
-Update 6). What it costs: the same matmul FLOPs as the plain chunked loss, the label positions' hidden states
+the loss through the whole backward pass (DeepSpeed charges a weight gathered in the loss to the outermost
+module, which is released only when backward ends). What it costs: the same matmul FLOPs as the plain chunked loss, the label positions' hidden states
 sent twice (16 MiB per 2,048 positions in bf16), their fp32 gradients reduced once (32 MiB), and a few
 all-reduces of [positions] floats.
 
