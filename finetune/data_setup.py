@@ -8,7 +8,7 @@ import os
 import torch
 
 from finetune.arguments import DataArguments, TrainingArguments, UsageError
-from finetune.check_data import (
+from finetune.validation import (
     SplitReport,
     ValidationReport,
     check_samples,

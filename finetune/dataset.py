@@ -1,6 +1,6 @@
 """Conversations -> model inputs for MiniCPM-Llama3-V-2.5 fine-tuning: faithful to the model, safe on bad data.
 
-Pipeline (each step a pure function, so it can be tested and reused by `finetune.check_data`):
+Pipeline (each step a pure function, so it can be tested and reused by `finetune.validation`):
 
 1. `open_source` / `parse_data_spec` / `MixedSource`: read upstream's data format (a JSON list, or JSON Lines
    read lazily through a byte-offset index) and mix several files with sampling ratios.
@@ -715,7 +715,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Samples from one or more data files, prepared on access (lazily: JSONL files are never loaded whole).
 
     `indices` restricts the dataset to those mixed indices: pass the usable indices of the validation
-    (`finetune.check_data.validate_built`) so that samples too long to fit are excluded up front (a Dataset item
+    (`finetune.validation.validate_built`) so that samples too long to fit are excluded up front (a Dataset item
     cannot vanish at training time). Accessing a bad or too-long sample raises (DataError / SampleTooLong):
     nothing is silently dropped.
     """

@@ -370,8 +370,8 @@ def make_plan(
 
 
 def data_statistics(model: str, data: str, max_slice_nums: int | None) -> tuple[int, float, dict]:
-    """model_max_length (p99 rounded up to 64) and mean views per sample, via check_data.validate_dataset."""
-    from finetune.check_data import validate_dataset
+    """model_max_length (p99 rounded up to 64) and mean views per sample, via finetune.validation.validate_dataset."""
+    from finetune.validation import validate_dataset
 
     report = validate_dataset(model, data, model_max_length=None, max_slice_nums=max_slice_nums)
     split = report.splits[0]

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import finetune  # noqa: F401
-from finetune.check_data import LABEL_CLOSE, LABEL_OPEN, main, validate_dataset
+from finetune.check_data import LABEL_CLOSE, LABEL_OPEN, main
+from finetune.validation import validate_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "golden_tiny", "checkpoint")

@@ -29,8 +29,8 @@ from finetune.dataset import (
     parse_data_spec,
     parse_record,
 )
-from finetune.check_data import ValidationReport, validate_built
 from finetune.model import MiniCPMVConfig, image_placeholder
+from finetune.validation import ValidationReport, validate_built
 from finetune.model.image_processing import (
     image_views, normalize_pixels, normalize_view, plan_slices, slice_image, to_patch_strip, uint8_patch_strip,
 )  # fmt: skip
