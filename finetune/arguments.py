@@ -17,7 +17,7 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from finetune.dataset import parse_data_spec
+from finetune.dataset import DataSettings, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import liger_available
@@ -55,7 +55,7 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    model_max_length: int = field(default=2048, metadata={"help": "samples longer are cut at whole turns or skipped"})
+    model_max_length: int = field(default=DataSettings.model_max_length, metadata={"help": "samples longer are cut at whole turns or skipped"})
     loss_chunk_size: int = field(default=2048, metadata={"help": "label positions whose vocabulary logits exist at once"})
     cudnn_attention: bool = field(
         default=False,
@@ -136,6 +136,22 @@ class LoraArguments:
     lora_target_modules: str = field(default=DEFAULT_LORA_TARGETS, metadata={"help": "regex over module names"})
     lora_bias: str = "none"
     q_lora: bool = field(default=False, metadata={"help": "4-bit NF4 base (bitsandbytes, CUDA only)"})
+
+
+def data_settings_from_arguments(data_args: DataArguments, training_args: TrainingArguments) -> DataSettings:
+    """The data settings of a training command line: DataArguments' data flags, and TrainingArguments'
+    model_max_length, llm_type and seed (transformers' --seed also seeds the sampling of a data mix)."""
+    return DataSettings(
+        data_path=data_args.data_path,
+        eval_data_path=data_args.eval_data_path,
+        image_folder=data_args.image_folder,
+        model_max_length=training_args.model_max_length,
+        max_slice_nums=data_args.max_slice_nums,
+        scale_resolution=data_args.scale_resolution,
+        slicing=data_args.slicing,
+        llm_type=training_args.llm_type,
+        seed=training_args.seed,
+    )
 
 
 class UsageError(ValueError):

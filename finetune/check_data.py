@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from finetune.dataset import DataError, DataSettings
 from finetune.validation import build_dataset, validate_dataset
 
 LABEL_OPEN, LABEL_CLOSE = "⟦", "⟧"
@@ -99,40 +100,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="data file(s): a.json, b.jsonl or a mix 'a.json:0.7,b.jsonl:0.3'")
     parser.add_argument("--eval_data", default=None)
     parser.add_argument("--image_folder", default=None, help="folder relative image paths are resolved against first")
-    parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument("--model_max_length", type=int, default=DataSettings.model_max_length)
     parser.add_argument("--max_slice_nums", type=int, default=None)
     parser.add_argument("--scale_resolution", type=int, default=None)
     parser.add_argument("--no_slicing", action="store_true", help="every image is one view")
     parser.add_argument("--llm_type", default=None, choices=["llama3", "minicpm"])
-    parser.add_argument("--seed", type=int, default=42, help="seed of the ratio sampling when mixing files")
+    parser.add_argument("--seed", type=int, default=DataSettings.seed, help="seed of the ratio sampling when mixing files")
     parser.add_argument("--show", default=None, metavar="ID", help="print this sample rendered, trained spans in ⟦ ⟧")
     parser.add_argument("--dump", default=None, metavar="FILE.pt", help="save every usable sample as training feeds it (pixel_values as uint8 strips; the model normalises them)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     return parser
 
 
+def data_settings_from_flags(args: argparse.Namespace) -> DataSettings:
+    """The data settings of a check_data command line (training's --data_path is --data here, and so on)."""
+    return DataSettings(
+        data_path=args.data,
+        eval_data_path=args.eval_data,
+        image_folder=args.image_folder,
+        model_max_length=args.model_max_length,
+        max_slice_nums=args.max_slice_nums,
+        scale_resolution=args.scale_resolution,
+        slicing=False if args.no_slicing else None,
+        llm_type=args.llm_type,
+        seed=args.seed,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from finetune.dataset import DataError
-
+    settings = data_settings_from_flags(args)
     try:
-        report = validate_dataset(
-            args.model, args.data, args.eval_data, image_folder=args.image_folder, model_max_length=args.model_max_length,
-            max_slice_nums=args.max_slice_nums, scale_resolution=args.scale_resolution,
-            slicing=False if args.no_slicing else None, llm_type=args.llm_type, workers=args.workers, seed=args.seed,
-        )  # fmt: skip
+        report = validate_dataset(args.model, settings, workers=args.workers)
     except (ValueError, NotImplementedError) as error:  # e.g. llm_type mismatch: a usage error, not bad data
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.format())
 
-    options = dict(model=args.model, data=args.data, image_folder=args.image_folder, model_max_length=args.model_max_length,
-                   max_slice_nums=args.max_slice_nums, scale_resolution=args.scale_resolution,
-                   slicing=False if args.no_slicing else None, llm_type=args.llm_type, seed=args.seed)  # fmt: skip
     train = report.splits[0]
     if (args.show or args.dump) and not train.file_errors:
-        dataset = build_dataset(options)
+        dataset = build_dataset(args.model, settings)
         if args.show:
             try:
                 index = find_index(dataset, args.show)

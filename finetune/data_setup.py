@@ -7,7 +7,9 @@ import os
 
 import torch
 
-from finetune.arguments import DataArguments, TrainingArguments, UsageError
+from finetune.arguments import DataArguments, TrainingArguments, UsageError, data_settings_from_arguments
+from finetune.dataset import DataError, SupervisedDataset
+from finetune.model.tokenization import detect_llm_type
 from finetune.validation import (
     SplitReport,
     ValidationReport,
@@ -15,44 +17,33 @@ from finetune.validation import (
     split_report,
     validate_built,
 )
-from finetune.dataset import DataError, SupervisedDataset
-from finetune.model.tokenization import detect_llm_type
 
 
 def build_datasets(data_args: DataArguments, training_args: TrainingArguments, tokenizer, config):
     detected = detect_llm_type(tokenizer)
     if training_args.llm_type and training_args.llm_type != detected:
         raise UsageError(f"--llm_type {training_args.llm_type} but the model's tokenizer is {detected}")
-    common = dict(
-        tokenizer=tokenizer,
-        config=config,
-        image_folder=data_args.image_folder,
-        model_max_length=training_args.model_max_length,
-        max_slice_nums=data_args.max_slice_nums,
-        scale_resolution=data_args.scale_resolution,
-        slicing=data_args.slicing,
-        llm_type=detected,
-        seed=training_args.seed,
-    )
+    settings = data_settings_from_arguments(data_args, training_args)
     datasets = []
-    for name, spec in (("train", data_args.data_path), ("eval", data_args.eval_data_path)):
+    for split in ("train", "eval"):
+        spec = settings.data_spec(split)
         if spec is None:
             datasets.append(None)
             continue
         try:
-            dataset = SupervisedDataset(spec, **common)
+            dataset = SupervisedDataset(settings, tokenizer, config, split=split)
         except DataError as error:  # a whole file unreadable (malformed JSON names line and column)
             raise UsageError(str(error)) from error
         if data_args.validate_data:
-            report = validate_across_ranks(name, spec, dataset, training_args)
+            report = validate_across_ranks(split, spec, dataset, training_args)
             if training_args.process_index == 0:
-                print("[data] " + ValidationReport([report], training_args.model_max_length).format().replace("\n", "\n[data] "), flush=True)
+                print("[data] " + ValidationReport([report], settings.model_max_length).format().replace("\n", "\n[data] "), flush=True)
             if report.bad:
                 listing = "\n".join(f"  {r.id}: {r.reason}" for r in report.bad)
-                raise UsageError(f"{len(report.bad)} bad {name} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
+                raise UsageError(f"{len(report.bad)} bad {split} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
             dataset = dataset.subset(report.usable_indices)
         if len(dataset) == 0:
-            raise UsageError(f"no usable {name} samples in {spec}")
+            raise UsageError(f"no usable {split} samples in {spec}")
         datasets.append(dataset)
     return datasets
 

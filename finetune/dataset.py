@@ -9,8 +9,8 @@ Pipeline (each step a pure function, so it can be tested and reused by `finetune
 3. `ConversationEncoder.encode`: `Record` + image grids -> token ids and labels, built piecewise with the Llama-3
    *training* template (no trailing assistant header), with whole trailing turns dropped when too long.
 4. `prepare_sample`: the whole thing, including pixels (adaptive slicing from `finetune.model.image_processing`).
-5. `SupervisedDataset` (torch Dataset) and `DataCollator` (padding or packing) produce the batch contract the
-   model (`MiniCPMV.forward(data=...)`) and the trainer rely on.
+5. `SupervisedDataset` (torch Dataset, reading one split of a run's `DataSettings`) and `DataCollator` (padding or
+   packing) produce the batch contract the model (`MiniCPMV.forward(data=...)`) and the trainer rely on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -700,12 +700,47 @@ def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int
     )
 
 
-def resolve_settings(config, max_slice_nums: int | None = None, scale_resolution: int | None = None, slicing: bool | None = None) -> SliceSettings:
-    """The config's slice settings with command-line overrides. `config` is this project's MiniCPMVConfig or the
-    hub's remote-code one (--trust_remote_code): only fields both expose are read (slice_settings_from_config)."""
-    settings = slice_settings_from_config(config)
-    overrides = {k: v for k, v in (("max_slice_nums", max_slice_nums), ("scale_resolution", scale_resolution), ("slicing", slicing)) if v is not None}
-    return dataclasses.replace(settings, **overrides)
+Split = Literal["train", "eval"]
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How a run's data files become samples: the one description of them that training (built from its command
+    line by `finetune.arguments.data_settings_from_arguments`), `python -m finetune.check_data` (from its flags),
+    the planner and the validation workers share. Plain values only, so that it pickles to worker processes
+    that build the dataset again (where fork is unavailable).
+
+    The slice fields left None keep the checkpoint's values; `resolve_settings` is where they apply.
+    """
+
+    data_path: str  # a .json / .jsonl file, or a mix "a.json:0.7,b.jsonl:0.3" (parse_data_spec, MixedSource)
+    eval_data_path: str | None = None  # held-out data in the same format
+    image_folder: str | None = None  # looked up first for relative image paths, then the data file's folder
+    model_max_length: int | None = 2048  # longer samples lose whole trailing turns, or are skipped; None: no limit
+    max_slice_nums: int | None = None  # overrides the checkpoint's
+    scale_resolution: int | None = None  # overrides the checkpoint's
+    slicing: bool | None = None  # False: every image is one view; None: the checkpoint's slice_mode
+    llm_type: str | None = None  # must match the tokenizer's; None: detected from it
+    seed: int = 42  # seed of the ratio sampling when mixing files
+
+    def data_spec(self, split: Split) -> str | None:
+        """The data spec of the "train" or "eval" split (None when there is no eval data)."""
+        return self.data_path if split == "train" else self.eval_data_path
+
+
+def resolve_settings(config: Any, settings: DataSettings) -> SliceSettings:
+    """The slice settings images are cut by: the checkpoint's with the data settings' overrides (max_slice_nums,
+    scale_resolution, slicing; None keeps the checkpoint's value). The one place those overrides are applied.
+
+    `config` is this project's MiniCPMVConfig or the hub's remote-code one (--trust_remote_code): only fields
+    both expose are read (slice_settings_from_config). A benchmark's synthetic set, which has no checkpoint,
+    passes its SliceSettings instead.
+    """
+    base = config if isinstance(config, SliceSettings) else slice_settings_from_config(config)
+    overrides = {
+        name: getattr(settings, name) for name in ("max_slice_nums", "scale_resolution", "slicing") if getattr(settings, name) is not None
+    }
+    return dataclasses.replace(base, **overrides)
 
 
 # --- the Dataset -------------------------------------------------------------------------------------------
@@ -720,33 +755,19 @@ class SupervisedDataset(torch.utils.data.Dataset):
     nothing is silently dropped.
     """
 
-    def __init__(
-        self,
-        data: str | Sequence[str],
-        tokenizer,
-        config=None,
-        *,
-        settings: SliceSettings | None = None,
-        image_folder: str | None = None,
-        model_max_length: int | None = 2048,
-        max_slice_nums: int | None = None,
-        scale_resolution: int | None = None,
-        slicing: bool | None = None,
-        llm_type: str | None = None,
-        seed: int = 42,
-        indices: Sequence[int] | None = None,
-    ):
-        if settings is None:
-            if config is None:
-                raise ValueError("pass the model config (for its slice settings) or explicit settings")
-            settings = resolve_settings(config, max_slice_nums, scale_resolution, slicing)
-        else:
-            settings = dataclasses.replace(settings, **{k: v for k, v in (("max_slice_nums", max_slice_nums), ("scale_resolution", scale_resolution), ("slicing", slicing)) if v is not None})
+    def __init__(self, settings: DataSettings, tokenizer, config: Any, *, split: Split = "train", indices: Sequence[int] | None = None):
+        """`split` picks which of the settings' data specs is read; `config` is the model's config, whose slice
+        settings the settings' overrides apply to (resolve_settings; a set made without a checkpoint passes
+        SliceSettings)."""
+        spec = settings.data_spec(split)
+        if spec is None:
+            raise ValueError(f"the data settings have no {split} data")
         self.settings = settings
-        self.encoder = ConversationEncoder(tokenizer, settings, llm_type)
-        self.source = MixedSource(data, seed=seed)
-        self.image_folder = image_folder
-        self.model_max_length = model_max_length
+        self.split = split
+        self.spec = spec
+        self.slice_settings = resolve_settings(config, settings)
+        self.encoder = ConversationEncoder(tokenizer, self.slice_settings, settings.llm_type)
+        self.source = MixedSource(spec, seed=settings.seed)
         self.indices = list(indices) if indices is not None else None
 
     def __len__(self) -> int:
@@ -765,10 +786,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """The validated record at dataset position `index` (DataError when bad)."""
         mixed = self.mixed_index(index)
         location = self.source.location(mixed)
-        return parse_record(self.source[mixed], location, self.source.base_dir(mixed), self.image_folder, control_tokens=self.encoder.control_tokens)
+        return parse_record(self.source[mixed], location, self.source.base_dir(mixed), self.settings.image_folder, control_tokens=self.encoder.control_tokens)
 
     def prepare(self, index: int, load_pixels: bool = True, decode_all: bool = False) -> PreparedSample:
-        return prepare_sample(self.record(index), self.encoder, self.model_max_length, load_pixels, decode_all)
+        return prepare_sample(self.record(index), self.encoder, self.settings.model_max_length, load_pixels, decode_all)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.prepare(index).as_item()

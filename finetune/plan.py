@@ -371,9 +371,10 @@ def make_plan(
 
 def data_statistics(model: str, data: str, max_slice_nums: int | None) -> tuple[int, float, dict]:
     """model_max_length (p99 rounded up to 64) and mean views per sample, via finetune.validation.validate_dataset."""
+    from finetune.dataset import DataSettings
     from finetune.validation import validate_dataset
 
-    report = validate_dataset(model, data, model_max_length=None, max_slice_nums=max_slice_nums)
+    report = validate_dataset(model, DataSettings(data, model_max_length=None, max_slice_nums=max_slice_nums))
     split = report.splits[0]
     if not split.lengths:
         raise SystemExit(f"plan: no usable samples in {data}")

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from finetune.dataset import DataError, DataSettings, SampleTooLong, Split, SupervisedDataset, duplicate_ids, prepare_sample
+
 logger = logging.getLogger("finetune.dataset")
 
 
@@ -104,43 +106,32 @@ def _round_up(value: int, multiple: int) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def build_dataset(options: dict[str, Any]):
-    """Tokenizer + config + dataset for one data spec (in each worker process: they do not pickle cheaply)."""
+def build_dataset(model: str, settings: DataSettings, split: Split = "train") -> SupervisedDataset:
+    """The dataset of one split, with the tokenizer and config of the model directory `model` (built again in
+    each worker process where fork is unavailable: tokenizers and datasets do not pickle cheaply)."""
     import finetune  # noqa: F401  (registers the Auto classes)
     from transformers import AutoTokenizer
 
-    from finetune.dataset import SupervisedDataset
     from finetune.model import MiniCPMVConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(options["model"], clean_up_tokenization_spaces=False)
-    config = MiniCPMVConfig.from_pretrained(options["model"])
-    return SupervisedDataset(
-        options["data"], tokenizer, config,
-        image_folder=options.get("image_folder"),
-        model_max_length=options.get("model_max_length"),
-        max_slice_nums=options.get("max_slice_nums"),
-        scale_resolution=options.get("scale_resolution"),
-        slicing=options.get("slicing"),
-        llm_type=options.get("llm_type"),
-        seed=options.get("seed", 42),
-    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model, clean_up_tokenization_spaces=False)
+    config = MiniCPMVConfig.from_pretrained(model)
+    return SupervisedDataset(settings, tokenizer, config, split=split)
 
 
-def _init_worker(options: dict[str, Any] | None) -> None:
+def _init_worker(rebuild: tuple[str, DataSettings, Split] | None) -> None:
     logging.getLogger("finetune.dataset").setLevel(logging.ERROR)  # the parent reports; workers stay quiet
     torch.set_num_threads(1)
-    if options is not None:  # spawn; with fork the dataset was inherited
-        _WORKER["dataset"] = build_dataset(options)
+    if rebuild is not None:  # spawn; with fork the dataset was inherited
+        _WORKER["dataset"] = build_dataset(*rebuild)
 
 
-def check_sample(dataset, index: int) -> SampleResult:
+def check_sample(dataset: SupervisedDataset, index: int) -> SampleResult:
     """Validate one sample: the training path without pixel math (every image is still fully decoded)."""
-    from finetune.dataset import DataError, SampleTooLong, prepare_sample
-
     record = None
     try:
         record = dataset.record(index)
-        sample = prepare_sample(record, dataset.encoder, dataset.model_max_length, load_pixels=False, decode_all=True)
+        sample = prepare_sample(record, dataset.encoder, dataset.settings.model_max_length, load_pixels=False, decode_all=True)
     except SampleTooLong as error:
         return SampleResult(index, error.sample, "skipped", error.length, 0, len(record.images) if record else 0, reason=str(error), has_id=bool(record and record.has_id))
     except DataError as error:
@@ -157,35 +148,37 @@ def _check_chunk(indices: list[int]) -> list[SampleResult]:
 # --- driver ------------------------------------------------------------------------------------------------
 
 
-def validate_split(name: str, options: dict[str, Any], workers: int) -> SplitReport:
-    from finetune.dataset import DataError
-
+def validate_split(model: str, settings: DataSettings, split: Split, workers: int) -> SplitReport:
+    """Build one split's dataset from the model directory and the settings, and validate every sample of it
+    (a data file that cannot be read is the report's file error)."""
+    spec = settings.data_spec(split)
     try:
-        dataset = build_dataset(options)
+        dataset = build_dataset(model, settings, split)
     except DataError as error:
-        report = SplitReport(name, options["data"])
+        report = SplitReport(split, spec)
         report.file_errors.append(str(error))
         return report
-    return validate_built(name, options["data"], dataset, workers, options)
+    return validate_built(split, spec, dataset, workers, model)
 
 
-def validate_built(name: str, spec: str, dataset, workers: int, options: dict[str, Any] | None = None) -> SplitReport:
-    """Validate every sample of a built SupervisedDataset, on `workers` processes."""
-    return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers, options), sources=dataset.source.share_lines())
+def validate_built(name: str, spec: str, dataset: SupervisedDataset, workers: int, model: str | None = None) -> SplitReport:
+    """Validate every sample of a built SupervisedDataset, on `workers` processes (`model`: see check_samples)."""
+    return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers, model), sources=dataset.source.share_lines())
 
 
-def check_samples(dataset, indices: Sequence[int], workers: int, options: dict[str, Any] | None = None) -> list[SampleResult]:
+def check_samples(dataset: SupervisedDataset, indices: Sequence[int], workers: int, model: str | None = None) -> list[SampleResult]:
     """Validate the samples at `indices` of a built SupervisedDataset, on `workers` processes (finetune.py
     gives each rank its share of the indices).
 
-    Workers are forked (Linux) and inherit the dataset; where fork is unavailable they rebuild it from
-    `options` (check_data's), and without options the check runs in this process.
+    Workers are forked (Linux) and inherit the dataset; where fork is unavailable they build it again from the
+    model directory `model` and the dataset's settings and split, and without `model` the check runs in this
+    process.
     """
     import multiprocessing
 
     indices = list(indices)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if workers <= 1 or len(indices) < 64 or (method == "spawn" and options is None):
+    if workers <= 1 or len(indices) < 64 or (method == "spawn" and model is None):
         return [check_sample(dataset, i) for i in indices]
     chunk = max(16, min(1024, len(indices) // (workers * 8) or 1))
     chunks = [indices[s : s + chunk] for s in range(0, len(indices), chunk)]
@@ -193,7 +186,7 @@ def check_samples(dataset, indices: Sequence[int], workers: int, options: dict[s
     # has run no torch parallel region, and tokenizers' own thread pool is disabled below.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER["dataset"] = dataset if method == "fork" else None
-    initargs = (None if method == "fork" else options,)
+    initargs = (None if method == "fork" else (model, dataset.settings, dataset.split),)
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=initargs) as pool:
             return [r for part in pool.map(_check_chunk, chunks) for r in part]
@@ -206,8 +199,6 @@ def split_report(name: str, spec: str, results: list[SampleResult], log: bool = 
     skipped sample and duplicate ids are logged here (workers are quiet). Bad samples are not: the report lists
     them, and finetune.py's error and check_data's exit do again. `sources`: MixedSource.share_lines(), printed
     for a mix of several files."""
-    from finetune.dataset import duplicate_ids
-
     report = SplitReport(name, spec, results=results, sources=list(sources))
     for r in results if log else ():
         if r.status == "truncated":
@@ -218,28 +209,14 @@ def split_report(name: str, spec: str, results: list[SampleResult], log: bool = 
     return report
 
 
-def validate_dataset(
-    model: str,
-    data: str,
-    eval_data: str | None = None,
-    *,
-    image_folder: str | None = None,
-    model_max_length: int | None = 2048,
-    max_slice_nums: int | None = None,
-    scale_resolution: int | None = None,
-    slicing: bool | None = None,
-    llm_type: str | None = None,
-    workers: int | None = None,
-    seed: int = 42,
-) -> ValidationReport:
-    """Validate the train (and eval) data exactly as training will read it; see ValidationReport."""
+def validate_dataset(model: str, settings: DataSettings, workers: int | None = None) -> ValidationReport:
+    """Validate the train (and eval) data exactly as training will read it, with the tokenizer and config of
+    the model directory `model`, on `workers` processes (default: all CPU cores); see ValidationReport."""
     workers = workers or os.cpu_count() or 1
-    common = dict(model=model, image_folder=image_folder, model_max_length=model_max_length, max_slice_nums=max_slice_nums,
-                  scale_resolution=scale_resolution, slicing=slicing, llm_type=llm_type, seed=seed)  # fmt: skip
-    splits = [validate_split("train", dict(common, data=data), workers)]
-    if eval_data:
-        splits.append(validate_split("eval", dict(common, data=eval_data), workers))
-    return ValidationReport(splits, model_max_length)
+    splits = [validate_split(model, settings, "train", workers)]
+    if settings.eval_data_path:
+        splits.append(validate_split(model, settings, "eval", workers))
+    return ValidationReport(splits, settings.model_max_length)
 
 
 def _format_split(split: SplitReport, model_max_length: int | None) -> str:

@@ -91,7 +91,7 @@ def mixed_samples(golden_dir, golden_images, tmp_path_factory):
 
     from transformers import AutoTokenizer
 
-    from finetune.dataset import SupervisedDataset
+    from finetune.dataset import DataSettings, SupervisedDataset
     from finetune.model import MiniCPMVConfig
     from finetune.model.tokenization import SpecialTokens
 
@@ -106,5 +106,5 @@ def mixed_samples(golden_dir, golden_images, tmp_path_factory):
     path = tmp_path_factory.mktemp("mixed") / "data.json"
     path.write_text(json.dumps(samples))
     tokenizer = AutoTokenizer.from_pretrained(golden_dir)
-    dataset = SupervisedDataset(str(path), tokenizer, MiniCPMVConfig.from_pretrained(golden_dir))
+    dataset = SupervisedDataset(DataSettings(str(path)), tokenizer, MiniCPMVConfig.from_pretrained(golden_dir))
     return tokenizer, [dataset[i] for i in range(len(dataset))], SpecialTokens.from_tokenizer(tokenizer).pad

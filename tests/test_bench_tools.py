@@ -11,7 +11,7 @@ from helpers import case_data
 from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
-from finetune.dataset import SupervisedDataset
+from finetune.dataset import DataSettings, SupervisedDataset
 from finetune.model.image_processing import SliceSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -27,7 +27,7 @@ def test_text_rows_are_as_long_as_asked_and_fit(tiny_model, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     settings = SliceSettings(112, 14, 9, 16)
     path = make_text_dataset(str(tmp_path), 3, tokenizer, settings, length=300)
-    dataset = SupervisedDataset(path, tokenizer, settings=settings, model_max_length=300)
+    dataset = SupervisedDataset(DataSettings(path, model_max_length=300), tokenizer, settings)
     lengths = [len(dataset.prepare(i, load_pixels=False).input_ids) for i in range(len(dataset))]
     assert len(lengths) == 3 and all(276 <= n <= 300 for n in lengths), lengths
     assert all("image" not in sample for sample in json.loads(Path(path).read_text()))

@@ -15,7 +15,7 @@ import torch
 import finetune  # noqa: F401
 from finetune.model.image_processing import normalize_pixels
 from finetune.chat import ChatError, build_prompt, chat, conversation, generation_config, load_image, load_model
-from finetune.dataset import SupervisedDataset, open_source, parse_record
+from finetune.dataset import DataSettings, SupervisedDataset, open_source, parse_record
 from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, rouge_l, split_record, token_f1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_inference_prompt_is_the_training_prefix(loaded, demo):
     model, tokenizer = loaded
     tokens_header = tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)["input_ids"]
     for data in ("train.json", "eval.json", "extra.json"):
-        dataset = SupervisedDataset(str(demo / data), tokenizer, model.config, model_max_length=None)
+        dataset = SupervisedDataset(DataSettings(str(demo / data), model_max_length=None), tokenizer, model.config)
         source = open_source(str(demo / data))
         kinds = {type(source[i].get("image")).__name__ for i in range(len(source))}
         if data == "train.json":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 
 import finetune  # noqa: F401
-from finetune.check_data import LABEL_CLOSE, LABEL_OPEN, main
-from finetune.validation import validate_dataset
+from finetune.check_data import LABEL_CLOSE, LABEL_OPEN, build_parser, data_settings_from_flags, main
+from finetune.dataset import DataSettings
+from finetune.validation import build_dataset, check_sample, validate_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "tests", "golden_tiny", "checkpoint")
@@ -74,7 +76,7 @@ def test_cli_good_data_show_and_dump(tmp_path, good_data):
     from finetune.dataset import SupervisedDataset
     from finetune.model import MiniCPMVConfig
 
-    dataset = SupervisedDataset(str(good_data), AutoTokenizer.from_pretrained(CHECKPOINT), MiniCPMVConfig.from_pretrained(CHECKPOINT))
+    dataset = SupervisedDataset(DataSettings(str(good_data)), AutoTokenizer.from_pretrained(CHECKPOINT), MiniCPMVConfig.from_pretrained(CHECKPOINT))
     for index in range(3):
         item = dataset[index]
         entry = dumped[item["id"]]
@@ -121,7 +123,7 @@ def test_validate_dataset_truncated_and_skipped(tmp_path, caplog):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(samples))
     with caplog.at_level(logging.INFO, logger="finetune.dataset"):
-        report = validate_dataset(CHECKPOINT, str(data), model_max_length=60, workers=1)
+        report = validate_dataset(CHECKPOINT, DataSettings(str(data), model_max_length=60), workers=1)
     split = report.splits[0]
     assert report.ok  # too long is not bad data
     assert (split.count("kept"), split.count("truncated"), split.count("skipped")) == (1, 1, 1)
@@ -138,7 +140,7 @@ def test_validate_dataset_truncated_and_skipped(tmp_path, caplog):
 def test_validate_dataset_eval_split_and_malformed_json_list(tmp_path, good_data, capsys):
     bad = tmp_path / "eval.json"
     bad.write_text('[{"id": "a", "conversations": [}]')
-    report = validate_dataset(CHECKPOINT, str(good_data), str(bad), workers=1)
+    report = validate_dataset(CHECKPOINT, DataSettings(str(good_data), str(bad)), workers=1)
     assert not report.ok and [s.name for s in report.splits] == ["train", "eval"]
     assert report.splits[0].count("kept") == 3
     assert "eval.json: malformed JSON at line 1 column 32" in report.splits[1].file_errors[0]
@@ -161,6 +163,28 @@ def test_main_overrides(good_data, capsys):
     out = capsys.readouterr().out
     views = out.split("views per image: ")[1].splitlines()[0]
     assert all(int(part.split(":")[0]) <= 3 for part in views.split(", "))
+
+
+def test_check_data_and_training_read_their_flags_into_the_same_settings(tmp_path, good_data):
+    from finetune.arguments import data_settings_from_arguments, parse_arguments
+
+    common = ["--image_folder", str(tmp_path), "--model_max_length", "512", "--max_slice_nums", "2", "--scale_resolution", "224",
+              "--llm_type", "llama3", "--seed", "7"]  # fmt: skip
+    flags = build_parser().parse_args(["--model", CHECKPOINT, "--data", str(good_data), "--eval_data", "e.json", "--no_slicing", *common])
+    _, data_args, training_args, _ = parse_arguments(["--data_path", str(good_data), "--eval_data_path", "e.json", "--slicing", "false", *common])
+    expected = DataSettings(str(good_data), "e.json", str(tmp_path), 512, 2, 224, False, "llama3", 7)
+    assert data_settings_from_flags(flags) == data_settings_from_arguments(data_args, training_args) == expected
+
+
+def test_workers_without_fork_build_the_same_dataset_from_its_pickled_settings(good_data):
+    """Where fork is unavailable, each validation worker builds the dataset again from the model directory and
+    the dataset's settings and split, which are pickled to it (check_samples)."""
+    settings = DataSettings(str(good_data), str(good_data), model_max_length=60, max_slice_nums=2, seed=7)
+    dataset = build_dataset(CHECKPOINT, settings, "eval")
+    model, sent, split = pickle.loads(pickle.dumps((CHECKPOINT, dataset.settings, dataset.split)))
+    again = build_dataset(model, sent, split)
+    assert (again.settings, again.spec, again.slice_settings) == (settings, str(good_data), dataset.slice_settings)
+    assert [check_sample(again, i) for i in range(len(again))] == [check_sample(dataset, i) for i in range(len(dataset))]
 
 
 def test_special_token_text_is_reported_by_id_and_turn(tmp_path, good_data, capsys):

@@ -21,6 +21,7 @@ from finetune.dataset import (
     ConversationEncoder,
     DataCollator,
     DataError,
+    DataSettings,
     JsonlSource,
     MixedSource,
     SampleTooLong,
@@ -89,7 +90,7 @@ def labeled_text(tokenizer, item):
 
 
 def dataset(folder, samples, tokenizer, config, **kwargs):
-    return SupervisedDataset(write_json(folder, samples), tokenizer, config, **kwargs)
+    return SupervisedDataset(DataSettings(write_json(folder, samples), **kwargs), tokenizer, config)
 
 
 # --- template and labels -----------------------------------------------------------------------------------
@@ -264,14 +265,14 @@ def test_slice_overrides_and_slicing_off(tmp_path, tokenizer, config):
     samples = [{"id": "o", "image": "img.png", "conversations": conv("?", "!")}]
     default = dataset(tmp_path, samples, tokenizer, config)[0]
     assert len(default["pixel_values"]) > 3
-    capped = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, max_slice_nums=2)
-    assert capped.settings.max_slice_nums == 2 and len(capped[0]["pixel_values"]) <= 3
-    off = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, slicing=False)
+    capped = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), max_slice_nums=2), tokenizer, config)
+    assert capped.slice_settings.max_slice_nums == 2 and len(capped[0]["pixel_values"]) <= 3
+    off = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), slicing=False), tokenizer, config)
     item = off[0]
     assert len(item["pixel_values"]) == 1 and "<slice>" not in tokenizer.decode(item["input_ids"].tolist())
-    bigger = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, scale_resolution=224, slicing=False)
+    bigger = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), scale_resolution=224, slicing=False), tokenizer, config)
     h, w = bigger[0]["tgt_sizes"][0].tolist()
-    assert h * w > 64 and bigger.settings.scale_resolution == 224
+    assert h * w > 64 and bigger.slice_settings.scale_resolution == 224
 
 
 def test_llm_type_mismatch_and_minicpm(tokenizer, config):
@@ -318,7 +319,7 @@ def test_truncation_skips_when_first_exchange_does_not_fit(tmp_path, tokenizer, 
     assert [r.id for r in split.results if r.status == "skipped"] == ["big"] and split.usable_indices == [1]
     assert "kept: 1  truncated: 0  skipped (too long): 1  bad: 0" in ValidationReport([split], 40).format()
     assert any("big" in r.message and r.levelno == logging.WARNING for r in caplog.records)
-    usable = SupervisedDataset(str(tmp_path / "data.json"), tokenizer, config, model_max_length=40, indices=split.usable_indices)
+    usable = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), model_max_length=40), tokenizer, config, indices=split.usable_indices)
     assert len(usable) == 1 and usable[0]["id"] == "small"
     subset = ds.subset(split.usable_indices)  # what finetune.py uses: no second read of the data files
     assert len(subset) == 1 and subset[0]["id"] == "small" and len(ds) == 2 and subset.source is ds.source
@@ -333,7 +334,7 @@ def test_jsonl_lazy_offsets(tmp_path, tokenizer, config):
     source = JsonlSource(path)
     assert len(source) == 5 and not hasattr(source, "_data")
     assert source[3]["id"] == "s3" and source.location(2) == "data.jsonl:4"
-    ds = SupervisedDataset(path, tokenizer, config)
+    ds = SupervisedDataset(DataSettings(path), tokenizer, config)
     assert [ds[i]["id"] for i in range(5)] == [f"s{i}" for i in range(5)]
     assert labeled_text(tokenizer, ds[4]) == "a4<|eot_id|>"
 
@@ -433,7 +434,7 @@ def test_malformed_json_list_names_line_and_column(tmp_path):
 
 def test_malformed_jsonl_names_line(tmp_path, tokenizer, config):
     path = write_jsonl(tmp_path, [{"id": "a", "conversations": conv("q", "a")}, '{"id": "b", "conv'])
-    ds = SupervisedDataset(path, tokenizer, config)
+    ds = SupervisedDataset(DataSettings(path), tokenizer, config)
     assert ds[0]["id"] == "a"
     with pytest.raises(DataError, match=r"data.jsonl line 2: malformed JSON \(column \d+\)"):
         ds[1]

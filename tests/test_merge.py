@@ -21,7 +21,7 @@ from transformers import AutoModel
 import finetune  # noqa: F401
 from finetune import merge as merge_module
 from finetune.base_identity import IDENTITY_FILE, compare, fingerprint, identity_for_training
-from finetune.dataset import DataCollator, SupervisedDataset
+from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
 from finetune.train import train
 from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.checkpoint import stored_shapes
@@ -46,7 +46,7 @@ def eval_batch(model_dir: Path, demo: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = SupervisedDataset(str(demo / "eval.json"), tokenizer, AutoModel.from_pretrained(model_dir).config)
+    dataset = SupervisedDataset(DataSettings(str(demo / "eval.json")), tokenizer, AutoModel.from_pretrained(model_dir).config)
     return DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad)([dataset[i] for i in range(len(dataset))])
 
 

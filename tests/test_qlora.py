@@ -100,7 +100,7 @@ def test_q_lora_trains_and_the_adapter_reloads_on_both_bases(tiny_model, demo, t
     from peft import PeftModel
     from transformers import AutoModel, BitsAndBytesConfig
 
-    from finetune.dataset import DataCollator, SupervisedDataset
+    from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
     from finetune.model.tokenization import SpecialTokens
 
     real_check = run.check_arguments
@@ -115,7 +115,7 @@ def test_q_lora_trains_and_the_adapter_reloads_on_both_bases(tiny_model, demo, t
 
     tokenizer = trainer.train_dataset.encoder.tokenizer
     config = trainer.model.base_model.model.config
-    dataset = SupervisedDataset(str(demo / "eval.json"), tokenizer, config)
+    dataset = SupervisedDataset(DataSettings(str(demo / "eval.json")), tokenizer, config)
     batch = DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad)([dataset[i] for i in range(2)])
     trained = trainer.model.eval()
 

@@ -67,7 +67,7 @@ def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
     assert getattr(trainer.model.get_base_model(), "is_remote_code_standin", False)
     assert trainer.state.global_step == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
     # The images were sliced by the checkpoint's slice_config (a MiniCPMVSliceConfig object in the hub's class).
-    assert trainer.train_dataset.settings == SliceSettings(scale_resolution=112, patch_size=14, max_slice_nums=9, query_num=16)
+    assert trainer.train_dataset.slice_settings == SliceSettings(scale_resolution=112, patch_size=14, max_slice_nums=9, query_num=16)
 
 
 def test_the_stand_in_config_has_the_published_surface_and_no_more(golden_dir, tmp_path):

@@ -11,7 +11,7 @@ from helpers import base_args
 from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
-from finetune.dataset import SupervisedDataset
+from finetune.dataset import DataSettings, SupervisedDataset
 from finetune.train import train
 from finetune.model import MiniCPMVConfig
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, cli, plot_losses, report_from_state, series
@@ -58,7 +58,7 @@ def test_token_counts_are_exact(run, tiny_model, demo):
     fields = parse_summary(out / SUMMARY_NAME)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     config = MiniCPMVConfig.from_pretrained(tiny_model)
-    dataset = SupervisedDataset(str(demo / "train.json"), tokenizer, config)
+    dataset = SupervisedDataset(DataSettings(str(demo / "train.json")), tokenizer, config)
     items = [dataset.prepare(i, load_pixels=False) for i in range(len(dataset))]
     inputs = sum(len(item.input_ids) for item in items)
     labels = sum(int((item.labels != -100).sum()) for item in items)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import finetune  # noqa: F401
-from finetune.dataset import DataCollator, SupervisedDataset
+from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
 from finetune.arguments import UsageError
 from finetune.train import train
 from finetune.model.attention import llm_attention, vision_attention
@@ -86,7 +86,7 @@ def test_adapter_restores_everything_trained(trained, tiny_model, demo):
     reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), out).eval()
     trained_model = trainer.model.eval()
     tokenizer = trainer.train_dataset.encoder.tokenizer
-    dataset = SupervisedDataset(str(demo / "eval.json"), tokenizer, reloaded.base_model.model.config)
+    dataset = SupervisedDataset(DataSettings(str(demo / "eval.json")), tokenizer, reloaded.base_model.model.config)
     batch = DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad)([dataset[i] for i in range(3)])
     with torch.no_grad():
         expected = trained_model(data=batch["data"], attention_mask=batch["attention_mask"]).logits
