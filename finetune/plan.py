@@ -3,7 +3,7 @@
     python -m finetune.plan --gpus 1 --gpu-mem 24 [--q_lora] [--tune-vision true|false] [--target-global-batch 16]
     python -m finetune.plan --gpus 2 --gpu-mem 80 --data train.json --model openbmb/MiniCPM-Llama3-V-2_5
     python -m finetune.plan --gpus 1 --gpu-mem 24 --emit-args      # only the flags (AUTO=1 finetune_lora.sh)
-    python -m finetune.plan --validate bench/results.json ...      # predicted vs measured peaks (markdown)
+    python -m finetune.plan --validate                              # predicted vs measured peaks (markdown)
 
 The model (GiB per GPU, predicting torch.cuda.max_memory_allocated; the card additionally needs the CUDA context
 and allocator slack, HEADROOM_GIB, before a plan is said to fit):
@@ -29,7 +29,9 @@ and allocator slack, HEADROOM_GIB, before a plan is said to fit):
                    chunk is vocab / N wide and lm_head's 0.98 GiB is never among the gathered parameters.
     overhead       a fixed constant (buffers, cuBLAS workspaces, allocator rounding).
 
-Calibration: bench/plan_validation.md (predicted vs measured, % error).
+Calibration: the measured peaks in plan_calibration.json (one record per measured configuration: the Setup it
+ran, the peak, device, date and source); `--validate` prints predicted against measured for each, and
+bench/README.md has that table with how the peaks were measured.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ DS_CONFIGS = {
     (3, True): HERE / "ds_config_zero3_offload.json",
 }
 ZERO3_LEAN_CONFIG = HERE / "ds_config_zero3_lean.json"  # no optimizer of its own: the Trainer's --optim, wrapped
+CALIBRATION_FILE = HERE / "plan_calibration.json"  # the measured peaks the constants were fitted on and checked against
 LOSS_CHUNK = 2048  # finetune.py's --loss_chunk_size default (label_position_loss's chunk)
 SMALL_LOSS_CHUNK = 512  # the memory lever: 1.8 GiB less at 2048 labels; same FLOPs, four lm_head calls instead of one
 OPTIM_8BIT = "adamw_bnb_8bit"  # transformers' name for bitsandbytes' AdamW with 8-bit states
@@ -64,29 +67,33 @@ HEADROOM_GIB = 1.5  # CUDA context (~0.5 GiB, outside torch's counters) + reserv
 class Constants:
     """The memory model's calibrated constants (bytes unless named otherwise)."""
 
-    # Calibrated on H200 peaks (bench/plan_validation.md): bench_qlora.py rows and bench_train.py suite rows.
+    # Fitted on H200 peaks, each on the record of plan_calibration.json named beside it (the others check it).
     nf4_bytes_per_param: float = 0.527  # 6.98 B decoder linears -> 3.43 GiB (4 bits + double-quantised absmax)
-    act_gc_bytes_per_token: float = 0.373e6  # checkpointed LLM (32 x 4096 x 2 B layer inputs + one layer recomputed)
-    act_nogc_bytes_per_token: float = 6.2e6  # every decoder layer's saved tensors (LoRA q/k/v/o)
+    # checkpointed LLM (32 x 4096 x 2 B layer inputs + one layer recomputed; loop_text_lora_suite)
+    act_gc_bytes_per_token: float = 0.373e6
+    # every decoder layer's saved tensors (LoRA q/k/v/o; loop_text_lora_suite_nogc). Compiled layers save less: the
+    # compiled speed mode (speed_mode) is over-predicted by 10%, the safe side.
+    act_nogc_bytes_per_token: float = 6.2e6
     # Per trained resampler / vision parameter (PEFT modules_to_save copy + Adam), beyond the 2-byte bf16 weight
     # already counted. Their gradients add nothing to the peak: backward reaches the resampler and the vision
     # tower last, after the LLM's activations and the loss chunk are freed. bf16 copies (bench loops): copy 2 +
     # Adam 4 = 6, measured 6.03 while PEFT's frozen original was still held; configure_trainable releases it now
-    # (release_frozen_originals), hence - 2 (re-measured: text_upstream_suite 22.09 GiB, 0.0%). fp32 copies
-    # (finetune.py without DeepSpeed): copy 4 + Adam 8 - 2 = 10, measured 10.05 (t1_upstream_adamw - t1_lora_adamw,
-    # bench/plan_validation.md). 8-bit Adam: 6 bytes less.
+    # (release_frozen_originals), hence - 2 (re-measured: loop_text_upstream_suite 22.09 GiB, 0.0%). fp32 copies
+    # (finetune.py without DeepSpeed): copy 4 + Adam 8 - 2 = 10, measured 10.05 (upstream_adamw - lora_adamw).
+    # 8-bit Adam: 6 bytes less.
     full_bytes_bf16: float = 6.03 - 2
     full_bytes_fp32: float = 10.0
     logit_bytes_per_element: float = 10.0  # bf16 logits + fp32 upcast + fp32 grad of one loss chunk (analytical)
     vision_gc_bytes_per_view: float = 96.7e6  # tuned vision tower (checkpointed) + trained resampler, per view
-    # frozen vision tower + trained resampler, per view: refitted on finetune.py's m1_lora23 (bench/plan_validation.md,
-    # Update 5) once backward stopped running through a frozen tower (95.6e6 before, on a bench-loop row)
+    # frozen vision tower + trained resampler, per view: fitted on m1_lora23, where backward stops at the frozen
+    # tower (95.6e6 while it ran through it)
     vision_frozen_bytes_per_view: float = 44.4e6
     vision_nogc_bytes_per_view: float = 1.4e9  # tuned vision tower, not checkpointed: analytical, NOT measured
     ds_bucket_elements: float = 2e8  # reduce_bucket_size of ds_config_zero2.json
-    zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each); the two
-    zero3_lean_live_gib: float = 1.0  # the same with ds_config_zero3_lean.json (max live / reuse 2e8 parameters)
-    # ZeRO-3 rows measured (2 x H200, bench/plan_validation.md) come out +3.7% / +4.3% with it
+    zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each; analytical)
+    # the same with ds_config_zero3_lean.json (max live / reuse 2e8 parameters): fitted on the pair that differs only
+    # in the config, t2_upstream_z3_c512 and t2_upstream_z3lean_c512
+    zero3_lean_live_gib: float = 1.0
     overhead_gib: float = 0.32  # buffers (rotary, resampler tables; 0.07 GiB) + workspaces
 
 
@@ -147,8 +154,8 @@ class Setup:
     q_lora: bool = False
     tune_vision: bool = True
     lora_r: int = 64
-    # Without DeepSpeed finetune.py keeps trainable weights in fp32 (keep_fp32_master_weights); bench loops that
-    # leave the resampler / vision copies in bf16 (bench_train.py without --fp32-trainable, bench_qlora.py) do not.
+    # Without DeepSpeed finetune.py keeps trainable weights in fp32 (keep_fp32_master_weights); a plain training
+    # loop that leaves the resampler / vision copies in bf16 as loaded (the calibration's loop_* rows) does not.
     fp32_trainable: bool = True
     loss_chunk: int = LOSS_CHUNK  # finetune.py --loss_chunk_size
     optim_8bit: bool = False  # --optim adamw_bnb_8bit (without DeepSpeed, or with ds_config_zero3_lean.json)
@@ -287,12 +294,12 @@ class Candidate:
 
 
 def candidates(gpus: int, q_lora: bool) -> list[Candidate]:
-    """Memory levers in the order they cost speed, fastest first (measured on H200, 2048-token text rows, upstream
-    recipe, tokens/s per GPU: bench/README.md): checkpointing; a smaller loss chunk; 8-bit optimizer states
-    (plain Trainer / DDP; 4026 vs 4207 with fp32 AdamW states in one run, 3411 in another); ZeRO-2 with CPU
-    offload (1957); ZeRO-3 (777: it gathers every layer's weights again in the checkpointed backward), in its lean
-    form with 8-bit AdamW states (ds_config_zero3_lean.json: 2.6 GiB less per GPU than ds_config_zero3.json, the
-    same speed in one call); ZeRO-3 with parameter offload as the last resort."""
+    """Memory levers in the order they cost speed, fastest first (H200, 2048-token text rows, upstream recipe,
+    tokens/s per GPU; the runs are in bench/README.md): checkpointing; a smaller loss chunk; 8-bit optimizer states
+    (plain Trainer / DDP: 3411 and 4026 in two calls, against 4207 with fp32 AdamW states); ZeRO-2 with CPU offload
+    (1957); ZeRO-3 (698 a GPU on 2 GPUs: it gathers every layer's weights again in the checkpointed backward), in
+    its lean form with 8-bit AdamW states (ds_config_zero3_lean.json: 2.6 GiB less per GPU than
+    ds_config_zero3.json); ZeRO-3 with parameter offload as the last resort."""
     base = 0 if gpus == 1 else 2
     out = [Candidate(base, False, False), Candidate(base, False, True), Candidate(base, False, True, SMALL_LOSS_CHUNK),
            Candidate(0, False, True, SMALL_LOSS_CHUNK, optim_8bit=True), Candidate(2, True, True, SMALL_LOSS_CHUNK)]  # fmt: skip
@@ -386,78 +393,45 @@ def data_statistics(model: str, data: str, max_slice_nums: int | None) -> tuple[
 # --- validation against measured peaks ----------------------------------------------------------------------
 
 
-def measured_setups(path: str) -> list[tuple[str, Setup | None, float, str]]:
-    """(name, setup or None when not modelled, measured peak allocated GiB, note) from one benchmark JSON:
-    bench/bench_qlora.py, bench/bench_train.py or bench/trainer_bench.py output."""
-    text = Path(path).read_text()
-    if path.endswith(".jsonl"):  # bench/device_suite.sh: one trainer_bench.py report per line
-        return [trainer_bench_setup(json.loads(line)) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    out = []
-    if "rows" in data:  # bench_qlora.py
-        for row in data["rows"]:
-            if "error" in row:
-                continue
-            setup = Setup(1, 0, False, True, 1, 2048, 0.0, row["row"] == "qlora_nf4", False, fp32_trainable=False)
-            out.append((f"qlora-bench {row['row']}", setup, row["peak_allocated_gib"], "text 2048, LoRA recipe"))
-    elif "results" in data:  # bench_train.py
-        text_len = data.get("args", {}).get("text_len", 2048)
-        for row in data["results"]:
-            if "error" in row or row.get("peak_allocated_gib") is None:
-                continue
-            name = f"1 GPU {row['row']}"
-            fp32 = "bfloat16" not in row.get("trainable_params_by_dtype", {})
-            if row["mode"] == "baseline":
-                out.append((name, None, row["peak_allocated_gib"], "not modelled: full-vocabulary logits path (upstream loss)"))
-                continue
-            if row["workload"] == "text":
-                tokens, views, note = text_len, 0.0, "text row"
-            else:  # one packed row per step; the peak comes from the longest step, approximated by mean x 1.25
-                steps = max(1, row.get("steps_timed", 1))
-                tokens = int(row["tokens_timed"] / steps * 1.25)
-                views = 10.0 * row["samples_timed"] / steps  # ~8 views per 400-2000 px image x 1.25
-                note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
-            setup = Setup(1, 0, False, row["gradient_checkpointing"], 1, tokens, views, False, row["recipe"] == "upstream",
-                          fp32_trainable=fp32)
-            out.append((name, setup, row["peak_allocated_gib"], note))
-    elif "peak_allocated_gib_per_rank" in data:  # trainer_bench.py
-        out.append(trainer_bench_setup(data))
-    return out
+@dataclass(frozen=True)
+class Measurement:
+    """One measured configuration: the Setup it ran and its peak allocated GiB (the worst rank), with where,
+    when and how it was measured."""
+
+    name: str
+    setup: Setup
+    peak_gib: float
+    device: str
+    date: str
+    versions: str
+    source: str
+    note: str = ""
+
+    def record(self) -> dict:
+        """The measurement as a record of the calibration file."""
+        return {"name": self.name, "setup": asdict(self.setup), "measured_peak_gib": self.peak_gib, "device": self.device,
+                "date": self.date, "versions": self.versions, "source": self.source, "note": self.note}  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record: dict) -> Measurement:
+        return cls(record["name"], Setup(**record["setup"]), float(record["measured_peak_gib"]), record["device"], record["date"],
+                   record["versions"], record["source"], record.get("note", ""))  # fmt: skip
 
 
-def trainer_bench_setup(data: dict) -> tuple[str, Setup, float, str]:
-    """One bench/trainer_bench.py report (finetune.py's real Trainer): its configuration as a Setup.
-
-    Reports written since device_suite.sh carry the largest micro-batch (tokens, views), the optimizer and the
-    loss chunk; older ones are approximated (1.25 x the mean step's tokens, 10 views a sample)."""
-    ds = str(data.get("deepspeed") or "")
-    stage = 3 if "zero3" in ds else 2 if "zero2" in ds else 0
-    world = data["world_size"]
-    if "largest_micro_batch_tokens" in data:
-        tokens, views = int(data["largest_micro_batch_tokens"]), float(data["largest_micro_batch_views"])
-        note = "largest micro-batch: %d tokens, %d views" % (tokens, views)
-    else:
-        tokens = int(data["tokens_per_s"] * data["step_s_mean"] / world * 1.25)
-        views = 10.0 * data["samples_per_s"] * data["step_s_mean"] / world
-        note = "mm, 4 samples packed: tokens 1.25 x mean step, 10 views a sample (assumed)"
-    setup = Setup(world, stage, "offload" in ds, bool(data.get("gradient_checkpointing", True)), 1, tokens, views,
-                  bool(data.get("q_lora", False)), bool(data.get("tune_vision", True)),
-                  loss_chunk=int(data.get("loss_chunk_size", LOSS_CHUNK)), optim_8bit="8bit" in str(data.get("optim", "")),
-                  lean=stage == 3 and "lean" in ds, vocab_shards=bool(data.get("vocab_sharded_loss", False)))  # fmt: skip
-    name = data.get("name") or f"{world} GPU ZeRO-{stage} Trainer"
-    return (f"{name} ({world} GPU{'s' if world > 1 else ''}, {'ZeRO-%d' % stage if stage else 'no DeepSpeed'})", setup,
-            max(data["peak_allocated_gib_per_rank"]), note)  # fmt: skip
+def load_calibration(path: str | Path = CALIBRATION_FILE) -> list[Measurement]:
+    """The measured configurations of a calibration file (`{"records": [...]}`; `python -m bench memory
+    --calibration PATH` adds and refreshes records)."""
+    return [Measurement.from_record(record) for record in json.loads(Path(path).read_text())["records"]]
 
 
-def validation_markdown(paths: list[str], constants: Constants = CONSTANTS) -> str:
-    lines = ["| configuration | predicted GiB | measured GiB | error | note |", "| --- | ---: | ---: | ---: | --- |"]
-    for path in paths:
-        for name, setup, measured, note in measured_setups(path):
-            if setup is None:
-                lines.append(f"| {name} | - | {measured:.2f} | - | {note} |")
-                continue
-            predicted = predict(setup, constants)["total"]
-            lines.append(f"| {name} | {predicted:.2f} | {measured:.2f} | {100 * (predicted - measured) / measured:+.1f}% | {note} |")
+def validation_markdown(measurements: list[Measurement], constants: Constants = CONSTANTS) -> str:
+    """Predicted against measured peak allocated GiB, one row per measured configuration."""
+    lines = ["| configuration | GPUs | predicted GiB | measured GiB | error | measured | note |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]  # fmt: skip
+    for m in measurements:
+        predicted = predict(m.setup, constants)["total"]
+        error = 100 * (predicted - m.peak_gib) / m.peak_gib
+        lines.append(f"| {m.name} | {m.setup.gpus} | {predicted:.2f} | {m.peak_gib:.2f} | {error:+.1f}% | {m.date}, {m.device} | {m.note} |")
     return "\n".join(lines)
 
 
@@ -474,14 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--emit-args", action="store_true", help="print only the finetune.py flags (shell-quoted)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--validate", nargs="+", metavar="JSON", help="predicted vs measured for benchmark JSONs")
+    parser.add_argument("--validate", nargs="?", const=str(CALIBRATION_FILE), metavar="CALIBRATION_JSON",
+                        help="predicted vs measured peaks (markdown) for the measured configurations of a calibration "
+                        "file (default: the one shipped with the planner)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.validate:
-        print(validation_markdown(args.validate))
+        print(validation_markdown(load_calibration(args.validate)))
         return 0
     if args.gpu_mem is None:
         print("plan: --gpu-mem GiB is required", file=sys.stderr)

@@ -110,8 +110,8 @@ def test_lean_zero3_with_8bit_states_is_the_multi_gpu_lever_before_offload():
 
 
 def test_zero3_plans_count_lm_head_as_never_gathered_only_where_the_loss_runs_on_its_vocabulary_shards():
-    """Measured on 2 x H200 (bench/README.md, Update 7): 0.94 GiB less per GPU with the loss on the shards. The
-    shards need the parameters on the GPU and N dividing the 128,256-row vocabulary; elsewhere lm_head is gathered."""
+    """Measured on 2 x H200 (bench/README.md): 0.94 GiB less per GPU with the loss on the shards. The shards need
+    the parameters on the GPU and N dividing the 128,256-row vocabulary; elsewhere lm_head is gathered."""
     lm_head_gib = 128256 * 4096 * 2 / 2**30
     for gpus in (2, 8):
         sharded, gathered = (predict(Setup(gpus=gpus, zero_stage=3, loss_chunk=512, vocab_shards=v))["total"] for v in (True, False))
@@ -162,19 +162,6 @@ def test_plan_from_data_lengths(tiny_model, demo, capsys):
     assert length % 64 == 0 and length < 2048  # demo samples are short: the plan shrinks model_max_length
 
 
-def test_validation_table_on_measured_qlora_rows(tmp_path):
-    import json
-
-    from finetune.plan import validation_markdown
-
-    rows = [{"row": "bf16_lora", "peak_allocated_gib": 20.69}, {"row": "qlora_nf4", "peak_allocated_gib": 11.04}]
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps({"rows": rows}))
-    table = validation_markdown([str(path)])
-    errors = [float(line.split("|")[4].strip().rstrip("%")) for line in table.splitlines()[2:]]
-    assert len(errors) == 2 and all(abs(e) < 10 for e in errors)
-
-
 def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -204,27 +191,38 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     assert result.returncode != 0 and "does not fit" in result.stderr
 
 
-def test_validate_reads_trainer_bench_reports(tmp_path, capsys):
-    """--validate on device_suite.sh's results.jsonl: each trainer_bench.py report becomes the Setup it ran."""
+def test_validate_compares_every_shipped_measurement_with_its_prediction(capsys):
+    """--validate reads the calibration file shipped beside the planner: a row per measured configuration, the
+    prediction of its Setup against its measured peak; every prediction within 16% (the compiled speed mode at
+    two rows is the worst, over-predicted), ZeRO-3 on the safe side."""
+    from finetune.plan import load_calibration
+
+    measurements = load_calibration()
+    assert main(["--validate"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| configuration | GPUs | predicted GiB | measured GiB | error |") and len(lines) == 2 + len(measurements)
+    assert len({m.name for m in measurements}) == len(measurements)
+    for measurement, line in zip(measurements, lines[2:]):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        predicted, measured, error = float(cells[2]), float(cells[3]), float(cells[4].rstrip("%"))
+        assert cells[0] == measurement.name and predicted == round(predict(measurement.setup)["total"], 2)
+        assert measured == round(measurement.peak_gib, 2) and abs(error) < 16, line
+        if measurement.setup.zero_stage == 3:
+            assert error > 0, line
+    names = {m.name for m in measurements}
+    assert {"upstream_8bit_c512", "lora_nf4_8bit_c512", "speed_mode", "mm_upstream", "lora_zero3_2gpus"} <= names
+
+
+def test_a_calibration_file_given_on_the_command_line_is_read(tmp_path, capsys):
     import json
 
-    reports = [
-        {"name": "t1_8bit", "world_size": 1, "deepspeed": None, "optim": "adamw_bnb_8bit", "loss_chunk_size": 512,
-         "gradient_checkpointing": True, "q_lora": False, "tune_vision": True, "largest_micro_batch_tokens": 2048,
-         "largest_micro_batch_views": 0, "peak_allocated_gib_per_rank": [20.48]},
-        {"name": "t2_z3", "world_size": 2, "deepspeed": "finetune/ds_config_zero3.json", "optim": "adamw_torch",
-         "loss_chunk_size": 2048, "gradient_checkpointing": True, "q_lora": False, "tune_vision": False,
-         "largest_micro_batch_tokens": 4000, "largest_micro_batch_views": 12, "peak_allocated_gib_per_rank": [12.0, 12.5]},
-    ]  # fmt: skip
-    path = tmp_path / "results.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in reports) + "\n")
-    from finetune.plan import measured_setups
+    from finetune.plan import Measurement
 
-    (name1, setup1, peak1, _), (name2, setup2, peak2, _) = measured_setups(str(path))
-    # (reports from before the loss ran on lm_head's vocabulary shards lack the field: they gathered it)
-    assert setup1 == Setup(1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True, vocab_shards=False)
-    assert peak1 == 20.48
-    assert setup2 == Setup(2, 3, False, True, 1, 4000, 12.0, False, False, vocab_shards=False) and peak2 == 12.5  # the worst rank
+    setup = Setup(gpus=2, zero_stage=3, loss_chunk=512, optim_8bit=True, lean=True, tune_vision=False)
+    record = Measurement("mine", setup, 10.0, "2 x some GPU", "2030-01-01", "torch x", "a test", "text 2048").record()
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"records": [record]}))
     assert main(["--validate", str(path)]) == 0
-    table = capsys.readouterr().out
-    assert "t1_8bit (1 GPU, no DeepSpeed)" in table and "t2_z3 (2 GPUs, ZeRO-3)" in table
+    line = capsys.readouterr().out.splitlines()[2]
+    predicted = predict(setup)["total"]
+    assert line == f"| mine | 2 | {predicted:.2f} | 10.00 | {100 * (predicted - 10) / 10:+.1f}% | 2030-01-01, 2 x some GPU | text 2048 |"
