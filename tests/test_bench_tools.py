@@ -1,26 +1,22 @@
-"""The benchmark's own tools on CPU: the text set's lengths, the results table, the GPU-gap and memory-peak readers (bench/)."""
+"""The benchmark on CPU: every suite end to end in its smoke mode (the table, its rows and the ratios computed from
+them), and the measuring pieces it is built from (bench/)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import case_data
 from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
+from bench.data import make_mm_dataset, make_text_dataset, mm_set_stats, prepare_workspace
+from bench.phases import PhasePeaks, PhaseTimes, phase_of
+from bench.suites import SUITES, main
 from finetune.dataset import DataSettings, SupervisedDataset
 from finetune.model.image_processing import SliceSettings
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from bench_train import make_mm_dataset, make_text_dataset, mm_set_stats  # noqa: E402
-from gpu_gaps import analyse  # noqa: E402
-from memory_at_peak import PhasePeaks  # noqa: E402
-from summarize import table  # noqa: E402
-from time_by_phase import PhaseTimes, phase_of  # noqa: E402
 
 
 def test_text_rows_are_as_long_as_asked_and_fit(tiny_model, tmp_path):
@@ -49,42 +45,6 @@ def test_multimodal_set_can_be_made_with_a_given_average_of_views(tiny_model, tm
     default = make_mm_dataset(str(tmp_path / "default"), 2, tokenizer, settings)
     params = json.loads((Path(default).parent / "train.params.json").read_text())
     assert set(params) == {"num", "seed", "min_len", "max_len", "settings", "vocab"}
-
-
-def test_summary_table_has_a_row_per_report():
-    report = {"name": "t2_z3", "world_size": 2, "deepspeed": "finetune/ds_config_zero3_offload.json", "optim": "adamw_bnb_8bit",
-              "loss_chunk_size": 512, "tokens_per_s": 1555.4, "samples_per_s": 0.76, "mfu": 0.025,
-              "peak_allocated_gib_per_rank": [15.0, 15.88], "peak_reserved_gib_per_rank": [20.8, 20.7],
-              "data_wait_fraction": 0.004, "optimizer_fraction": 0.008}  # fmt: skip
-    fast = dict(report, name="fast", deepspeed=None, gradient_checkpointing=False, liger_rms_norm=True, loss_kernel="liger", compiled_layers=32)
-    lines = table([report, dict(report, name="other", deepspeed=None), fast]).splitlines()
-    assert len(lines) == 5
-    assert lines[2] == "| t2_z3 | 2 | ZeRO-3 offload | 8-bit AdamW | 512 | GC | 1555 | 0.76 | 2.5% | 15.88 | 20.80 | 0.4% | 0.8% |"
-    assert "| other | 2 | - |" in lines[3]
-    assert "| fast | 2 | - | 8-bit AdamW | 512 | no GC, liger + fused CE, compiled layers | 1555 |" in lines[4]
-
-
-def _event(category: str, name: str, start: float, duration: float, thread: int = 1) -> dict:
-    return {"ph": "X", "cat": category, "name": name, "ts": start, "dur": duration, "tid": thread}
-
-
-def test_gpu_gaps_are_charged_to_the_python_frames_open_on_the_launching_thread():
-    trace = {"traceEvents": [
-        _event("kernel", "gemm", 0, 10, thread=7), _event("kernel", "gemm", 5, 10, thread=7),  # overlap: busy 0-15
-        _event("kernel", "norm", 40, 10, thread=7), _event("kernel", "add", 50.5, 1, thread=7),  # 0.5 us: below the floor
-        _event("kernel", "gemm", 80, 20, thread=7),
-        _event("cuda_runtime", "cudaLaunchKernel", 38, 1), _event("cuda_runtime", "cudaLaunchKernel", 78, 1),
-        _event("cuda_runtime", "cudaLaunchKernel", 1, 1, thread=2),  # another thread, fewer launches: not read
-        _event("python_function", "train_step", 0, 100), _event("python_function", "zero_grad", 16, 20),
-        _event("python_function", "model.train", 55, 22), _event("python_function", "other thread", 0, 100, thread=2),
-    ]}  # fmt: skip
-    result = analyse(trace, min_gap_us=5)
-    assert result["window_ms"] == 0.1 and result["busy_ms"] == (15 + 10 + 1 + 20) / 1e3
-    assert result["gaps"] == [(15, 40), (51.5, 80)]
-    assert dict(result["by_frames"]) == {
-        ("zero_grad", "train_step"): [25.0, 1],
-        ("model.train", "train_step"): [28.5, 1],
-    }
 
 
 class _FakeMemory:
@@ -181,39 +141,184 @@ def test_step_time_is_charged_to_the_phases_of_a_checkpointed_image_step(golden_
 
 def test_window_timing_synchronises_only_where_the_timed_steps_start_and_end(monkeypatch):
     """BENCH_SYNC=window: the step ends before and at the end of the timed steps wait for the GPU, no other
-    (the mean step time over the window stays exact while the host may run ahead inside it)."""
+    (the mean step time stays exact while the host may run ahead inside it)."""
     from types import SimpleNamespace
 
-    import trainer_bench
+    from bench import trainer_bench
 
     synced = []
     monkeypatch.setattr(trainer_bench, "_now", lambda sync=True: synced.append(sync) or 0.0)
     for mode, expected in (("window", [False, False, True, False, False, True]), ("steps", [True] * 6)):
         synced.clear()
-        monkeypatch.setattr(trainer_bench, "_SYNC", mode)
-        ends = trainer_bench._StepEnds([], first_timed_step=lambda steps: 4)  # steps 4-6 timed, from step 3's end
+        ends = trainer_bench._StepEnds([], first_timed_step=lambda steps: 4, sync=mode)  # steps 4-6 timed, from step 3's end
         for step in range(1, 7):
             ends.on_step_end(None, SimpleNamespace(global_step=step, max_steps=6), None)
         assert synced == expected, mode
 
 
-def test_the_baseline_without_checkpointing_is_the_plain_path_with_checkpointing_off():
-    from types import SimpleNamespace
-
-    from bench_train import ROW_BY_NAME, build_model
-
+def test_the_baseline_runs_the_dummy_image_and_checkpoints_as_its_row_says():
+    from bench.loop import ROW_BY_NAME, build_model
     from finetune.run_report import checkpointing_in_effect
 
-    args = SimpleNamespace(tiny=True, fp32_trainable=False, fast_kernels="")
     built = {}
-    for name in ("text_lora_baseline", "text_lora_baseline_nogc", "text_lora_suite_nogc"):
+    for name in ("text_lora_baseline", "text_lora_baseline_nogc", "mm_upstream_baseline"):
         torch.manual_seed(0)
-        row = ROW_BY_NAME[name]
-        model = build_model(row, args, torch.device("cpu"))
-        built[name] = (row.baseline, model.get_base_model().dummy_image_stand_in, checkpointing_in_effect(model))
-    # (baseline?, the suite's dummy-image stand-in, gradient checkpointing)
+        model = build_model(ROW_BY_NAME[name], torch.device("cpu"), tiny=True)
+        vision_trained = any(p.requires_grad for p in model.get_base_model().vpm.parameters())
+        built[name] = (model.get_base_model().dummy_image_stand_in, checkpointing_in_effect(model), vision_trained)
+    # (the suite's dummy-image stand-in, gradient checkpointing, vision tower trained)
     assert built == {
-        "text_lora_baseline": (True, False, True),
-        "text_lora_baseline_nogc": (True, False, False),
-        "text_lora_suite_nogc": (False, True, False),
+        "text_lora_baseline": (False, True, False),
+        "text_lora_baseline_nogc": (False, False, False),
+        "mm_upstream_baseline": (False, True, True),
     }
+
+
+# --- the suites end to end (smoke runs: the tiny model, a few steps, on the CPU) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """The tiny checkpoint and data sets, built once for every smoke run of this module."""
+    folder = tmp_path_factory.mktemp("bench")
+    prepare_workspace(folder, tiny=True, mm_samples=8)
+    return folder
+
+
+def smoke_run(argv: list[str], workspace: Path, tmp_path: Path, capsys) -> tuple[int, list[str], dict]:
+    """`python -m bench ARGV --smoke`: (exit status, the printed lines, the --json record)."""
+    record = tmp_path / "run.json"
+    status = main([*argv, "--smoke", "--work-dir", str(workspace), "--json", str(record)])
+    return status, capsys.readouterr().out.splitlines(), json.loads(record.read_text())
+
+
+def table(lines: list[str]) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+    """(the table's column titles, its rows by name, the ratios by label) of a printed suite."""
+    cells = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
+    start = next(i for i, line in enumerate(lines) if line.startswith("| row |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = {cells(line)[0]: cells(line)[1:] for line in lines[start + 2 : end]}
+    ratios = {cells(line)[0]: cells(line)[1] for line in lines if line.startswith("| ") and line.rstrip().endswith(("x |", "- |"))
+              and line not in lines[start:end] and not line.startswith("| ratio")}  # fmt: skip
+    return cells(lines[start]), rows, ratios
+
+
+def check_header(lines: list[str], suite: str) -> None:
+    assert lines[0] == f"## python -m bench {suite}"
+    header = dict(line[2:].split(": ", 1) for line in lines[1:8] if line.startswith("- "))
+    assert header["command"].startswith(f"python -m bench {suite} ") and "--smoke" in header["command"]
+    assert header["device"].startswith("CPU") and f"torch {torch.__version__}" in header["versions"]
+    assert header["date"].endswith("UTC") and header["workload"].startswith("SMOKE RUN")
+
+
+def check_ratios(record: dict, printed: dict[str, str]) -> None:
+    """Every ratio is the quotient of its two rows' numbers in this run, printed as such ('-' where either is missing)."""
+    rows = {row["row"]: row for row in record["rows"]}
+    assert list(printed) == [ratio["label"] for ratio in record["ratios"]]
+    for ratio in record["ratios"]:
+        top, bottom = (rows.get(ratio[name], {}).get(ratio["metric"]) for name in ("numerator", "denominator"))
+        expected = top / bottom if top is not None and bottom else None
+        assert ratio["value"] == expected
+        assert printed[ratio["label"]] == ("-" if expected is None else f"{expected:.2f}x")
+
+
+def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_from_the_same_run(workspace, tmp_path, capsys):
+    status, lines, record = smoke_run(["headline"], workspace, tmp_path, capsys)
+    assert status == 0
+    check_header(lines, "headline")
+    columns, rows, ratios = table(lines)
+    assert columns == ["row", "what runs", "tokens/s", "samples/s", "step s", "MFU", "peak alloc GiB", "data wait"]
+    assert list(rows) == ["baseline", "baseline_nogc", "baseline_2rows", "speed_mode", "speed_mode_2rows",
+                          "mm_baseline_upstream", "mm_baseline_lora", "mm_upstream", "mm_lora"]  # fmt: skip
+    by_name = {row["row"]: row for row in record["rows"]}
+    for name, cells in rows.items():
+        row = by_name[name]
+        assert row["tokens_per_s"] > 0 and cells[1] == f"{row['tokens_per_s']:.0f}" and cells[-2] == "-"  # no GPU: no peak
+        assert row["kind"] == ("TrainerRow" if name in ("speed_mode", "speed_mode_2rows", "mm_upstream", "mm_lora") else "BaselineRow")
+    # finetune.py rows report what the Trainer ran: the speed mode without checkpointing, 2 samples a step at 2 rows
+    speed, two_rows = by_name["speed_mode"]["report"], by_name["speed_mode_2rows"]["report"]
+    assert not speed["gradient_checkpointing"] and speed["synchronised"] == "the timed window's ends"
+    assert two_rows["samples_per_s"] == pytest.approx(2 / two_rows["step_s_mean"])
+    assert by_name["mm_upstream"]["report"]["optim"] == "adamw_bnb_8bit" and by_name["mm_upstream"]["report"]["tune_vision"]
+    assert all(ratio["value"] is not None for ratio in record["ratios"]) and len(ratios) == 6
+    check_ratios(record, ratios)
+
+
+@pytest.mark.parametrize("suite, skipped", [("memory", {"upstream_zero2_offload_c512"}), ("qlora", {"lora_nf4_adamw", "lora_nf4_8bit_c512"})])
+def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, workspace, tmp_path, capsys):
+    status, lines, record = smoke_run([suite], workspace, tmp_path, capsys)
+    assert status == 0
+    check_header(lines, suite)
+    columns, rows, ratios = table(lines)
+    assert columns[2:] == list(SUITES[suite].columns) == ["peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s"]
+    assert list(rows) == [row.name for row in SUITES[suite].rows(2)]
+    for name, cells in rows.items():
+        if name in skipped:
+            assert "(skipped: " in cells[0] and cells[1:] == ["-"] * 4
+        else:
+            assert cells[1:4] == ["-", "-", "-"] and float(cells[4]) > 0  # the CPU has no peak to read or to plan
+    check_ratios(record, ratios)  # peak ratios: '-' without a GPU
+
+
+def test_multi_gpu_suites_smoke_run_their_rows_under_torchrun(workspace, tmp_path, capsys):
+    status, lines, record = smoke_run(["scaling", "--rows", "text_zero2_1gpu,text_zero2_2gpus"], workspace, tmp_path, capsys)
+    assert status == 0
+    check_header(lines, "scaling")
+    columns, rows, ratios = table(lines)
+    assert columns[2:] == ["GPUs", "tokens/s", "samples/s", "peak alloc GiB", "data wait"]
+    assert list(rows) == ["text_zero2_1gpu", "text_zero2_2gpus"] and [rows[name][1] for name in rows] == ["1", "2"]
+    reports = {row["row"]: row["report"] for row in record["rows"]}
+    assert [reports[name]["world_size"] for name in rows] == [1, 2]
+    assert all("ds_config_zero2.json" in reports[name]["deepspeed"] for name in rows)
+    # two processes, one text row each a step: twice the samples of one process a step
+    two = reports["text_zero2_2gpus"]
+    assert two["samples_per_s"] == pytest.approx(2 / two["step_s_mean"])
+    assert ratios == {"text: 2 GPUs / 1 GPU (tokens/s)": f"{two['tokens_per_s'] / reports['text_zero2_1gpu']['tokens_per_s']:.2f}x",
+                      "multimodal: 2 GPUs / 1 GPU (samples/s)": "-"}  # fmt: skip
+    check_ratios(record, ratios)
+
+    status, lines, record = smoke_run(["zero3", "--rows", "lora_zero3_2gpus"], workspace, tmp_path, capsys)
+    assert status == 0
+    check_header(lines, "zero3")
+    _, rows, _ = table(lines)
+    report = record["rows"][0]["report"]
+    assert list(rows) == ["lora_zero3_2gpus"] and report["world_size"] == 2 and not report["tune_vision"]
+    assert "ds_config_zero3_lean.json" in report["deepspeed"] and report["optim"] == "adamw_bnb_8bit" and report["vocab_sharded_loss"]
+
+
+def test_data_smoke_run_times_every_case_of_the_sample(tmp_path, capsys):
+    status, lines, record = smoke_run(["data"], tmp_path, tmp_path, capsys)
+    assert status == 0
+    columns, rows, ratios = table(lines)
+    assert columns == ["row", "mean ms", "p50 ms", "p95 ms", "cpu ms"]
+    assert next(iter(rows)) == "prepare_sample (decode + slice + strips + tokenize)" and len(rows) == 9
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    check_ratios(record, ratios)
+
+
+def test_a_trainer_report_becomes_the_planners_setup_and_refreshes_its_record(tmp_path):
+    """What `--calibration FILE` writes: each finetune.py row's report as the Setup it ran (the largest micro-batch,
+    the worst rank's peak), replacing the record of the same name, appending new ones; the planner reads it back."""
+    from bench.calibration import measurement_of_report, refresh_calibration
+    from finetune.plan import Setup, load_calibration
+
+    reports = [
+        {"world_size": 1, "deepspeed": None, "optim": "adamw_bnb_8bit", "loss_chunk_size": 512, "gradient_checkpointing": True,
+         "q_lora": False, "tune_vision": True, "largest_micro_batch_tokens": 2048, "largest_micro_batch_views": 0,
+         "peak_allocated_gib_per_rank": [20.48]},
+        {"world_size": 2, "deepspeed": "finetune/ds_config_zero3_lean.json", "optim": "adamw_bnb_8bit", "loss_chunk_size": 512,
+         "gradient_checkpointing": True, "q_lora": False, "tune_vision": False, "largest_micro_batch_tokens": 4000,
+         "largest_micro_batch_views": 12, "peak_allocated_gib_per_rank": [10.0, 10.5], "vocab_sharded_loss": True},
+    ]  # fmt: skip
+    first, second = (measurement_of_report(name, report, "1 x GPU", "2030-01-01", "torch x", "a test")
+                     for name, report in zip(("upstream_8bit_c512", "lora_zero3_2gpus"), reports))  # fmt: skip
+    assert first.setup == Setup(1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True, vocab_shards=False)
+    assert second.setup == Setup(2, 3, False, True, 1, 4000, 12.0, False, False, loss_chunk=512, optim_8bit=True, lean=True, vocab_shards=True)
+    assert second.peak_gib == 10.5 and second.note == "largest micro-batch: 4000 tokens, 12 views"  # the worst rank
+    assert measurement_of_report("cpu", dict(reports[0], peak_allocated_gib_per_rank=None), "cpu", "", "", "") is None
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"about": "kept", "records": [dict(first.record(), measured_peak_gib=99.0), {**first.record(), "name": "other"}]}))
+    refresh_calibration(path, [first, second])
+    assert json.loads(path.read_text())["about"] == "kept"
+    assert [(m.name, m.peak_gib) for m in load_calibration(path)] == [("upstream_8bit_c512", 20.48), ("other", 20.48), ("lora_zero3_2gpus", 10.5)]

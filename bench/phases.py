@@ -1,25 +1,40 @@
-"""Where in a training step the CUDA memory peaks: the peak allocated between consecutive marks.
+"""Where a training step's memory and GPU time go: marks inside the step, and what happens between them.
 
-    peaks = PhasePeaks(); peaks.attach(native_model)   # marks in the model (below)
+    peaks = PhasePeaks(); peaks.attach(native_model)   # the peak allocated memory between consecutive marks
+    times = PhaseTimes(); times.attach(native_model)   # the GPU time between them, summed by phase
     trainer.add_callback(peaks)                        # marks at step begin, optimizer step, step end
     ... train ...
-    open(path, "w").write(peaks.report())
+    open(path, "w").write(peaks.report())              # or times.report(first_step=5)
 
-`bench/trainer_bench.py` does this when BENCH_MEMORY=path is set. A mark reads torch.cuda.memory_allocated and
-max_memory_allocated, then resets the peak statistic, so each interval between two marks gets its own peak.
-The marks (StepMarks, which bench/time_by_phase.py shares) sit at the entry and exit of the embeddings, the
-vision tower, the resampler, lm_head and the whole model, at the start of every LLM decoder layer and vision
-encoder layer, and where the resampler's output and input gradients arrive; a mark made during backward says so
-(checkpointed layers run their forward again there, which marks the backward's progress layer by layer).
-Under ZeRO-3 every mark also records how many bytes of partitioned parameters are held gathered at that moment.
-The allocator's own trace with Python stacks (torch.cuda.memory._record_memory_history) would say which
-tensors, but it failed inside checkpoint recomputation on torch 2.11 ("cross_entropy_loss returned NULL
-without setting an exception").
+bench/trainer_bench.py attaches them when asked (`--phases memory` / `--phases time` of `python -m bench`).
+The marks (StepMarks) sit at the entry and exit of the embeddings, the vision tower, the resampler, lm_head and
+the whole model, at the start of every LLM decoder layer and vision encoder layer, and where the resampler's
+output and input gradients arrive; a mark made during backward says so (checkpointed layers run their forward
+again there, which marks the backward's progress layer by layer).
+
+PhasePeaks: a mark reads torch.cuda.memory_allocated and max_memory_allocated, then resets the peak statistic,
+so each interval between two marks gets its own peak (the run's peak reserved figure is then meaningless, and
+the hooks cost host time). Under ZeRO-3 every mark also records how many bytes of partitioned parameters are
+held gathered at that moment. (The allocator's own trace with Python stacks would name the tensors, but it
+fails inside checkpoint recomputation on torch 2.11.)
+
+PhaseTimes: a mark records a CUDA event on the current stream, so the time between two marks is the GPU's time
+between the work launched before each: kernels, and any time the GPU sat idle waiting for the host, in stream
+order. Nothing is synchronised until the report. Intervals are charged to the phase of the mark they start at
+(`phase_of`): a checkpointed layer's interval in backward holds its recomputation and its backward.
+trainer_bench.py adds a mark where training_step returns (backward done), so gradient clipping gets its own
+phase. On CPU the marks read time.perf_counter instead. The marks inside compiled layers break their graphs
+(StepMarks._mark_here) and dynamo recompiles the hook per layer name up to its limit, so an instrumented run
+can be slower than the same run without marks.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -143,4 +158,97 @@ class PhasePeaks(StepMarks):
                 f"| {end} | {top_bytes / GiB:.3f} | {after / GiB:.3f} | {held / GiB:.3f} | {', '.join(big)} |"
                 for (step, _, end, _, top_bytes, after), (held, big) in zip(self.intervals, self.gathered) if step == shown
             ]  # fmt: skip
+        return "\n".join(lines) + "\n"
+
+
+# --- GPU time by phase ---------------------------------------------------------------------------------------
+
+
+def _cuda_event() -> Any:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _cuda_elapsed_ms(start: Any, end: Any) -> float:
+    return start.elapsed_time(end)
+
+
+def phase_of(label: str) -> str:
+    """The phase an interval belongs to, from the mark it starts at."""
+    backward = label.endswith(" (backward)")
+    name = label.removesuffix(" (backward)")
+    if re.fullmatch(r"(llm|vision) layer \d+ begins", name):
+        tower = name.split()[0]
+        if backward:
+            return f"{tower} layers: recompute + backward"
+        return f"{tower} layers: forward"
+    if name == "resampler output's gradient":  # (the image features' scatter into the embeddings came before it)
+        return "resampler: backward"
+    if name == "resampler input's gradient":
+        return "vision tower after its layers: backward"  # post_layernorm, then its last layer's mark
+    if name in ("lm_head in", "lm_head out"):
+        return "loss (lm_head chunks)" + (": recompute + backward" if backward else "")
+    if name == "training_step done":
+        return "gradient norm + clipping"
+    if name == "optimizer step begins":
+        return "optimizer step"
+    if name in ("optimizer step done", "step end"):
+        return "scheduler, zero_grad, next batch, Trainer bookkeeping"
+    return name + (" (backward)" if backward else "")
+
+
+class PhaseTimes(StepMarks):
+    def __init__(
+        self,
+        record: Callable[[], Any] | None = None,
+        elapsed_ms: Callable[[Any, Any], float] | None = None,
+    ):
+        if (record is None) != (elapsed_ms is None):
+            raise ValueError("give both record and elapsed_ms, or neither")
+        if record is None:
+            cuda = torch.cuda.is_available()
+            record = _cuda_event if cuda else time.perf_counter
+            elapsed_ms = _cuda_elapsed_ms if cuda else (lambda start, end: (end - start) * 1e3)
+        self._record, self._elapsed_ms = record, elapsed_ms
+        self.marks: list[tuple[int, str, Any]] = []  # (step, label, event)
+
+    def mark(self, label: str) -> None:
+        self.marks.append((self.step, label, self._record()))
+
+    def intervals(self) -> list[tuple[int, str, str, float]]:
+        """(step of the first mark, from label, to label, ms between), for consecutive marks."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return [
+            (step, label, next_label, self._elapsed_ms(event, next_event))
+            for (step, label, event), (_, next_label, next_event) in zip(self.marks, self.marks[1:])
+        ]
+
+    def _ended_steps(self, first_step: int) -> list[int]:
+        return sorted({step for step, label, _ in self.marks if label == "step end" and step >= first_step})
+
+    def by_phase(self, first_step: int) -> dict[str, float]:
+        """Mean ms per optimizer step of each phase, over the steps from first_step on that have ended."""
+        ended = set(self._ended_steps(first_step))
+        totals: dict[str, float] = defaultdict(float)
+        for step, label, _, ms in self.intervals():
+            # the interval from a step's end to the next step's begin is charged to the step that ended
+            if step in ended:
+                totals[phase_of(label)] += ms
+        return {phase: total / len(ended) for phase, total in totals.items()} if ended else {}
+
+    def report(self, first_step: int) -> str:
+        phases = self.by_phase(first_step)
+        total = sum(phases.values())
+        steps = self._ended_steps(first_step)
+        lines = [
+            f"GPU time per optimizer step by phase, steps {steps[0]}-{steps[-1]}: {total:.1f} ms a step (mean)"
+            if steps else "GPU time by phase: no step ended from the first timed step on",
+            "",
+            "| phase | ms a step | share |",
+            "| --- | ---: | ---: |",
+        ]
+        for phase, ms in sorted(phases.items(), key=lambda item: -item[1]):
+            lines.append(f"| {phase} | {ms:.1f} | {ms / total:.1%} |")
         return "\n".join(lines) + "\n"
