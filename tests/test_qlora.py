@@ -2,7 +2,7 @@
 
 bitsandbytes >= 0.45 quantizes and runs NF4 Linear4bit on the CPU, so the real loader path runs here with the tiny
 model; finetune.py itself still refuses --q_lora without CUDA (CPU 4-bit is far too slow for real training), so
-the end-to-end test relaxes only that one check. GPU numbers: bench/README_qlora.md.
+the end-to-end test relaxes only that one check. GPU numbers: bench/README.md (the qlora suite).
 """
 
 from __future__ import annotations
