@@ -64,7 +64,7 @@ def prepare_workspace(folder: Path, tiny: bool, mm_samples: int = 64, text_sampl
     """The checkpoint (unless not asked for) and the three sets under `folder`, written where missing. 96 text
     samples: the timed steps of a run of up to 96 steps stay within one epoch (a DataLoader restart would fall in
     the timing)."""
-    from finetune.model.builders import build_tokenizer
+    from finetune.synthetic import build_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = folder / ("checkpoint_tiny" if tiny else "checkpoint")
@@ -90,7 +90,7 @@ def write_checkpoint(folder: Path, tiny: bool) -> Path:
     checkpoint. Reused when a complete one is there."""
     import torch
 
-    from finetune.model.builders import build_full_size_random, build_tiny_checkpoint, build_tokenizer, write_sidecar_files
+    from finetune.synthetic import build_full_size_random, build_tiny_checkpoint, build_tokenizer, write_sidecar_files
 
     marker = folder / CHECKPOINT_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == {"tiny": tiny}:

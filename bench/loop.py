@@ -2,7 +2,7 @@
 
 This is what the suite is compared against: the published model's own loss path and nothing of the suite's.
 Each row builds the full-size architecture with random weights on the GPU in bf16
-(finetune.model.builders.build_full_size_random; the tiny test architecture in smoke runs), makes it trainable
+(finetune.synthetic.build_full_size_random; the tiny test architecture in smoke runs), makes it trainable
 as finetune.py does (PEFT LoRA r64 / alpha 64 / dropout 0.05 on the LLM's q/k/v/o; the resampler, and the
 vision tower in the upstream recipe, as PEFT modules_to_save), and takes optimizer steps the way
 transformers.Trainer does without DeepSpeed: forward under torch.autocast(bf16), loss.backward(),
@@ -137,7 +137,7 @@ def batch_stats(batch) -> tuple[list[int], int, list[int], int]:
 def build_model(row: LoopRow, device: torch.device, tiny: bool = False):
     """The row's model, trainable as finetune.py makes it, with the baseline's choices (above)."""
     from finetune.arguments import DEFAULT_LORA_TARGETS
-    from finetune.model.builders import build_full_size_random, build_tiny_model, tiny_config
+    from finetune.synthetic import build_full_size_random, build_tiny_model, tiny_config
     from finetune.model_setup import configure_trainable
 
     if tiny:
@@ -147,7 +147,7 @@ def build_model(row: LoopRow, device: torch.device, tiny: bool = False):
     else:
         model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
-    model.dummy_image_stand_in = False  # upstream runs the dummy image through the vision tower in text-only steps
+    model.configure_runtime(dummy_image_stand_in=False)  # upstream runs the dummy image through the vision tower in text-only steps
     training_args = SimpleNamespace(tune_llm=False, tune_vision=row.recipe == "upstream", use_lora=True, tune_embeddings=False,
                                     gradient_checkpointing=row.checkpointed)  # fmt: skip
     lora_args = SimpleNamespace(lora_r=64, lora_alpha=64, lora_dropout=0.05, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)

@@ -462,12 +462,12 @@ def run_baseline_row(row: BaselineRow, run: Run) -> dict:
 
 def _mm_dataset(run: Run, name: str):
     from bench.data import slice_settings
-    from finetune.dataset import SupervisedDataset
-    from finetune.model.builders import build_tokenizer
+    from finetune.dataset import DataSettings, SupervisedDataset
+    from finetune.synthetic import build_tokenizer
     from finetune.model.tokenization import SpecialTokens
 
     tokenizer = build_tokenizer(run.work_dir / "tokenizer")
-    dataset = SupervisedDataset(str(run.workspace.data(name)), tokenizer, settings=slice_settings(run.smoke), model_max_length=2048)
+    dataset = SupervisedDataset(DataSettings(str(run.workspace.data(name)), model_max_length=2048), tokenizer, slice_settings(run.smoke))
     return dataset, SpecialTokens.from_tokenizer(tokenizer).pad
 
 

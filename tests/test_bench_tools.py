@@ -165,7 +165,7 @@ def test_the_baseline_runs_the_dummy_image_and_checkpoints_as_its_row_says():
         torch.manual_seed(0)
         model = build_model(ROW_BY_NAME[name], torch.device("cpu"), tiny=True)
         vision_trained = any(p.requires_grad for p in model.get_base_model().vpm.parameters())
-        built[name] = (model.get_base_model().dummy_image_stand_in, checkpointing_in_effect(model), vision_trained)
+        built[name] = (model.get_base_model().runtime_options.dummy_image_stand_in, checkpointing_in_effect(model), vision_trained)
     # (the suite's dummy-image stand-in, gradient checkpointing, vision tower trained)
     assert built == {
         "text_lora_baseline": (False, True, False),

@@ -402,14 +402,14 @@ def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
 
 
 def test_a_data_mix_prints_each_files_share_and_bad_mixes_stop_before_training(tiny_model, demo, tmp_path, capsys):
-    train, extra = demo / "train.json", tmp_path / "extra.json"
+    train_file, extra = demo / "train.json", tmp_path / "extra.json"
     extra.write_text(json.dumps([{"id": f"x{i}", "conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]))
-    train(base_args(tiny_model, f"{train}:0.5,{extra}:0.5", tmp_path / "out", "--max_steps", "1"))
+    train(base_args(tiny_model, f"{train_file}:0.5,{extra}:0.5", tmp_path / "out", "--max_steps", "1"))
     out = capsys.readouterr().out
-    assert f"[data]   from {train}: 14 samples (ratio 0.5: 24 in the file)\n" in out
+    assert f"[data]   from {train_file}: 14 samples (ratio 0.5: 24 in the file)\n" in out
     assert f"[data]   from {extra}: 14 samples (ratio 0.5: 4 in the file, 10 repeated)\n" in out
-    for spec, message in ((f"{train}:1e308,{extra}:1e308", "the ratios add up to more than the largest float"),
-                          (f"{train}:1,{extra}:0.001", rf"data mix: {extra} gets 0 samples")):  # fmt: skip
+    for spec, message in ((f"{train_file}:1e308,{extra}:1e308", "the ratios add up to more than the largest float"),
+                          (f"{train_file}:1,{extra}:0.001", rf"data mix: {extra} gets 0 samples")):  # fmt: skip
         with pytest.raises(UsageError, match=message):
             train(base_args(tiny_model, spec, tmp_path / "bad", "--max_steps", "1"))
     assert not (tmp_path / "bad").exists(), "nothing may be trained or written"
