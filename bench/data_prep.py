@@ -68,22 +68,24 @@ def measure(fn: Callable[[], object], iters: int) -> dict[str, float]:
 def time_cases(iters: int) -> list[dict]:
     """Every case of the module docstring timed on one thread: [{"row": case, "mean_ms", "p50_ms", "p95_ms", "cpu_ms"}]."""
     import torch
+
+    import finetune  # noqa: F401  (registers the tokenizer class)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as each DataLoader worker has; the caller's setting is restored below
+    try:
+        return _time_cases_on_one_thread(iters)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_cases_on_one_thread(iters: int) -> list[dict]:
     from PIL import Image
     from transformers import AutoTokenizer
 
-    import finetune  # noqa: F401  (registers the tokenizer class)
     from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
-    from finetune.model.image_processing import (
-        SliceSettings,
-        grid_strips,
-        image_views,
-        normalize_pixels,
-        plan_slices,
-        slice_image,
-        view_strips,
-    )  # fmt: skip
+    from finetune.model.image_processing import SliceSettings, grid_strips, image_views, normalize_pixels, plan_slices, slice_image, view_strips
 
-    torch.set_num_threads(1)
     settings = SliceSettings(scale_resolution=448, patch_size=14, max_slice_nums=9, query_num=96)
     encoder = ConversationEncoder(AutoTokenizer.from_pretrained(CHECKPOINT), settings)
     with tempfile.TemporaryDirectory() as folder:
