@@ -72,7 +72,7 @@ def prepare_cpu_distributed(argv: list[str]) -> list[str]:
     """
     if torch.cuda.is_available():
         return argv
-    if any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv):
+    if deepspeed_config(argv):
         from accelerate import PartialState
 
         if "LOCAL_RANK" not in os.environ:  # plain `python finetune.py --deepspeed ...`: a world of one
@@ -85,6 +85,18 @@ def prepare_cpu_distributed(argv: list[str]) -> list[str]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return argv
+
+
+def deepspeed_config(argv: list[str]) -> str:
+    """The DeepSpeed config ARGV asks for, as the argument parser reads it: the last --deepspeed wins, and an empty
+    one (`--deepspeed ''`, what the planner emits for no DeepSpeed after the launcher's own) means none: ''."""
+    config = ""
+    for index, arg in enumerate(argv):
+        if arg == "--deepspeed":
+            config = argv[index + 1] if index + 1 < len(argv) else ""
+        elif arg.startswith("--deepspeed="):
+            config = arg.split("=", 1)[1]
+    return config
 
 
 def _free_port() -> int:
