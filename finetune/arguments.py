@@ -17,12 +17,10 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from finetune.cli import model_dir_problem, unknown_flags_message
 from finetune.dataset import DataSettings, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable
-from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.kernels import liger_available
-from finetune.model.loading import looks_like_hub_id
-from finetune.model.modeling import MiniCPMV
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -190,14 +188,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             re.compile(lora_args.lora_target_modules)
         except re.error as error:
             raise UsageError(f"--lora_target_modules is not a valid regex: {error}") from error
-    path = Path(model_args.model_name_or_path)
-    if path.is_dir() and not model_args.trust_remote_code:
-        try:
-            validate_checkpoint_dir(path, MiniCPMV)
-        except CheckpointError as error:
-            raise UsageError(f"--model_name_or_path: {error}") from error
-    elif not path.is_dir() and not looks_like_hub_id(model_args.model_name_or_path):  # a mistyped local path
-        raise UsageError(f"--model_name_or_path {path}: no such directory")
+    problem = model_dir_problem(model_args.model_name_or_path, weights=not model_args.trust_remote_code)
+    if problem:
+        raise UsageError(f"--model_name_or_path {problem}")
 
 
 def check_optimizer_choice(training_args: TrainingArguments) -> None:
@@ -265,10 +258,22 @@ def check_fast_paths(model_args: ModelArguments, training_args: TrainingArgument
         raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder and vision encoder layers only)")
 
 
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors (an invalid value, a missing one) are a UsageError, not argparse's usage block."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments, LoraArguments]:
-    """The four dataclasses from a finetune.py command line; unknown flags and invalid values are a UsageError."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    """The four dataclasses from a finetune.py command line; unknown flags (with the closest known one) and
+    invalid values are a UsageError."""
+    parser = _Parser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=argv))
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # one line, not a traceback
         raise UsageError(str(error)) from error
+    if remaining:
+        raise UsageError(unknown_flags_message(remaining, parser._option_string_actions))
+    return tuple(parsed)
+

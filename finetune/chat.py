@@ -32,6 +32,7 @@ import transformers
 from PIL import Image
 from transformers import TextStreamer
 
+from finetune.cli import ArgumentParser, check_model_flags
 from finetune.dataset import IMAGE_MARKER as TRAINING_MARKER  # the marker of the training data (chat() has its own)
 from finetune.dataset import DataError, open_image
 from finetune.model.chat_prompt import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
@@ -249,7 +250,7 @@ def chat(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.chat", description="Chat with MiniCPM-Llama3-V-2.5 (+ LoRA adapter).")
+    parser = ArgumentParser(prog="python -m finetune.chat", description="Chat with MiniCPM-Llama3-V-2.5 (+ LoRA adapter).")
     parser.add_argument("question", help="the user's question")
     parser.add_argument("--model", required=True, help="base (or merged) model directory or hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (the training output_dir)")
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_model_flags("finetune.chat", args.model, args.adapter)  # one line, before any hub look-up
     transformers.utils.logging.disable_progress_bar()  # keep the terminal for the answers
     try:
         if args.beams > 1 and not args.greedy:

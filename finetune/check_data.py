@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from finetune.cli import ArgumentParser, check_model_flags
 from finetune.dataset import DataError, DataSettings
 from finetune.validation import build_dataset, validate_dataset
 
@@ -95,7 +96,7 @@ def dump_samples(dataset, indices: Sequence[int], path: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.check_data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m finetune.check_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory (tokenizer + config.json)")
     parser.add_argument("--data", required=True, help="data file(s): a.json, b.jsonl or a mix 'a.json:0.7,b.jsonl:0.3'")
     parser.add_argument("--eval_data", default=None)
@@ -129,6 +130,7 @@ def data_settings_from_flags(args: argparse.Namespace) -> DataSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_model_flags("finetune.check_data", args.model, weights=False)  # tokenizer and config.json: no weights read
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = data_settings_from_flags(args)
     try:

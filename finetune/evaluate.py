@@ -30,6 +30,7 @@ from typing import Any, Sequence, TextIO
 import transformers
 
 from finetune.chat import ChatError, build_prompt, generation_config, load_image, load_model
+from finetune.cli import ArgumentParser, check_model_flags
 from finetune.model.loading import DTYPES
 
 # --- metrics (pure) ------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.evaluate", description="Score MiniCPM-V answers on a held-out set.")
+    parser = ArgumentParser(prog="python -m finetune.evaluate", description="Score MiniCPM-V answers on a held-out set.")
     parser.add_argument("--model", required=True, help="base (or merged) model directory or hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (the training output_dir)")
     parser.add_argument("--data", required=True, help="held-out data in the training format (.json or .jsonl)")
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_model_flags("finetune.evaluate", args.model, args.adapter)  # one line, before any hub look-up
     transformers.utils.logging.disable_progress_bar()  # keep the terminal for the answers
     out = args.out or str(Path(args.adapter or ".") / "predictions.jsonl")
     try:

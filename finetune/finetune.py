@@ -26,13 +26,23 @@ if __package__ in (None, ""):
 
 from finetune.arguments import UsageError  # noqa: E402
 from finetune.distributed import stop_with_launcher  # noqa: E402
-from finetune.train import train  # noqa: E402
+
+PREFLIGHT = "--preflight"
 
 
 def main() -> None:
+    """Train with the command line; or, with --preflight first, only check it (finetune.preflight) and exit 0."""
     stop_with_launcher()  # a worker must not train on, orphaned, after torchrun is killed
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
+        if sys.argv[1:2] == [PREFLIGHT]:
+            from finetune.preflight import preflight
+
+            preflight(sys.argv[2:])
+            return
+        # The model's modules are imported only here: the preflight does not need them.
+        from finetune.train import train
+
         train(sys.argv[1:])
     except UsageError as error:
         print(f"finetune.py: error: {error}", file=sys.stderr)

@@ -64,13 +64,9 @@ if [ "${AUTO:-0}" = "1" ]; then
     eval "set -- $PLAN_FLAGS \"\$@\""
 fi
 
-echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes (rendezvous: $RENDEZVOUS) -> $OUTPUT_DIR"
-# torchrun's workers end with it, even when it is killed outright (finetune.py's stop_with_launcher).
-# shellcheck disable=SC2086  # RENDEZVOUS_ARGS, EVAL_ARGS and DS_ARGS are lists of words on purpose
-exec torchrun \
-    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-    $RENDEZVOUS_ARGS \
-    "$HERE/finetune.py" \
+# The training command line, the user's arguments last (they win).
+# shellcheck disable=SC2086  # EVAL_ARGS and DS_ARGS are lists of words on purpose
+set -- \
     --model_name_or_path "$MODEL" \
     --llm_type "$LLM_TYPE" \
     --data_path "$DATA" \
@@ -93,4 +89,20 @@ exec torchrun \
     --gradient_checkpointing true \
     --report_to ${REPORT_TO:-tensorboard} \
     $DS_ARGS \
+    "$@"
+
+# Preflight: the same command line checked in one plain process (flags, data files, model directory, output
+# directory; no weights, no process group), so that a mistake ends here in one line within seconds, not under
+# torchrun's traceback. PREFLIGHT=0 skips it.
+if [ "${PREFLIGHT:-1}" != "0" ]; then
+    FINETUNE_WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) ${PYTHON:-python3} "$HERE/finetune.py" --preflight "$@" || exit $?
+fi
+
+echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes (rendezvous: $RENDEZVOUS) -> $OUTPUT_DIR"
+# torchrun's workers end with it, even when it is killed outright (finetune.py's stop_with_launcher).
+# shellcheck disable=SC2086  # RENDEZVOUS_ARGS is a list of words on purpose
+exec torchrun \
+    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    $RENDEZVOUS_ARGS \
+    "$HERE/finetune.py" \
     "$@"

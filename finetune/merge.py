@@ -38,6 +38,7 @@ from pathlib import Path
 
 from finetune import trainer
 from finetune.base_identity import FORMAT, IDENTITY_FILE, compare, fingerprint, read_identity, vocabulary_fingerprint
+from finetune.cli import ArgumentParser
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.loading import DTYPES, looks_like_hub_id
 from finetune.model.modeling import MiniCPMV
@@ -392,7 +393,7 @@ def _nbytes(handle, name: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.merge", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m finetune.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="base checkpoint directory (or hub id)")
     parser.add_argument("--adapter", required=True, help="LoRA adapter directory (the training output_dir)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")

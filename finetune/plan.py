@@ -47,6 +47,8 @@ from pathlib import Path
 
 from transformers.hf_argparser import string_to_bool
 
+from finetune.cli import ArgumentParser
+
 GiB = 1024**3
 HERE = Path(__file__).resolve().parent
 DS_CONFIGS = {
@@ -436,7 +438,7 @@ def validation_markdown(measurements: list[Measurement], constants: Constants = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.plan", description="settings that fit your GPUs")
+    parser = ArgumentParser(prog="python -m finetune.plan", description="settings that fit your GPUs")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU")
     parser.add_argument("--data", help="training data (model_max_length and views per sample from its lengths)")

@@ -37,6 +37,7 @@ from finetune.arguments import (
     UsageError,
     check_arguments,
 )
+from finetune.cli import ArgumentParser
 from finetune.data_setup import build_datasets
 from finetune.dataset import DataCollator
 from finetune.model.tokenization import SpecialTokens
@@ -161,7 +162,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> SearchResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune.tune", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m finetune.tune", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     parser.add_argument("--data", required=True, help="training data (finetune.py's --data_path)")
     parser.add_argument("--eval_data", "--eval-data", default=None)

@@ -169,7 +169,8 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     torchrun.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     torchrun.chmod(torchrun.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{fake}:{PYTHON_BIN}:{os.environ['PATH']}", AUTO="1", GPU_MEM="24", GPUS_PER_NODE="2",
-               PYTHON=sys.executable, DATA="x.json", PYTHONPATH=str(ROOT))  # fmt: skip
+               PYTHON=sys.executable, DATA="x.json", PYTHONPATH=str(ROOT),
+               PREFLIGHT="0")  # fmt: skip  (no data file here: the flags, not the preflight, are tested)
     launcher = ROOT / "finetune" / "finetune_lora.sh"
     result = subprocess.run(["sh", str(launcher), "--per_device_train_batch_size", "7"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -380,7 +380,7 @@ def test_missing_data_and_bad_model_paths(tiny_model, demo, tmp_path):
         train(base_args(tiny_model, tmp_path / "nope.json", tmp_path))
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
-    with pytest.raises(UsageError, match="config.json: missing"):
+    with pytest.raises(UsageError, match="not a model directory: missing config.json"):
         train(base_args(not_a_model, demo / "train.json", tmp_path))
     with pytest.raises(UsageError, match="no such directory"):
         train(base_args(tmp_path / "typo" / "model", demo / "train.json", tmp_path))
