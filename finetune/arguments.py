@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,6 +259,49 @@ def check_fast_paths(model_args: ModelArguments, training_args: TrainingArgument
         raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder and vision encoder layers only)")
 
 
+# Flags that upstream's finetune_lora.sh (openbmb/MiniCPM-V) and older advice pass, removed in transformers 5:
+# old flag -> (today's flag, or None where it becomes an environment variable; what the value now means).
+REMOVED_FLAGS: dict[str, tuple[str | None, str]] = {
+    "--warmup_ratio": ("--warmup_steps", "a --warmup_steps value below 1 is that fraction of the training steps"),
+    "--evaluation_strategy": ("--eval_strategy", "renamed"),
+    "--logging_dir": (None, "the TensorBoard directory, which transformers 5 reads from TENSORBOARD_LOGGING_DIR"),
+}
+
+
+def map_removed_flags(argv: list[str], notice=print) -> list[str]:
+    """ARGV with the flags of REMOVED_FLAGS (`--flag value` or `--flag=value`) replaced by today's meaning, one
+    notice each: --warmup_ratio R -> --warmup_steps R (R must be below 1, or it would count steps),
+    --evaluation_strategy -> --eval_strategy, --logging_dir D -> TENSORBOARD_LOGGING_DIR=D in this process's
+    environment (transformers' TensorBoardCallback reads it; torchrun's workers each run this too)."""
+    mapped: list[str] = []
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        flag, has_value, value = arg.partition("=")
+        if flag not in REMOVED_FLAGS:
+            mapped.append(arg)
+            continue
+        if not has_value:
+            if not rest or rest[0].startswith("--"):
+                raise UsageError(f"{flag} needs a value")
+            value = rest.pop(0)
+        new_flag, meaning = REMOVED_FLAGS[flag]
+        if flag == "--warmup_ratio":
+            try:
+                ratio = float(value)
+            except ValueError as error:
+                raise UsageError(f"--warmup_ratio {value}: not a number") from error
+            if not 0 <= ratio < 1:
+                raise UsageError(f"--warmup_ratio {value}: must be at least 0 and below 1 (a fraction of the training steps)")
+        if new_flag is None:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = value
+            notice(f"[args] {flag} {value}: removed in transformers 5; set as TENSORBOARD_LOGGING_DIR ({meaning})")
+        else:
+            mapped += [new_flag, value]
+            notice(f"[args] {flag} {value} -> {new_flag} {value} (removed in transformers 5; {meaning})")
+    return mapped
+
+
 class _Parser(HfArgumentParser):
     """HfArgumentParser whose errors (an invalid value, a missing one) are a UsageError, not argparse's usage block."""
 
@@ -266,8 +310,9 @@ class _Parser(HfArgumentParser):
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments, LoraArguments]:
-    """The four dataclasses from a finetune.py command line; unknown flags (with the closest known one) and
-    invalid values are a UsageError."""
+    """The four dataclasses from a finetune.py command line, after map_removed_flags; unknown flags (with the
+    closest known one) and invalid values are a UsageError."""
+    argv = map_removed_flags(argv, notice=_rank0_notice)
     parser = _Parser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -277,3 +322,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
         raise UsageError(unknown_flags_message(remaining, parser._option_string_actions))
     return tuple(parsed)
 
+
+def _rank0_notice(message: str) -> None:
+    """Printed by one process of a run (the first, or a plain one), on stderr beside the launcher's own lines."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
