@@ -8,10 +8,13 @@ DEMO_DIR ?= demo_run
 
 .PHONY: setup demo test clean-demo
 
-$(VENV)/.installed: requirements.txt requirements-extras.txt
+# The project itself goes in last, editable and without dependencies (they are the requirements'): `finetune`
+# is importable from any directory once the venv is activated (`. .venv/bin/activate`, README).
+$(VENV)/.installed: requirements.txt requirements-extras.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" -r requirements.txt -r requirements-extras.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed

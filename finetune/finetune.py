@@ -19,9 +19,30 @@ import logging
 import sys
 from pathlib import Path
 
-# `torchrun finetune/finetune.py` runs this file as a script, with finetune/ itself first on sys.path, where
-# `import finetune` would find this file instead of the package: the package's parent comes first.
-if __package__ in (None, ""):
+
+def _become_the_package() -> None:
+    """`import finetune` run from inside finetune/ (upstream's habit: `cd finetune && sh finetune_lora.sh`, then
+    the adapter snippet in that directory) finds this file, a top-level module named `finetune`, before the
+    package: load the package from this file's folder instead and put it in sys.modules, which is what the
+    import statement returns, so `import finetune` and `from finetune.check_data import ...` work there too."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("finetune", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = package  # before it runs: its own relative imports need it
+    try:
+        spec.loader.exec_module(package)
+    except BaseException:
+        del sys.modules["finetune"]
+        raise
+
+
+if __name__ == "finetune":  # imported as a top-level module through the current directory, not run
+    _become_the_package()
+elif __package__ in (None, ""):
+    # `torchrun finetune/finetune.py` runs this file as a script, with finetune/ itself first on sys.path, where
+    # `import finetune` would find this file instead of the package: the package's parent comes first.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.arguments import UsageError  # noqa: E402

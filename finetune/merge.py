@@ -308,6 +308,23 @@ def copy_passthrough_files(adapter_dir: Path, base_dir: Path, out: Path) -> list
     return [name for name in PASSTHROUGH_FILES if name in copied]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_normal_modes(directory: Path) -> None:
+    """The modes a plain open() / mkdir would give (0666 / 0777 less the umask): the weights are written through
+    temporary files, which are 0600, and copies keep their source's mode; a merged model is shared like any file."""
+    mask = _umask()
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _finish(tmp: Path, out: Path) -> None:
     """Rename the finished temporary directory to OUT (replacing an old OUT only now, when all is written)."""
     if out.is_dir():
@@ -360,6 +377,7 @@ def merge(
             _single_to_index(tmp)
         copy_passthrough_files(adapter_dir, base_dir, tmp)
         validate_checkpoint_dir(tmp, MiniCPMV)
+        _give_normal_modes(tmp)
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

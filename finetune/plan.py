@@ -37,6 +37,7 @@ bench/README.md has that table with how the peaks were measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shlex
@@ -62,6 +63,26 @@ CALIBRATION_FILE = HERE / "plan_calibration.json"  # the measured peaks the cons
 LOSS_CHUNK = 2048  # finetune.py's --loss_chunk_size default (label_position_loss's chunk)
 SMALL_LOSS_CHUNK = 512  # the memory lever: 1.8 GiB less at 2048 labels; same FLOPs, four lm_head calls instead of one
 OPTIM_8BIT = "adamw_bnb_8bit"  # transformers' name for bitsandbytes' AdamW with 8-bit states
+
+
+class FlagParser(ArgumentParser):
+    """An ArgumentParser whose long options take both spellings, `--gpu-mem` and `--gpu_mem` (finetune.py's flags
+    are underscored, the planner's and the tuner's were dashed: either works for every one of them)."""
+
+    def add_argument(self, *names, **kwargs):
+        spellings: list[str] = []
+        for name in names:
+            variants = [name]
+            if name.startswith("--"):
+                variants += ["--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")]
+            spellings += [v for v in variants if v not in spellings]
+        return super().add_argument(*spellings, **kwargs)
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 HEADROOM_GIB = 1.5  # CUDA context (~0.5 GiB, outside torch's counters) + reserved-vs-allocated slack
 
 
@@ -351,7 +372,8 @@ def make_plan(
                 if setup.offload:
                     notes.append("optimizer states offloaded to CPU: slower steps, needs host RAM")
                 if setup.optim_8bit:
-                    notes.append("8-bit AdamW states (bitsandbytes): needs `pip install bitsandbytes`")
+                    needs = "" if bitsandbytes_installed() else ": needs `pip install bitsandbytes`"
+                    notes.append(f"8-bit AdamW states (bitsandbytes){needs}")
                 if slices != max_slice_nums:
                     notes.append(f"max_slice_nums lowered {max_slice_nums} -> {slices} to fit")
                 return Plan(True, setup, predicted, gpu_mem, accumulation, model_max_length, slices,
@@ -438,7 +460,7 @@ def validation_markdown(measurements: list[Measurement], constants: Constants = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m finetune.plan", description="settings that fit your GPUs")
+    parser = FlagParser(prog="python -m finetune.plan", description="settings that fit your GPUs")
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU")
     parser.add_argument("--data", help="training data (model_max_length and views per sample from its lengths)")

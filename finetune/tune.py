@@ -9,7 +9,8 @@ because the LoRA rank changes the model's structure, trains --max-steps steps on
 and is scored by its eval loss (on --eval_data, else on a held-out 20% of the subset). optuna's timeout stops
 starting new trials after --time-budget-s. The best trial is printed as a ready launcher line:
 
-    LR=2.1e-04 bash finetune/finetune_lora.sh --lora_r 16 --lora_alpha 32 --warmup_steps 0.05
+    LR=2.10e-04 MODEL=M DATA=train.json EVAL_DATA=eval.json bash finetune/finetune_lora.sh --lora_r 16 --lora_alpha 32 \\
+        --warmup_steps 0.050
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from finetune.arguments import (
     UsageError,
     check_arguments,
 )
-from finetune.cli import ArgumentParser
 from finetune.data_setup import build_datasets
 from finetune.dataset import DataCollator
 from finetune.model.tokenization import SpecialTokens
@@ -46,6 +46,7 @@ from finetune.model_setup import (
     load_model_and_tokenizer,
     set_trainable_precision,
 )
+from finetune.plan import FlagParser
 from finetune.trainer import MiniCPMVTrainer
 
 RANKS = (8, 16, 32, 64)
@@ -70,11 +71,24 @@ class SearchResult:
     line: str
 
 
-def launcher_line(params: dict) -> str:
+def trainer_hp_space(trial) -> dict:
+    """hp_space as the Trainer sees it: every parameter is still suggested (model_init reads the LoRA ones from
+    trial.params), but only TrainingArguments' fields are returned for it to set, so it does not warn about
+    `lora_r` and `lora_alpha_ratio` having no field there."""
+    return {key: value for key, value in hp_space(trial).items() if hasattr(TrainingArguments, key)}
+
+
+def launcher_line(params: dict, model: str | None = None, data: str | None = None, eval_data: str | None = None,
+                  q_lora: bool = False) -> str:
+    """The best trial as a `finetune_lora.sh` line, with the model and data it was searched on."""
     rank = int(params["lora_r"])
     alpha = rank * int(params["lora_alpha_ratio"])
+    env = [f"LR={params['learning_rate']:.2e}"]
+    env += [f"{name}={shlex.quote(value)}" for name, value in (("MODEL", model), ("DATA", data), ("EVAL_DATA", eval_data)) if value]
     flags = ["--lora_r", str(rank), "--lora_alpha", str(alpha), "--warmup_steps", f"{params['warmup_steps']:.3f}"]
-    return f"LR={params['learning_rate']:.2e} bash finetune/finetune_lora.sh " + shlex.join(flags)
+    if q_lora:
+        flags += ["--q_lora", "true"]
+    return " ".join(env) + " bash finetune/finetune_lora.sh " + shlex.join(flags)
 
 
 def _subset(dataset, size: int | None, seed: int):
@@ -142,7 +156,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> SearchResult:
     )
     storage = optuna.storages.InMemoryStorage()
     best = trainer.hyperparameter_search(
-        hp_space=hp_space,
+        hp_space=trainer_hp_space,
         backend="optuna",
         direction="minimize",
         n_trials=args.trials,
@@ -158,11 +172,12 @@ def search(args: argparse.Namespace, extra: list[str]) -> SearchResult:
         print(f"[trial {t.number}] eval_loss {t.value:.4f} {t.params}", flush=True)
     if not math.isfinite(best.objective):
         raise UsageError(f"best eval loss is not finite ({best.objective}); lower the learning-rate range")
-    return SearchResult(len(finished), float(best.objective), dict(best.hyperparameters), launcher_line(best.hyperparameters))
+    line = launcher_line(best.hyperparameters, args.model, args.data, args.eval_data, args.q_lora)
+    return SearchResult(len(finished), float(best.objective), dict(best.hyperparameters), line)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m finetune.tune", description=__doc__.split("\n")[0])
+    parser = FlagParser(prog="python -m finetune.tune", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     parser.add_argument("--data", required=True, help="training data (finetune.py's --data_path)")
     parser.add_argument("--eval_data", "--eval-data", default=None)

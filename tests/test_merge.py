@@ -407,3 +407,16 @@ def test_no_identity_is_recorded_for_a_hub_id_missing_from_the_local_cache(caplo
     with caplog.at_level("WARNING", logger="finetune.base_identity"):
         assert identity_for_training("no-such-org/no-such-model") is None
     assert "no-such-org/no-such-model" in caplog.text and "not recorded" in caplog.text
+
+
+def test_merged_files_get_the_modes_of_normal_files(tiny_model, tiny_adapter, tmp_path):
+    """Weights go through temporary files (0600): the merged model is readable like any file, umask honoured."""
+    previous = os.umask(0o027)
+    try:
+        out = merge(tiny_model, tiny_adapter, tmp_path / "modes", dtype="bf16", max_shard_size="200KB")
+    finally:
+        os.umask(previous)
+    assert (out.stat().st_mode & 0o777) == 0o750
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o640 for p in files}
