@@ -7,6 +7,7 @@ the hub's code files present, transformers uses the hub classes instead.
 """
 
 import logging
+import os
 import warnings
 
 # transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing; the old names are what 5.17
@@ -15,6 +16,13 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprec
 # bitsandbytes' CPU backend (the optional --q_lora extra) warns at import that an optional hub-downloaded kernel
 # package is missing; that kernel is never used here and the warning would land in every command's output.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+
+# DeepSpeed warns in every process that imports it on a machine without a GPU that it is "unable to detect" one;
+# naming the CPU accelerator up front (inherited by torchrun's workers) says the same without the warning.
+if "DS_ACCELERATOR" not in os.environ and not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()):
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 

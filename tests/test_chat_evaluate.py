@@ -171,6 +171,20 @@ def test_streamed_text_equals_returned_text(loaded, demo):
     assert stream.getvalue() == beams + "\n"
 
 
+def test_sampled_chat_prints_no_repetition_penalty_warning(loaded):
+    """The published sampling default (repetition_penalty 1.05) on embeddings: transformers' notice that the
+    penalty sees only new tokens (as in the published chat()) is not printed with every answer."""
+    import warnings
+
+    model, tokenizer = loaded
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat(model, tokenizer, "Hello", max_new_tokens=4, stream=io.StringIO())
+    assert generation_config(greedy=False)["repetition_penalty"] != 1.0
+    assert not [w for w in caught if "repetition_penalty" in str(w.message)]
+
+
 def test_generate_equals_the_published_chat(loaded, demo):
     """Same prompt, same decoding: the command's generate_text path and MiniCPMV.chat() give the same answer."""
     from PIL import Image

@@ -154,19 +154,26 @@ def test_the_loss_is_not_checked_for_nan_on_the_device_every_step(tmp_path):
     assert default.logging_nan_inf_filter is False and asked.logging_nan_inf_filter is True
 
 
-def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_config_says_otherwise(tmp_path):
+def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_config_says_otherwise(tmp_path, monkeypatch):
     from transformers import HfArgumentParser
 
     import finetune.arguments as entry
 
     parser = HfArgumentParser(entry.TrainingArguments)
-    common = ["--output_dir", str(tmp_path), "--use_cpu", "true"]
+    common = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    monkeypatch.setattr(entry, "has_accelerator", lambda: True)  # a GPU (transformers itself is not asked)
     (default,) = parser.parse_args_into_dataclasses(common)
     (merged,) = parser.parse_args_into_dataclasses(common + ["--accelerator_config", '{"split_batches": false}'])
     (refused,) = parser.parse_args_into_dataclasses(common + ["--accelerator_config", '{"non_blocking": false}'])
-    assert default.accelerator_config.non_blocking is True
+    assert default.accelerator_config.non_blocking is True and default.dataloader_pin_memory is True
     assert merged.accelerator_config.non_blocking is True and merged.accelerator_config.split_batches is False
     assert refused.accelerator_config.non_blocking is False
+    # On CPU neither pinned memory nor non-blocking copies mean anything (torch and transformers warn about them),
+    # unless asked for.
+    (cpu,) = parser.parse_args_into_dataclasses(common + ["--use_cpu", "true"])
+    (asked,) = parser.parse_args_into_dataclasses(common + ["--use_cpu", "true", "--accelerator_config", '{"non_blocking": true}'])
+    assert cpu.accelerator_config.non_blocking is False and cpu.dataloader_pin_memory is False
+    assert asked.accelerator_config.non_blocking is True
 
 
 def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):

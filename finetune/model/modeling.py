@@ -9,6 +9,7 @@ are the ones it gets when run alone (how the published `chat()` runs), whatever 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from functools import partial
 from typing import Any, Sequence
@@ -381,15 +382,19 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         tokens = SpecialTokens.from_tokenizer(tokenizer)
         data = self.prepare_inputs(prompt, list(images), tokenizer, max_inp_length, tokens)
         inputs_embeds, _ = self.get_vllm_embedding(data)
-        output = self.llm.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokens.pad,
-            eos_token_id=tokens.stop_ids,
-            streamer=streamer,
-            **generation_config,
-        )
+        with warnings.catch_warnings():
+            # Generating from embeddings alone, the repetition penalty sees only the new tokens: so did the
+            # published chat(), whose sampling default (1.05) would otherwise print this in every answer.
+            warnings.filterwarnings("ignore", message=r"Passing `repetition_penalty` with `inputs_embeds`", category=UserWarning)
+            output = self.llm.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokens.pad,
+                eos_token_id=tokens.stop_ids,
+                streamer=streamer,
+                **generation_config,
+            )
         return tokenizer.decode(output[0], skip_special_tokens=True).strip()
 
     def prepare_inputs(
