@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -73,6 +74,7 @@ def prepare_cpu_distributed(argv: list[str]) -> list[str]:
     if torch.cuda.is_available():
         return argv
     if deepspeed_config(argv):
+        check_cpu_deepspeed_compiler()
         from accelerate import PartialState
 
         if "LOCAL_RANK" not in os.environ:  # plain `python finetune.py --deepspeed ...`: a world of one
@@ -97,6 +99,26 @@ def deepspeed_config(argv: list[str]) -> str:
         elif arg.startswith("--deepspeed="):
             config = arg.split("=", 1)[1]
     return config
+
+
+def cpu_deepspeed_compiler() -> str | None:
+    """The C++ compiler DeepSpeed would build its CPU extension with ($CXX, else c++, as torch's cpp_extension
+    picks it), or None when it is not on PATH."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def check_cpu_deepspeed_compiler() -> None:
+    """DeepSpeed on a CPU builds a C++ extension (its shared-memory comm op, deepspeed_shm_comm) when it sets up
+    communication; with no compiler that is a long build error from deep inside DeepSpeed. Say it in one line,
+    with both fixes, before anything is loaded."""
+    if cpu_deepspeed_compiler() is None:
+        from finetune.arguments import UsageError
+
+        compiler = os.environ.get("CXX", "c++")
+        raise UsageError(
+            f"--deepspeed without a GPU needs a C++ compiler ({compiler!r} is not on PATH): DeepSpeed builds its CPU "
+            "communication op on first use; install one (e.g. apt-get install g++) or train without DeepSpeed (DS_CONFIG=\"\")"
+        )
 
 
 def _free_port() -> int:

@@ -5,8 +5,9 @@
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output_full"}
-DS_CONFIG=${DS_CONFIG-"$HERE/ds_config_zero3.json"}
+DS_CONFIG_DEFAULT="$HERE/ds_config_zero3.json"  # DS_CONFIG where a GPU is found (none: no DeepSpeed), as for LoRA
 LR=${LR:-1e-5}
-export OUTPUT_DIR DS_CONFIG LR
+export OUTPUT_DIR DS_CONFIG_DEFAULT LR
+[ -z "${DS_CONFIG+given}" ] || export DS_CONFIG
 # Later flags win in finetune.py's parser, so these override the LoRA launcher's choices.
 exec sh "$HERE/finetune_lora.sh" --use_lora false --tune_llm true "$@"

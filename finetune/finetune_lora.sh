@@ -15,7 +15,9 @@ DATA=${DATA:-"path/to/training_data.json"}          # file.json[l], or a mix "a.
 EVAL_DATA=${EVAL_DATA:-""}                          # optional held-out set
 LLM_TYPE=${LLM_TYPE:-"llama3"}                      # llama3 for MiniCPM-Llama3-V-2.5 (checked against the model)
 OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output__lora"}
-DS_CONFIG=${DS_CONFIG-"$HERE/ds_config_zero2.json"}  # DS_CONFIG="" trains without DeepSpeed
+# DeepSpeed config: ZeRO-2 where nvidia-smi finds a GPU; DS_CONFIG="" trains without DeepSpeed, the default with no
+# GPU (DeepSpeed on a CPU compiles a C++ extension, its shared-memory comm op, on first use: it needs a compiler).
+DS_CONFIG_DEFAULT=${DS_CONFIG_DEFAULT:-"$HERE/ds_config_zero2.json"}  # finetune_ds.sh sets ZeRO-3
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-2048}
 MAX_SLICE_NUMS=${MAX_SLICE_NUMS:-9}
 
@@ -23,6 +25,14 @@ MAX_SLICE_NUMS=${MAX_SLICE_NUMS:-9}
 if [ -z "${GPUS_PER_NODE:-}" ]; then
     GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [ "${GPUS_PER_NODE:-0}" -gt 0 ] 2>/dev/null || GPUS_PER_NODE=1   # no GPU: one CPU process
+fi
+if [ -z "${DS_CONFIG+given}" ]; then
+    if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+        DS_CONFIG=$DS_CONFIG_DEFAULT
+    else
+        DS_CONFIG=""
+        echo "[launch] no GPU: training without DeepSpeed (DS_CONFIG=$DS_CONFIG_DEFAULT to use it)"
+    fi
 fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -46,6 +56,11 @@ fi
 DS_ARGS=""
 if [ -n "$DS_CONFIG" ]; then
     DS_ARGS="--deepspeed $DS_CONFIG"
+    # finetune.py says the same (distributed.check_cpu_deepspeed_compiler); here it is one line, not torchrun's report.
+    if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU' && ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
+        echo "DeepSpeed without a GPU needs a C++ compiler (${CXX:-c++} is not on PATH): install one (e.g. apt-get install g++) or set DS_CONFIG=\"\"" >&2
+        exit 2
+    fi
 fi
 
 # AUTO=1: settings from the memory planner (python -m finetune.plan) for these GPUs; its flags go before the

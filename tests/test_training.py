@@ -621,7 +621,11 @@ def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model,
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "nodes=1 x 1 processes" in result.stdout  # GPUS_PER_NODE detected on a CPU machine
     (rank,) = read_reports(report, 1)
-    assert rank["wrapper"] == "DeepSpeedEngine", "the launcher trains under DeepSpeed ZeRO-2 by default"
+    if gpu_found():
+        assert rank["wrapper"] == "DeepSpeedEngine", "the launcher trains under DeepSpeed ZeRO-2 where there is a GPU"
+    else:  # DeepSpeed on a CPU would compile a C++ extension first: no DeepSpeed, and one line saying so
+        assert rank["wrapper"] != "DeepSpeedEngine", "without a GPU the launcher trains without DeepSpeed by default"
+        assert "[launch] no GPU: training without DeepSpeed (DS_CONFIG=" in result.stdout
     assert rank["gradient_checkpointing"] and rank["vision_trained"] and rank["per_device_train_batch_size"] == 1
     assert (copy / "output" / "output__lora" / "adapter_model.safetensors").is_file()
     # The published snippet, run from finetune/: PeftModel.from_pretrained(base, "output/output__lora")
@@ -631,6 +635,56 @@ def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model,
         PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), "output/output__lora")
     finally:
         os.chdir(cwd)
+
+
+def gpu_found() -> bool:
+    """What the launchers ask to choose their defaults: does nvidia-smi list a GPU?"""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return any(line.startswith("GPU") for line in listing.stdout.splitlines())
+
+
+def path_without_compiler(tmp_path: Path, *tools: str) -> str:
+    """A PATH of one folder holding links to TOOLS (found on the real PATH) and no C++ compiler."""
+    folder = tmp_path / "bin-without-compiler"
+    folder.mkdir(exist_ok=True)
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found, tool
+        (folder / tool).symlink_to(found)
+    return str(folder)
+
+
+def test_deepspeed_on_cpu_without_a_compiler_is_one_line_with_the_fix(tiny_model, two_samples, tmp_path):
+    """DeepSpeed on a CPU builds its shared-memory comm op with c++ on first use; with no compiler that was a
+    94-line build error. finetune.py (and the launcher, before torchrun) stop in one line naming both fixes."""
+    if torch.cuda.is_available():
+        pytest.skip("the compiler is only needed without a GPU")
+    env = {name: value for name, value in run_env(tmp_path / "report").items() if name != "CXX"}
+    env["PATH"] = path_without_compiler(tmp_path)
+    args = base_args(tiny_model, two_samples, tmp_path / "out", "--max_steps", "1", "--deepspeed", str(ROOT / "finetune" / "ds_config_zero2.json"))
+    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = [line for line in result.stderr.splitlines() if "finetune.py: error:" in line]
+    assert len(message) == 1 and "C++ compiler" in message[0] and "'c++' is not on PATH" in message[0], result.stderr[-3000:]
+    assert 'DS_CONFIG=""' in message[0] and "install" in message[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+    # The launcher, asked for DeepSpeed: the same in one line, before torchrun (a stand-in that would say so).
+    launcher_path = path_without_compiler(tmp_path, "dirname", "grep")
+    fake = Path(launcher_path) / "torchrun"
+    fake.write_text('#!/bin/sh\necho "torchrun started"\n')
+    fake.chmod(0o755)
+    env = dict(env, PATH=launcher_path, MODEL=str(tiny_model), DATA=str(two_samples), DS_CONFIG=str(ROOT / "finetune" / "ds_config_zero2.json"))
+    result = subprocess.run(["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "torchrun started" not in result.stdout, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "C++ compiler" in result.stderr and 'DS_CONFIG=""' in result.stderr, result.stderr
+    # Without DS_CONFIG, the same machine trains without DeepSpeed: no compiler is needed.
+    env.pop("DS_CONFIG")
+    result = subprocess.run(["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "torchrun started" in result.stdout, result.stdout + result.stderr
+    assert "[launch] no GPU: training without DeepSpeed" in result.stdout
 
 
 def test_launcher_speed_recipe_of_its_header_trains_as_it_says(tiny_model, two_samples, tmp_path):
@@ -727,7 +781,7 @@ def read_lines_into(stream, lines: list[str]) -> threading.Thread:
     return reader
 
 
-@pytest.mark.parametrize("ds_config", ["", None], ids=["no DeepSpeed", "default ZeRO-2"])
+@pytest.mark.parametrize("ds_config", ["", str(ROOT / "finetune" / "ds_config_zero2.json")], ids=["no DeepSpeed", "ZeRO-2"])
 def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_path, ds_config):
     """kill -9 of torchrun (finetune_lora.sh execs it) while two workers train: torchrun starts each worker in a
     session of its own, so nothing else stops them, and they trained on into OUTPUT_DIR with parent 1. They must
@@ -735,10 +789,7 @@ def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_
     waiting inside a gloo collective for it when the launcher dies, where no Python-level handler runs."""
     env = dict(run_env(tmp_path / "report"), MODEL=str(tiny_model), DATA=str(demo / "train.json"), OUTPUT_DIR=str(tmp_path / "out"),
                GPUS_PER_NODE="2", MAX_STEPS="100000", SAVE_STEPS="100000", REPORT_TO="none", MASTER_PORT=str(free_port()))  # fmt: skip
-    if ds_config is None:
-        env.pop("DS_CONFIG", None)
-    else:
-        env["DS_CONFIG"] = ds_config
+    env["DS_CONFIG"] = ds_config
     launcher = subprocess.Popen(["sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     torchrun, lines = psutil.Process(launcher.pid), []  # the same process once sh has exec'd torchrun
@@ -775,14 +826,14 @@ def without_rendezvous_settings(env: dict) -> dict:
 
 
 def test_two_runs_started_together_on_one_machine_both_train_and_save(tiny_model, two_samples, tmp_path):
-    """finetune_lora.sh and finetune_ds.sh at the same time with the default settings (no MASTER_PORT, DeepSpeed):
-    both rendezvous on a free port of their own; the fixed default 6001 made one of them fail with EADDRINUSE."""
+    """finetune_lora.sh and finetune_ds.sh at the same time with the default rendezvous settings (no MASTER_PORT)
+    and their GPU DeepSpeed configs (ZeRO-2, ZeRO-3; named, since without a GPU the default is no DeepSpeed): both
+    rendezvous on a free port of their own; the fixed default 6001 made one of them fail with EADDRINUSE."""
     runs = {}
-    for launcher in ("finetune_lora.sh", "finetune_ds.sh"):
+    for launcher, ds_config in (("finetune_lora.sh", "ds_config_zero2.json"), ("finetune_ds.sh", "ds_config_zero3.json")):
         out, report = tmp_path / launcher / "out", tmp_path / launcher / "report"
         env = dict(without_rendezvous_settings(run_env(report)), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out),
-                   MAX_STEPS="1", SAVE_STEPS="100", REPORT_TO="none")  # fmt: skip
-        env.pop("DS_CONFIG", None)
+                   MAX_STEPS="1", SAVE_STEPS="100", REPORT_TO="none", DS_CONFIG=str(ROOT / "finetune" / ds_config))  # fmt: skip
         process = subprocess.Popen(["sh", str(ROOT / "finetune" / launcher)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         runs[launcher] = (process, out, report)
     try:
