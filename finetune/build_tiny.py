@@ -14,11 +14,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="tokenizer size cap incl. 256 specials (default 1024)")
     parser.add_argument("--shards", type=int, default=0, help="also write a sharded copy (published layout) to OUT_DIR-sharded")
+    parser.add_argument("--demo", action="store_true", help="make demo's sizes (DEMO_CONFIG_OVERRIDES: a wider vision tower)")
     args = parser.parse_args(argv)
 
-    from finetune.synthetic import build_tiny_checkpoint, write_published_shards
+    from finetune.synthetic import DEMO_CONFIG_OVERRIDES, build_tiny_checkpoint, write_published_shards
 
-    out_dir = build_tiny_checkpoint(args.out_dir, seed=args.seed, vocab_size=args.vocab_size)
+    overrides = DEMO_CONFIG_OVERRIDES if args.demo else None
+    out_dir = build_tiny_checkpoint(args.out_dir, seed=args.seed, vocab_size=args.vocab_size, config_overrides=overrides)
     config = json.loads((out_dir / "config.json").read_text())
     print(f"wrote tiny MiniCPM-Llama3-V-2.5 checkpoint to {out_dir} (seed {args.seed}):")
     for path in sorted(out_dir.iterdir()):
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"  vocab {config['vocab_size']} (bos {config['bos_token_id']}, eos {config['eos_token_id']}, pad "
         f"{config.get('pad_token_id')}), hidden {config['hidden_size']}, layers {config['num_hidden_layers']}, "
+        f"vision hidden {config['vision_config']['hidden_size']}, "
         f"query_num {config['query_num']}, scale_resolution {config['slice_config']['scale_resolution']}"
     )
     if args.shards:

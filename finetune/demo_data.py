@@ -239,9 +239,60 @@ def draw_image(spec: ImageSpec) -> Image.Image:
 
 def write_demo_dataset(out_dir: str | Path, num_train: int = 64, num_eval: int = 16, seed: int = 0) -> dict[str, Path]:
     """Write images/, train.json and eval.json under out_dir; returns their paths."""
+    return write_samples(out_dir, *demo_samples(num_train, num_eval, seed))
+
+
+# --- the demo's learning task: colour and shape ---------------------------------------------------------------
+
+# Questions whose answer needs the picture: "<colour> <shape>", two words (two tokens of the demo tokenizer), so
+# that a tiny model fine-tuned for a minute or two on a CPU can learn to read it off the image.
+COLOUR_SHAPE_QUESTIONS = (
+    "What colour and shape is this?",
+    "Which coloured shape do you see?",
+    "Name the colour and the shape.",
+)
+COLOUR_SHAPE_BACKGROUNDS = ("white", "grey")
+COLOUR_SHAPE_SIZE = 112  # the tiny model's scale_resolution: every picture is one view, neither sliced nor scaled
+
+
+def colour_shape_samples(num_train: int = 1200, num_eval: int = 36, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """The demo's learning task: one picture, one question, the answer "<colour> <shape>" (e.g. "red star").
+
+    Training cycles through every colour x shape pair (36) in a shuffled order, so each is seen about equally
+    often; the held-out set covers every pair once per 36 samples, with pictures that are new renders (their own
+    seeds: size, background, vertical offset; the shape is centred) of the same vocabulary, never copies of training images.
+    A base model cannot answer these without seeing the picture; a fine-tuned one must read colour and shape."""
+    rng = random.Random(seed)
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+
+    def split(prefix: str, count: int) -> list[Sample]:
+        samples: list[Sample] = []
+        order: list[tuple[str, str]] = []
+        for i in range(count):
+            if not order:
+                order = rng.sample(pairs, len(pairs))
+            colour, shape = order.pop()
+            spec = ImageSpec(
+                name=f"{prefix}_{i:04d}.png",
+                size=(COLOUR_SHAPE_SIZE, COLOUR_SHAPE_SIZE),
+                shape=shape,
+                colour=colour,
+                background=rng.choice(COLOUR_SHAPE_BACKGROUNDS),
+                position="centre",
+                seed=rng.randrange(2**31),
+            )
+            question = "<image>\n" + rng.choice(COLOUR_SHAPE_QUESTIONS)
+            turns = [_turn("user", question), _turn("assistant", f"{colour} {shape}")]
+            samples.append(Sample(f"{prefix}_{i:04d}", turns, [spec]))
+        return samples
+
+    return split("train", num_train), split("eval", num_eval)
+
+
+def write_samples(out_dir: str | Path, train: list[Sample], evaluation: list[Sample]) -> dict[str, Path]:
+    """Draw every sample's pictures into out_dir/images and write train.json / eval.json; returns their paths."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    train, evaluation = demo_samples(num_train, num_eval, seed)
     for sample in train + evaluation:
         for spec in sample.images:
             draw_image(spec).save(out_dir / "images" / spec.name, optimize=False, compress_level=1)
@@ -251,15 +302,27 @@ def write_demo_dataset(out_dir: str | Path, num_train: int = 64, num_eval: int =
     return paths
 
 
+TASKS = ("mixed", "colour-shape")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m finetune.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to write images/, train.json and eval.json into")
-    parser.add_argument("--num", type=int, default=64, help="number of training samples (default 64)")
-    parser.add_argument("--eval-num", type=int, default=None, help="number of eval samples (default num // 4)")
+    parser.add_argument("--task", choices=TASKS, default="mixed",
+                        help="mixed: every data feature (multi-turn, text-only, multi-image, sliced images); "
+                             "colour-shape: the demo's learning task, one question whose answer is '<colour> <shape>'")
+    parser.add_argument("--num", type=int, default=None, help="number of training samples (default 64; colour-shape 1200)")
+    parser.add_argument("--eval-num", type=int, default=None, help="number of eval samples (default num // 4; colour-shape 36)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    num_eval = args.eval_num if args.eval_num is not None else max(1, args.num // 4)
-    paths = write_demo_dataset(args.out_dir, args.num, num_eval, args.seed)
+    if args.task == "colour-shape":
+        args.num = args.num if args.num is not None else 1200
+        num_eval = args.eval_num if args.eval_num is not None else 36
+        paths = write_samples(args.out_dir, *colour_shape_samples(args.num, num_eval, args.seed))
+    else:
+        args.num = args.num if args.num is not None else 64
+        num_eval = args.eval_num if args.eval_num is not None else max(1, args.num // 4)
+        paths = write_demo_dataset(args.out_dir, args.num, num_eval, args.seed)
     images = sorted(paths["images"].glob("*.png"))
     print(f"wrote {paths['train']} ({args.num} samples), {paths['eval']} ({num_eval} samples), "
           f"{len(images)} images in {paths['images']}")  # fmt: skip

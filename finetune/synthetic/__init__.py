@@ -6,6 +6,7 @@ straight on the GPU. None of it needs the network or the real weights. The model
 """
 
 from .checkpoints import (
+    DEMO_CONFIG_OVERRIDES,
     REFERENCE_CONFIG,
     build_full_size_random,
     build_tiny_checkpoint,
@@ -18,6 +19,6 @@ from .checkpoints import (
 from .tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 __all__ = [
-    "REFERENCE_CONFIG", "SPECIAL_TOKENS", "build_full_size_random", "build_tiny_checkpoint", "build_tiny_model",
+    "DEMO_CONFIG_OVERRIDES", "REFERENCE_CONFIG", "SPECIAL_TOKENS", "build_full_size_random", "build_tiny_checkpoint", "build_tiny_model",
     "build_tokenizer", "full_size_config", "tiny_config", "write_published_shards", "write_sidecar_files",
 ]  # fmt: skip
