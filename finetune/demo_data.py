@@ -74,6 +74,7 @@ class ImageSpec:
     background: str
     position: str
     seed: int
+    radius: float | None = None  # the shape's size as a fraction of the shorter side; None: drawn from the seed
 
 
 @dataclass
@@ -211,6 +212,8 @@ def draw_image(spec: ImageSpec) -> Image.Image:
     draw = ImageDraw.Draw(image)
     side = min(width, height)
     radius = side * rng.uniform(0.28, 0.38)
+    if spec.radius is not None:
+        radius = side * spec.radius
     column = {"left": 0.25, "centre": 0.5, "right": 0.75}[spec.position]
     cx = min(max(width * column, radius + 2), width - radius - 2)
     cy = height / 2 + rng.uniform(-0.1, 0.1) * (height - 2 * radius)
@@ -252,6 +255,8 @@ COLOUR_SHAPE_QUESTIONS = (
     "Name the colour and the shape.",
 )
 COLOUR_SHAPE_BACKGROUNDS = ("white", "grey")
+# Shape size as a fraction of the side: narrow, so that the coloured area itself tells the shapes apart.
+COLOUR_SHAPE_RADIUS = (0.34, 0.38)
 COLOUR_SHAPE_SIZE = 112  # the tiny model's scale_resolution: every picture is one view, neither sliced nor scaled
 
 
@@ -260,7 +265,8 @@ def colour_shape_samples(num_train: int = 1200, num_eval: int = 36, seed: int = 
 
     Training cycles through every colour x shape pair (36) in a shuffled order, so each is seen about equally
     often; the held-out set covers every pair once per 36 samples, with pictures that are new renders (their own
-    seeds: size, background, vertical offset; the shape is centred) of the same vocabulary, never copies of training images.
+    seeds: size within COLOUR_SHAPE_RADIUS, background, vertical offset; the shape is centred) of the
+    same vocabulary, never copies of training images.
     A base model cannot answer these without seeing the picture; a fine-tuned one must read colour and shape."""
     rng = random.Random(seed)
     pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
@@ -280,6 +286,7 @@ def colour_shape_samples(num_train: int = 1200, num_eval: int = 36, seed: int = 
                 background=rng.choice(COLOUR_SHAPE_BACKGROUNDS),
                 position="centre",
                 seed=rng.randrange(2**31),
+                radius=rng.uniform(*COLOUR_SHAPE_RADIUS),
             )
             question = "<image>\n" + rng.choice(COLOUR_SHAPE_QUESTIONS)
             turns = [_turn("user", question), _turn("assistant", f"{colour} {shape}")]
