@@ -19,9 +19,9 @@ echo "[demo 3/4] LoRA fine-tuning with finetune/finetune_lora.sh on CPU (no Deep
 # tiny LLM has no useful words to adapt. Every picture is one view (no slicing): 112 px, the tiny model's scale.
 START=$(date +%s)
 MODEL="$OUT/model" DATA="$OUT/data/train.json" OUTPUT_DIR="$OUT/output" DS_CONFIG="" REPORT_TO=none \
-MAX_STEPS=${DEMO_STEPS:-400} SAVE_STEPS=100000 BATCH_SIZE=${DEMO_BATCH:-8} LR=${DEMO_LR:-2e-3} \
+MAX_STEPS=${DEMO_STEPS:-800} SAVE_STEPS=100000 BATCH_SIZE=${DEMO_BATCH:-8} LR=${DEMO_LR:-1e-3} \
 LORA_TARGET_MODULES='llm\..*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))' \
-    sh finetune/finetune_lora.sh --overwrite_output_dir true --dataloader_num_workers 0 --logging_steps 100 \
+    sh finetune/finetune_lora.sh --overwrite_output_dir true --dataloader_num_workers 0 --logging_steps 200 \
     --tune_embeddings true --gradient_checkpointing false --max_slice_nums 1 --model_max_length 128
 echo "[demo] training took $(( $(date +%s) - START )) s"
 

@@ -136,15 +136,16 @@ def tiny_config(tokenizer=None, **overrides) -> MiniCPMVConfig:
 # `make demo`'s tiny model (`python -m finetune.build_tiny --demo`): the tiny config with a wider vision tower and
 # 28 px patches (a 112 px picture is 4 x 4 patches), so that a few minutes of CPU fine-tuning can tell shapes apart,
 # not only colours. Same published layout, only sizes differ. Measured on the colour-shape demo data: at vision
-# hidden 32 / patch 14 and at 64 / 7 a 150..200-step run learnt every colour and guessed the shape.
+# hidden 32 / patch 14 and at 64 / 7 a 150..200-step run learnt every colour and guessed the shape; 64 / 28 got
+# 0.39 held-out exact match after 400 steps, 128 / 28 0.83 after 800 (lr 1e-3).
 DEMO_PATCH_SIZE = 28
 DEMO_CONFIG_OVERRIDES: dict = {
     "patch_size": DEMO_PATCH_SIZE,
     "slice_config": {"max_slice_nums": 9, "patch_size": DEMO_PATCH_SIZE, "scale_resolution": 112},
     "vision_config": {
-        "hidden_size": 64,
+        "hidden_size": 128,
         "image_size": 980,
-        "intermediate_size": 128,
+        "intermediate_size": 256,
         "num_attention_heads": 4,
         "num_hidden_layers": 2,
         "patch_size": DEMO_PATCH_SIZE,
