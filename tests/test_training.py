@@ -592,10 +592,12 @@ def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path)
 
 
 def test_full_fine_tuning_launcher_saves_a_loadable_model(tiny_model, two_samples, tmp_path):
-    """finetune_ds.sh: LLM + resampler + vision tower trained in full under ZeRO-3 (one CPU process)."""
+    """finetune_ds.sh: LLM + resampler + vision tower trained in full under ZeRO-3 (one CPU process; its config named,
+    since without a GPU the launchers' default is no DeepSpeed)."""
     out, report = tmp_path / "out", tmp_path / "report"
     env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out), MAX_STEPS="2",
-               REPORT_TO="none", SAVE_STEPS="100", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))  # fmt: skip
+               REPORT_TO="none", SAVE_STEPS="100", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+               DS_CONFIG=str(ROOT / "finetune" / "ds_config_zero3.json"))  # fmt: skip
     result = subprocess.run(["sh", str(ROOT / "finetune" / "finetune_ds.sh"), "--learning_rate", "1e-2"], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
