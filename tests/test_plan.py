@@ -168,6 +168,10 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     torchrun = fake / "torchrun"
     torchrun.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     torchrun.chmod(torchrun.stat().st_mode | stat.S_IEXEC)
+    # A GPU machine (the launcher's DeepSpeed default is ZeRO-2 only where nvidia-smi lists a GPU).
+    nvidia_smi = fake / "nvidia-smi"
+    nvidia_smi.write_text('#!/bin/sh\necho "GPU 0: stand-in"\necho "GPU 1: stand-in"\n')
+    nvidia_smi.chmod(nvidia_smi.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{fake}:{PYTHON_BIN}:{os.environ['PATH']}", AUTO="1", GPU_MEM="24", GPUS_PER_NODE="2",
                PYTHON=sys.executable, DATA="x.json", PYTHONPATH=str(ROOT),
                PREFLIGHT="0")  # fmt: skip  (no data file here: the flags, not the preflight, are tested)
