@@ -678,7 +678,9 @@ def test_deepspeed_on_cpu_without_a_compiler_is_one_line_with_the_fix(tiny_model
     fake = Path(launcher_path) / "torchrun"
     fake.write_text('#!/bin/sh\necho "torchrun started"\n')
     fake.chmod(0o755)
-    env = dict(env, PATH=launcher_path, MODEL=str(tiny_model), DATA=str(two_samples), DS_CONFIG=str(ROOT / "finetune" / "ds_config_zero2.json"))
+    # PREFLIGHT=0: the stand-in torchrun is what is checked, not the command line it would be given.
+    env = dict(env, PATH=launcher_path, MODEL=str(tiny_model), DATA=str(two_samples), PREFLIGHT="0",
+               DS_CONFIG=str(ROOT / "finetune" / "ds_config_zero2.json"))
     result = subprocess.run(["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "torchrun started" not in result.stdout, result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and "C++ compiler" in result.stderr and 'DS_CONFIG=""' in result.stderr, result.stderr
@@ -872,7 +874,9 @@ def test_launcher_rendezvous_arguments(tmp_path, launcher, settings, expected, a
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\necho "torchrun $*"\n')
     fake.chmod(0o755)
-    env = dict(without_rendezvous_settings(dict(os.environ)), PATH=f"{fake.parent}:{os.environ['PATH']}", MODEL="m", DATA="d.json", **settings)
+    # PREFLIGHT=0: no model or data file exists here; only the arguments torchrun is given are read.
+    env = dict(without_rendezvous_settings(dict(os.environ)), PATH=f"{fake.parent}:{os.environ['PATH']}", MODEL="m", DATA="d.json", PREFLIGHT="0",
+               **settings)
     result = subprocess.run(["sh", str(ROOT / "finetune" / launcher)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     command = next(line for line in result.stdout.splitlines() if line.startswith("torchrun "))
