@@ -40,7 +40,9 @@ def setup_of_report(report: dict) -> tuple[Setup, str]:
     return setup, f"largest micro-batch: {tokens} tokens, {views:.0f} views"
 
 
-def measurement_of_report(name: str, report: dict, device: str, date: str, versions: str, source: str) -> Measurement | None:
+def measurement_of_report(
+    name: str, report: dict, device: str, date: str, versions: str, source: str
+) -> Measurement | None:
     """A calibration record of one Trainer row (None without a measured peak: a run on the CPU)."""
     peaks = report.get("peak_allocated_gib_per_rank")
     if not peaks:

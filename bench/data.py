@@ -60,7 +60,9 @@ def slice_settings(tiny: bool):
     return SliceSettings(112, 14, 9, 16) if tiny else SliceSettings(448, 14, 9, 96)
 
 
-def prepare_workspace(folder: Path, tiny: bool, mm_samples: int = 64, text_samples: int = 96, checkpoint: bool = True) -> Workspace:
+def prepare_workspace(
+    folder: Path, tiny: bool, mm_samples: int = 64, text_samples: int = 96, checkpoint: bool = True
+) -> Workspace:
     """The checkpoint (unless not asked for) and the three sets under `folder`, written where missing. 96 text
     samples: the timed steps of a run of up to 96 steps stay within one epoch (a DataLoader restart would fall in
     the timing)."""
@@ -78,8 +80,15 @@ def prepare_workspace(folder: Path, tiny: bool, mm_samples: int = 64, text_sampl
         checkpoint=checkpoint_dir,
         text=Path(make_text_dataset(str(sets / "text"), text_samples, tokenizer, settings, length=text_length)),
         mm=Path(make_mm_dataset(str(sets / "mm"), mm_samples, tokenizer, settings, **(TINY_MM if tiny else {}))),
-        mm_upstream_like=Path(make_mm_dataset(str(sets / "mm_upstream_like"), mm_samples, tokenizer, settings,
-                                              **(TINY_UPSTREAM_LIKE if tiny else UPSTREAM_LIKE))),
+        mm_upstream_like=Path(
+            make_mm_dataset(
+                str(sets / "mm_upstream_like"),
+                mm_samples,
+                tokenizer,
+                settings,
+                **(TINY_UPSTREAM_LIKE if tiny else UPSTREAM_LIKE),
+            )
+        ),
         tiny=tiny,
     )
 
@@ -155,7 +164,14 @@ def make_mm_dataset(
 
     data_path = os.path.join(folder, "train.json")
     params_path = os.path.join(folder, "train.params.json")
-    params = {"num": num, "seed": seed, "min_len": min_len, "max_len": max_len, "settings": asdict(settings), "vocab": len(tokenizer)}
+    params = {
+        "num": num,
+        "seed": seed,
+        "min_len": min_len,
+        "max_len": max_len,
+        "settings": asdict(settings),
+        "vocab": len(tokenizer),
+    }
     if (sides, turns, mean_views) != ((400, 2000), (1, 3), None):
         params.update(sides=list(sides), turns=list(turns), mean_views=mean_views)
     if _made_with(data_path, params_path, params):
@@ -253,7 +269,7 @@ def make_text_dataset(folder: str, num: int, tokenizer, settings, length: int = 
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "?"
         vocabulary = [rng.choice(WORDS) for _ in range(4 * length)]
 
-        def encoded(words: int) -> tuple[int, dict]:
+        def encoded(words: int, index=index, question=question, vocabulary=vocabulary) -> tuple[int, dict]:
             sample = {"id": f"text{index}", "conversations": [
                 {"role": "user", "content": question}, {"role": "assistant", "content": " ".join(vocabulary[:words])}]}  # fmt: skip
             return _encoded_length(sample, encoder), sample

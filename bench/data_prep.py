@@ -45,7 +45,10 @@ def make_sample(folder: str) -> dict:
         "image": "img.jpg",
         "conversations": [
             {"role": "user", "content": "Describe this image in detail, please. What are the colours and the layout?"},
-            {"role": "assistant", "content": "It is a smooth gradient from dark to bright, with red growing to the right and green downwards."},
+            {
+                "role": "assistant",
+                "content": "It is a smooth gradient from dark to bright, with red growing to the right and green downwards.",
+            },
         ],
     }
 
@@ -62,7 +65,12 @@ def measure(fn: Callable[[], object], iters: int) -> dict[str, float]:
         cpu.append((time.thread_time() - start_cpu) * 1000)
     ordered = sorted(wall)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return {"mean_ms": statistics.mean(wall), "p50_ms": statistics.median(wall), "p95_ms": p95, "cpu_ms": statistics.mean(cpu)}
+    return {
+        "mean_ms": statistics.mean(wall),
+        "p50_ms": statistics.median(wall),
+        "p95_ms": p95,
+        "cpu_ms": statistics.mean(cpu),
+    }
 
 
 def time_cases(iters: int) -> list[dict]:
@@ -84,7 +92,15 @@ def _time_cases_on_one_thread(iters: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from finetune.dataset import ConversationEncoder, parse_record, prepare_sample
-    from finetune.model.image_processing import SliceSettings, grid_strips, image_views, normalize_pixels, plan_slices, slice_image, view_strips
+    from finetune.model.image_processing import (
+        SliceSettings,
+        grid_strips,
+        image_views,
+        normalize_pixels,
+        plan_slices,
+        slice_image,
+        view_strips,
+    )
 
     settings = SliceSettings(scale_resolution=448, patch_size=14, max_slice_nums=9, query_num=96)
     encoder = ConversationEncoder(AutoTokenizer.from_pretrained(CHECKPOINT), settings)
@@ -117,7 +133,10 @@ def _time_cases_on_one_thread(iters: int) -> list[dict]:
         cases = [
             (PREPARE_SAMPLE, full),
             ("part: open + decode JPEG (PIL)", decode),
-            ("part: bicubic resize 1344 -> 448 (PIL, global view)", lambda: decoded.resize(plan.global_size, Image.Resampling.BICUBIC)),
+            (
+                "part: bicubic resize 1344 -> 448 (PIL, global view)",
+                lambda: decoded.resize(plan.global_size, Image.Resampling.BICUBIC),
+            ),
             ("part: strip of the global view (grid_strips)", lambda: grid_strips(resized, (1, 1), 14)),
             ("part: 9 strips of the 3x3 grid (grid_strips)", lambda: grid_strips(decoded, plan.grid, 14)),
             ("part: tokenize + labels (encoder.encode)", tokenize),

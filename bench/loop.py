@@ -90,7 +90,9 @@ def model_shapes(model) -> dict:
     }
 
 
-def flops_of_batch(shapes: dict, seq_lengths: list[int], label_tokens: int, patches_per_view: list[int], vision_trained: bool) -> float:
+def flops_of_batch(
+    shapes: dict, seq_lengths: list[int], label_tokens: int, patches_per_view: list[int], vision_trained: bool
+) -> float:
     """Model FLOPs of one optimizer step (no recomputation counted; padding and the dummy image not counted), the
     same useful work for the baseline and the suite, so MFU ratios are throughput ratios.
 
@@ -108,7 +110,9 @@ def flops_of_batch(shapes: dict, seq_lengths: list[int], label_tokens: int, patc
     vis_factor, res_factor = (3, 3) if vision_trained else (1, 2)
     vision = 0.0
     for p in patches_per_view:
-        vision += vis_factor * (2 * shapes["vision_layer_params"] * p + 4 * p * p * shapes["vision_width"] * shapes["vision_layers"])
+        vision += vis_factor * (
+            2 * shapes["vision_layer_params"] * p + 4 * p * p * shapes["vision_width"] * shapes["vision_layers"]
+        )
         vision += res_factor * 2 * shapes["resampler_params_per_patch"] * p
     return float(llm + vision)
 
@@ -122,12 +126,14 @@ def batch_stats(batch) -> tuple[list[int], int, list[int], int]:
     if "sample_offsets" in data:  # packed: one row, position_ids restart per sample
         pos = data["position_ids"][0]
         starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
-        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     elif "attention_mask" in batch:
         lengths = batch["attention_mask"].sum(1).tolist()
     else:
         lengths = [data["input_ids"].shape[1]] * data["input_ids"].shape[0]
-    patches = [int(h) * int(w) for sizes in data["tgt_sizes"] for h, w in torch.as_tensor(sizes).reshape(-1, 2).tolist()]
+    patches = [
+        int(h) * int(w) for sizes in data["tgt_sizes"] for h, w in torch.as_tensor(sizes).reshape(-1, 2).tolist()
+    ]
     return lengths, label_tokens, patches, len(data["tgt_sizes"])
 
 
@@ -137,8 +143,8 @@ def batch_stats(batch) -> tuple[list[int], int, list[int], int]:
 def build_model(row: LoopRow, device: torch.device, tiny: bool = False):
     """The row's model, trainable as finetune.py makes it, with the baseline's choices (above)."""
     from finetune.arguments import DEFAULT_LORA_TARGETS
-    from finetune.synthetic import build_full_size_random, build_tiny_model, tiny_config
     from finetune.model_setup import configure_trainable
+    from finetune.synthetic import build_full_size_random, build_tiny_model, tiny_config
 
     if tiny:
         model = build_tiny_model(tiny_config()).to(device)
@@ -147,10 +153,19 @@ def build_model(row: LoopRow, device: torch.device, tiny: bool = False):
     else:
         model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
-    model.configure_runtime(dummy_image_stand_in=False)  # upstream runs the dummy image through the vision tower in text-only steps
+    model.configure_runtime(
+        dummy_image_stand_in=False
+    )  # upstream runs the dummy image through the vision tower in text-only steps
     training_args = SimpleNamespace(tune_llm=False, tune_vision=row.recipe == "upstream", use_lora=True, tune_embeddings=False,
                                     gradient_checkpointing=row.checkpointed)  # fmt: skip
-    lora_args = SimpleNamespace(lora_r=64, lora_alpha=64, lora_dropout=0.05, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)
+    lora_args = SimpleNamespace(
+        lora_r=64,
+        lora_alpha=64,
+        lora_dropout=0.05,
+        lora_target_modules=DEFAULT_LORA_TARGETS,
+        lora_bias="none",
+        q_lora=False,
+    )
     model = configure_trainable(model, training_args, lora_args)
     if row.checkpointed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

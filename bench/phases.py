@@ -147,7 +147,9 @@ class PhasePeaks(StepMarks):
             "| ---: | ---: | --- | --- | ---: | ---: |",
         ]
         for step, start, end, before, top_bytes, after in sorted(self.intervals, key=lambda i: -i[4])[:top]:
-            lines.append(f"| {top_bytes / GiB:.3f} | {step} | {start} | {end} | {before / GiB:.3f} | {after / GiB:.3f} |")
+            lines.append(
+                f"| {top_bytes / GiB:.3f} | {step} | {start} | {end} | {before / GiB:.3f} | {after / GiB:.3f} |"
+            )
         steps = sorted({interval[0] for interval in self.intervals})
         if steps:  # one whole step in order: the one before the last (warmed up, not the wrap-up)
             shown = steps[-2] if len(steps) > 1 else steps[-1]
@@ -156,7 +158,7 @@ class PhasePeaks(StepMarks):
                       "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
             lines += [
                 f"| {end} | {top_bytes / GiB:.3f} | {after / GiB:.3f} | {held / GiB:.3f} | {', '.join(big)} |"
-                for (step, _, end, _, top_bytes, after), (held, big) in zip(self.intervals, self.gathered) if step == shown
+                for (step, _, end, _, top_bytes, after), (held, big) in zip(self.intervals, self.gathered, strict=True) if step == shown
             ]  # fmt: skip
         return "\n".join(lines) + "\n"
 
@@ -222,7 +224,7 @@ class PhaseTimes(StepMarks):
             torch.cuda.synchronize()
         return [
             (step, label, next_label, self._elapsed_ms(event, next_event))
-            for (step, label, event), (_, next_label, next_event) in zip(self.marks, self.marks[1:])
+            for (step, label, event), (_, next_label, next_event) in zip(self.marks, self.marks[1:], strict=False)
         ]
 
     def _ended_steps(self, first_step: int) -> list[int]:
@@ -244,7 +246,8 @@ class PhaseTimes(StepMarks):
         steps = self._ended_steps(first_step)
         lines = [
             f"GPU time per optimizer step by phase, steps {steps[0]}-{steps[-1]}: {total:.1f} ms a step (mean)"
-            if steps else "GPU time by phase: no step ended from the first timed step on",
+            if steps
+            else "GPU time by phase: no step ended from the first timed step on",
             "",
             "| phase | ms a step | share |",
             "| --- | ---: | ---: |",

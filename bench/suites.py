@@ -111,30 +111,85 @@ def headline_rows(gpus: int) -> list[BaselineRow | TrainerRow]:
     speed = ("--gradient_checkpointing", "false")  # with finetune.py's other defaults: compiled layers, varlen
     mm = (*LEVERS, "--per_device_train_batch_size", "5")
     return [
-        BaselineRow("baseline", "plain transformers + PEFT, LoRA only, checkpointed, 1 text row a step", "text_lora_baseline"),
+        BaselineRow(
+            "baseline", "plain transformers + PEFT, LoRA only, checkpointed, 1 text row a step", "text_lora_baseline"
+        ),
         BaselineRow("baseline_nogc", "the same without checkpointing", "text_lora_baseline_nogc"),
-        BaselineRow("baseline_2rows", "the checkpointed baseline at 2 text rows a step", "text_lora_baseline", text_rows=2),
-        TrainerRow("speed_mode", "finetune.py as shipped, LoRA only, no checkpointing, 1 text row a step", "text",
-                   (*LORA_ONLY, *speed), steps=14, warmup=5, sync="window"),  # fmt: skip
-        TrainerRow("speed_mode_2rows", "the same at 2 text rows a step", "text",
-                   (*LORA_ONLY, *speed, "--per_device_train_batch_size", "2"), steps=14, warmup=5, sync="window"),  # fmt: skip
-        BaselineRow("mm_baseline_upstream", "plain transformers + PEFT, upstream recipe, 4 samples a step padded", "mm_upstream_baseline",
-                    mm_set="mm_upstream_like"),  # fmt: skip
+        BaselineRow(
+            "baseline_2rows", "the checkpointed baseline at 2 text rows a step", "text_lora_baseline", text_rows=2
+        ),
+        TrainerRow(
+            "speed_mode",
+            "finetune.py as shipped, LoRA only, no checkpointing, 1 text row a step",
+            "text",
+            (*LORA_ONLY, *speed),
+            steps=14,
+            warmup=5,
+            sync="window",
+        ),  # fmt: skip
+        TrainerRow(
+            "speed_mode_2rows",
+            "the same at 2 text rows a step",
+            "text",
+            (*LORA_ONLY, *speed, "--per_device_train_batch_size", "2"),
+            steps=14,
+            warmup=5,
+            sync="window",
+        ),  # fmt: skip
+        BaselineRow(
+            "mm_baseline_upstream",
+            "plain transformers + PEFT, upstream recipe, 4 samples a step padded",
+            "mm_upstream_baseline",
+            mm_set="mm_upstream_like",
+        ),  # fmt: skip
         BaselineRow("mm_baseline_lora", "the same, LoRA only", "mm_lora_baseline", mm_set="mm_upstream_like"),
-        TrainerRow("mm_upstream", "finetune.py, upstream recipe, 5 samples a step packed, 8-bit AdamW, loss chunk 512", "mm_upstream_like",
-                   (*UPSTREAM, *mm), steps=10, warmup=4),  # fmt: skip
+        TrainerRow(
+            "mm_upstream",
+            "finetune.py, upstream recipe, 5 samples a step packed, 8-bit AdamW, loss chunk 512",
+            "mm_upstream_like",
+            (*UPSTREAM, *mm),
+            steps=10,
+            warmup=4,
+        ),  # fmt: skip
         TrainerRow("mm_lora", "the same, LoRA only", "mm_upstream_like", (*LORA_ONLY, *mm), steps=10, warmup=4),
     ]
 
 
 def headline_ratios(gpus: int) -> list[Ratio]:
     return [
-        Ratio("text: speed mode / checkpointed baseline, 1 row a step (tokens/s)", "speed_mode", "baseline", "tokens_per_s"),
-        Ratio("text: speed mode at 2 rows / checkpointed baseline at 1 row (tokens/s)", "speed_mode_2rows", "baseline", "tokens_per_s"),
-        Ratio("text: speed mode at 2 rows / checkpointed baseline at 2 rows (tokens/s)", "speed_mode_2rows", "baseline_2rows", "tokens_per_s"),
-        Ratio("text: speed mode / baseline without checkpointing, 1 row a step (tokens/s)", "speed_mode", "baseline_nogc", "tokens_per_s"),
-        Ratio("multimodal, upstream recipe: finetune.py / baseline (samples/s)", "mm_upstream", "mm_baseline_upstream", "samples_per_s"),
-        Ratio("multimodal, LoRA only: finetune.py / baseline (samples/s)", "mm_lora", "mm_baseline_lora", "samples_per_s"),
+        Ratio(
+            "text: speed mode / checkpointed baseline, 1 row a step (tokens/s)",
+            "speed_mode",
+            "baseline",
+            "tokens_per_s",
+        ),
+        Ratio(
+            "text: speed mode at 2 rows / checkpointed baseline at 1 row (tokens/s)",
+            "speed_mode_2rows",
+            "baseline",
+            "tokens_per_s",
+        ),
+        Ratio(
+            "text: speed mode at 2 rows / checkpointed baseline at 2 rows (tokens/s)",
+            "speed_mode_2rows",
+            "baseline_2rows",
+            "tokens_per_s",
+        ),
+        Ratio(
+            "text: speed mode / baseline without checkpointing, 1 row a step (tokens/s)",
+            "speed_mode",
+            "baseline_nogc",
+            "tokens_per_s",
+        ),
+        Ratio(
+            "multimodal, upstream recipe: finetune.py / baseline (samples/s)",
+            "mm_upstream",
+            "mm_baseline_upstream",
+            "samples_per_s",
+        ),
+        Ratio(
+            "multimodal, LoRA only: finetune.py / baseline (samples/s)", "mm_lora", "mm_baseline_lora", "samples_per_s"
+        ),
     ]
 
 
@@ -144,11 +199,23 @@ OFFLOAD_NEEDS = "DeepSpeedCPUAdam is built on first use (a C++ toolchain, minute
 def memory_rows(gpus: int) -> list[BaselineRow | TrainerRow]:
     offload = ("--deepspeed", str(DS_CONFIGS / "ds_config_zero2_offload.json"), "--loss_chunk_size", "512")
     return [
-        BaselineRow("baseline_upstream", "plain transformers + PEFT, upstream recipe, checkpointed", "text_upstream_baseline"),
-        TrainerRow("upstream_adamw", "finetune.py, upstream recipe, its defaults (fp32 AdamW states, loss chunk 2048)", "text", UPSTREAM),
+        BaselineRow(
+            "baseline_upstream", "plain transformers + PEFT, upstream recipe, checkpointed", "text_upstream_baseline"
+        ),
+        TrainerRow(
+            "upstream_adamw",
+            "finetune.py, upstream recipe, its defaults (fp32 AdamW states, loss chunk 2048)",
+            "text",
+            UPSTREAM,
+        ),
         TrainerRow("upstream_8bit_c512", "the same with 8-bit AdamW and loss chunk 512", "text", (*UPSTREAM, *LEVERS)),
-        TrainerRow("upstream_zero2_offload_c512", "the same with ZeRO-2, optimizer offloaded to the CPU, loss chunk 512", "text",
-                   (*UPSTREAM, *offload), gpu_only=OFFLOAD_NEEDS),  # fmt: skip
+        TrainerRow(
+            "upstream_zero2_offload_c512",
+            "the same with ZeRO-2, optimizer offloaded to the CPU, loss chunk 512",
+            "text",
+            (*UPSTREAM, *offload),
+            gpu_only=OFFLOAD_NEEDS,
+        ),  # fmt: skip
         BaselineRow("baseline_lora", "plain transformers + PEFT, LoRA only, checkpointed", "text_lora_baseline"),
         TrainerRow("lora_adamw", "finetune.py, LoRA only, its defaults", "text", LORA_ONLY),
         TrainerRow("lora_8bit_c512", "the same with 8-bit AdamW and loss chunk 512", "text", (*LORA_ONLY, *LEVERS)),
@@ -158,7 +225,9 @@ def memory_rows(gpus: int) -> list[BaselineRow | TrainerRow]:
 def memory_ratios(gpus: int) -> list[Ratio]:
     pairs = [("upstream_adamw", "baseline_upstream"), ("upstream_8bit_c512", "baseline_upstream"),
              ("upstream_zero2_offload_c512", "baseline_upstream"), ("lora_adamw", "baseline_lora"), ("lora_8bit_c512", "baseline_lora")]  # fmt: skip
-    return [Ratio(f"peak allocated: {row} / {baseline}", row, baseline, "peak_allocated_gib") for row, baseline in pairs]
+    return [
+        Ratio(f"peak allocated: {row} / {baseline}", row, baseline, "peak_allocated_gib") for row, baseline in pairs
+    ]
 
 
 QLORA_NEEDS = "finetune.py refuses --q_lora without CUDA (bitsandbytes' 4-bit kernels)"
@@ -167,10 +236,23 @@ QLORA_NEEDS = "finetune.py refuses --q_lora without CUDA (bitsandbytes' 4-bit ke
 def qlora_rows(gpus: int) -> list[BaselineRow | TrainerRow]:
     nf4 = ("--q_lora", "true")
     return [
-        TrainerRow("lora_adamw", "finetune.py, LoRA only, bf16 LLM, its defaults (fp32 AdamW states, loss chunk 2048)", "text", LORA_ONLY),
-        TrainerRow("lora_nf4_adamw", "the same with the LLM in 4-bit NF4", "text", (*LORA_ONLY, *nf4), gpu_only=QLORA_NEEDS),
+        TrainerRow(
+            "lora_adamw",
+            "finetune.py, LoRA only, bf16 LLM, its defaults (fp32 AdamW states, loss chunk 2048)",
+            "text",
+            LORA_ONLY,
+        ),
+        TrainerRow(
+            "lora_nf4_adamw", "the same with the LLM in 4-bit NF4", "text", (*LORA_ONLY, *nf4), gpu_only=QLORA_NEEDS
+        ),
         TrainerRow("lora_8bit_c512", "LoRA only, bf16 LLM, 8-bit AdamW, loss chunk 512", "text", (*LORA_ONLY, *LEVERS)),
-        TrainerRow("lora_nf4_8bit_c512", "the same with the LLM in 4-bit NF4", "text", (*LORA_ONLY, *nf4, *LEVERS), gpu_only=QLORA_NEEDS),
+        TrainerRow(
+            "lora_nf4_8bit_c512",
+            "the same with the LLM in 4-bit NF4",
+            "text",
+            (*LORA_ONLY, *nf4, *LEVERS),
+            gpu_only=QLORA_NEEDS,
+        ),
     ]
 
 
@@ -178,7 +260,12 @@ def qlora_ratios(gpus: int) -> list[Ratio]:
     return [
         Ratio("defaults: NF4 / bf16, peak allocated", "lora_nf4_adamw", "lora_adamw", "peak_allocated_gib"),
         Ratio("defaults: NF4 / bf16, tokens/s", "lora_nf4_adamw", "lora_adamw", "tokens_per_s"),
-        Ratio("8-bit AdamW + chunk 512: NF4 / bf16, peak allocated", "lora_nf4_8bit_c512", "lora_8bit_c512", "peak_allocated_gib"),
+        Ratio(
+            "8-bit AdamW + chunk 512: NF4 / bf16, peak allocated",
+            "lora_nf4_8bit_c512",
+            "lora_8bit_c512",
+            "peak_allocated_gib",
+        ),
         Ratio("8-bit AdamW + chunk 512: NF4 / bf16, tokens/s", "lora_nf4_8bit_c512", "lora_8bit_c512", "tokens_per_s"),
     ]
 
@@ -216,16 +303,41 @@ def zero3_rows(gpus: int) -> list[BaselineRow | TrainerRow]:
 SUITES = {
     suite.name: suite
     for suite in [
-        Suite("headline", "the plain transformers + PEFT baseline against finetune.py, text and multimodal", headline_rows, headline_ratios,
-              ("tokens/s", "samples/s", "step s", "MFU", "peak alloc GiB", "data wait")),
-        Suite("memory", "peak memory of the 1-GPU recipes, 2048-token text rows", memory_rows, memory_ratios,
-              ("peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s")),
-        Suite("qlora", "4-bit NF4 LLM against bf16, LoRA only, 2048-token text rows", qlora_rows, qlora_ratios,
-              ("peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s")),
-        Suite("scaling", "ZeRO-2 on 1 and on N GPUs", scaling_rows, scaling_ratios,
-              ("GPUs", "tokens/s", "samples/s", "peak alloc GiB", "data wait")),
-        Suite("zero3", "ZeRO-3 on N GPUs, 2048-token text rows: memory per GPU", zero3_rows, lambda gpus: [],
-              ("GPUs", "peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s")),
+        Suite(
+            "headline",
+            "the plain transformers + PEFT baseline against finetune.py, text and multimodal",
+            headline_rows,
+            headline_ratios,
+            ("tokens/s", "samples/s", "step s", "MFU", "peak alloc GiB", "data wait"),
+        ),
+        Suite(
+            "memory",
+            "peak memory of the 1-GPU recipes, 2048-token text rows",
+            memory_rows,
+            memory_ratios,
+            ("peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s"),
+        ),
+        Suite(
+            "qlora",
+            "4-bit NF4 LLM against bf16, LoRA only, 2048-token text rows",
+            qlora_rows,
+            qlora_ratios,
+            ("peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s"),
+        ),
+        Suite(
+            "scaling",
+            "ZeRO-2 on 1 and on N GPUs",
+            scaling_rows,
+            scaling_ratios,
+            ("GPUs", "tokens/s", "samples/s", "peak alloc GiB", "data wait"),
+        ),
+        Suite(
+            "zero3",
+            "ZeRO-3 on N GPUs, 2048-token text rows: memory per GPU",
+            zero3_rows,
+            lambda gpus: [],
+            ("GPUs", "peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s"),
+        ),
     ]  # fmt: skip
 }
 DATA_SUITE = "data"
@@ -272,7 +384,15 @@ def ratio_values(ratios: list[Ratio], results: list[dict]) -> list[dict]:
     for ratio in ratios:
         top, bottom = (by_name.get(name, {}).get(ratio.metric) for name in (ratio.numerator, ratio.denominator))
         value = top / bottom if top is not None and bottom else None
-        out.append({"label": ratio.label, "numerator": ratio.numerator, "denominator": ratio.denominator, "metric": ratio.metric, "value": value})
+        out.append(
+            {
+                "label": ratio.label,
+                "numerator": ratio.numerator,
+                "denominator": ratio.denominator,
+                "metric": ratio.metric,
+                "value": value,
+            }
+        )
     return out
 
 
@@ -293,7 +413,9 @@ def markdown(header: dict, columns: tuple[str, ...], results: list[dict], ratios
         lines.append(f"| {result['row']} |" + (f" {what} |" if described else "") + " " + " | ".join(cells) + " |")
     if ratios:
         lines += ["", "| ratio | value |", "| --- | ---: |"]
-        lines += [f"| {r['label']} | {'-' if r['value'] is None else format(r['value'], '.2f') + 'x'} |" for r in ratios]
+        lines += [
+            f"| {r['label']} | {'-' if r['value'] is None else format(r['value'], '.2f') + 'x'} |" for r in ratios
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +423,11 @@ def environment(smoke: bool) -> dict:
     import torch
     import transformers
 
-    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    versions = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+    ]
     for name in ("peft", "accelerate", "deepspeed", "bitsandbytes"):
         try:
             versions.append(f"{name} {__import__(name).__version__}")
@@ -309,7 +435,11 @@ def environment(smoke: bool) -> dict:
             versions.append(f"{name} -")
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        device = f"{len(names)} x {names[0]}" + ("" if len(set(names)) == 1 else f" ({', '.join(names)})") + f", CUDA {torch.version.cuda}"
+        device = (
+            f"{len(names)} x {names[0]}"
+            + ("" if len(set(names)) == 1 else f" ({', '.join(names)})")
+            + f", CUDA {torch.version.cuda}"
+        )
     else:
         device = f"CPU ({os.cpu_count()} cores{', ' + platform.processor() if platform.processor() else ''})"
     workload = ("SMOKE RUN: the tiny test architecture, a few steps; the numbers say nothing about speed or memory" if smoke
@@ -427,7 +557,9 @@ def _run_in_subprocess(row: TrainerRow, run: Run, argv: list[str], settings, rep
         handle.write(shlex.join(command) + "\n\n")
         handle.flush()
         try:
-            done = subprocess.run(command, cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT, timeout=run.row_timeout)
+            done = subprocess.run(
+                command, cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT, timeout=run.row_timeout
+            )
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"timed out after {run.row_timeout} s (log: {log})") from None
     if not report_path.is_file():
@@ -463,11 +595,13 @@ def run_baseline_row(row: BaselineRow, run: Run) -> dict:
 def _mm_dataset(run: Run, name: str):
     from bench.data import slice_settings
     from finetune.dataset import DataSettings, SupervisedDataset
-    from finetune.synthetic import build_tokenizer
     from finetune.model.tokenization import SpecialTokens
+    from finetune.synthetic import build_tokenizer
 
     tokenizer = build_tokenizer(run.work_dir / "tokenizer")
-    dataset = SupervisedDataset(DataSettings(str(run.workspace.data(name)), model_max_length=2048), tokenizer, slice_settings(run.smoke))
+    dataset = SupervisedDataset(
+        DataSettings(str(run.workspace.data(name)), model_max_length=2048), tokenizer, slice_settings(run.smoke)
+    )
     return dataset, SpecialTokens.from_tokenizer(tokenizer).pad
 
 
@@ -477,7 +611,9 @@ def run_suite(suite: Suite, run: Run, only: list[str] | None = None) -> list[dic
     rows = [row for row in suite.rows(run.gpus) if not only or row.name in only]
     start = time.perf_counter()
     checkpoint = any(isinstance(row, TrainerRow) for row in rows)
-    run.workspace = prepare_workspace(run.work_dir, tiny=run.smoke, mm_samples=8 if run.smoke else 64, checkpoint=checkpoint)
+    run.workspace = prepare_workspace(
+        run.work_dir, tiny=run.smoke, mm_samples=8 if run.smoke else 64, checkpoint=checkpoint
+    )
     _progress(f"checkpoint and data ready in {run.work_dir} ({time.perf_counter() - start:.0f} s)")
     results = []
     for row in rows:
@@ -498,17 +634,35 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("suite", nargs="?", choices=[*SUITES, DATA_SUITE], help="the suite to run")
     parser.add_argument("--list", action="store_true", help="the suites and their rows")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU works: checks the tool, measures nothing")
-    parser.add_argument("--gpus", type=int, default=None, help="N of the multi-GPU suites (default: every visible GPU; 2 in smoke runs)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, a few steps, CPU works: checks the tool, measures nothing"
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="N of the multi-GPU suites (default: every visible GPU; 2 in smoke runs)"
+    )
     parser.add_argument("--rows", default=None, help="only these rows (comma-separated names)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help=f"checkpoint (16 GB), data, logs, reports (default: $BENCH_WORK_DIR or {DEFAULT_WORK_DIR}; a temporary one in smoke runs)")
-    parser.add_argument("--json", type=Path, default=None, help="write the header, every row's numbers and the ratios here")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help=f"checkpoint (16 GB), data, logs, reports (default: $BENCH_WORK_DIR or {DEFAULT_WORK_DIR}; a temporary one in smoke runs)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the header, every row's numbers and the ratios here"
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="write the printed table here too")
-    parser.add_argument("--calibration", type=Path, default=None,
-                        help="refresh the memory planner's records (finetune/plan_calibration.json) with the measured peaks of finetune.py rows")
-    parser.add_argument("--phases", choices=["memory", "time"], default=None,
-                        help="finetune.py rows also write where the step's memory peaks / its GPU time goes, by phase (bench.phases), into the logs")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="refresh the memory planner's records (finetune/plan_calibration.json) with the measured peaks of finetune.py rows",
+    )
+    parser.add_argument(
+        "--phases",
+        choices=["memory", "time"],
+        default=None,
+        help="finetune.py rows also write where the step's memory peaks / its GPU time goes, by phase (bench.phases), into the logs",
+    )
     parser.add_argument("--row-timeout", type=int, default=1800, help="seconds a finetune.py row may take")
     parser.add_argument("--iters", type=int, default=50, help="data suite: timed calls per case")
     return parser
@@ -531,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == DATA_SUITE:
         from bench.data_prep import time_cases
 
-        header["workload"] = "one 1344 x 1344 JPEG sample, full-size slicing (10 views), the tiny test tokenizer; one thread"
+        header["workload"] = (
+            "one 1344 x 1344 JPEG sample, full-size slicing (10 views), the tiny test tokenizer; one thread"
+        )
         results = time_cases(2 if args.smoke else args.iters)
         columns, ratios = DATA_COLUMNS, ratio_values(DATA_RATIOS, results)
     else:

@@ -34,8 +34,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -126,7 +126,13 @@ class TimedTrainer(training.MiniCPMVTrainer):
         in_step = self.settings.sync == "all"
         self._bench_starts.append(_now(in_step))
         lengths, label_tokens, patches, samples = batch_stats(inputs)
-        self._bench_stats.append((sum(lengths), samples, flops_of_batch(self._bench_shapes, lengths, label_tokens, patches, self._bench_vision)))
+        self._bench_stats.append(
+            (
+                sum(lengths),
+                samples,
+                flops_of_batch(self._bench_shapes, lengths, label_tokens, patches, self._bench_vision),
+            )
+        )
         self._bench_largest[0] = max(self._bench_largest[0], sum(lengths))
         self._bench_largest[1] = max(self._bench_largest[1], len(patches))
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -158,8 +164,12 @@ class TimedTrainer(training.MiniCPMVTrainer):
         cuda = torch.cuda.is_available()
         peak = torch.tensor(
             # (the memory marks reset the peak statistics at every mark: their own record has the peak)
-            [(self._bench_peaks.highest() if self._bench_peaks else torch.cuda.max_memory_allocated()) / 1024**3 if cuda else 0.0,
-             torch.cuda.max_memory_reserved() / 1024**3 if cuda else 0.0]
+            [
+                (self._bench_peaks.highest() if self._bench_peaks else torch.cuda.max_memory_allocated()) / 1024**3
+                if cuda
+                else 0.0,
+                torch.cuda.max_memory_reserved() / 1024**3 if cuda else 0.0,
+            ]
             + self._bench_largest,
             dtype=torch.float64,
         )
@@ -178,10 +188,12 @@ class TimedTrainer(training.MiniCPMVTrainer):
             return
         ends = self._bench_step_ends
         steps = len(ends)
-        first = self._bench_first_timed_step() - 1  # timed: steps first..steps-1 (0-based), from the end of step first-1
+        first = (
+            self._bench_first_timed_step() - 1
+        )  # timed: steps first..steps-1 (0-based), from the end of step first-1
         timed = range(first, steps)
         total = ends[-1] - ends[first - 1]
-        step_times = [ends[0] - self._bench_starts[0]] + [b - a for a, b in zip(ends, ends[1:])]
+        step_times = [ends[0] - self._bench_starts[0]] + [b - a for a, b in zip(ends, ends[1:], strict=False)]
         micro = [stats[i * accum : (i + 1) * accum].sum(0).tolist() for i in timed]
         tokens, samples, flops = (sum(m[k] for m in micro) for k in range(3))
         data_wait = [self._bench_starts[k * accum] - ends[k - 1] for k in range(1, steps)]

@@ -21,12 +21,14 @@ import torch  # noqa: E402
 
 # DeepSpeed warns in every process that imports it on a machine without a GPU that it is "unable to detect" one;
 # naming the CPU accelerator up front (inherited by torchrun's workers) says the same without the warning.
-if "DS_ACCELERATOR" not in os.environ and not (torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()):
+if "DS_ACCELERATOR" not in os.environ and not (
+    torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+):
     os.environ["DS_ACCELERATOR"] = "cpu"
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from .model import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast
+from .model import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast  # noqa: E402
 
 
 def _register() -> None:

@@ -28,19 +28,27 @@ DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default="openbmb/MiniCPM-Llama3-V-2_5", metadata={"help": "hub id or local checkpoint directory"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "use the hub's model code (needs its files) instead of the native class"})
+    model_name_or_path: str = field(
+        default="openbmb/MiniCPM-Llama3-V-2_5", metadata={"help": "hub id or local checkpoint directory"}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "use the hub's model code (needs its files) instead of the native class"}
+    )
     # None = decide in resolve_attn_implementation (varlen where it was measured to be faster).
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "varlen (each sample of a packed row, and each image strip, attended on its own; torch's flash kernel on CUDA, Ampere or newer) | sdpa | "
-                  "eager | flash_attention_2 (when flash-attn is installed); default: varlen on such GPUs with the native model, else sdpa"},
+        metadata={
+            "help": "varlen (each sample of a packed row, and each image strip, attended on its own; torch's flash kernel on CUDA, Ampere or newer) | sdpa | "
+            "eager | flash_attention_2 (when flash-attn is installed); default: varlen on such GPUs with the native model, else sdpa"
+        },
     )
 
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "training data: file.json[l], or a mix 'a.json:0.7,b.jsonl:0.3'"})
+    data_path: str = field(
+        default=None, metadata={"help": "training data: file.json[l], or a mix 'a.json:0.7,b.jsonl:0.3'"}
+    )
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out data in the same format"})
     image_folder: str | None = field(default=None, metadata={"help": "where relative image paths are looked up too"})
     max_slice_nums: int | None = field(default=None, metadata={"help": "override the checkpoint's max_slice_nums"})
@@ -54,23 +62,35 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    model_max_length: int = field(default=DataSettings.model_max_length, metadata={"help": "samples longer are cut at whole turns or skipped"})
-    loss_chunk_size: int = field(default=2048, metadata={"help": "label positions whose vocabulary logits exist at once"})
+    model_max_length: int = field(
+        default=DataSettings.model_max_length, metadata={"help": "samples longer are cut at whole turns or skipped"}
+    )
+    loss_chunk_size: int = field(
+        default=2048, metadata={"help": "label positions whose vocabulary logits exist at once"}
+    )
     cudnn_attention: bool = field(
         default=False,
-        metadata={"help": "allow torch's cuDNN attention kernels; they re-plan every new sequence length on the CPU, "
-                  "which makes variable-length multimodal steps slower"},
+        metadata={
+            "help": "allow torch's cuDNN attention kernels; they re-plan every new sequence length on the CPU, "
+            "which makes variable-length multimodal steps slower"
+        },
     )
     # None = decide in resolve_compile_layers (on where it was measured to be faster).
     compile_layers: bool | None = field(
         default=None,
-        metadata={"help": "torch.compile each LLM decoder layer and vision encoder layer (~1 min of compiling at start, then 1.05-1.3x faster steps "
-                  "on H200); default: on with a CUDA GPU, except under ZeRO-3 or QLoRA"},
+        metadata={
+            "help": "torch.compile each LLM decoder layer and vision encoder layer (~1 min of compiling at start, then 1.05-1.3x faster steps "
+            "on H200); default: on with a CUDA GPU, except under ZeRO-3 or QLoRA"
+        },
     )
-    llm_type: str | None = field(default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"})
+    llm_type: str | None = field(
+        default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"}
+    )
     tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
     tune_llm: bool = field(default=False, metadata={"help": "full fine-tuning of the LLM (not with --use_lora)"})
-    tune_embeddings: bool = field(default=False, metadata={"help": "also train embed_tokens and lm_head (1 GB per adapter)"})
+    tune_embeddings: bool = field(
+        default=False, metadata={"help": "also train embed_tokens and lm_head (1 GB per adapter)"}
+    )
     use_lora: bool = field(default=True)
     # Defaults that work for LoRA (upstream's fp16 + lr 1e-6 gave NaN losses and a learning rate stuck at 0).
     learning_rate: float = 1e-4
@@ -80,7 +100,9 @@ class TrainingArguments(transformers.TrainingArguments):
     adam_beta2: float = 0.95
     # None = decide in __post_init__. (A default_factory would not work: HfArgumentParser gives a bool field
     # without a plain default the value False, which silently trained in fp32 on GPUs.)
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it"})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it"}
+    )
     gradient_checkpointing: bool = True
     gradient_checkpointing_kwargs: dict | str | None = field(default_factory=lambda: {"use_reentrant": False})
     remove_unused_columns: bool = False
@@ -96,14 +118,17 @@ class TrainingArguments(transformers.TrainingArguments):
     # None = decide in __post_init__: on with worker processes, which otherwise restart at every epoch's start
     # (~0.8 s of stalled GPU each time on an H200).
     dataloader_persistent_workers: bool | None = field(
-        default=None, metadata={"help": "keep the DataLoader's workers between epochs; default: on when dataloader_num_workers > 0"}
+        default=None,
+        metadata={"help": "keep the DataLoader's workers between epochs; default: on when dataloader_num_workers > 0"},
     )
     report_to: None | str | list[str] = "tensorboard"
     output_dir: str = "output/output__lora"
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "train into an output_dir that holds another run, removing that run's checkpoints, logs and adapter first"}
+        default=False,
+        metadata={
+            "help": "train into an output_dir that holds another run, removing that run's checkpoints, logs and adapter first"
+        },
     )
-
 
     def __post_init__(self):
         self.bf16 = resolve_bf16(self.bf16, self.fp16, self.use_cpu)
@@ -173,7 +198,9 @@ class UsageError(ValueError):
     """A command line that cannot work; reported in one line before any model memory is touched."""
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, lora_args: LoraArguments) -> None:
+def check_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, lora_args: LoraArguments
+) -> None:
     if data_args.data_path is None:
         raise UsageError("--data_path is required")
     for spec in filter(None, (data_args.data_path, data_args.eval_data_path)):
@@ -197,7 +224,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         model_args.attn_implementation, gpu_in_half, gpu_in_half and flash_capable(), model_args.trust_remote_code
     )
     training_args.compile_layers = resolve_compile_layers(
-        training_args.compile_layers, on_gpu, is_deepspeed_zero3_enabled(), lora_args.q_lora, model_args.trust_remote_code, training_args.torch_compile
+        training_args.compile_layers,
+        on_gpu,
+        is_deepspeed_zero3_enabled(),
+        lora_args.q_lora,
+        model_args.trust_remote_code,
+        training_args.torch_compile,
     )
     check_fast_paths(model_args, training_args)
     if training_args.use_lora:
@@ -227,8 +259,10 @@ def check_optimizer_choice(training_args: TrainingArguments) -> None:
         except (OSError, ValueError) as error:
             raise UsageError(f"--deepspeed {training_args.deepspeed}: {error}") from error
     if "optimizer" in config:
-        raise UsageError(f"--optim {optim} has no effect with --deepspeed {training_args.deepspeed}, which defines its own "
-                         "optimizer; drop --optim, or train without DeepSpeed (DS_CONFIG=\"\" in the launchers)")
+        raise UsageError(
+            f"--optim {optim} has no effect with --deepspeed {training_args.deepspeed}, which defines its own "
+            'optimizer; drop --optim, or train without DeepSpeed (DS_CONFIG="" in the launchers)'
+        )
 
 
 def resolve_compile_layers(
@@ -255,7 +289,9 @@ def resolve_attn_implementation(requested: str | None, gpu_in_half: bool, flash_
     if requested == VARLEN and remote_code:
         raise UsageError("--attn_implementation varlen needs the native model class (drop --trust_remote_code)")
     if requested == VARLEN and gpu_in_half and not flash_gpu:
-        raise UsageError("--attn_implementation varlen needs an Ampere or newer GPU for torch's flash kernel; use sdpa on this one")
+        raise UsageError(
+            "--attn_implementation varlen needs an Ampere or newer GPU for torch's flash kernel; use sdpa on this one"
+        )
     if requested is not None:
         return requested
     return VARLEN if gpu_in_half and flash_gpu and not remote_code else "sdpa"
@@ -263,7 +299,14 @@ def resolve_attn_implementation(requested: str | None, gpu_in_half: bool, flash_
 
 def check_fast_paths(model_args: ModelArguments, training_args: TrainingArguments) -> None:
     """--use_liger_kernel (the LLM) / --compile_layers (both towers) act on the native class (finetune.model.kernels)."""
-    wanted = [flag for flag, on in (("--use_liger_kernel", training_args.use_liger_kernel), ("--compile_layers", training_args.compile_layers)) if on]
+    wanted = [
+        flag
+        for flag, on in (
+            ("--use_liger_kernel", training_args.use_liger_kernel),
+            ("--compile_layers", training_args.compile_layers),
+        )
+        if on
+    ]
     if wanted and model_args.trust_remote_code:
         raise UsageError(f"{' and '.join(wanted)} need the native model class (drop --trust_remote_code)")
     if training_args.use_liger_kernel:
@@ -272,7 +315,9 @@ def check_fast_paths(model_args: ModelArguments, training_args: TrainingArgument
         if not liger_available():
             raise UsageError("--use_liger_kernel true needs liger-kernel: pip install liger-kernel")
     if training_args.compile_layers and training_args.torch_compile:
-        raise UsageError("--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder and vision encoder layers only)")
+        raise UsageError(
+            "--compile_layers and --torch_compile: choose one (--compile_layers compiles the decoder and vision encoder layers only)"
+        )
 
 
 # Flags that upstream's finetune_lora.sh (openbmb/MiniCPM-V) and older advice pass, removed in transformers 5:
@@ -308,7 +353,9 @@ def map_removed_flags(argv: list[str], notice=print) -> list[str]:
             except ValueError as error:
                 raise UsageError(f"--warmup_ratio {value}: not a number") from error
             if not 0 <= ratio < 1:
-                raise UsageError(f"--warmup_ratio {value}: must be at least 0 and below 1 (a fraction of the training steps)")
+                raise UsageError(
+                    f"--warmup_ratio {value}: must be at least 0 and below 1 (a fraction of the training steps)"
+                )
         if new_flag is None:
             os.environ["TENSORBOARD_LOGGING_DIR"] = value
             notice(f"[args] {flag} {value}: removed in transformers 5; set as TENSORBOARD_LOGGING_DIR ({meaning})")

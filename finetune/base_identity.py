@@ -117,7 +117,9 @@ def vocabulary_fingerprint(model_dir: Path) -> dict | None:
     pairs = vocab.items() if isinstance(vocab, dict) else ((entry[0], index) for index, entry in enumerate(vocab))
     tokens = {(str(token), int(index)) for token, index in pairs}
     tokens |= {(str(added["content"]), int(added["id"])) for added in data.get("added_tokens") or []}
-    canonical = json.dumps(sorted(tokens, key=lambda pair: (pair[1], pair[0])), ensure_ascii=False, separators=(",", ":"))
+    canonical = json.dumps(
+        sorted(tokens, key=lambda pair: (pair[1], pair[0])), ensure_ascii=False, separators=(",", ":")
+    )
     return {"tokens": len(tokens), "vocabulary_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest()}
 
 
@@ -128,7 +130,9 @@ def compare(recorded: dict, actual: dict) -> str | None:
     problems = []
     weights, actual_weights = recorded["weights"], actual["weights"]
     if weights["names_and_shapes_sha256"] != actual_weights["names_and_shapes_sha256"]:
-        problems.append(f"the weights differ (tensor names or shapes: {weights['tensors']} tensors recorded, {actual_weights['tensors']} in the base)")
+        problems.append(
+            f"the weights differ (tensor names or shapes: {weights['tensors']} tensors recorded, {actual_weights['tensors']} in the base)"
+        )
     else:
         differing = {}
         for name, sample in weights["samples"].items():
@@ -136,7 +140,7 @@ def compare(recorded: dict, actual: dict) -> str | None:
             if other is None or other["positions"] != sample["positions"]:
                 differing[name] = len(sample["values"])
                 continue
-            count = sum(not _close(a, b) for a, b in zip(sample["values"], other["values"]))
+            count = sum(not _close(a, b) for a, b in zip(sample["values"], other["values"], strict=True))
             if count:
                 differing[name] = count
         if differing:
@@ -195,7 +199,9 @@ def identity_for_training(model_name_or_path: str) -> dict | None:
         return None
     try:
         identity = fingerprint(model_dir)
-    except Exception as error:  # no safetensors (a .bin checkpoint), a broken tokenizer.json, ...: never stop training for it
+    except (
+        Exception
+    ) as error:  # no safetensors (a .bin checkpoint), a broken tokenizer.json, ...: never stop training for it
         logger.warning("base model identity not recorded: cannot fingerprint %s (%s)", model_dir, error)
         return None
     return {**identity, "base": model_name_or_path}

@@ -12,15 +12,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m finetune.build_tiny", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="tokenizer size cap incl. 256 specials (default 1024)")
-    parser.add_argument("--shards", type=int, default=0, help="also write a sharded copy (published layout) to OUT_DIR-sharded")
-    parser.add_argument("--demo", action="store_true", help="make demo's sizes (DEMO_CONFIG_OVERRIDES: a wider vision tower)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=1024, help="tokenizer size cap incl. 256 specials (default 1024)"
+    )
+    parser.add_argument(
+        "--shards", type=int, default=0, help="also write a sharded copy (published layout) to OUT_DIR-sharded"
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="make demo's sizes (DEMO_CONFIG_OVERRIDES: a wider vision tower)"
+    )
     args = parser.parse_args(argv)
 
     from finetune.synthetic import DEMO_CONFIG_OVERRIDES, build_tiny_checkpoint, write_published_shards
 
     overrides = DEMO_CONFIG_OVERRIDES if args.demo else None
-    out_dir = build_tiny_checkpoint(args.out_dir, seed=args.seed, vocab_size=args.vocab_size, config_overrides=overrides)
+    out_dir = build_tiny_checkpoint(
+        args.out_dir, seed=args.seed, vocab_size=args.vocab_size, config_overrides=overrides
+    )
     config = json.loads((out_dir / "config.json").read_text())
     print(f"wrote tiny MiniCPM-Llama3-V-2.5 checkpoint to {out_dir} (seed {args.seed}):")
     for path in sorted(out_dir.iterdir()):

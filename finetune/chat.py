@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 import torch
 import transformers
@@ -64,7 +65,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(model_path: str, adapter: str | None = None, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa"):
+def load_model(
+    model_path: str,
+    adapter: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+):
     """(model, tokenizer) ready for `generate`: the MiniCPMV itself, with the adapter's LoRA layers and trained
     modules injected when `adapter` is given (PeftModel, not merged: numerics as in training). The tokenizer comes
     from the adapter directory when it has one (the trainer copies the base's files there), else the model's."""
@@ -84,7 +91,9 @@ def load_model(model_path: str, adapter: str | None = None, device: str = "auto"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # On a GPU the weights load straight onto it (no full copy in host memory first).
     device_map = str(target) if target.type == "cuda" else None
-    model = AutoModel.from_pretrained(model_path, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map)
+    model = AutoModel.from_pretrained(
+        model_path, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map
+    )
     model.to(target)
     if adapter is not None:
         from peft import PeftModel
@@ -139,7 +148,7 @@ def build_prompt(
         # odd pieces are image numbers
         order += [int(p) for p in pieces[1::2]]
         contents[i] = "".join(IMAGE_MARKER if j % 2 else p for j, p in enumerate(pieces))
-    msgs = [{"role": role, "content": content} for role, content in zip(roles, contents)]
+    msgs = [{"role": role, "content": content} for role, content in zip(roles, contents, strict=True)]
     if msgs[0]["role"] == "system":  # render_chat_prompt wants the system prompt separately
         system_prompt, msgs = msgs[0]["content"], msgs[1:]
     prompt, _ = render_chat_prompt(None, msgs, tokenizer, system_prompt)
@@ -153,7 +162,11 @@ def generation_config(greedy: bool, beams: int = 1, repetition_penalty: float | 
         if repetition_penalty is not None:
             config["repetition_penalty"] = repetition_penalty
         return config
-    return {"do_sample": False, "num_beams": beams, "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty}
+    return {
+        "do_sample": False,
+        "num_beams": beams,
+        "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty,
+    }
 
 
 class Streamer(TextStreamer):
@@ -199,13 +212,19 @@ def load_history(path: str | Path) -> tuple[list[tuple[str, str]], list[tuple[st
         raise ChatError(f"--history {path}: expected a list of {{role, content}} or a training record")
     turns = []
     for k, turn in enumerate(raw):
-        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant") or not isinstance(turn.get("content"), str):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("role") not in ("system", "user", "assistant")
+            or not isinstance(turn.get("content"), str)
+        ):
             raise ChatError(f"--history {path}: turn {k} must be {{'role': system|user|assistant, 'content': str}}")
         turns.append((turn["role"], turn["content"]))
     return turns, []
 
 
-def conversation(question: str, history: str | Path | None, image_paths: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, Image.Image]]]:
+def conversation(
+    question: str, history: str | Path | None, image_paths: Sequence[str]
+) -> tuple[list[tuple[str, str]], list[tuple[str, Image.Image]]]:
     """Turns (history + the question) and (marker, image) pairs for build_prompt."""
     turns, record_images = load_history(history) if history else ([], [])
     if turns and turns[-1][0] == "user":
@@ -243,21 +262,27 @@ def chat(
         out.write(answer + "\n")
         out.flush()
         return answer
-    return model.generate_text(prompt, ordered, tokenizer, max_new_tokens, streamer=Streamer(tokenizer, stream), **config)
+    return model.generate_text(
+        prompt, ordered, tokenizer, max_new_tokens, streamer=Streamer(tokenizer, stream), **config
+    )
 
 
 # --- command line ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m finetune.chat", description="Chat with MiniCPM-Llama3-V-2.5 (+ LoRA adapter).")
+    parser = ArgumentParser(
+        prog="python -m finetune.chat", description="Chat with MiniCPM-Llama3-V-2.5 (+ LoRA adapter)."
+    )
     parser.add_argument("question", help="the user's question")
     parser.add_argument("--model", required=True, help="base (or merged) model directory or hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (the training output_dir)")
     parser.add_argument("--image", action="append", default=[], help="image file; repeat for several")
     parser.add_argument("--history", default=None, help="JSON file with earlier turns (see module docstring)")
     parser.add_argument("--greedy", action="store_true", help="no sampling (num_beams from --beams, default 1)")
-    parser.add_argument("--beams", type=int, default=1, help="beams with --greedy (published: 3, with --repetition_penalty 1.2)")
+    parser.add_argument(
+        "--beams", type=int, default=1, help="beams with --greedy (published: 3, with --repetition_penalty 1.2)"
+    )
     parser.add_argument("--repetition_penalty", type=float, default=None)
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--system", default="", help="system prompt")

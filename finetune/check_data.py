@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,7 +35,9 @@ def find_index(dataset, sample_id: str) -> int:
     for index in range(len(dataset)):
         raw = dataset.source[dataset.mixed_index(index)]
         name = raw.get("id") if isinstance(raw, dict) else None
-        if str(name) == sample_id or (name is None and dataset.source.location(dataset.mixed_index(index)) == sample_id):
+        if str(name) == sample_id or (
+            name is None and dataset.source.location(dataset.mixed_index(index)) == sample_id
+        ):
             return index
     raise KeyError(sample_id)
 
@@ -106,9 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale_resolution", type=int, default=None)
     parser.add_argument("--no_slicing", action="store_true", help="every image is one view")
     parser.add_argument("--llm_type", default=None, choices=["llama3", "minicpm"])
-    parser.add_argument("--seed", type=int, default=DataSettings.seed, help="seed of the ratio sampling when mixing files")
+    parser.add_argument(
+        "--seed", type=int, default=DataSettings.seed, help="seed of the ratio sampling when mixing files"
+    )
     parser.add_argument("--show", default=None, metavar="ID", help="print this sample rendered, trained spans in ⟦ ⟧")
-    parser.add_argument("--dump", default=None, metavar="FILE.pt", help="save every usable sample as training feeds it (pixel_values as uint8 strips; the model normalises them)")
+    parser.add_argument(
+        "--dump",
+        default=None,
+        metavar="FILE.pt",
+        help="save every usable sample as training feeds it (pixel_values as uint8 strips; the model normalises them)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     return parser
 
@@ -147,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 index = find_index(dataset, args.show)
                 sample = dataset.prepare(index)
-                print(f"\n== sample {sample.id} ({sample.status}, {len(sample.input_ids)} tokens, {len(sample.pixel_values)} views)")
+                print(
+                    f"\n== sample {sample.id} ({sample.status}, {len(sample.input_ids)} tokens, {len(sample.pixel_values)} views)"
+                )
                 print(render_sample(dataset.encoder.tokenizer, sample.input_ids.tolist(), sample.labels.tolist()))
             except KeyError:
                 print(f"error: no sample with id {args.show!r}", file=sys.stderr)

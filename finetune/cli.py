@@ -42,7 +42,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.startswith(UNRECOGNIZED):
-            message = unknown_flags_message(message[len(UNRECOGNIZED):].split(), self._option_string_actions)
+            message = unknown_flags_message(message[len(UNRECOGNIZED) :].split(), self._option_string_actions)
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
@@ -83,7 +83,10 @@ def adapter_dir_problem(path: str) -> str | None:
 
 def check_model_flags(prog: str, model: str, adapter: str | None = None, weights: bool = True) -> None:
     """Exit 2 with one line naming --model / --adapter when either cannot be loaded, before anything is."""
-    for flag, problem in (("--model", model_dir_problem(model, weights)), ("--adapter", adapter and adapter_dir_problem(adapter))):
+    for flag, problem in (
+        ("--model", model_dir_problem(model, weights)),
+        ("--adapter", adapter and adapter_dir_problem(adapter)),
+    ):
         if problem:
             print(f"{prog}: error: {flag} {problem}", file=sys.stderr)
             sys.exit(2)

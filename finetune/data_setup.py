@@ -37,10 +37,16 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
         if data_args.validate_data:
             report = validate_across_ranks(split, spec, dataset, training_args)
             if training_args.process_index == 0:
-                print("[data] " + ValidationReport([report], settings.model_max_length).format().replace("\n", "\n[data] "), flush=True)
+                print(
+                    "[data] "
+                    + ValidationReport([report], settings.model_max_length).format().replace("\n", "\n[data] "),
+                    flush=True,
+                )
             if report.bad:
                 listing = "\n".join(f"  {r.id}: {r.reason}" for r in report.bad)
-                raise UsageError(f"{len(report.bad)} bad {split} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}")
+                raise UsageError(
+                    f"{len(report.bad)} bad {split} samples (fix them; `python -m finetune.check_data` lists all):\n{listing}"
+                )
             dataset = dataset.subset(report.usable_indices)
         if len(dataset) == 0:
             raise UsageError(f"no usable {split} samples in {spec}")
@@ -48,7 +54,9 @@ def build_datasets(data_args: DataArguments, training_args: TrainingArguments, t
     return datasets
 
 
-def validate_across_ranks(name: str, spec: str, dataset: SupervisedDataset, training_args: TrainingArguments) -> SplitReport:
+def validate_across_ranks(
+    name: str, spec: str, dataset: SupervisedDataset, training_args: TrainingArguments
+) -> SplitReport:
     """Every sample, as training will read it. Each rank checks every world_size-th sample on its share of
     the node's CPU cores, and the results are gathered: every rank gets the whole report, so that a bad sample
     any rank found stops them all, and they keep the same samples. A rank whose check itself fails (not a bad

@@ -24,15 +24,23 @@ import os
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .model.configuration import slice_settings_from_config
-from .model.image_processing import SliceGrid, SliceSettings, image_bound_array, plan_slices, view_patch_sizes, view_strips
+from .model.image_processing import (
+    SliceGrid,
+    SliceSettings,
+    image_bound_array,
+    plan_slices,
+    view_patch_sizes,
+    view_strips,
+)
 from .model.tokenization import SpecialTokens, detect_llm_type
 from .model.versions.minicpm_llama3_v2_5 import image_placeholder
 
@@ -83,7 +91,9 @@ class JsonListSource:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+            raise DataError(
+                f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
+            ) from None
         except (OSError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: cannot read data file: {error}") from None
         if not isinstance(data, list):
@@ -147,7 +157,9 @@ class JsonlSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             column = getattr(error, "colno", "?")
             detail = getattr(error, "msg", str(error))
-            raise DataError(f"{self.path} line {int(self._lines[index])}: malformed JSON (column {column}): {detail}") from None
+            raise DataError(
+                f"{self.path} line {int(self._lines[index])}: malformed JSON (column {column}): {detail}"
+            ) from None
 
     def location(self, index: int) -> str:
         return f"{os.path.basename(self.path)}:{int(self._lines[index])}"
@@ -217,11 +229,11 @@ class MixedSource:
         self.sources = [open_source(path) for path, _ in entries]
         self.ratios = [ratio for _, ratio in entries]
         total_ratio = sum(r for r in self.ratios if r is not None)  # finite: parse_data_spec checks
-        pool = sum(len(s) for s, r in zip(self.sources, self.ratios) if r is not None)
+        pool = sum(len(s) for s, r in zip(self.sources, self.ratios, strict=True) if r is not None)
         where = "data mix" if len(entries) > 1 else "data"
         self.counts = []  # samples each source contributes
         picks: list[np.ndarray] = []
-        for i, (source, ratio) in enumerate(zip(self.sources, self.ratios)):
+        for i, (source, ratio) in enumerate(zip(self.sources, self.ratios, strict=True)):
             n = len(source)
             if n == 0:
                 raise DataError(f"{where}: {source.path} gets 0 samples: the file holds none")
@@ -237,17 +249,23 @@ class MixedSource:
                     )
                 rng = random.Random(seed + i)
                 repeats, rest = divmod(k, n)
-                chosen = np.concatenate([np.tile(np.arange(n), repeats), np.sort(rng.sample(range(n), rest))]).astype(np.int64)
+                chosen = np.concatenate([np.tile(np.arange(n), repeats), np.sort(rng.sample(range(n), rest))]).astype(
+                    np.int64
+                )
                 chosen = np.sort(chosen, kind="stable")
             self.counts.append(len(chosen))
             picks.append(chosen)
-        self._source_of = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(picks)]) if picks else np.zeros(0, np.int64)
+        self._source_of = (
+            np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(picks)])
+            if picks
+            else np.zeros(0, np.int64)
+        )
         self._index_in = np.concatenate(picks).astype(np.int64) if picks else np.zeros(0, np.int64)
 
     def share_lines(self) -> list[str]:
         """One line per file: the samples it contributes and how (check_data and training print them)."""
         lines = []
-        for source, ratio, count in zip(self.sources, self.ratios, self.counts):
+        for source, ratio, count in zip(self.sources, self.ratios, self.counts, strict=True):
             size = len(source)
             if ratio is None:
                 how = "no ratio: every sample once"
@@ -348,11 +366,17 @@ def parse_record(
     if start == len(messages):
         raise DataError("no user turn after the system message", sample)
     if messages[start][0] != "user":
-        raise DataError(f"turn {start}: first turn must be from the user (after an optional system), got {messages[start][0]!r}", sample)
+        raise DataError(
+            f"turn {start}: first turn must be from the user (after an optional system), got {messages[start][0]!r}",
+            sample,
+        )
     for turn in range(start, len(messages)):
         expected = "user" if (turn - start) % 2 == 0 else "assistant"
         if messages[turn][0] != expected:
-            raise DataError(f"turn {turn}: roles must alternate user/assistant, expected {expected!r} got {messages[turn][0]!r}", sample)
+            raise DataError(
+                f"turn {turn}: roles must alternate user/assistant, expected {expected!r} got {messages[turn][0]!r}",
+                sample,
+            )
     if not any(role == "assistant" for role, _ in messages):
         raise DataError("no assistant turn: nothing to train on", sample)
     if messages[-1][0] != "assistant":
@@ -383,7 +407,9 @@ def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
     end a trained span (upstream's label rule stops at the first `<|eot_id|>`) or add an image placeholder.
     """
     added = tokenizer.get_added_vocab()
-    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
     allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS) | {tokenizer.pad_token}
     control = sorted((t for t in special if t in added and t not in allowed), key=lambda t: (-len(t), t))
     return re.compile("|".join(map(re.escape, control))) if control else None
@@ -396,7 +422,7 @@ def _dict_marker(name: str) -> str:
 
 def _parse_images(image: Any, messages: list[tuple[str, str]], sample: str) -> list[tuple[str, str]]:
     """(marker, path) pairs in order of appearance; checks markers match images one to one."""
-    for turn, (role, content) in enumerate(messages):
+    for turn, (_role, content) in enumerate(messages):
         for tag in RESERVED_TAGS[1:]:
             if tag in content:
                 raise DataError(f"turn {turn}: content contains the reserved tag {tag!r}", sample)
@@ -529,7 +555,9 @@ class ConversationEncoder:
 
     def header_ids(self, role: str) -> list[int]:
         if role not in self._headers:
-            self._headers[role] = [self.tokens.start_header] + self.text_ids(role) + [self.tokens.end_header] + self.double_newline
+            self._headers[role] = (
+                [self.tokens.start_header] + self.text_ids(role) + [self.tokens.end_header] + self.double_newline
+            )
         return self._headers[role]
 
     def placeholder_ids(self, plan: SliceGrid) -> list[int]:
@@ -589,13 +617,16 @@ class ConversationEncoder:
         """
         # Which message holds which image (record.images is in order of appearance, so kept images are a prefix).
         per_message: list[dict[str, SliceGrid]] = [{} for _ in record.messages]
-        for (marker, _), plan in zip(record.images, plans):
+        for (marker, _), plan in zip(record.images, plans, strict=True):
             holder = next((i for i, (_, c) in enumerate(record.messages) if marker in c), None)
             if holder is None:  # single image without marker: before the first user text
                 per_message[_first_user(record)][""] = plan
             else:
                 per_message[holder][marker] = plan
-        pieces = [(self.message_ids(role, content, per_message[i]), role == "assistant") for i, (role, content) in enumerate(record.messages)]
+        pieces = [
+            (self.message_ids(role, content, per_message[i]), role == "assistant")
+            for i, (role, content) in enumerate(record.messages)
+        ]
         image_count = [len(m) for m in per_message]
         lengths = [len(ids) for ids, _ in pieces]
         full_length = 1 + sum(lengths)
@@ -652,7 +683,13 @@ class PreparedSample:
         }
 
 
-def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int | None = None, load_pixels: bool = True, decode_all: bool = False) -> PreparedSample:
+def prepare_sample(
+    record: Record,
+    encoder: ConversationEncoder,
+    max_length: int | None = None,
+    load_pixels: bool = True,
+    decode_all: bool = False,
+) -> PreparedSample:
     """Record -> model inputs. Grids come from image sizes (header only), so dropped images are never decoded.
 
     With load_pixels=False no pixels are computed (validation: lengths and bounds only); decode_all=True still
@@ -669,8 +706,10 @@ def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int
         encoded = encoder.encode(record, plans, max_length)
         pixel_values: list[torch.Tensor] = []
         if load_pixels:
-            for (_, path), image, plan in zip(record.images[: encoded.kept_images], opened, plans):
-                strips, _ = view_strips(decode_image(image, path, record.id), settings, plan)  # uint8: the model normalises on its device
+            for (_, path), image, plan in zip(record.images[: encoded.kept_images], opened, plans, strict=False):
+                strips, _ = view_strips(
+                    decode_image(image, path, record.id), settings, plan
+                )  # uint8: the model normalises on its device
                 pixel_values += strips
     finally:
         for image in opened:
@@ -684,7 +723,14 @@ def prepare_sample(record: Record, encoder: ConversationEncoder, max_length: int
         raise AssertionError(f"sample {record.id}: image_bound {bounds.tolist()} does not match {len(tgt_sizes)} views")
     status = "truncated" if encoded.dropped_turns else "kept"
     if encoded.dropped_turns:
-        logger.info("sample %s: truncated from %d to %d tokens (dropped the last %d turns, %d images)", record.id, encoded.full_length, len(input_ids), encoded.dropped_turns, len(plans) - encoded.kept_images)
+        logger.info(
+            "sample %s: truncated from %d to %d tokens (dropped the last %d turns, %d images)",
+            record.id,
+            encoded.full_length,
+            len(input_ids),
+            encoded.dropped_turns,
+            len(plans) - encoded.kept_images,
+        )
     return PreparedSample(
         id=record.id,
         input_ids=torch.from_numpy(input_ids),
@@ -738,7 +784,9 @@ def resolve_settings(config: Any, settings: DataSettings) -> SliceSettings:
     """
     base = config if isinstance(config, SliceSettings) else slice_settings_from_config(config)
     overrides = {
-        name: getattr(settings, name) for name in ("max_slice_nums", "scale_resolution", "slicing") if getattr(settings, name) is not None
+        name: getattr(settings, name)
+        for name in ("max_slice_nums", "scale_resolution", "slicing")
+        if getattr(settings, name) is not None
     }
     return dataclasses.replace(base, **overrides)
 
@@ -755,7 +803,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
     nothing is silently dropped.
     """
 
-    def __init__(self, settings: DataSettings, tokenizer, config: Any, *, split: Split = "train", indices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        settings: DataSettings,
+        tokenizer,
+        config: Any,
+        *,
+        split: Split = "train",
+        indices: Sequence[int] | None = None,
+    ):
         """`split` picks which of the settings' data specs is read; `config` is the model's config, whose slice
         settings the settings' overrides apply to (resolve_settings; a set made without a checkpoint passes
         SliceSettings)."""
@@ -776,7 +832,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def mixed_index(self, index: int) -> int:
         return self.indices[index] if self.indices is not None else index
 
-    def subset(self, indices: Sequence[int]) -> "SupervisedDataset":
+    def subset(self, indices: Sequence[int]) -> SupervisedDataset:
         """The same data restricted to dataset positions `indices` (sources and encoder shared, files not re-read)."""
         restricted = copy.copy(self)
         restricted.indices = [self.mixed_index(i) for i in indices]
@@ -786,7 +842,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """The validated record at dataset position `index` (DataError when bad)."""
         mixed = self.mixed_index(index)
         location = self.source.location(mixed)
-        return parse_record(self.source[mixed], location, self.source.base_dir(mixed), self.settings.image_folder, control_tokens=self.encoder.control_tokens)
+        return parse_record(
+            self.source[mixed],
+            location,
+            self.source.base_dir(mixed),
+            self.settings.image_folder,
+            control_tokens=self.encoder.control_tokens,
+        )
 
     def prepare(self, index: int, load_pixels: bool = True, decode_all: bool = False) -> PreparedSample:
         return prepare_sample(self.record(index), self.encoder, self.settings.model_max_length, load_pixels, decode_all)
@@ -795,13 +857,14 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.prepare(index).as_item()
 
 
-
 def duplicate_ids(ids: Counter, warn: bool = True) -> list[str]:
     """Ids used more than once, sorted. Duplicates are allowed (with `warn`, a warning): they make --show/--dump
     and logs ambiguous."""
     duplicates = sorted(name for name, count in ids.items() if count > 1)
     if duplicates and warn:
-        logger.warning("duplicate sample ids (%d): %s", len(duplicates), ", ".join(f"{d} (x{ids[d]})" for d in duplicates[:50]))
+        logger.warning(
+            "duplicate sample ids (%d): %s", len(duplicates), ", ".join(f"{d} (x{ids[d]})" for d in duplicates[:50])
+        )
     return duplicates
 
 
@@ -822,7 +885,13 @@ class DataCollator:
     lists keep each sample's vision features equal to its features when alone (the model pads strips per entry).
     """
 
-    def __init__(self, pad_token_id: int, packing: bool = False, max_length: int | None = None, pad_to_multiple_of: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        packing: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.max_length = max_length
@@ -842,7 +911,7 @@ class DataCollator:
 
     def _pad(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(item["input_ids"]) for item in items]
-        for item, n in zip(items, lengths):
+        for item, n in zip(items, lengths, strict=True):
             self._check_length(n, f"sample {item.get('id')}")
         width = max(lengths)
         if self.pad_to_multiple_of:
@@ -854,7 +923,7 @@ class DataCollator:
         labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.int64)
         attention = torch.zeros((batch, width), dtype=torch.int64)
         positions = torch.zeros((batch, width), dtype=torch.int64)
-        for row, (item, n) in enumerate(zip(items, lengths)):
+        for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
             input_ids[row, :n] = item["input_ids"]
             labels[row, :n] = item["labels"]
             attention[row, :n] = 1

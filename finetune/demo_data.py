@@ -148,7 +148,14 @@ def _text_sample(rng: random.Random, sample_id: str) -> Sample:
         answer = f"{NUMBER_WORDS[a].capitalize()} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}."
         return Sample(sample_id, [_turn("user", question), _turn("assistant", answer)])
     shape = rng.choice(SHAPES)
-    corners = {"circle": "no", "square": "four", "triangle": "three", "diamond": "four", "star": "ten", "cross": "twelve"}[shape]
+    corners = {
+        "circle": "no",
+        "square": "four",
+        "triangle": "three",
+        "diamond": "four",
+        "star": "ten",
+        "cross": "twelve",
+    }[shape]
     question = f"How many corners does a {shape} have?"
     answer = f"A {shape} has {corners} corners."
     return Sample(sample_id, [_turn("user", question), _turn("assistant", answer)])
@@ -225,7 +232,9 @@ def draw_image(spec: ImageSpec) -> Image.Image:
     elif spec.shape == "triangle":
         draw.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)], fill=fill)
     elif spec.shape == "diamond":
-        draw.polygon([(cx, cy - radius), (cx + radius * 0.75, cy), (cx, cy + radius), (cx - radius * 0.75, cy)], fill=fill)
+        draw.polygon(
+            [(cx, cy - radius), (cx + radius * 0.75, cy), (cx, cy + radius), (cx - radius * 0.75, cy)], fill=fill
+        )
     elif spec.shape == "star":
         points = []
         for k in range(10):
@@ -315,11 +324,19 @@ TASKS = ("mixed", "colour-shape")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m finetune.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to write images/, train.json and eval.json into")
-    parser.add_argument("--task", choices=TASKS, default="mixed",
-                        help="mixed: every data feature (multi-turn, text-only, multi-image, sliced images); "
-                             "colour-shape: the demo's learning task, one question whose answer is '<colour> <shape>'")
-    parser.add_argument("--num", type=int, default=None, help="number of training samples (default 64; colour-shape 1200)")
-    parser.add_argument("--eval-num", type=int, default=None, help="number of eval samples (default num // 4; colour-shape 36)")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="mixed",
+        help="mixed: every data feature (multi-turn, text-only, multi-image, sliced images); "
+        "colour-shape: the demo's learning task, one question whose answer is '<colour> <shape>'",
+    )
+    parser.add_argument(
+        "--num", type=int, default=None, help="number of training samples (default 64; colour-shape 1200)"
+    )
+    parser.add_argument(
+        "--eval-num", type=int, default=None, help="number of eval samples (default num // 4; colour-shape 36)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.task == "colour-shape":

@@ -27,7 +27,9 @@ from finetune.evaluate import evaluate
 LAST_LINE = "held-out exact match: base {base:.3f} -> fine-tuned {tuned:.3f}"
 
 
-def predictions(model_dir: str, adapter: str | None, data: str, out: Path, max_new_tokens: int) -> tuple[dict[str, Any], list[dict]]:
+def predictions(
+    model_dir: str, adapter: str | None, data: str, out: Path, max_new_tokens: int
+) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate one model (the base when adapter is None) on data: (the averages, one row per sample)."""
     model, tokenizer = load_model(model_dir, adapter, "auto", "auto")
     summary = evaluate(model, tokenizer, data, out, max_new_tokens)
@@ -49,18 +51,22 @@ def format_table(base_rows: list[dict], tuned_rows: list[dict], show: int) -> li
     """The first SHOW held-out samples: id, question, reference, base answer, fine-tuned answer (+ for exact)."""
     header = ("sample", "question", "reference", "base model", "fine-tuned")
     table = [header]
-    for base, tuned in list(zip(base_rows, tuned_rows))[:show]:
+    for base, tuned in list(zip(base_rows, tuned_rows, strict=True))[:show]:
         mark = lambda row: f"{row['prediction'][:28]!r}" + (" +" if row["exact_match"] else "")  # noqa: E731
         table.append((base["id"], question_of(base["prompt"])[:40], base["reference"], mark(base), mark(tuned)))
     widths = [max(len(row[k]) for row in table) for k in range(len(header))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table]
 
 
-def report(model_dir: str, adapter: str, data: str, out_dir: Path, show: int = 6, max_new_tokens: int = 8) -> tuple[float, float, list[str]]:
+def report(
+    model_dir: str, adapter: str, data: str, out_dir: Path, show: int = 6, max_new_tokens: int = 8
+) -> tuple[float, float, list[str]]:
     """Evaluate base and fine-tuned model on data; returns (base exact match, fine-tuned exact match, the lines)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base_summary, base_rows = predictions(model_dir, None, data, out_dir / "predictions_base.jsonl", max_new_tokens)
-    tuned_summary, tuned_rows = predictions(model_dir, adapter, data, out_dir / "predictions_finetuned.jsonl", max_new_tokens)
+    tuned_summary, tuned_rows = predictions(
+        model_dir, adapter, data, out_dir / "predictions_finetuned.jsonl", max_new_tokens
+    )
     lines = [f"[report] {len(base_rows)} held-out samples (pictures not seen in training); '+' marks an exact match"]
     lines += format_table(base_rows, tuned_rows, show)
     base, tuned = base_summary["exact_match"], tuned_summary["exact_match"]
@@ -79,7 +85,9 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
     try:
-        *_, lines = report(args.model, args.adapter, args.data, Path(args.out or args.adapter), args.show, args.max_new_tokens)
+        *_, lines = report(
+            args.model, args.adapter, args.data, Path(args.out or args.adapter), args.show, args.max_new_tokens
+        )
     except ValueError as error:  # ChatError / CheckpointError: bad input, one line
         print(f"finetune.demo_report: error: {error}", file=sys.stderr)
         return 2

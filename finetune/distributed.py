@@ -37,7 +37,9 @@ def stop_with_launcher(poll_seconds: float = 1.0) -> None:
         return
     import threading
 
-    threading.Thread(target=_stop_when_orphaned, args=(launcher, poll_seconds), name="stop-with-launcher", daemon=True).start()
+    threading.Thread(
+        target=_stop_when_orphaned, args=(launcher, poll_seconds), name="stop-with-launcher", daemon=True
+    ).start()
 
 
 def signal_on_parent_death(signum: int) -> bool:
@@ -49,7 +51,12 @@ def signal_on_parent_death(signum: int) -> bool:
     pr_set_pdeathsig = 1  # PR_SET_PDEATHSIG in <linux/prctl.h>
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(pr_set_pdeathsig, ctypes.c_ulong(signum), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+        return (
+            libc.prctl(
+                pr_set_pdeathsig, ctypes.c_ulong(signum), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+            )
+            == 0
+        )
     except (OSError, AttributeError):  # no C library to load, or one without prctl
         return False
 
@@ -117,7 +124,7 @@ def check_cpu_deepspeed_compiler() -> None:
         compiler = os.environ.get("CXX", "c++")
         raise UsageError(
             f"--deepspeed without a GPU needs a C++ compiler ({compiler!r} is not on PATH): DeepSpeed builds its CPU "
-            "communication op on first use; install one (e.g. apt-get install g++) or train without DeepSpeed (DS_CONFIG=\"\")"
+            'communication op on first use; install one (e.g. apt-get install g++) or train without DeepSpeed (DS_CONFIG="")'
         )
 
 

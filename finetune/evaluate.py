@@ -24,8 +24,9 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 import transformers
 
@@ -81,7 +82,11 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def score(prediction: str, reference: str) -> dict[str, float]:
-    return {"exact_match": exact_match(prediction, reference), "f1": token_f1(prediction, reference), "rouge_l": rouge_l(prediction, reference)}
+    return {
+        "exact_match": exact_match(prediction, reference),
+        "f1": token_f1(prediction, reference),
+        "rouge_l": rouge_l(prediction, reference),
+    }
 
 
 # --- samples -------------------------------------------------------------------------------------------------------
@@ -133,7 +138,13 @@ def evaluate(
             images = [(marker, load_image(path)) for marker, path in image_paths]
             prompt, ordered = build_prompt(tokenizer, turns, images)
             prediction = model.generate_text(prompt, ordered, tokenizer, max_new_tokens, **config)
-            row = {"id": sample_id, "prompt": prompt, "prediction": prediction, "reference": reference, **score(prediction, reference)}
+            row = {
+                "id": sample_id,
+                "prompt": prompt,
+                "prediction": prediction,
+                "reference": reference,
+                **score(prediction, reference),
+            }
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()
             rows.append(row)
@@ -141,7 +152,11 @@ def evaluate(
                 log.write(f"[{count + 1}] {sample_id}: f1={row['f1']:.3f} rouge_l={row['rouge_l']:.3f}\n")
     if not rows:
         raise ChatError(f"{data}: no samples")
-    summary = {"samples": len(rows), **{k: sum(r[k] for r in rows) / len(rows) for k in ("exact_match", "f1", "rouge_l")}, "predictions": str(out)}
+    summary = {
+        "samples": len(rows),
+        **{k: sum(r[k] for r in rows) / len(rows) for k in ("exact_match", "f1", "rouge_l")},
+        "predictions": str(out),
+    }
     return summary
 
 
@@ -149,11 +164,15 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m finetune.evaluate", description="Score MiniCPM-V answers on a held-out set.")
+    parser = ArgumentParser(
+        prog="python -m finetune.evaluate", description="Score MiniCPM-V answers on a held-out set."
+    )
     parser.add_argument("--model", required=True, help="base (or merged) model directory or hub id")
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (the training output_dir)")
     parser.add_argument("--data", required=True, help="held-out data in the training format (.json or .jsonl)")
-    parser.add_argument("--out", default=None, help="predictions JSONL (default: ADAPTER/predictions.jsonl or ./predictions.jsonl)")
+    parser.add_argument(
+        "--out", default=None, help="predictions JSONL (default: ADAPTER/predictions.jsonl or ./predictions.jsonl)"
+    )
     parser.add_argument("--image_folder", default=None, help="where relative image paths are looked up too")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
@@ -171,7 +190,9 @@ def cli(argv: list[str] | None = None) -> int:
         if not Path(args.data).is_file():
             raise ChatError(f"--data {args.data}: no such file")
         model, tokenizer = load_model(args.model, args.adapter, args.device, args.dtype)
-        summary = evaluate(model, tokenizer, args.data, out, args.max_new_tokens, args.image_folder, args.limit, log=sys.stderr)
+        summary = evaluate(
+            model, tokenizer, args.data, out, args.max_new_tokens, args.image_folder, args.limit, log=sys.stderr
+        )
     except ValueError as error:  # ChatError and CheckpointError included: bad input, one line
         print(f"finetune.evaluate: error: {error}", file=sys.stderr)
         return 2

@@ -28,7 +28,9 @@ def _become_the_package() -> None:
     import importlib.util
 
     folder = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("finetune", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        "finetune", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     package = importlib.util.module_from_spec(spec)
     sys.modules["finetune"] = package  # before it runs: its own relative imports need it
     try:

@@ -35,7 +35,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from finetune import trainer
 from finetune.base_identity import FORMAT, IDENTITY_FILE, compare, fingerprint, read_identity, vocabulary_fingerprint
 from finetune.cli import ArgumentParser
@@ -81,7 +80,11 @@ def resolve_base(base: str) -> Path:
 
 def _linear_shapes(base_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Module name -> weight shape of every 2-D weight (the candidates for LoRA)."""
-    return {name[: -len(".weight")]: shape for name, shape in base_shapes.items() if name.endswith(".weight") and len(shape) == 2}
+    return {
+        name[: -len(".weight")]: shape
+        for name, shape in base_shapes.items()
+        if name.endswith(".weight") and len(shape) == 2
+    }
 
 
 def _target_matches(target_modules, module: str) -> bool:
@@ -109,7 +112,11 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
     if not config_path.is_file():
         raise MergeError(f"{config_path}: missing: not a PEFT adapter directory (the training output_dir)")
     if not weights_path.is_file():
-        bin_hint = " (adapter_model.bin is not supported: re-save with safetensors)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+        bin_hint = (
+            " (adapter_model.bin is not supported: re-save with safetensors)"
+            if (adapter_dir / "adapter_model.bin").is_file()
+            else ""
+        )
         raise MergeError(f"{weights_path}: missing{bin_hint}")
     try:
         config = json.loads(config_path.read_text())
@@ -132,7 +139,9 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
         raise MergeError(f"{config_path}: no target_modules")
     if isinstance(targets, str):
         if not any(_target_matches(targets, m) for m in linears):
-            raise MergeError(f"{config_path}: target_modules {targets!r} matches no linear module of the base {base_dir}")
+            raise MergeError(
+                f"{config_path}: target_modules {targets!r} matches no linear module of the base {base_dir}"
+            )
     else:
         for target in targets:
             if not any(_target_matches([target], m) for m in linears):
@@ -151,7 +160,7 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
 
     lora_modules, saved, ranks = set(), [], {}
     for key, shape in sorted(adapter.items()):
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         where = f"{weights_path.name}: tensor {key} {list(shape)}"
         match = re.match(r"^(.*)\.(lora_[A-Za-z_]+?)(?:\.weight)?$", name)
         if match:
@@ -161,11 +170,15 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
             out_features, in_features = linears[module]
             if kind == "lora_A":
                 if len(shape) != 2 or shape[1] != in_features:
-                    raise MergeError(f"{where}: LoRA A needs in_features {in_features} of the base's {module} {[out_features, in_features]}")
+                    raise MergeError(
+                        f"{where}: LoRA A needs in_features {in_features} of the base's {module} {[out_features, in_features]}"
+                    )
                 ranks.setdefault(module, {})["A"] = shape[0]
             elif kind == "lora_B":
                 if len(shape) != 2 or shape[0] != out_features:
-                    raise MergeError(f"{where}: LoRA B needs out_features {out_features} of the base's {module} {[out_features, in_features]}")
+                    raise MergeError(
+                        f"{where}: LoRA B needs out_features {out_features} of the base's {module} {[out_features, in_features]}"
+                    )
                 ranks.setdefault(module, {})["B"] = shape[1]
             elif kind == "lora_magnitude_vector" and shape[-1] != out_features:  # DoRA
                 raise MergeError(f"{where}: DoRA magnitude needs {out_features} entries for the base's {module}")
@@ -178,7 +191,9 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck
         saved.append(name)
     for module, rank in ranks.items():
         if rank.get("A") != rank.get("B"):
-            raise MergeError(f"{weights_path.name}: {module}: lora_A rank {rank.get('A')} != lora_B rank {rank.get('B')} (or one is missing)")
+            raise MergeError(
+                f"{weights_path.name}: {module}: lora_A rank {rank.get('A')} != lora_B rank {rank.get('B')} (or one is missing)"
+            )
     return AdapterCheck(sorted(lora_modules), saved)
 
 
@@ -193,10 +208,14 @@ def check_base_identity(base_dir: Path, adapter_dir: Path) -> None:
         raise MergeError(str(error)) from error
     unverified = "its base could not be verified beyond tensor shapes"
     if recorded is None:
-        notice(f"--adapter {adapter_dir} has no {IDENTITY_FILE} (saved by an older version or another tool): {unverified}")
+        notice(
+            f"--adapter {adapter_dir} has no {IDENTITY_FILE} (saved by an older version or another tool): {unverified}"
+        )
         return
     if recorded.get("format") != FORMAT:
-        notice(f"{adapter_dir / IDENTITY_FILE}: format {recorded.get('format')!r}, this version reads {FORMAT}: {unverified}")
+        notice(
+            f"{adapter_dir / IDENTITY_FILE}: format {recorded.get('format')!r}, this version reads {FORMAT}: {unverified}"
+        )
         return
     try:
         actual = fingerprint(base_dir)
@@ -205,7 +224,9 @@ def check_base_identity(base_dir: Path, adapter_dir: Path) -> None:
     try:
         reason = compare(recorded, actual)
     except (KeyError, TypeError, AttributeError) as error:
-        raise MergeError(f"{adapter_dir / IDENTITY_FILE}: malformed record ({type(error).__name__}: {error})") from error
+        raise MergeError(
+            f"{adapter_dir / IDENTITY_FILE}: malformed record ({type(error).__name__}: {error})"
+        ) from error
     if reason:
         recorded_base = recorded.get("base")
         named = f" (it records its base as {recorded_base})" if recorded_base and recorded_base != str(base_dir) else ""
@@ -251,15 +272,28 @@ def prepare_output(out: str | Path, overwrite: bool, base_dir: Path, adapter_dir
         if resolved == protected_resolved:
             raise MergeError(f"--out {out} is the {flag} directory: the merge would replace it; choose another --out")
         if protected_resolved.is_relative_to(resolved):
-            raise MergeError(f"--out {out} contains the {flag} directory {protected}: the merge would replace it; choose another --out")
+            raise MergeError(
+                f"--out {out} contains the {flag} directory {protected}: the merge would replace it; choose another --out"
+            )
         if overwrite and resolved.is_relative_to(protected_resolved):
-            raise MergeError(f"--out {out} is inside the {flag} directory {protected}: --overwrite would replace part of it; choose another --out")
+            raise MergeError(
+                f"--out {out} is inside the {flag} directory {protected}: --overwrite would replace part of it; choose another --out"
+            )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise MergeError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
-        missing = [name for name, found in (("config.json", (out / "config.json").is_file()), ("*.safetensors", any(out.glob("*.safetensors")))) if not found]
+        missing = [
+            name
+            for name, found in (
+                ("config.json", (out / "config.json").is_file()),
+                ("*.safetensors", any(out.glob("*.safetensors"))),
+            )
+            if not found
+        ]
         if missing:
-            raise MergeError(f"--out {out}: exists and does not look like a model (no {', no '.join(missing)}): not deleting it, even with --overwrite")
+            raise MergeError(
+                f"--out {out}: exists and does not look like a model (no {', no '.join(missing)}): not deleting it, even with --overwrite"
+            )
     return out.with_name(f"{out.name}.tmp-{os.getpid()}")
 
 
@@ -276,7 +310,9 @@ def remove_leftovers(out: Path) -> None:
             continue
         pid = int(match.group(1))
         if pid != os.getpid() and _process_running(pid):
-            notice(f"{path}: left alone, process {pid} that wrote it is still running (a merge into {out} in progress? if not, delete it)")
+            notice(
+                f"{path}: left alone, process {pid} that wrote it is still running (a merge into {out} in progress? if not, delete it)"
+            )
             continue
         try:
             shutil.rmtree(path)
@@ -304,7 +340,9 @@ def copy_passthrough_files(adapter_dir: Path, base_dir: Path, out: Path) -> list
     copied = set(trainer.copy_passthrough_files(base_dir, out)) | set(trainer.copy_passthrough_files(adapter_dir, out))
     missing = {"tokenizer.json", "tokenizer_config.json"} - copied
     if missing:
-        raise MergeError(f"no {', '.join(sorted(missing))} in {adapter_dir} or {base_dir}: the merged model would have no tokenizer")
+        raise MergeError(
+            f"no {', '.join(sorted(missing))} in {adapter_dir} or {base_dir}: the merged model would have no tokenizer"
+        )
     return [name for name in PASSTHROUGH_FILES if name in copied]
 
 
@@ -404,7 +442,9 @@ def _nbytes(handle, name: str) -> int:
     size = 1
     for dim in sl.get_shape():
         size *= dim
-    return size * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}.get(sl.get_dtype(), 4)
+    return size * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}.get(
+        sl.get_dtype(), 4
+    )
 
 
 # --- command line ------------------------------------------------------------------------------------------------------
@@ -415,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", required=True, help="base checkpoint directory (or hub id)")
     parser.add_argument("--adapter", required=True, help="LoRA adapter directory (the training output_dir)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the merged weights (default bf16)")
+    parser.add_argument(
+        "--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the merged weights (default bf16)"
+    )
     parser.add_argument("--max_shard_size", default="5GB", help="shard size, e.g. 5GB (default) or 500MB")
     parser.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")

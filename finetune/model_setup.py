@@ -31,7 +31,9 @@ from finetune.model.sharded_loss import zero3_vocab_shard
 def lora_targets(model: torch.nn.Module, pattern: str) -> list[str]:
     """Linear modules whose full name matches the regex (PEFT's rule for a string target)."""
     regex = re.compile(pattern)
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and regex.fullmatch(name)]
+    return [
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and regex.fullmatch(name)
+    ]
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments):
@@ -86,7 +88,9 @@ def configure_trainable(model, training_args: TrainingArguments, lora_args: Lora
 
     targets = lora_targets(model, lora_args.lora_target_modules)
     if not targets:
-        raise UsageError(f"--lora_target_modules {lora_args.lora_target_modules!r} matches no linear module of the model")
+        raise UsageError(
+            f"--lora_target_modules {lora_args.lora_target_modules!r} matches no linear module of the model"
+        )
     if lora_args.q_lora:
         # Not peft's prepare_model_for_kbit_training: it casts every non-4-bit parameter to fp32 (vision tower,
         # resampler, embed_tokens, lm_head: 1.56 B parameters, 2.9 -> 5.8 GiB on the full-size model), which
@@ -126,7 +130,10 @@ def release_frozen_originals(model) -> int:
 
     freed = 0
     for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and module.original_module is not module.modules_to_save[module.active_adapter]:
+        if (
+            isinstance(module, ModulesToSaveWrapper)
+            and module.original_module is not module.modules_to_save[module.active_adapter]
+        ):
             freed += sum(full_size(p) for p in module.original_module.parameters())
             # Re-registered last, so that named_parameters() (which names a shared weight once, by its first
             # path) keeps naming the weights modules_to_save.*: the names PEFT saves and the Trainer groups by.
@@ -177,11 +184,15 @@ def apply_fast_paths(model, training_args: TrainingArguments) -> list[str]:
         applied.append("liger-kernel RMSNorm/SwiGLU/RoPE" + (" + fused linear cross-entropy" if fused_loss else ""))
         training_args.use_liger_kernel = False
     if vocab_sharded(model):
-        applied.append(f"loss over lm_head's vocabulary shards ({training_args.world_size} ranks; lm_head never gathered)")
+        applied.append(
+            f"loss over lm_head's vocabulary shards ({training_args.world_size} ranks; lm_head never gathered)"
+        )
     if training_args.compile_layers:
         # Sequence lengths change every step: compiled for any length at once, instead of once for the first
         # length and again when the second one arrives (each ~15 s for the full-size layer on an H200).
-        applied.append(f"torch.compile of {compile_decoder_layers(model, vision=True, dynamic=True)} layers (LLM and vision tower)")
+        applied.append(
+            f"torch.compile of {compile_decoder_layers(model, vision=True, dynamic=True)} layers (LLM and vision tower)"
+        )
     return applied
 
 

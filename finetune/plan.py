@@ -43,7 +43,7 @@ import math
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from transformers.hf_argparser import string_to_bool
@@ -134,7 +134,7 @@ class Counts:
     lora_per_rank: int  # LoRA parameters per unit of rank on the default q/k/v/o targets
 
 
-@lru_cache(maxsize=None)
+@cache
 def parameter_counts() -> Counts:
     """Counted on the meta device from the published config (no memory, no weights)."""
     import torch
@@ -229,11 +229,15 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
     per_token = constants.act_gc_bytes_per_token if setup.gradient_checkpointing else constants.act_nogc_bytes_per_token
     views = setup.micro_batch * setup.views_per_sample
     if setup.tune_vision:
-        per_view = constants.vision_gc_bytes_per_view if setup.gradient_checkpointing else constants.vision_nogc_bytes_per_view
+        per_view = (
+            constants.vision_gc_bytes_per_view if setup.gradient_checkpointing else constants.vision_nogc_bytes_per_view
+        )
     else:
         per_view = constants.vision_frozen_bytes_per_view
     activations = tokens * per_token + views * per_view
-    logits = min(tokens, setup.loss_chunk) * (c.vocab // n if vocab_shards else c.vocab) * constants.logit_bytes_per_element
+    logits = (
+        min(tokens, setup.loss_chunk) * (c.vocab // n if vocab_shards else c.vocab) * constants.logit_bytes_per_element
+    )
     terms = {
         "weights": weights / GiB,
         "optimizer_and_grads": states / GiB,
@@ -286,7 +290,11 @@ class Plan:
         if not self.fits:
             return self.message
         s = self.setup
-        stage = f"ZeRO-{s.zero_stage}" + (" (lean: ds_config_zero3_lean.json)" if s.lean else "") if s.zero_stage else "none (plain Trainer)"
+        stage = (
+            f"ZeRO-{s.zero_stage}" + (" (lean: ds_config_zero3_lean.json)" if s.lean else "")
+            if s.zero_stage
+            else "none (plain Trainer)"
+        )
         lines = [
             f"plan for {s.gpus} GPU(s) x {self.gpu_mem:g} GiB{' (QLoRA NF4)' if s.q_lora else ''}:",
             f"  deepspeed:               {stage}{' + CPU offload' if s.offload else ''}",
@@ -455,7 +463,9 @@ def validation_markdown(measurements: list[Measurement], constants: Constants = 
     for m in measurements:
         predicted = predict(m.setup, constants)["total"]
         error = 100 * (predicted - m.peak_gib) / m.peak_gib
-        lines.append(f"| {m.name} | {m.setup.gpus} | {predicted:.2f} | {m.peak_gib:.2f} | {error:+.1f}% | {m.date}, {m.device} | {m.note} |")
+        lines.append(
+            f"| {m.name} | {m.setup.gpus} | {predicted:.2f} | {m.peak_gib:.2f} | {error:+.1f}% | {m.date}, {m.device} | {m.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -464,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int, default=1)
     parser.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU")
     parser.add_argument("--data", help="training data (model_max_length and views per sample from its lengths)")
-    parser.add_argument("--model", default="openbmb/MiniCPM-Llama3-V-2_5", help="checkpoint whose tokenizer reads --data")
+    parser.add_argument(
+        "--model", default="openbmb/MiniCPM-Llama3-V-2_5", help="checkpoint whose tokenizer reads --data"
+    )
     parser.add_argument("--q_lora", "--q-lora", action="store_true", help="4-bit NF4 LLM (bitsandbytes)")
     parser.add_argument("--target-global-batch", type=int, default=16)
     parser.add_argument("--tune-vision", type=string_to_bool, default=True)
@@ -472,9 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--emit-args", action="store_true", help="print only the finetune.py flags (shell-quoted)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--validate", nargs="?", const=str(CALIBRATION_FILE), metavar="CALIBRATION_JSON",
-                        help="predicted vs measured peaks (markdown) for the measured configurations of a calibration "
-                        "file (default: the one shipped with the planner)")
+    parser.add_argument(
+        "--validate",
+        nargs="?",
+        const=str(CALIBRATION_FILE),
+        metavar="CALIBRATION_JSON",
+        help="predicted vs measured peaks (markdown) for the measured configurations of a calibration "
+        "file (default: the one shipped with the planner)",
+    )
     return parser
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from finetune.arguments import check_arguments, parse_arguments
 from finetune.run_directory import prepare_output_dir, resolve_resume_checkpoint
 
-WORLD_SIZE_ENV = "FINETUNE_WORLD_SIZE"  # the launcher's processes in all (nodes x per node): DeepSpeed's shards per checkpoint
+WORLD_SIZE_ENV = (
+    "FINETUNE_WORLD_SIZE"  # the launcher's processes in all (nodes x per node): DeepSpeed's shards per checkpoint
+)
 
 
 def preflight(argv: list[str]) -> None:

@@ -84,7 +84,9 @@ def check_pickle_is_data(path: Path, allowed: list) -> None:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         reason = f"it names {named.group(1)}, which no checkpoint holds" if named else first_line
-        raise RunDirectoryError(f"{path}: refused to load ({reason}); it is not a checkpoint this suite wrote, or was altered") from error
+        raise RunDirectoryError(
+            f"{path}: refused to load ({reason}); it is not a checkpoint this suite wrote, or was altered"
+        ) from error
 
 
 # --- completeness -----------------------------------------------------------------------------------------------------
@@ -116,7 +118,9 @@ def _incomplete_reason(checkpoint: Path, deepspeed: bool, world_size: int) -> st
             return f"{TRAINER_STATE} has no global_step"
     except (ValueError, OSError) as error:
         return f"{TRAINER_STATE} unreadable ({error})"
-    empty = [str(p.relative_to(checkpoint)) for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.stat().st_size == 0]
+    empty = [
+        str(p.relative_to(checkpoint)) for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.stat().st_size == 0
+    ]
     if empty:
         return f"empty file {empty[0]}"
     weights = [checkpoint / name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
@@ -206,7 +210,9 @@ def resolve_resume_checkpoint(requested: str | None, output_dir: Path, deepspeed
                 return checkpoint
             passed_over.append((checkpoint.name, reason))
         found = "; ".join(f"{name}: {why}" for name, why in passed_over) or "none saved yet"
-        raise RunDirectoryError(f"--resume_from_checkpoint {requested}: no complete checkpoint in {output_dir} ({found})")
+        raise RunDirectoryError(
+            f"--resume_from_checkpoint {requested}: no complete checkpoint in {output_dir} ({found})"
+        )
     checkpoint = Path(requested)
     if not checkpoint.is_dir() and (output_dir / requested).is_dir():
         checkpoint = output_dir / requested
@@ -266,7 +272,9 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, is_sav
     check_writable(output_dir)
 
 
-def remove_incomplete_checkpoints_after(output_dir: Path, resumed: Path, deepspeed: bool, world_size: int) -> list[Path]:
+def remove_incomplete_checkpoints_after(
+    output_dir: Path, resumed: Path, deepspeed: bool, world_size: int
+) -> list[Path]:
     """Incomplete checkpoints of `output_dir` newer than the one resumed: a crash's leftovers, whose steps the resumed
     run saves again. Removed, so that neither the library's pruning nor a later resume takes them for this run's.
     Complete newer ones (the user chose an older checkpoint) are left, with a warning: the run overwrites each when
@@ -291,7 +299,9 @@ def prepare_run_directory(training_args: TrainingArguments) -> Path | None:
     """The checkpoint to resume (complete, and safe to unpickle), or None; and an output directory this run may
     write: not another run's unless resuming or overwriting it, writable. Before any model memory is touched."""
     output_dir, deepspeed = Path(training_args.output_dir), bool(training_args.deepspeed)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir, deepspeed, training_args.world_size)
+    resume = resolve_resume_checkpoint(
+        training_args.resume_from_checkpoint, output_dir, deepspeed, training_args.world_size
+    )
     prepare_output_dir(output_dir, resume is not None, training_args.overwrite_output_dir, training_args.should_save)
     if resume is not None and training_args.should_save:
         remove_incomplete_checkpoints_after(output_dir, resume, deepspeed, training_args.world_size)

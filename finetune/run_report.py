@@ -162,7 +162,11 @@ class RunReportCallback(TrainerCallback):
         mask = kwargs.get("attention_mask")
         inputs = mask.sum() if mask is not None else torch.tensor(input_ids.numel(), device=input_ids.device)
         labels = kwargs.get("labels")
-        labelled = (labels != -100).sum() if labels is not None else torch.zeros((), dtype=torch.int64, device=input_ids.device)
+        labelled = (
+            (labels != -100).sum()
+            if labels is not None
+            else torch.zeros((), dtype=torch.int64, device=input_ids.device)
+        )
         # Kept as tensors on the batch's device: no host sync per micro-batch.
         self.input_tokens = self.input_tokens + inputs.detach().to(torch.int64)
         self.label_tokens = self.label_tokens + labelled.detach().to(torch.int64)
@@ -183,7 +187,11 @@ class RunReportCallback(TrainerCallback):
 
     def _totals(self, args) -> tuple[int, int]:
         counts = torch.tensor([int(self.input_tokens), int(self.label_tokens)], dtype=torch.int64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             backend = torch.distributed.get_backend()
             device = args.device if backend == "nccl" else torch.device("cpu")
             counts = counts.to(device)
@@ -219,7 +227,9 @@ class RunReportCallback(TrainerCallback):
             "label_tokens_seen (all ranks)": label_tokens,
             "input_tokens_per_step": round(input_tokens / session_steps, 1) if session_steps else None,
             "label_tokens_per_step": round(label_tokens / session_steps, 1) if session_steps else None,
-            "trainer_num_input_tokens_seen": trainer_count if trainer_count else "not counted by the Trainer (input_ids sit inside batch['data'])",
+            "trainer_num_input_tokens_seen": trainer_count
+            if trainer_count
+            else "not counted by the Trainer (input_ids sit inside batch['data'])",
             "wall_time_s": round(wall, 2) if wall is not None else None,
             "wall_time": str(timedelta(seconds=round(wall))) if wall is not None else None,
             "peak_gpu_memory": peak_gpu_memory(),
@@ -261,7 +271,9 @@ def report_from_state(output_dir: str | Path) -> tuple[Path, Path]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.run_report", description="loss.png + summary from trainer_state.json")
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.run_report", description="loss.png + summary from trainer_state.json"
+    )
     parser.add_argument("output_dir")
     args = parser.parse_args(argv)
     try:

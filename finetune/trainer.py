@@ -101,7 +101,11 @@ def skip_per_parameter_syncs(optimizer: torch.optim.Optimizer) -> bool:
         from bitsandbytes.optim import optimizer as bnb_optimizer
     except ImportError:
         return False
-    if not isinstance(optimizer, bnb_optimizer.Optimizer8bit) or optimizer.is_paged or not hasattr(bnb_optimizer, "sync_gpu"):
+    if (
+        not isinstance(optimizer, bnb_optimizer.Optimizer8bit)
+        or optimizer.is_paged
+        or not hasattr(bnb_optimizer, "sync_gpu")
+    ):
         return False
     step = type(optimizer).step
 

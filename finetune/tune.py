@@ -78,13 +78,18 @@ def trainer_hp_space(trial) -> dict:
     return {key: value for key, value in hp_space(trial).items() if hasattr(TrainingArguments, key)}
 
 
-def launcher_line(params: dict, model: str | None = None, data: str | None = None, eval_data: str | None = None,
-                  q_lora: bool = False) -> str:
+def launcher_line(
+    params: dict, model: str | None = None, data: str | None = None, eval_data: str | None = None, q_lora: bool = False
+) -> str:
     """The best trial as a `finetune_lora.sh` line, with the model and data it was searched on."""
     rank = int(params["lora_r"])
     alpha = rank * int(params["lora_alpha_ratio"])
     env = [f"LR={params['learning_rate']:.2e}"]
-    env += [f"{name}={shlex.quote(value)}" for name, value in (("MODEL", model), ("DATA", data), ("EVAL_DATA", eval_data)) if value]
+    env += [
+        f"{name}={shlex.quote(value)}"
+        for name, value in (("MODEL", model), ("DATA", data), ("EVAL_DATA", eval_data))
+        if value
+    ]
     flags = ["--lora_r", str(rank), "--lora_alpha", str(alpha), "--warmup_steps", f"{params['warmup_steps']:.3f}"]
     if q_lora:
         flags += ["--q_lora", "true"]
@@ -201,7 +206,9 @@ def main(argv: list[str] | None = None) -> SearchResult:
     if args.subset == 0:
         args.subset = None
     result = search(args, extra)
-    print(f"[tune] {result.trials} trials; best eval loss {result.best_eval_loss:.4f}; params {result.params}", flush=True)
+    print(
+        f"[tune] {result.trials} trials; best eval loss {result.best_eval_loss:.4f}; params {result.params}", flush=True
+    )
     print(result.line, flush=True)
     return result
 

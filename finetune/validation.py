@@ -13,14 +13,23 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from finetune.dataset import DataError, DataSettings, SampleTooLong, Split, SupervisedDataset, duplicate_ids, prepare_sample
+from finetune.dataset import (
+    DataError,
+    DataSettings,
+    SampleTooLong,
+    Split,
+    SupervisedDataset,
+    duplicate_ids,
+    prepare_sample,
+)
 
 logger = logging.getLogger("finetune.dataset")
 
@@ -109,9 +118,9 @@ _WORKER: dict[str, Any] = {}
 def build_dataset(model: str, settings: DataSettings, split: Split = "train") -> SupervisedDataset:
     """The dataset of one split, with the tokenizer and config of the model directory `model` (built again in
     each worker process where fork is unavailable: tokenizers and datasets do not pickle cheaply)."""
-    import finetune  # noqa: F401  (registers the Auto classes)
     from transformers import AutoTokenizer
 
+    import finetune  # noqa: F401  (registers the Auto classes)
     from finetune.model import MiniCPMVConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model, clean_up_tokenization_spaces=False)
@@ -131,13 +140,33 @@ def check_sample(dataset: SupervisedDataset, index: int) -> SampleResult:
     record = None
     try:
         record = dataset.record(index)
-        sample = prepare_sample(record, dataset.encoder, dataset.settings.model_max_length, load_pixels=False, decode_all=True)
+        sample = prepare_sample(
+            record, dataset.encoder, dataset.settings.model_max_length, load_pixels=False, decode_all=True
+        )
     except SampleTooLong as error:
-        return SampleResult(index, error.sample, "skipped", error.length, 0, len(record.images) if record else 0, reason=str(error), has_id=bool(record and record.has_id))
+        return SampleResult(
+            index,
+            error.sample,
+            "skipped",
+            error.length,
+            0,
+            len(record.images) if record else 0,
+            reason=str(error),
+            has_id=bool(record and record.has_id),
+        )
     except DataError as error:
         where = error.sample or dataset.source.location(dataset.mixed_index(index))
         return SampleResult(index, where, "bad", reason=error.reason if error.sample else str(error))
-    return SampleResult(index, sample.id, sample.status, sample.full_length, len(sample.input_ids), sample.num_images, tuple(sample.views_per_image), has_id=record.has_id)
+    return SampleResult(
+        index,
+        sample.id,
+        sample.status,
+        sample.full_length,
+        len(sample.input_ids),
+        sample.num_images,
+        tuple(sample.views_per_image),
+        has_id=record.has_id,
+    )
 
 
 def _check_chunk(indices: list[int]) -> list[SampleResult]:
@@ -161,12 +190,18 @@ def validate_split(model: str, settings: DataSettings, split: Split, workers: in
     return validate_built(split, spec, dataset, workers, model)
 
 
-def validate_built(name: str, spec: str, dataset: SupervisedDataset, workers: int, model: str | None = None) -> SplitReport:
+def validate_built(
+    name: str, spec: str, dataset: SupervisedDataset, workers: int, model: str | None = None
+) -> SplitReport:
     """Validate every sample of a built SupervisedDataset, on `workers` processes (`model`: see check_samples)."""
-    return split_report(name, spec, check_samples(dataset, range(len(dataset)), workers, model), sources=dataset.source.share_lines())
+    return split_report(
+        name, spec, check_samples(dataset, range(len(dataset)), workers, model), sources=dataset.source.share_lines()
+    )
 
 
-def check_samples(dataset: SupervisedDataset, indices: Sequence[int], workers: int, model: str | None = None) -> list[SampleResult]:
+def check_samples(
+    dataset: SupervisedDataset, indices: Sequence[int], workers: int, model: str | None = None
+) -> list[SampleResult]:
     """Validate the samples at `indices` of a built SupervisedDataset, on `workers` processes (finetune.py
     gives each rank its share of the indices).
 
@@ -188,13 +223,17 @@ def check_samples(dataset: SupervisedDataset, indices: Sequence[int], workers: i
     _WORKER["dataset"] = dataset if method == "fork" else None
     initargs = (None if method == "fork" else (model, dataset.settings, dataset.split),)
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=initargs) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=initargs
+        ) as pool:
             return [r for part in pool.map(_check_chunk, chunks) for r in part]
     finally:
         _WORKER.pop("dataset", None)
 
 
-def split_report(name: str, spec: str, results: list[SampleResult], log: bool = True, sources: Sequence[str] = ()) -> SplitReport:
+def split_report(
+    name: str, spec: str, results: list[SampleResult], log: bool = True, sources: Sequence[str] = ()
+) -> SplitReport:
     """The report of one data spec from every sample's result, in dataset order; with `log`, each truncated or
     skipped sample and duplicate ids are logged here (workers are quiet). Bad samples are not: the report lists
     them, and finetune.py's error and check_data's exit do again. `sources`: MixedSource.share_lines(), printed

@@ -33,12 +33,14 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    from finetune.base_identity import identity_for_training, write_identity
     from finetune.arguments import DEFAULT_LORA_TARGETS
+    from finetune.base_identity import identity_for_training, write_identity
     from finetune.trainer import copy_passthrough_files
 
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["resampler", "vpm"])
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["resampler", "vpm"]
+    )
     peft_model = get_peft_model(AutoModel.from_pretrained(tiny_model), config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

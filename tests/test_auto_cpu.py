@@ -36,7 +36,16 @@ def test_auto_launcher_trains_on_a_cpu_machine(tiny_model, demo, tmp_path):
                FINETUNE_RUN_REPORT=str(report), AUTO="1", GPU_MEM="24", GPUS_PER_NODE="1", MODEL=str(tiny_model),
                DATA=str(demo / "train.json"), OUTPUT_DIR=str(tmp_path / "out"), REPORT_TO="none", MAX_STEPS="1")  # fmt: skip
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    flags = ["--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "1", "--optim", "adamw_torch", "--dataloader_num_workers", "0"]
+    flags = [
+        "--gradient_accumulation_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "1",
+        "--optim",
+        "adamw_torch",
+        "--dataloader_num_workers",
+        "0",
+    ]
     result = subprocess.run(["sh", str(LAUNCHER), *flags], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "--deepspeed ''" in result.stdout

@@ -34,8 +34,14 @@ def test_multimodal_set_can_be_made_with_a_given_average_of_views(tiny_model, tm
     exchanges within their range; the default set's parameters file keeps its old keys (a cached set stays valid)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     settings = SliceSettings(112, 14, 9, 16)
-    free = mm_set_stats(make_mm_dataset(str(tmp_path / "free"), 24, tokenizer, settings, sides=(100, 400), turns=(2, 4)), tokenizer, settings)
-    path = make_mm_dataset(str(tmp_path / "shaped"), 24, tokenizer, settings, sides=(100, 400), turns=(2, 4), mean_views=3.0)
+    free = mm_set_stats(
+        make_mm_dataset(str(tmp_path / "free"), 24, tokenizer, settings, sides=(100, 400), turns=(2, 4)),
+        tokenizer,
+        settings,
+    )
+    path = make_mm_dataset(
+        str(tmp_path / "shaped"), 24, tokenizer, settings, sides=(100, 400), turns=(2, 4), mean_views=3.0
+    )
     shaped = mm_set_stats(path, tokenizer, settings)
     assert abs(free["mean_views"] - 3.0) > 0.5, free  # the uniform draw alone lands elsewhere
     assert abs(shaped["mean_views"] - 3.0) < 0.1, shaped
@@ -87,13 +93,22 @@ def test_memory_peaks_are_placed_between_the_layer_marks(golden_dir, golden_case
     assert [(start, end) for _, start, end, *_ in top] == [
         ("llm layer 0 begins", "llm layer 1 begins"), ("llm layer 0 begins (backward)", "done")
     ]  # fmt: skip
-    assert peaks.report().splitlines()[0] == f"peak allocated over all intervals: {100 / 1024**3:.2f} GiB ({len(peaks.intervals)} intervals)"
+    assert (
+        peaks.report().splitlines()[0]
+        == f"peak allocated over all intervals: {100 / 1024**3:.2f} GiB ({len(peaks.intervals)} intervals)"
+    )
 
 
 def _text_only(case) -> dict:
     ids = case["input_ids"][None]
     empty = torch.zeros(0, 2, dtype=torch.int64)
-    return {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None], "pixel_values": [[]], "tgt_sizes": [empty], "image_bound": [empty]}
+    return {
+        "input_ids": ids,
+        "position_ids": torch.arange(ids.shape[1])[None],
+        "pixel_values": [[]],
+        "tgt_sizes": [empty],
+        "image_bound": [empty],
+    }
 
 
 def test_step_time_is_charged_to_the_phases_of_a_checkpointed_image_step(golden_dir, golden_cases):
@@ -150,7 +165,9 @@ def test_window_timing_synchronises_only_where_the_timed_steps_start_and_end(mon
     monkeypatch.setattr(trainer_bench, "_now", lambda sync=True: synced.append(sync) or 0.0)
     for mode, expected in (("window", [False, False, True, False, False, True]), ("steps", [True] * 6)):
         synced.clear()
-        ends = trainer_bench._StepEnds([], first_timed_step=lambda steps: 4, sync=mode)  # steps 4-6 timed, from step 3's end
+        ends = trainer_bench._StepEnds(
+            [], first_timed_step=lambda steps: 4, sync=mode
+        )  # steps 4-6 timed, from step 3's end
         for step in range(1, 7):
             ends.on_step_end(None, SimpleNamespace(global_step=step, max_steps=6), None)
         assert synced == expected, mode
@@ -165,7 +182,11 @@ def test_the_baseline_runs_the_dummy_image_and_checkpoints_as_its_row_says():
         torch.manual_seed(0)
         model = build_model(ROW_BY_NAME[name], torch.device("cpu"), tiny=True)
         vision_trained = any(p.requires_grad for p in model.get_base_model().vpm.parameters())
-        built[name] = (model.get_base_model().runtime_options.dummy_image_stand_in, checkpointing_in_effect(model), vision_trained)
+        built[name] = (
+            model.get_base_model().runtime_options.dummy_image_stand_in,
+            checkpointing_in_effect(model),
+            vision_trained,
+        )
     # (the suite's dummy-image stand-in, gradient checkpointing, vision tower trained)
     assert built == {
         "text_lora_baseline": (False, True, False),
@@ -222,7 +243,9 @@ def check_ratios(record: dict, printed: dict[str, str]) -> None:
         assert printed[ratio["label"]] == ("-" if expected is None else f"{expected:.2f}x")
 
 
-def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_from_the_same_run(workspace, tmp_path, capsys):
+def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_from_the_same_run(
+    workspace, tmp_path, capsys
+):
     status, lines, record = smoke_run(["headline"], workspace, tmp_path, capsys)
     assert status == 0
     check_header(lines, "headline")
@@ -233,24 +256,35 @@ def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_fro
     by_name = {row["row"]: row for row in record["rows"]}
     for name, cells in rows.items():
         row = by_name[name]
-        assert row["tokens_per_s"] > 0 and cells[1] == f"{row['tokens_per_s']:.0f}" and cells[-2] == "-"  # no GPU: no peak
-        assert row["kind"] == ("TrainerRow" if name in ("speed_mode", "speed_mode_2rows", "mm_upstream", "mm_lora") else "BaselineRow")
+        assert (
+            row["tokens_per_s"] > 0 and cells[1] == f"{row['tokens_per_s']:.0f}" and cells[-2] == "-"
+        )  # no GPU: no peak
+        assert row["kind"] == (
+            "TrainerRow" if name in ("speed_mode", "speed_mode_2rows", "mm_upstream", "mm_lora") else "BaselineRow"
+        )
     # finetune.py rows report what the Trainer ran: the speed mode without checkpointing, 2 samples a step at 2 rows
     speed, two_rows = by_name["speed_mode"]["report"], by_name["speed_mode_2rows"]["report"]
     assert not speed["gradient_checkpointing"] and speed["synchronised"] == "the timed window's ends"
     assert two_rows["samples_per_s"] == pytest.approx(2 / two_rows["step_s_mean"])
-    assert by_name["mm_upstream"]["report"]["optim"] == "adamw_bnb_8bit" and by_name["mm_upstream"]["report"]["tune_vision"]
+    assert (
+        by_name["mm_upstream"]["report"]["optim"] == "adamw_bnb_8bit"
+        and by_name["mm_upstream"]["report"]["tune_vision"]
+    )
     assert all(ratio["value"] is not None for ratio in record["ratios"]) and len(ratios) == 6
     check_ratios(record, ratios)
 
 
-@pytest.mark.parametrize("suite, skipped", [("memory", {"upstream_zero2_offload_c512"}), ("qlora", {"lora_nf4_adamw", "lora_nf4_8bit_c512"})])
+@pytest.mark.parametrize(
+    "suite, skipped", [("memory", {"upstream_zero2_offload_c512"}), ("qlora", {"lora_nf4_adamw", "lora_nf4_8bit_c512"})]
+)
 def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, workspace, tmp_path, capsys):
     status, lines, record = smoke_run([suite], workspace, tmp_path, capsys)
     assert status == 0
     check_header(lines, suite)
     columns, rows, ratios = table(lines)
-    assert columns[2:] == list(SUITES[suite].columns) == ["peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s"]
+    assert (
+        columns[2:] == list(SUITES[suite].columns) == ["peak alloc GiB", "peak reserved GiB", "planner GiB", "tokens/s"]
+    )
     assert list(rows) == [row.name for row in SUITES[suite].rows(2)]
     for name, cells in rows.items():
         if name in skipped:
@@ -261,7 +295,9 @@ def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, work
 
 
 def test_multi_gpu_suites_smoke_run_their_rows_under_torchrun(workspace, tmp_path, capsys):
-    status, lines, record = smoke_run(["scaling", "--rows", "text_zero2_1gpu,text_zero2_2gpus"], workspace, tmp_path, capsys)
+    status, lines, record = smoke_run(
+        ["scaling", "--rows", "text_zero2_1gpu,text_zero2_2gpus"], workspace, tmp_path, capsys
+    )
     assert status == 0
     check_header(lines, "scaling")
     columns, rows, ratios = table(lines)
@@ -283,7 +319,11 @@ def test_multi_gpu_suites_smoke_run_their_rows_under_torchrun(workspace, tmp_pat
     _, rows, _ = table(lines)
     report = record["rows"][0]["report"]
     assert list(rows) == ["lora_zero3_2gpus"] and report["world_size"] == 2 and not report["tune_vision"]
-    assert "ds_config_zero3_lean.json" in report["deepspeed"] and report["optim"] == "adamw_bnb_8bit" and report["vocab_sharded_loss"]
+    assert (
+        "ds_config_zero3_lean.json" in report["deepspeed"]
+        and report["optim"] == "adamw_bnb_8bit"
+        and report["vocab_sharded_loss"]
+    )
 
 
 def test_data_smoke_run_times_every_case_of_the_sample(tmp_path, capsys):
@@ -311,14 +351,29 @@ def test_a_trainer_report_becomes_the_planners_setup_and_refreshes_its_record(tm
          "largest_micro_batch_views": 12, "peak_allocated_gib_per_rank": [10.0, 10.5], "vocab_sharded_loss": True},
     ]  # fmt: skip
     first, second = (measurement_of_report(name, report, "1 x GPU", "2030-01-01", "torch x", "a test")
-                     for name, report in zip(("upstream_8bit_c512", "lora_zero3_2gpus"), reports))  # fmt: skip
-    assert first.setup == Setup(1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True, vocab_shards=False)
-    assert second.setup == Setup(2, 3, False, True, 1, 4000, 12.0, False, False, loss_chunk=512, optim_8bit=True, lean=True, vocab_shards=True)
+                     for name, report in zip(("upstream_8bit_c512", "lora_zero3_2gpus"), reports, strict=True))  # fmt: skip
+    assert first.setup == Setup(
+        1, 0, False, True, 1, 2048, 0.0, False, True, loss_chunk=512, optim_8bit=True, vocab_shards=False
+    )
+    assert second.setup == Setup(
+        2, 3, False, True, 1, 4000, 12.0, False, False, loss_chunk=512, optim_8bit=True, lean=True, vocab_shards=True
+    )
     assert second.peak_gib == 10.5 and second.note == "largest micro-batch: 4000 tokens, 12 views"  # the worst rank
     assert measurement_of_report("cpu", dict(reports[0], peak_allocated_gib_per_rank=None), "cpu", "", "", "") is None
 
     path = tmp_path / "calibration.json"
-    path.write_text(json.dumps({"about": "kept", "records": [dict(first.record(), measured_peak_gib=99.0), {**first.record(), "name": "other"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "about": "kept",
+                "records": [dict(first.record(), measured_peak_gib=99.0), {**first.record(), "name": "other"}],
+            }
+        )
+    )
     refresh_calibration(path, [first, second])
     assert json.loads(path.read_text())["about"] == "kept"
-    assert [(m.name, m.peak_gib) for m in load_calibration(path)] == [("upstream_8bit_c512", 20.48), ("other", 20.48), ("lora_zero3_2gpus", 10.5)]
+    assert [(m.name, m.peak_gib) for m in load_calibration(path)] == [
+        ("upstream_8bit_c512", 20.48),
+        ("other", 20.48),
+        ("lora_zero3_2gpus", 10.5),
+    ]

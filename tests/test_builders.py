@@ -67,7 +67,11 @@ def test_auto_tokenizer_is_native_class(tiny_dir, tmp_path):
     built = build_tokenizer(tok_dir, corpus=["hello world"], vocab_size=600)
     assert type(built) is MiniCPMVTokenizerFast
     assert type(AutoTokenizer.from_pretrained(tok_dir)) is MiniCPMVTokenizerFast
-    assert sorted(p.name for p in tok_dir.iterdir()) == ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in tok_dir.iterdir()) == [
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
@@ -124,7 +128,10 @@ def test_tokenizer_config_matches_reference(tiny_dir, tokenizer):
     special_map = json.loads((tiny_dir / "special_tokens_map.json").read_text())
     assert special_map == json.loads((REFERENCE / "special_tokens_map.json").read_text())
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": " hi "}], tokenize=False)
-    assert rendered == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert (
+        rendered
+        == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_tokenizer_is_deterministic(tmp_path):
@@ -197,7 +204,12 @@ def test_tiny_checkpoint_loads_bit_exact(tiny_dir, tokenizer):
         assert torch.equal(state[name], tensor), name
     # and it runs: a text-only forward gives finite logits over the whole vocabulary
     ids = tokenizer("<|start_header_id|>user<|end_header_id|>\n\nhi", return_tensors="pt")["input_ids"]
-    data = {"input_ids": ids, "pixel_values": [[]], "tgt_sizes": [torch.zeros(0, 2, dtype=torch.int64)], "image_bound": [torch.zeros(0, 2, dtype=torch.int64)]}
+    data = {
+        "input_ids": ids,
+        "pixel_values": [[]],
+        "tgt_sizes": [torch.zeros(0, 2, dtype=torch.int64)],
+        "image_bound": [torch.zeros(0, 2, dtype=torch.int64)],
+    }
     with torch.no_grad():
         logits = model(data=data).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
@@ -216,7 +228,9 @@ def test_tiny_checkpoint_runs_an_image(tiny_dir, tokenizer):
 
 def test_tiny_config_defaults():
     config = tiny_config()
-    assert config.hidden_size == 256 and config.vision_config.hidden_size % config.vision_config.num_attention_heads == 0
+    assert (
+        config.hidden_size == 256 and config.vision_config.hidden_size % config.vision_config.num_attention_heads == 0
+    )
     assert config.max_position_embeddings == 2048 and config.slice_settings.scale_resolution == 112
     assert tiny_config(num_hidden_layers=1).num_hidden_layers == 1
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import finetune  # noqa: F401
-from finetune.model.image_processing import normalize_pixels
 from finetune.chat import ChatError, build_prompt, chat, conversation, generation_config, load_image, load_model
 from finetune.dataset import DataSettings, SupervisedDataset, open_source, parse_record
 from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, rouge_l, split_record, token_f1
+from finetune.model.image_processing import normalize_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,11 @@ def demo(demo_factory) -> Path:
         extra.append(dict(sample, id=f"no_marker_{k}", conversations=turns))
     turns = [dict(t) for t in samples[0]["conversations"]]
     turns[0]["content"] = "Look at this <image> picture please."
-    extra.append(dict(samples[0], id="system_mid_marker", conversations=[{"role": "system", "content": "Answer briefly."}] + turns))
+    extra.append(
+        dict(
+            samples[0], id="system_mid_marker", conversations=[{"role": "system", "content": "Answer briefly."}] + turns
+        )
+    )
     (out / "extra.json").write_text(json.dumps(extra))
     return out
 
@@ -91,7 +95,9 @@ def test_inference_prompt_is_the_training_prefix(loaded, demo):
     model's prepare_inputs) equal the training ids up to the last assistant content (but for the published
     processor's second <|begin_of_text|>), and the pixels are equal."""
     model, tokenizer = loaded
-    tokens_header = tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)["input_ids"]
+    tokens_header = tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)[
+        "input_ids"
+    ]
     for data in ("train.json", "eval.json", "extra.json"):
         dataset = SupervisedDataset(DataSettings(str(demo / data), model_max_length=None), tokenizer, model.config)
         source = open_source(str(demo / data))
@@ -112,7 +118,9 @@ def test_inference_prompt_is_the_training_prefix(loaded, demo):
             # tests/golden_tiny/README.md); training has one. Everything after it is identical.
             assert inputs["input_ids"][0].tolist() == [prefix[0]] + prefix, (data, record.id, prompt)
             assert len(inputs["pixel_values"][0]) == len(item.pixel_values)
-            for a, b in zip(inputs["pixel_values"][0], item.pixel_values):  # training keeps uint8 until the model
+            for a, b in zip(
+                inputs["pixel_values"][0], item.pixel_values, strict=True
+            ):  # training keeps uint8 until the model
                 torch.testing.assert_close(a, normalize_pixels(b), atol=1e-6, rtol=0)
             torch.testing.assert_close(inputs["image_bound"][0], item.image_bound + 1)  # shifted by that extra token
             assert reference == record.messages[-1][1]
@@ -123,7 +131,12 @@ def test_build_prompt_places_markers_and_leading_images(loaded):
     from PIL import Image
 
     a, b = Image.new("RGB", (30, 30)), Image.new("RGB", (40, 40))
-    turns = [("system", "Be brief."), ("user", "First <image_01> then <image_00>?"), ("assistant", "ok"), ("user", "And?")]
+    turns = [
+        ("system", "Be brief."),
+        ("user", "First <image_01> then <image_00>?"),
+        ("assistant", "ok"),
+        ("user", "And?"),
+    ]
     prompt, images = build_prompt(tokenizer, turns, [("<image_00>", a), ("<image_01>", b)])
     assert images == [b, a]  # order of appearance
     assert "First (<image>./</image>) then (<image>./</image>)?" in prompt and "Be brief." in prompt
@@ -135,7 +148,9 @@ def test_build_prompt_places_markers_and_leading_images(loaded):
 def test_history_file_and_markers(demo, tmp_path):
     image = next((demo / "images").iterdir())
     history = tmp_path / "conv.json"
-    history.write_text(json.dumps([{"role": "user", "content": "Look: <image>"}, {"role": "assistant", "content": "A shape."}]))
+    history.write_text(
+        json.dumps([{"role": "user", "content": "Look: <image>"}, {"role": "assistant", "content": "A shape."}])
+    )
     turns, images = conversation("What colour?", history, [str(image)])
     assert turns[-1] == ("user", "What colour?") and len(images) == 1
     with pytest.raises(ChatError, match="1 <image> marker"):
@@ -158,7 +173,9 @@ def test_streamed_text_equals_returned_text(loaded, demo):
     model, tokenizer = loaded
     image = str(next((demo / "images").iterdir()))
     stream = io.StringIO()
-    answer = chat(model, tokenizer, "What shape is in the picture?", [image], greedy=True, max_new_tokens=12, stream=stream)
+    answer = chat(
+        model, tokenizer, "What shape is in the picture?", [image], greedy=True, max_new_tokens=12, stream=stream
+    )
     assert answer and stream.getvalue().strip() == answer
     # sampling path streams too (seeded)
     torch.manual_seed(0)
@@ -167,7 +184,9 @@ def test_streamed_text_equals_returned_text(loaded, demo):
     assert stream.getvalue().strip() == sampled
     # beam search (the published non-sampling default) prints the answer at the end
     stream = io.StringIO()
-    beams = chat(model, tokenizer, "Hello", greedy=True, beams=3, repetition_penalty=1.2, max_new_tokens=6, stream=stream)
+    beams = chat(
+        model, tokenizer, "Hello", greedy=True, beams=3, repetition_penalty=1.2, max_new_tokens=6, stream=stream
+    )
     assert stream.getvalue() == beams + "\n"
 
 
@@ -191,7 +210,15 @@ def test_generate_equals_the_published_chat(loaded, demo):
 
     model, tokenizer = loaded
     image = Image.open(next((demo / "images").iterdir())).convert("RGB")
-    expected = model.chat(image, [{"role": "user", "content": "What shape?"}], tokenizer, max_new_tokens=10, sampling=False, num_beams=1, repetition_penalty=1.0)
+    expected = model.chat(
+        image,
+        [{"role": "user", "content": "What shape?"}],
+        tokenizer,
+        max_new_tokens=10,
+        sampling=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+    )
     prompt, images = build_prompt(tokenizer, [("user", "What shape?")], [("<image>", image)])
     assert model.generate_text(prompt, images, tokenizer, 10, **generation_config(greedy=True)) == expected
 
@@ -215,7 +242,14 @@ def test_chat_cli_streams_an_answer(tiny_model, tiny_adapter, demo):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
-    bad = subprocess.run(command[:5] + ["--adapter", str(demo), "hi"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=subprocess_env())
+    bad = subprocess.run(
+        command[:5] + ["--adapter", str(demo), "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=subprocess_env(),
+    )
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -229,7 +263,7 @@ def test_evaluate_writes_predictions_and_averages(loaded, demo, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     samples = json.loads((demo / "eval.json").read_text())
     assert len(rows) == len(samples) == summary["samples"]
-    for row, sample in zip(rows, samples):
+    for row, sample in zip(rows, samples, strict=True):
         assert set(row) == {"id", "prompt", "prediction", "reference", "exact_match", "f1", "rouge_l"}
         assert row["id"] == sample["id"] and row["reference"] == sample["conversations"][-1]["content"]
         assert row["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -241,7 +275,10 @@ def test_evaluate_writes_predictions_and_averages(loaded, demo, tmp_path):
 def test_evaluate_scores_a_perfect_model(loaded, demo, tmp_path, monkeypatch):
     """With generation replaced by the reference answer, every score is 1 (the plumbing, not the model)."""
     model, tokenizer = loaded
-    references = {json.dumps(s["conversations"][:-1]): s["conversations"][-1]["content"] for s in json.loads((demo / "eval.json").read_text())}
+    references = {
+        json.dumps(s["conversations"][:-1]): s["conversations"][-1]["content"]
+        for s in json.loads((demo / "eval.json").read_text())
+    }
     answers = iter(references.values())
     monkeypatch.setattr(model, "generate_text", lambda *a, **k: "  " + next(answers).upper() + " ")
     summary = evaluate(model, tokenizer, str(demo / "eval.json"), tmp_path / "p.jsonl", max_new_tokens=4)
@@ -255,5 +292,12 @@ def test_evaluate_cli(tiny_model, tiny_adapter, demo, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[evaluate] 2 samples: exact_match" in result.stdout and len(out.read_text().splitlines()) == 2
-    missing = subprocess.run(command[:5] + ["--data", str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=120, cwd=ROOT, env=subprocess_env())
+    missing = subprocess.run(
+        command[:5] + ["--data", str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=subprocess_env(),
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr

@@ -25,7 +25,7 @@ CHECKPOINT = os.path.join(ROOT, "tests", "golden_tiny", "checkpoint")
 
 def conv(*turns):
     roles = ["user", "assistant"] * len(turns)
-    return [{"role": r, "content": c} for r, c in zip(roles, turns)]
+    return [{"role": r, "content": c} for r, c in zip(roles, turns, strict=True)]
 
 
 def make_image(folder, name, size):
@@ -76,7 +76,11 @@ def test_cli_good_data_show_and_dump(tmp_path, good_data):
     from finetune.dataset import SupervisedDataset
     from finetune.model import MiniCPMVConfig
 
-    dataset = SupervisedDataset(DataSettings(str(good_data)), AutoTokenizer.from_pretrained(CHECKPOINT), MiniCPMVConfig.from_pretrained(CHECKPOINT))
+    dataset = SupervisedDataset(
+        DataSettings(str(good_data)),
+        AutoTokenizer.from_pretrained(CHECKPOINT),
+        MiniCPMVConfig.from_pretrained(CHECKPOINT),
+    )
     for index in range(3):
         item = dataset[index]
         entry = dumped[item["id"]]
@@ -84,7 +88,7 @@ def test_cli_good_data_show_and_dump(tmp_path, good_data):
         for key in ("input_ids", "labels", "image_bound", "tgt_sizes"):
             assert torch.equal(entry[key], item[key]), key
         assert len(entry["pixel_values"]) == len(item["pixel_values"])
-        assert all(torch.equal(a, b) for a, b in zip(entry["pixel_values"], item["pixel_values"]))
+        assert all(torch.equal(a, b) for a, b in zip(entry["pixel_values"], item["pixel_values"], strict=True))
         assert torch.equal(entry["position_ids"], torch.arange(len(item["input_ids"])))
 
 
@@ -95,7 +99,9 @@ def test_cli_bad_data_exit_1_lists_every_bad_id(tmp_path):
     lines += [
         json.dumps({"id": "noimg", "image": "missing.png", "conversations": conv("q", "a")}),
         json.dumps({"id": "corrupt", "image": "corrupt.png", "conversations": conv("q", "a")}),
-        json.dumps({"id": "roles", "conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}),
+        json.dumps(
+            {"id": "roles", "conversations": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}
+        ),
         '{"id": "broken", ',
         json.dumps({"id": "ok1", "image": "ok.png", "conversations": conv("dup id", "a")}),
     ]
@@ -170,8 +176,12 @@ def test_check_data_and_training_read_their_flags_into_the_same_settings(tmp_pat
 
     common = ["--image_folder", str(tmp_path), "--model_max_length", "512", "--max_slice_nums", "2", "--scale_resolution", "224",
               "--llm_type", "llama3", "--seed", "7"]  # fmt: skip
-    flags = build_parser().parse_args(["--model", CHECKPOINT, "--data", str(good_data), "--eval_data", "e.json", "--no_slicing", *common])
-    _, data_args, training_args, _ = parse_arguments(["--data_path", str(good_data), "--eval_data_path", "e.json", "--slicing", "false", *common])
+    flags = build_parser().parse_args(
+        ["--model", CHECKPOINT, "--data", str(good_data), "--eval_data", "e.json", "--no_slicing", *common]
+    )
+    _, data_args, training_args, _ = parse_arguments(
+        ["--data_path", str(good_data), "--eval_data_path", "e.json", "--slicing", "false", *common]
+    )
     expected = DataSettings(str(good_data), "e.json", str(tmp_path), 512, 2, 224, False, "llama3", 7)
     assert data_settings_from_flags(flags) == data_settings_from_arguments(data_args, training_args) == expected
 
@@ -184,12 +194,16 @@ def test_workers_without_fork_build_the_same_dataset_from_its_pickled_settings(g
     model, sent, split = pickle.loads(pickle.dumps((CHECKPOINT, dataset.settings, dataset.split)))
     again = build_dataset(model, sent, split)
     assert (again.settings, again.spec, again.slice_settings) == (settings, str(good_data), dataset.slice_settings)
-    assert [check_sample(again, i) for i in range(len(again))] == [check_sample(dataset, i) for i in range(len(dataset))]
+    assert [check_sample(again, i) for i in range(len(again))] == [
+        check_sample(dataset, i) for i in range(len(dataset))
+    ]
 
 
 def test_special_token_text_is_reported_by_id_and_turn(tmp_path, good_data, capsys):
     """check_data (and training, which validates the same way) lists such a sample as bad."""
-    samples = json.loads(good_data.read_text()) + [{"id": "12", "conversations": conv("q", "a", "q2", "Done.<|eot_id|>")}]
+    samples = json.loads(good_data.read_text()) + [
+        {"id": "12", "conversations": conv("q", "a", "q2", "Done.<|eot_id|>")}
+    ]
     data = tmp_path / "with_token.json"
     data.write_text(json.dumps(samples))
     assert main(["--model", CHECKPOINT, "--data", str(data), "--workers", "1"]) == 1
@@ -200,7 +214,9 @@ def test_special_token_text_is_reported_by_id_and_turn(tmp_path, good_data, caps
 
 def test_a_mix_reports_each_files_share_and_a_file_left_without_samples(tmp_path, good_data, capsys):
     more = tmp_path / "more.jsonl"
-    more.write_text("\n".join(json.dumps({"id": f"m{i}", "conversations": conv(f"q{i}", f"a{i}")}) for i in range(9)) + "\n")
+    more.write_text(
+        "\n".join(json.dumps({"id": f"m{i}", "conversations": conv(f"q{i}", f"a{i}")}) for i in range(9)) + "\n"
+    )
     assert main(["--model", CHECKPOINT, "--data", f"{good_data}:0.5,{more}:0.5", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert f"  from {good_data}: 6 samples (ratio 0.5: 3 in the file, 3 repeated)\n" in out

@@ -47,13 +47,23 @@ def test_a_process_that_does_not_save_writes_nothing(tiny_model, tmp_path, monke
 
 
 def run_env(report: Path) -> dict:
-    env = dict(os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1"
+    )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
 
 def torchrun_two_processes(args: list[str], report: Path) -> subprocess.CompletedProcess:
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "finetune" / "finetune.py"),
+        *args,
+    ]
     return subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
 
 
@@ -105,7 +115,9 @@ def fake_checkpoint(directory: Path, step: int, **broken: str) -> Path:
 
     checkpoint = directory / f"checkpoint-{step}"
     checkpoint.mkdir(parents=True)
-    save_file({"base_model.model.llm.lm_head.lora_A.weight": torch.zeros(2, 2)}, checkpoint / "adapter_model.safetensors")
+    save_file(
+        {"base_model.model.llm.lm_head.lora_A.weight": torch.zeros(2, 2)}, checkpoint / "adapter_model.safetensors"
+    )
     (checkpoint / "adapter_config.json").write_text("{}")
     torch.save({"state": {}, "param_groups": []}, checkpoint / "optimizer.pt")
     torch.save({"last_epoch": step}, checkpoint / "scheduler.pt")
@@ -155,7 +167,9 @@ def test_resume_without_a_complete_checkpoint_stops_before_the_model_loads(tiny_
 
     monkeypatch.setattr(entry, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
-    with pytest.raises(UsageError, match=r"--resume_from_checkpoint true: no complete checkpoint in .*out \(none saved yet\)"):
+    with pytest.raises(
+        UsageError, match=r"--resume_from_checkpoint true: no complete checkpoint in .*out \(none saved yet\)"
+    ):
         train(base_args(tiny_model, demo / "train.json", out, "--resume_from_checkpoint", "true"))
     fake_checkpoint(out, 5, **{"trainer_state.json": "missing"})
     with pytest.raises(UsageError, match=r"no complete checkpoint in .*\(checkpoint-5: no trainer_state.json"):
@@ -192,12 +206,25 @@ def test_deepspeed_checkpoint_files_pass_the_weights_only_check(deepspeed_checkp
 
     checkpoint = deepspeed_checkpoint / "checkpoint-2"
     names = {str(p.relative_to(checkpoint)) for p in pickles_loaded_on_resume(checkpoint)}
-    assert {"rng_state.pth", "global_step2/mp_rank_00_model_states.pt", "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= names
+    assert {
+        "rng_state.pth",
+        "global_step2/mp_rank_00_model_states.pt",
+        "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    } <= names
     check_resume_is_safe(checkpoint)  # the loss scaler, ZeRO's stage enum, numpy RNG states: all allowed
 
 
-@pytest.mark.parametrize("planted", ["global_step2/mp_rank_00_model_states.pt", "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_state.pth"])
-def test_resume_under_deepspeed_never_runs_code_from_a_checkpoint(deepspeed_checkpoint, tiny_model, demo, tmp_path, planted):
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "global_step2/mp_rank_00_model_states.pt",
+        "global_step2/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "rng_state.pth",
+    ],
+)
+def test_resume_under_deepspeed_never_runs_code_from_a_checkpoint(
+    deepspeed_checkpoint, tiny_model, demo, tmp_path, planted
+):
     """DeepSpeed unpickles its files with weights_only=False: a planted pickle used to run. The resume is refused,
     naming the file, before any library opens it."""
     out, canary = tmp_path / "out", tmp_path / "canary"
@@ -213,13 +240,20 @@ def test_resume_under_deepspeed_never_runs_code_from_a_checkpoint(deepspeed_chec
     assert not canary.exists(), "code from the checkpoint ran"
     assert result.returncode == 2, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("finetune.py: error:")]
-    assert len(error) == 1 and planted in error[0] and "refused to load (it names " in error[0] and "Traceback" not in result.stderr
+    assert (
+        len(error) == 1
+        and planted in error[0]
+        and "refused to load (it names " in error[0]
+        and "Traceback" not in result.stderr
+    )
 
 
 # --- whose output directory ---------------------------------------------------------------------------------------
 
 
-def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_overwrites(tiny_model, demo, tmp_path, monkeypatch):
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_overwrites(
+    tiny_model, demo, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     extra = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
     train(base_args(tiny_model, demo / "train.json", out, *extra))
@@ -230,20 +264,29 @@ def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_o
 
     with monkeypatch.context() as patched:
         patched.setattr(entry, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
-        with pytest.raises(UsageError, match="--output_dir .*out holds another run .*--resume_from_checkpoint true.*--overwrite_output_dir true"):
+        with pytest.raises(
+            UsageError,
+            match="--output_dir .*out holds another run .*--resume_from_checkpoint true.*--overwrite_output_dir true",
+        ):
             train(base_args(tiny_model, demo / "train.json", out, *extra, "--seed", "1"))
     assert (out / "adapter_model.safetensors").read_bytes() == adapter  # untouched
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
 
     (out / "notes.txt").write_text("the user's own file")
-    train(base_args(tiny_model, demo / "train.json", out, "--max_steps", "1", "--seed", "1", "--overwrite_output_dir", "true"))
+    train(
+        base_args(
+            tiny_model, demo / "train.json", out, "--max_steps", "1", "--seed", "1", "--overwrite_output_dir", "true"
+        )
+    )
     assert not list(out.glob("checkpoint-*")), "the replaced run's checkpoints must not be mistaken for this run's"
     assert (out / "adapter_model.safetensors").read_bytes() != adapter
     assert (out / "notes.txt").read_text() == "the user's own file"  # only what a run writes is removed
 
 
 @pytest.mark.parametrize("where", ["file", "under a file", "unwritable"])
-def test_an_output_dir_that_cannot_be_written_stops_before_the_model_loads(tiny_model, demo, tmp_path, monkeypatch, where):
+def test_an_output_dir_that_cannot_be_written_stops_before_the_model_loads(
+    tiny_model, demo, tmp_path, monkeypatch, where
+):
     import finetune.train as entry
 
     monkeypatch.setattr(entry, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import finetune  # noqa: F401
 from transformers import AutoTokenizer
 
+import finetune  # noqa: F401
 from finetune.dataset import (
     IGNORE_INDEX,
     ConversationEncoder,
@@ -31,10 +30,16 @@ from finetune.dataset import (
     parse_record,
 )
 from finetune.model import MiniCPMVConfig, image_placeholder
-from finetune.validation import ValidationReport, validate_built
 from finetune.model.image_processing import (
-    image_views, normalize_pixels, normalize_view, plan_slices, slice_image, to_patch_strip, uint8_patch_strip,
+    image_views,
+    normalize_pixels,
+    normalize_view,
+    plan_slices,
+    slice_image,
+    to_patch_strip,
+    uint8_patch_strip,
 )  # fmt: skip
+from finetune.validation import ValidationReport, validate_built
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), "golden_tiny", "checkpoint")
 IMAGES = os.path.join(os.path.dirname(__file__), "golden_tiny", "images")
@@ -81,7 +86,7 @@ def write_jsonl(folder, samples, name="data.jsonl"):
 
 def conv(*turns):
     roles = ["user", "assistant"] * len(turns)
-    return [{"role": r, "content": c} for r, c in zip(roles, turns)]
+    return [{"role": r, "content": c} for r, c in zip(roles, turns, strict=True)]
 
 
 def labeled_text(tokenizer, item):
@@ -97,7 +102,13 @@ def dataset(folder, samples, tokenizer, config, **kwargs):
 
 
 def test_text_only_template_and_labels_multi_turn(tmp_path, tokenizer, config):
-    samples = [{"id": "t", "conversations": [{"role": "system", "content": " Be brief. "}] + conv("Hi there ", "Hello!", "Q2?", " A2 ")}]
+    samples = [
+        {
+            "id": "t",
+            "conversations": [{"role": "system", "content": " Be brief. "}]
+            + conv("Hi there ", "Hello!", "Q2?", " A2 "),
+        }
+    ]
     item = dataset(tmp_path, samples, tokenizer, config)[0]
     text = tokenizer.decode(item["input_ids"].tolist())
     expected = (
@@ -136,7 +147,7 @@ def test_single_image_without_marker_goes_before_first_user_text(tmp_path, token
     # pixels, sizes: same as the reference image_views
     strips, sizes, _ = image_views(Image.open(tmp_path / "img.png"), settings, normalize=False)
     assert len(item["pixel_values"]) == len(strips) == plan.num_views
-    assert all(torch.equal(a, b) for a, b in zip(item["pixel_values"], strips))
+    assert all(torch.equal(a, b) for a, b in zip(item["pixel_values"], strips, strict=True))
     assert all(p.shape[:2] == (3, 14) for p in item["pixel_values"])
     assert torch.equal(item["tgt_sizes"], sizes)
     assert_bounds_consistent(item, tokenizer, settings.query_num)
@@ -153,7 +164,7 @@ def assert_bounds_consistent(item, tokenizer, query_num):
         assert item["input_ids"][start - 1] == tokenizer.convert_tokens_to_ids("<image>")
         assert item["input_ids"][end] == tokenizer.convert_tokens_to_ids("</image>")
         assert (item["labels"][start - 1 : end + 1] == IGNORE_INDEX).all()
-    for strip, (h, w) in zip(item["pixel_values"], item["tgt_sizes"].tolist()):
+    for strip, (h, w) in zip(item["pixel_values"], item["tgt_sizes"].tolist(), strict=True):
         assert strip.shape == (3, 14, h * w * 14)
 
 
@@ -180,7 +191,7 @@ def test_multi_image_dict_markers_in_order_of_appearance(tmp_path, tokenizer, co
     tall, _, _ = image_views(Image.open(tmp_path / "tall.png"), settings, normalize=False)
     square, _, _ = image_views(Image.open(tmp_path / "sq.png"), settings, normalize=False)
     assert len(item["pixel_values"]) == len(tall) + len(square)
-    assert all(torch.equal(a, b) for a, b in zip(item["pixel_values"], tall + square))
+    assert all(torch.equal(a, b) for a, b in zip(item["pixel_values"], tall + square, strict=True))
     assert_bounds_consistent(item, tokenizer, settings.query_num)
     text = tokenizer.decode(item["input_ids"].tolist())
     assert text.count("<slice>") == 2 and "<image_0" not in text
@@ -188,7 +199,9 @@ def test_multi_image_dict_markers_in_order_of_appearance(tmp_path, tokenizer, co
 
 
 def test_real_golden_images_bounds(tmp_path, tokenizer, config):
-    samples = [{"id": "g", "image": os.path.join(IMAGES, "wide_260x150.png"), "conversations": conv("Describe", "Wide.")}]
+    samples = [
+        {"id": "g", "image": os.path.join(IMAGES, "wide_260x150.png"), "conversations": conv("Describe", "Wide.")}
+    ]
     item = dataset(tmp_path, samples, tokenizer, config)[0]
     assert len(item["image_bound"]) == plan_slices((260, 150), config.slice_settings).num_views
     assert_bounds_consistent(item, tokenizer, config.slice_settings.query_num)
@@ -200,7 +213,10 @@ def test_placeholder_ids_equal_tokenized_text(encoder, tokenizer, config):
         plan = plan_slices(size, settings)
         text = image_placeholder(plan, settings.query_num)
         assert encoder.placeholder_ids(plan) == tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert encoder.placeholder_ids(plan).count(tokenizer.convert_tokens_to_ids("<unk>")) == settings.query_num * plan.num_views
+        assert (
+            encoder.placeholder_ids(plan).count(tokenizer.convert_tokens_to_ids("<unk>"))
+            == settings.query_num * plan.num_views
+        )
     # full-size settings: 1344 x 1344 costs 960 <unk> (spec section 3)
     full = ConversationEncoder(tokenizer, dataclasses.replace(settings, scale_resolution=448, query_num=96))
     plan = plan_slices((1344, 1344), full.settings)
@@ -221,7 +237,9 @@ def test_uint8_strips_normalise_bit_identical_to_reference(config):
         assert torch.equal(normalize_pixels(strip), to_patch_strip(normalize_view(view), 14))
     raw, sizes, _ = image_views(image, settings, normalize=False)
     ref, ref_sizes, _ = image_views(image, settings)
-    assert torch.equal(sizes, ref_sizes) and all(torch.equal(normalize_pixels(a), b) for a, b in zip(raw, ref))
+    assert torch.equal(sizes, ref_sizes) and all(
+        torch.equal(normalize_pixels(a), b) for a, b in zip(raw, ref, strict=True)
+    )
 
 
 @pytest.mark.parametrize("size", [(1344, 1344), (900, 700), (260, 150), (90, 70), (2000, 300)])
@@ -235,7 +253,7 @@ def test_view_strips_equal_per_view_crops(config, size):
     views, plan = slice_image(image, settings)
     strips, sizes, grid = image_views(image, settings, normalize=False)
     assert grid == plan and len(strips) == len(views) == plan.num_views
-    for strip, view in zip(strips, views):
+    for strip, view in zip(strips, views, strict=True):
         assert strip.is_contiguous() and torch.equal(strip, uint8_patch_strip(view, 14))
         assert torch.equal(normalize_pixels(strip), to_patch_strip(normalize_view(view), 14))
     assert torch.equal(sizes, torch.tensor([(v.size[1] // 14, v.size[0] // 14) for v in views]))
@@ -245,7 +263,13 @@ def test_prepare_sample_closes_image_files(tmp_path, tokenizer, config, monkeypa
     """Images are opened once (header, then decoded only if kept) and every file is closed afterwards."""
     make_image(tmp_path, "a.png", (300, 200))
     make_image(tmp_path, "b.jpg", (200, 300))
-    samples = [{"id": "two", "image": {"image_00": "a.png", "image_01": "b.jpg"}, "conversations": conv("<image_00> <image_01>", "ok")}]
+    samples = [
+        {
+            "id": "two",
+            "image": {"image_00": "a.png", "image_01": "b.jpg"},
+            "conversations": conv("<image_00> <image_01>", "ok"),
+        }
+    ]
     ds = dataset(tmp_path, samples, tokenizer, config)
     opened = []
     real_open = Image.open
@@ -257,7 +281,9 @@ def test_prepare_sample_closes_image_files(tmp_path, tokenizer, config, monkeypa
     monkeypatch.setattr(Image, "open", spy)
     item = ds[0]
     assert len(opened) == 2 and all(image.fp is None for image in opened)
-    assert len(item["pixel_values"]) == sum(plan_slices(s, config.slice_settings).num_views for s in ((300, 200), (200, 300)))
+    assert len(item["pixel_values"]) == sum(
+        plan_slices(s, config.slice_settings).num_views for s in ((300, 200), (200, 300))
+    )
 
 
 def test_slice_overrides_and_slicing_off(tmp_path, tokenizer, config):
@@ -270,7 +296,9 @@ def test_slice_overrides_and_slicing_off(tmp_path, tokenizer, config):
     off = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), slicing=False), tokenizer, config)
     item = off[0]
     assert len(item["pixel_values"]) == 1 and "<slice>" not in tokenizer.decode(item["input_ids"].tolist())
-    bigger = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), scale_resolution=224, slicing=False), tokenizer, config)
+    bigger = SupervisedDataset(
+        DataSettings(str(tmp_path / "data.json"), scale_resolution=224, slicing=False), tokenizer, config
+    )
     h, w = bigger[0]["tgt_sizes"][0].tolist()
     assert h * w > 64 and bigger.slice_settings.scale_resolution == 224
 
@@ -319,7 +347,9 @@ def test_truncation_skips_when_first_exchange_does_not_fit(tmp_path, tokenizer, 
     assert [r.id for r in split.results if r.status == "skipped"] == ["big"] and split.usable_indices == [1]
     assert "kept: 1  truncated: 0  skipped (too long): 1  bad: 0" in ValidationReport([split], 40).format()
     assert any("big" in r.message and r.levelno == logging.WARNING for r in caplog.records)
-    usable = SupervisedDataset(DataSettings(str(tmp_path / "data.json"), model_max_length=40), tokenizer, config, indices=split.usable_indices)
+    usable = SupervisedDataset(
+        DataSettings(str(tmp_path / "data.json"), model_max_length=40), tokenizer, config, indices=split.usable_indices
+    )
     assert len(usable) == 1 and usable[0]["id"] == "small"
     subset = ds.subset(split.usable_indices)  # what finetune.py uses: no second read of the data files
     assert len(subset) == 1 and subset[0]["id"] == "small" and len(ds) == 2 and subset.source is ds.source
@@ -365,11 +395,17 @@ def test_mixing_ratios_deterministic(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("a.json:1e308,b.json:1e308", r"data spec 'a.json:1e308,b.json:1e308': the ratios add up to more than the largest float"),
+        (
+            "a.json:1e308,b.json:1e308",
+            r"data spec 'a.json:1e308,b.json:1e308': the ratios add up to more than the largest float",
+        ),
         ("a.json:inf,b.json:1", r"data spec 'a.json:inf': ratio must be a finite number > 0"),
         ("a.json:nan,b.json:1", r"data spec 'a.json:nan': ratio must be a finite number > 0"),
         ("a.json:-0.5,b.json:1", r"data spec 'a.json:-0.5': ratio must be a finite number > 0"),
-        ("a.json:0,b.json:1", r"data spec 'a.json:0': ratio must be a finite number > 0 \(leave a file out of the spec to drop it\)"),
+        (
+            "a.json:0,b.json:1",
+            r"data spec 'a.json:0': ratio must be a finite number > 0 \(leave a file out of the spec to drop it\)",
+        ),
     ],
 )
 def test_data_spec_ratios_that_cannot_mix_are_one_line_errors(spec, message):
@@ -416,9 +452,13 @@ def test_image_paths_relative_to_data_dir_and_image_folder(tmp_path, tokenizer, 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     make_image(data_dir, "y.png")
-    record = parse_record({"id": "r", "image": "x.png", "conversations": conv("a", "b")}, "r", str(data_dir), str(images))
+    record = parse_record(
+        {"id": "r", "image": "x.png", "conversations": conv("a", "b")}, "r", str(data_dir), str(images)
+    )
     assert record.images[0][1] == str(images / "x.png")
-    record = parse_record({"id": "r", "image": "y.png", "conversations": conv("a", "b")}, "r", str(data_dir), str(images))
+    record = parse_record(
+        {"id": "r", "image": "y.png", "conversations": conv("a", "b")}, "r", str(data_dir), str(images)
+    )
     assert record.images[0][1] == str(data_dir / "y.png")
 
 
@@ -467,7 +507,9 @@ BAD_RECORDS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("raw,message", BAD_RECORDS, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD_RECORDS)])
+@pytest.mark.parametrize(
+    "raw,message", BAD_RECORDS, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD_RECORDS)]
+)
 def test_bad_records(tmp_path, raw, message):
     make_image(tmp_path)
     with pytest.raises(DataError, match=message):
@@ -483,7 +525,9 @@ SPECIAL_TOKEN_TEXT = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("conversations,turn,token", [case[1:] for case in SPECIAL_TOKEN_TEXT], ids=[case[0] for case in SPECIAL_TOKEN_TEXT])
+@pytest.mark.parametrize(
+    "conversations,turn,token", [case[1:] for case in SPECIAL_TOKEN_TEXT], ids=[case[0] for case in SPECIAL_TOKEN_TEXT]
+)
 def test_special_token_text_in_a_turn_is_a_bad_sample(tmp_path, tokenizer, config, conversations, turn, token):
     """Written as text, a control token becomes that token (roles, label spans, the end of a turn move);
     the sample is refused by id, naming the turn and the token, before it is encoded."""
@@ -565,15 +609,27 @@ def test_collator_padding_contract(items):
     B, T = 3, max(lengths)
     for key in ("input_ids", "position_ids"):
         assert data[key].shape == (B, T) and data[key].dtype == torch.int64
-    assert batch["labels"].shape == batch["attention_mask"].shape == (B, T) and batch["attention_mask"].dtype == torch.int64
-    for row, (item, n) in enumerate(zip(items, lengths)):
+    assert (
+        batch["labels"].shape == batch["attention_mask"].shape == (B, T)
+        and batch["attention_mask"].dtype == torch.int64
+    )
+    for row, (item, n) in enumerate(zip(items, lengths, strict=True)):
         assert torch.equal(data["input_ids"][row, :n], item["input_ids"]) and (data["input_ids"][row, n:] == 0).all()
-        assert torch.equal(batch["labels"][row, :n], item["labels"]) and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert (
+            torch.equal(batch["labels"][row, :n], item["labels"]) and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        )
         assert batch["attention_mask"][row].sum() == n and (batch["attention_mask"][row, n:] == 0).all()
-        assert torch.equal(data["position_ids"][row, :n], torch.arange(n)) and (data["position_ids"][row, n:] == 0).all()
-        assert isinstance(data["pixel_values"][row], list) and len(data["pixel_values"][row]) == len(item["pixel_values"])
+        assert (
+            torch.equal(data["position_ids"][row, :n], torch.arange(n)) and (data["position_ids"][row, n:] == 0).all()
+        )
+        assert isinstance(data["pixel_values"][row], list) and len(data["pixel_values"][row]) == len(
+            item["pixel_values"]
+        )
         assert all(p.dtype == torch.uint8 and p.shape[:2] == (3, 14) for p in data["pixel_values"][row])
-        assert data["tgt_sizes"][row].dtype == torch.int64 and data["tgt_sizes"][row].shape == (len(item["pixel_values"]), 2)
+        assert data["tgt_sizes"][row].dtype == torch.int64 and data["tgt_sizes"][row].shape == (
+            len(item["pixel_values"]),
+            2,
+        )
         assert torch.equal(data["image_bound"][row], item["image_bound"])
     assert data["pixel_values"][1] == [] and data["image_bound"][1].shape == (0, 2)
 
@@ -589,7 +645,14 @@ def test_collator_packing_contract(items):
     assert torch.equal(data["row_of_sample"], torch.zeros(3, dtype=torch.int64))
     assert torch.equal(data["sample_offsets"], torch.tensor([0, lengths[0], lengths[0] + lengths[1]]))
     assert len(data["pixel_values"]) == len(data["tgt_sizes"]) == len(data["image_bound"]) == 3
-    for item, offset, views, sizes, bounds in zip(items, data["sample_offsets"].tolist(), data["pixel_values"], data["tgt_sizes"], data["image_bound"]):
+    for item, offset, views, sizes, bounds in zip(
+        items,
+        data["sample_offsets"].tolist(),
+        data["pixel_values"],
+        data["tgt_sizes"],
+        data["image_bound"],
+        strict=True,
+    ):
         n = len(item["input_ids"])
         assert torch.equal(data["input_ids"][0, offset : offset + n], item["input_ids"])
         assert torch.equal(batch["labels"][0, offset : offset + n], item["labels"])

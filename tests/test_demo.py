@@ -31,7 +31,9 @@ def test_colour_shape_data_needs_the_picture_and_holds_out_new_renders(tmp_path)
         assert {tuple(a.split()) for a in answers} == pairs, "every colour x shape pair, each once per 36 samples"
         assert all(s.conversations[0]["content"].startswith("<image>\n") and len(s.images) == 1 for s in samples)
         assert all(s.images[0].size == (112, 112) for s in samples)  # one view at the tiny model's scale
-    assert not {s.images[0].seed for s in train_samples} & {s.images[0].seed for s in held_out}, "held-out pictures are new renders"
+    assert not {s.images[0].seed for s in train_samples} & {s.images[0].seed for s in held_out}, (
+        "held-out pictures are new renders"
+    )
     paths = write_samples(tmp_path, train_samples[:4], held_out[:2])
     record = json.loads(paths["eval"].read_text())[0]
     image = Image.open(tmp_path / record["image"]).convert("RGB")
@@ -41,7 +43,9 @@ def test_colour_shape_data_needs_the_picture_and_holds_out_new_renders(tmp_path)
 
 def test_demo_model_keeps_the_published_layout_with_a_wider_vision_tower(tmp_path):
     default = json.loads((build_tiny_checkpoint(tmp_path / "tiny") / "config.json").read_text())
-    demo = json.loads((build_tiny_checkpoint(tmp_path / "demo", config_overrides=DEMO_CONFIG_OVERRIDES) / "config.json").read_text())
+    demo = json.loads(
+        (build_tiny_checkpoint(tmp_path / "demo", config_overrides=DEMO_CONFIG_OVERRIDES) / "config.json").read_text()
+    )
     assert demo["vision_config"]["hidden_size"] > default["vision_config"]["hidden_size"]
     assert set(demo) == set(default) and demo["architectures"] == default["architectures"]
 
@@ -52,15 +56,42 @@ def test_report_compares_base_and_fine_tuned_and_ends_with_the_parsed_line(tmp_p
     data = tmp_path / "data"
     write_samples(data, *colour_shape_samples(num_train=8, num_eval=3, seed=1))
     adapter = tmp_path / "adapter"
-    train(base_args(model, data / "train.json", adapter, "--max_steps", "2", "--tune_embeddings", "true", "--max_slice_nums", "1"))
-    command = [sys.executable, "-m", "finetune.demo_report", "--model", str(model), "--adapter", str(adapter), "--data", str(data / "eval.json"), "--show", "2"]
+    train(
+        base_args(
+            model,
+            data / "train.json",
+            adapter,
+            "--max_steps",
+            "2",
+            "--tune_embeddings",
+            "true",
+            "--max_slice_nums",
+            "1",
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "finetune.demo_report",
+        "--model",
+        str(model),
+        "--adapter",
+        str(adapter),
+        "--data",
+        str(data / "eval.json"),
+        "--show",
+        "2",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     match = LAST_LINE.fullmatch(lines[-1])
     assert match, lines[-1]
-    rows = {name: [json.loads(line) for line in (adapter / f"predictions_{name}.jsonl").read_text().splitlines()] for name in ("base", "finetuned")}
-    for fraction, name in zip(match.groups(), ("base", "finetuned")):
+    rows = {
+        name: [json.loads(line) for line in (adapter / f"predictions_{name}.jsonl").read_text().splitlines()]
+        for name in ("base", "finetuned")
+    }
+    for fraction, name in zip(match.groups(), ("base", "finetuned"), strict=True):
         assert float(fraction) == round(sum(r["exact_match"] for r in rows[name]) / 3, 3)
     assert lines[1].split() == ["sample", "question", "reference", "base", "model", "fine-tuned"]
     assert len(lines) == 1 + 1 + 2 + 1  # title, header, the two samples shown, the verdict

@@ -18,13 +18,24 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = Path(sys.executable).parent
 LAUNCHER = ROOT / "finetune" / "finetune_lora.sh"
 
+
 @pytest.fixture(scope="module")
 def demo(demo_factory) -> Path:
     return demo_factory(4, 2)
 
 
 def args(model: Path | str, data: Path | str, out: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out), "--report_to", "none", *extra]
+    return [
+        "--model_name_or_path",
+        str(model),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 # --- unknown flags ---------------------------------------------------------------------------------------------------
@@ -73,8 +84,15 @@ def test_the_tools_check_model_and_adapter_first(tool, tiny_model, tiny_adapter,
         (["--model", str(empty)], f"--model {empty}: not a model directory: missing config.json"),
     ]
     if tool != "check_data":
-        cases.append((["--model", str(tiny_model), "--adapter", str(tmp_path / "nope")], f"--adapter {tmp_path / 'nope'}: no such directory"))
-        cases.append((["--model", str(tiny_model), "--adapter", str(empty)], f"--adapter {empty}: no adapter_config.json there"))
+        cases.append(
+            (
+                ["--model", str(tiny_model), "--adapter", str(tmp_path / "nope")],
+                f"--adapter {tmp_path / 'nope'}: no such directory",
+            )
+        )
+        cases.append(
+            (["--model", str(tiny_model), "--adapter", str(empty)], f"--adapter {empty}: no adapter_config.json there")
+        )
     for flags, expected in cases:
         code, err = run_tool(tool, [*extra, *flags], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, (flags, err)
@@ -126,7 +144,16 @@ def test_launcher_stops_an_empty_model_folder_in_one_line_before_torchrun(demo, 
     env, started = launcher_env(tmp_path, MODEL=str(empty), DATA=str(demo / "train.json"))
     result = subprocess.run(["sh", str(LAUNCHER)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == f"finetune.py: error: --model_name_or_path {empty}: not a model directory: missing config.json"
+    assert (
+        result.stderr.strip()
+        == f"finetune.py: error: --model_name_or_path {empty}: not a model directory: missing config.json"
+    )
     assert not started.exists() and not (tmp_path / "out").exists()
-    result = subprocess.run(["sh", str(LAUNCHER), "--lora_rank", "8"], env=dict(env, PREFLIGHT="0"), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["sh", str(LAUNCHER), "--lora_rank", "8"],
+        env=dict(env, PREFLIGHT="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and started.exists(), "PREFLIGHT=0 goes straight to torchrun"

@@ -18,11 +18,11 @@ import torch
 from transformers import AutoModel
 
 import finetune  # noqa: F401
-from finetune.dataset import DataCollator
 from finetune.arguments import DEFAULT_LORA_TARGETS
-from finetune.model_setup import configure_trainable
+from finetune.dataset import DataCollator
 from finetune.model.attention import packed_segments, use_varlen_attention, vision_attention
 from finetune.model.kernels import apply_liger_kernels, compile_decoder_layers, compiled_layer_count, liger_available
+from finetune.model_setup import configure_trainable
 
 CUDA = torch.cuda.is_available()
 
@@ -31,8 +31,17 @@ def lora_model(golden_dir, device: str):
     """The golden checkpoint with the upstream recipe (LoRA q/k/v/o + resampler + vision tower), LoRA dropout
     off (dropout masks come from different random streams in eager and compiled code), checkpointing on."""
     model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa")
-    training = SimpleNamespace(tune_llm=False, tune_vision=True, use_lora=True, tune_embeddings=False, gradient_checkpointing=True)
-    lora = SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_target_modules=DEFAULT_LORA_TARGETS, lora_bias="none", q_lora=False)
+    training = SimpleNamespace(
+        tune_llm=False, tune_vision=True, use_lora=True, tune_embeddings=False, gradient_checkpointing=True
+    )
+    lora = SimpleNamespace(
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_target_modules=DEFAULT_LORA_TARGETS,
+        lora_bias="none",
+        q_lora=False,
+    )
     torch.manual_seed(0)
     model = configure_trainable(model, training, lora)
     # LoRA B starts at zero, which would make every LoRA A gradient zero and the comparison blind to them.
@@ -182,7 +191,9 @@ def test_packed_vision_tower_gives_the_padded_towers_features(golden_dir, golden
     model = AutoModel.from_pretrained(golden_dir, attn_implementation="sdpa").to(device).eval()
     pixel_values, tgt_sizes = [], []
     for names in (["wide_260x150.png"], ["tall_120x330.png", "small_90x70.png"]):
-        views = [image_views(Image.open(golden_images / name).convert("RGB"), model.config.slice_settings) for name in names]
+        views = [
+            image_views(Image.open(golden_images / name).convert("RGB"), model.config.slice_settings) for name in names
+        ]
         pixel_values.append([strip for strips, _, _ in views for strip in strips])
         tgt_sizes.append(torch.cat([sizes for _, sizes, _ in views]))
     strips = {view.shape[-1] for sample in pixel_values for view in sample}
@@ -194,7 +205,7 @@ def test_packed_vision_tower_gives_the_padded_towers_features(golden_dir, golden
         use_varlen_attention(model)
         packed = model.vision_features(pixel_values, tgt_sizes)
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if device == "cuda" else {"rtol": 1e-5, "atol": 1e-5}
-    for expected, got in zip(reference, packed):
+    for expected, got in zip(reference, packed, strict=True):
         torch.testing.assert_close(got, expected, **tolerance)
 
 
@@ -248,7 +259,13 @@ def test_varlen_attention_never_attends_left_padding(golden_dir):
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
     positions = torch.arange(8).expand(2, -1)
     empty = torch.zeros(0, 2, dtype=torch.int64)
-    data = {"input_ids": ids, "position_ids": positions, "pixel_values": [[], []], "tgt_sizes": [empty, empty], "image_bound": [empty, empty]}
+    data = {
+        "input_ids": ids,
+        "position_ids": positions,
+        "pixel_values": [[], []],
+        "tgt_sizes": [empty, empty],
+        "image_bound": [empty, empty],
+    }
     with torch.no_grad():
         reference = model(data=data, attention_mask=mask).logits
         use_varlen_attention(model)

@@ -22,11 +22,11 @@ import finetune  # noqa: F401
 from finetune import merge as merge_module
 from finetune.base_identity import IDENTITY_FILE, compare, fingerprint, identity_for_training
 from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
-from finetune.train import train
 from finetune.merge import MergeError, check_adapter, merge
 from finetune.model.checkpoint import stored_shapes
 from finetune.model.tokenization import SpecialTokens
 from finetune.synthetic import build_tiny_checkpoint
+from finetune.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_TARGET = r"llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight"
@@ -39,14 +39,18 @@ def demo(demo_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
-    return merge(tiny_model, tiny_adapter, tmp_path_factory.mktemp("merged") / "out", dtype="fp32", max_shard_size="2MB")
+    return merge(
+        tiny_model, tiny_adapter, tmp_path_factory.mktemp("merged") / "out", dtype="fp32", max_shard_size="2MB"
+    )
 
 
 def eval_batch(model_dir: Path, demo: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = SupervisedDataset(DataSettings(str(demo / "eval.json")), tokenizer, AutoModel.from_pretrained(model_dir).config)
+    dataset = SupervisedDataset(
+        DataSettings(str(demo / "eval.json")), tokenizer, AutoModel.from_pretrained(model_dir).config
+    )
     return DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad)([dataset[i] for i in range(len(dataset))])
 
 
@@ -55,7 +59,11 @@ def copy_of_base(model_dir: Path, out: Path, dtype: torch.dtype | None = None) -
     shutil.copytree(model_dir, out)
     if dtype is not None:
         for file in out.glob("*.safetensors"):
-            save_file({name: tensor.to(dtype) for name, tensor in load_file(file).items()}, str(file), metadata={"format": "pt"})
+            save_file(
+                {name: tensor.to(dtype) for name, tensor in load_file(file).items()},
+                str(file),
+                metadata={"format": "pt"},
+            )
     return out
 
 
@@ -131,7 +139,9 @@ def test_merged_weights_change_exactly_where_training_did(merged, tiny_model):
 
 def test_published_sharded_layout(merged, tiny_model, tiny_adapter):
     shards = sorted(p.name for p in merged.glob("model-*.safetensors"))
-    assert len(shards) > 1 and all(p == f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k, p in enumerate(shards, 1))
+    assert len(shards) > 1 and all(
+        p == f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k, p in enumerate(shards, 1)
+    )
     assert not (merged / "model.safetensors").exists()
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
@@ -139,7 +149,13 @@ def test_published_sharded_layout(merged, tiny_model, tiny_adapter):
     config = json.loads((merged / "config.json").read_text())
     assert config["model_type"] == "minicpmv" and config["rope_theta"] == 500000.0 and "rope_parameters" not in config
     assert config["auto_map"]["AutoModel"] == "modeling_minicpmv.MiniCPMV"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
         assert (merged / name).read_bytes() == (tiny_adapter / name).read_bytes(), name
     assert not list(merged.parent.glob("*.tmp-*"))
     model = AutoModel.from_pretrained(merged)
@@ -166,7 +182,9 @@ def test_adapter_of_a_model_with_fewer_layers_is_refused(tiny_adapter, tmp_path)
 
 def test_adapter_of_a_model_with_another_hidden_size_is_refused(tiny_adapter, tmp_path):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1, config_overrides={"hidden_size": 384})
-    with pytest.raises(MergeError, match=r"layers\.0\.self_attn\.k_proj\.lora_A\.weight \[8, 256\]: LoRA A needs in_features 384"):
+    with pytest.raises(
+        MergeError, match=r"layers\.0\.self_attn\.k_proj\.lora_A\.weight \[8, 256\]: LoRA A needs in_features 384"
+    ):
         merge(other, tiny_adapter, tmp_path / "out", dtype="fp32")
     assert not (tmp_path / "out").exists()
 
@@ -174,8 +192,14 @@ def test_adapter_of_a_model_with_another_hidden_size_is_refused(tiny_adapter, tm
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [
-        ("base_model.model.llm.model.layers.1.self_attn.v_proj.lora_B.weight", r"lora_B\.weight \[7, 8\]: LoRA B needs out_features 128"),
-        ("base_model.model.resampler.query", r"resampler\.query \[7, 8\]: the base's resampler\.query has shape \[16, 256\]"),
+        (
+            "base_model.model.llm.model.layers.1.self_attn.v_proj.lora_B.weight",
+            r"lora_B\.weight \[7, 8\]: LoRA B needs out_features 128",
+        ),
+        (
+            "base_model.model.resampler.query",
+            r"resampler\.query \[7, 8\]: the base's resampler\.query has shape \[16, 256\]",
+        ),
     ],
 )
 def test_tampered_tensor_shape_is_refused(tiny_model, tiny_adapter, tmp_path, tensor, message):
@@ -220,28 +244,42 @@ def test_existing_output_is_refused_unless_overwrite(tiny_model, tiny_adapter, t
     [
         ("base", r"--out .*/base is the --base directory"),
         ("elsewhere/../adapter", r"--out .*/elsewhere/\.\./adapter is the --adapter directory"),  # compared resolved
-        ("adapter/merged", r"--out .*/adapter/merged is inside the --adapter directory .*/adapter: --overwrite would replace part of it"),
+        (
+            "adapter/merged",
+            r"--out .*/adapter/merged is inside the --adapter directory .*/adapter: --overwrite would replace part of it",
+        ),
         (".", r"--out .* contains the --base directory .*/base"),
     ],
 )
-def test_overwrite_refuses_the_base_and_the_adapter_directories(tiny_model, tiny_adapter, tmp_path, monkeypatch, out, message):
+def test_overwrite_refuses_the_base_and_the_adapter_directories(
+    tiny_model, tiny_adapter, tmp_path, monkeypatch, out, message
+):
     base, adapter = copy_of_base(tiny_model, tmp_path / "base"), shutil.copytree(tiny_adapter, tmp_path / "adapter")
     (tmp_path / "elsewhere").mkdir()
     before = contents(tmp_path)
     refuse_weight_loading(monkeypatch)
     with pytest.raises(MergeError, match=message):
         merge(base, adapter, tmp_path / out, dtype="fp32", overwrite=True)
-    assert contents(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "elsewhere"]
+    assert contents(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter",
+        "base",
+        "elsewhere",
+    ]
 
 
-def test_overwrite_refuses_a_directory_that_does_not_look_like_a_model_and_keeps_its_files(tiny_model, tiny_adapter, tmp_path, monkeypatch):
+def test_overwrite_refuses_a_directory_that_does_not_look_like_a_model_and_keeps_its_files(
+    tiny_model, tiny_adapter, tmp_path, monkeypatch
+):
     out = tmp_path / "documents"
     (out / "chapter1").mkdir(parents=True)
     (out / "thesis.tex").write_text("years of work")
     (out / "chapter1" / "figure.safetensors.txt").write_text("not a model either")
     before = contents(out)
     refuse_weight_loading(monkeypatch)
-    with pytest.raises(MergeError, match=r"--out .*/documents: exists and does not look like a model \(no config\.json, no \*\.safetensors\): not deleting it"):
+    with pytest.raises(
+        MergeError,
+        match=r"--out .*/documents: exists and does not look like a model \(no config\.json, no \*\.safetensors\): not deleting it",
+    ):
         merge(tiny_model, tiny_adapter, out, dtype="fp32", overwrite=True)
     assert contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["documents"]
 
@@ -297,15 +335,22 @@ def test_base_with_another_tokenizer_vocabulary_is_refused(tiny_model, tiny_adap
     assert "weights" not in str(refusal.value)
     # without the record, the adapter's tokenizer files are still never copied over a base of another vocabulary
     unrecorded = copy_of_adapter_without_record(tiny_adapter, tmp_path / "unrecorded")
-    with pytest.raises(MergeError, match=rf"{re.escape(str(unrecorded / 'tokenizer.json'))}: another vocabulary than --base {re.escape(str(base))}'s"):
+    with pytest.raises(
+        MergeError,
+        match=rf"{re.escape(str(unrecorded / 'tokenizer.json'))}: another vocabulary than --base {re.escape(str(base))}'s",
+    ):
         merge(base, unrecorded, tmp_path / "out", dtype="fp32")
     assert not (tmp_path / "out").exists()
 
 
-def test_the_same_base_stored_in_bf16_with_a_reserialised_tokenizer_is_accepted(tiny_model, tiny_adapter, tmp_path, capsys):
+def test_the_same_base_stored_in_bf16_with_a_reserialised_tokenizer_is_accepted(
+    tiny_model, tiny_adapter, tmp_path, capsys
+):
     base = copy_of_base(tiny_model, tmp_path / "bf16", torch.bfloat16)
     tokenizer = json.loads((base / "tokenizer.json").read_text())
-    (base / "tokenizer.json").write_text(json.dumps(tokenizer, indent=4, sort_keys=True))  # other bytes, same vocabulary
+    (base / "tokenizer.json").write_text(
+        json.dumps(tokenizer, indent=4, sort_keys=True)
+    )  # other bytes, same vocabulary
     assert (base / "tokenizer.json").read_bytes() != (tiny_model / "tokenizer.json").read_bytes()
     with safe_open(str(base / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_slice(name).get_dtype() for name in handle.keys()} == {"BF16"}
@@ -319,13 +364,21 @@ def test_adapter_without_a_record_merges_with_a_one_line_notice(tiny_model, tiny
     merge(tiny_model, adapter, tmp_path / "out", dtype="fp32")
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune.merge: notice:")]
-    assert len(notices) == 1 and str(adapter) in notices[0] and "could not be verified beyond tensor shapes" in notices[0]
+    assert (
+        len(notices) == 1 and str(adapter) in notices[0] and "could not be verified beyond tensor shapes" in notices[0]
+    )
 
 
-def test_leftovers_of_an_interrupted_merge_are_removed_and_those_of_a_running_one_kept(tiny_model, tiny_adapter, tmp_path, capsys):
+def test_leftovers_of_an_interrupted_merge_are_removed_and_those_of_a_running_one_kept(
+    tiny_model, tiny_adapter, tmp_path, capsys
+):
     ended = subprocess.Popen(["true"])
     ended.wait()  # its pid names no process now
-    leftovers = [tmp_path / f"out.tmp-{ended.pid}", tmp_path / f"out.old-{ended.pid}", tmp_path / f"out.tmp-{os.getpid()}"]
+    leftovers = [
+        tmp_path / f"out.tmp-{ended.pid}",
+        tmp_path / f"out.old-{ended.pid}",
+        tmp_path / f"out.tmp-{os.getpid()}",
+    ]
     for leftover in leftovers:
         leftover.mkdir()
         (leftover / "model-00001-of-00002.safetensors").write_bytes(b"half written")
@@ -336,8 +389,13 @@ def test_leftovers_of_an_interrupted_merge_are_removed_and_those_of_a_running_on
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, *(p.name for p in unrelated)])
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune.merge: notice:")]
     assert sorted(notices) == sorted(
-        [f"finetune.merge: notice: removed {p}, left by an interrupted merge (process {p.name.rsplit('-', 1)[1]} has ended)" for p in leftovers]
-        + [f"finetune.merge: notice: {running}: left alone, process 1 that wrote it is still running (a merge into {tmp_path / 'out'} in progress? if not, delete it)"]
+        [
+            f"finetune.merge: notice: removed {p}, left by an interrupted merge (process {p.name.rsplit('-', 1)[1]} has ended)"
+            for p in leftovers
+        ]
+        + [
+            f"finetune.merge: notice: {running}: left alone, process 1 that wrote it is still running (a merge into {tmp_path / 'out'} in progress? if not, delete it)"
+        ]
     )
 
 
@@ -370,9 +428,15 @@ def test_cli_refuses_an_adapter_of_another_base_of_the_same_shapes_in_one_line(t
 # --- the base's identity, as training records it ------------------------------------------------------------------
 
 
-def test_training_records_the_base_identity_in_the_output_and_every_checkpoint_and_merge_accepts_it(tiny_model, demo, tmp_path, capsys):
+def test_training_records_the_base_identity_in_the_output_and_every_checkpoint_and_merge_accepts_it(
+    tiny_model, demo, tmp_path, capsys
+):
     out = tmp_path / "run"
-    train(base_args(tiny_model, demo / "train.json", out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"))
+    train(
+        base_args(
+            tiny_model, demo / "train.json", out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"
+        )
+    )
     expected = fingerprint(tiny_model)
     for directory in (out, out / "checkpoint-1", out / "checkpoint-2"):
         recorded = json.loads((directory / IDENTITY_FILE).read_text())
@@ -394,7 +458,13 @@ def test_a_run_from_a_hub_id_saves_the_cached_base_files_and_identity_and_merges
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "run"
     args = base_args("someone/tiny-minicpmv", demo / "train.json", out, "--max_steps", "1")
-    trained = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), *args], env=env, capture_output=True, text=True, timeout=300)
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "finetune" / "finetune.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (out / "tokenizer.json").read_bytes() == (tiny_model / "tokenizer.json").read_bytes()
     assert json.loads((out / IDENTITY_FILE).read_text())["base"] == "someone/tiny-minicpmv"

@@ -57,7 +57,7 @@ def test_golden_preprocessing(golden_dir, golden_cases, golden_images):
         assert torch.equal(data["image_bound"][0], case["image_bound"]), case["name"]
         assert torch.equal(data["tgt_sizes"][0].long(), case["tgt_sizes"].long()), case["name"]
         assert len(data["pixel_values"][0]) == len(case.get("pixel_values", []))
-        for ours, theirs in zip(data["pixel_values"][0], case.get("pixel_values", [])):
+        for ours, theirs in zip(data["pixel_values"][0], case.get("pixel_values", []), strict=True):
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
@@ -123,7 +123,9 @@ def test_packed_row_equals_samples_alone(golden_dir, golden_cases):
     ids = torch.cat([first["input_ids"], second["input_ids"]])[None]
     data = {
         "input_ids": ids,
-        "position_ids": torch.cat([torch.arange(len(first["input_ids"])), torch.arange(len(second["input_ids"]))])[None],
+        "position_ids": torch.cat([torch.arange(len(first["input_ids"])), torch.arange(len(second["input_ids"]))])[
+            None
+        ],
         "pixel_values": [first["pixel_values"], second["pixel_values"]],
         "tgt_sizes": [first["tgt_sizes"], second["tgt_sizes"]],
         "image_bound": [first["image_bound"], second["image_bound"]],
@@ -156,7 +158,7 @@ def test_text_only_training_without_the_dummy_image_gives_the_same_loss_and_grad
         model = AutoModel.from_pretrained(golden_dir).train()
         model.configure_runtime(dummy_image_stand_in=stand_in)
         tower_calls = []
-        model.vpm.register_forward_hook(lambda *args: tower_calls.append(1))
+        model.vpm.register_forward_hook(lambda *args, calls=tower_calls: calls.append(1))
         loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
         loss.backward()
         runs[stand_in] = (loss.detach(), {name: p.grad for name, p in model.named_parameters()}, len(tower_calls))
@@ -177,7 +179,9 @@ def test_train_and_eval_reach_every_module_and_skip_the_walk_when_nothing_would_
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    model = get_peft_model(AutoModel.from_pretrained(golden_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    model = get_peft_model(
+        AutoModel.from_pretrained(golden_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    )
     flags_set = []
     library_setattr = nn.Module.__setattr__
 
@@ -215,8 +219,14 @@ def test_train_and_eval_reach_every_module_and_skip_the_walk_when_nothing_would_
     assert native.resampler.extra.calls == 1
 
 
-def _checkpointed_step(golden_dir, case, vision_trained: bool, use_reentrant: bool, library_hooks: bool = False,
-                       embeddings_trained: bool = True):
+def _checkpointed_step(
+    golden_dir,
+    case,
+    vision_trained: bool,
+    use_reentrant: bool,
+    library_hooks: bool = False,
+    embeddings_trained: bool = True,
+):
     """One checkpointed training step on an image case: (whether backward reached the vision tower's
     embeddings, the loss, the gradients)."""
     from transformers import PreTrainedModel
@@ -246,7 +256,9 @@ def test_backward_does_not_run_through_a_frozen_vision_tower_under_checkpointing
     checkpointed) for gradients nothing used. The loss and the trained gradients stay the same without."""
     case = next(c for c in golden_cases if len(c["pixel_values"]))
     reached, loss, grads = _checkpointed_step(golden_dir, case, vision_trained=False, use_reentrant=False)
-    library_reached, library_loss, library_grads = _checkpointed_step(golden_dir, case, False, False, library_hooks=True)
+    library_reached, library_loss, library_grads = _checkpointed_step(
+        golden_dir, case, False, False, library_hooks=True
+    )
     assert (reached, library_reached) == (False, True)
     assert torch.equal(loss, library_loss) and grads.keys() == library_grads.keys()
     assert any(name.startswith("resampler.") for name in grads) and not any(name.startswith("vpm.") for name in grads)
@@ -259,7 +271,9 @@ def test_a_trained_vision_tower_gets_gradients_under_reentrant_checkpointing(gol
     must still mark the vision tower's embeddings when the tower is trained, here all of it but the embeddings
     (whose own trained weights would otherwise make their output require grad anyway)."""
     case = next(c for c in golden_cases if len(c["pixel_values"]))
-    reached, _, grads = _checkpointed_step(golden_dir, case, vision_trained=True, use_reentrant=True, embeddings_trained=False)
+    reached, _, grads = _checkpointed_step(
+        golden_dir, case, vision_trained=True, use_reentrant=True, embeddings_trained=False
+    )
     layers = {name: g for name, g in grads.items() if name.startswith("vpm.encoder.layers.")}
     assert reached and layers and all(g is not None and torch.count_nonzero(g) > 0 for g in layers.values())
 
@@ -274,15 +288,23 @@ def test_a_trained_fp32_vision_tower_under_autocast_carries_its_residual_in_bf16
         model = AutoModel.from_pretrained(golden_dir).train()
         model.configure_runtime(vision_residual_in_autocast_dtype=bf16_residual)
         layer_inputs = []
-        model.vpm.encoder.layers[1].register_forward_pre_hook(lambda module, args, kwargs: layer_inputs.append(args[0].dtype), with_kwargs=True)
+        model.vpm.encoder.layers[1].register_forward_pre_hook(
+            lambda module, args, kwargs, seen=layer_inputs: seen.append(args[0].dtype), with_kwargs=True
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(data=case_data(case), labels=case["input_ids"][None].clone()).loss
         loss.backward()
-        runs[bf16_residual] = (layer_inputs, loss.detach(), {n: p.grad for n, p in model.named_parameters() if n.startswith("vpm.encoder.layers.0.")})
+        runs[bf16_residual] = (
+            layer_inputs,
+            loss.detach(),
+            {n: p.grad for n, p in model.named_parameters() if n.startswith("vpm.encoder.layers.0.")},
+        )
     assert runs[False][0] == [torch.float32] and runs[True][0] == [torch.bfloat16]
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=2e-2, atol=0)
     for name, grad in runs[False][2].items():
-        assert torch.linalg.vector_norm(runs[True][2][name] - grad) <= 0.05 * torch.linalg.vector_norm(grad) + 1e-6, name
+        assert torch.linalg.vector_norm(runs[True][2][name] - grad) <= 0.05 * torch.linalg.vector_norm(grad) + 1e-6, (
+            name
+        )
 
 
 def test_runtime_options_are_validated_and_reach_the_trained_copy_of_the_vision_tower(golden_dir):
@@ -297,7 +319,12 @@ def test_runtime_options_are_validated_and_reach_the_trained_copy_of_the_vision_
     assert model.configure_runtime(loss_chunk_size=4) == model.runtime_options == RuntimeOptions(loss_chunk_size=4)
     with pytest.raises(TypeError):
         model.configure_runtime(loss_chunk=4)
-    for invalid in ({"loss_chunk_size": 0}, {"loss_chunk_size": 2.5}, {"loss_kernel": "fused"}, {"dummy_image_stand_in": "no"}):
+    for invalid in (
+        {"loss_chunk_size": 0},
+        {"loss_chunk_size": 2.5},
+        {"loss_kernel": "fused"},
+        {"dummy_image_stand_in": "no"},
+    ):
         with pytest.raises(ValueError):
             model.configure_runtime(**invalid)
     assert model.runtime_options == RuntimeOptions(loss_chunk_size=4)
@@ -335,7 +362,7 @@ def test_save_load_round_trip_is_bit_exact_and_published_layout(golden_dir, tmp_
     assert saved.keys() == original.keys()
     assert all(torch.equal(saved[k], original[k]) for k in original)
     reloaded = AutoModel.from_pretrained(tmp_path)
-    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -360,7 +387,9 @@ def test_wrong_shape_is_refused(golden_dir, tmp_path):
     tensors = load_file(target / "model.safetensors")
     tensors["resampler.query"] = torch.zeros(8, 256)
     save_file(tensors, target / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"resampler\.query in model\.safetensors has shape \[8, 256\], expected \[16, 256\]"):
+    with pytest.raises(
+        CheckpointError, match=r"resampler\.query in model\.safetensors has shape \[8, 256\], expected \[16, 256\]"
+    ):
         AutoModel.from_pretrained(target)
 
 
@@ -392,7 +421,10 @@ def test_chat_greedy_generation(golden_dir, golden_images):
     # The same greedy continuation computed by hand from the forward pass.
     prompt_data = model.prepare_inputs(
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n(<image>./</image>)\nDescribe it.<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n", [image], tokenizer)
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        [image],
+        tokenizer,
+    )
     ids = prompt_data["input_ids"]
     stop = SpecialTokens.from_tokenizer(tokenizer).stop_ids
     generated = []
@@ -415,7 +447,9 @@ def test_label_position_loss_equals_full_logits_loss(golden_dir, golden_cases):
     results = []
     for return_logits in (True, False):
         model = AutoModel.from_pretrained(golden_dir).train()
-        loss = model(data=case_data(case), labels=labels, num_items_in_batch=torch.tensor(37), return_logits=return_logits).loss
+        loss = model(
+            data=case_data(case), labels=labels, num_items_in_batch=torch.tensor(37), return_logits=return_logits
+        ).loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
@@ -472,7 +506,9 @@ def _padded_batch(cases: list[dict]) -> tuple[dict, torch.Tensor]:
     return data, mask
 
 
-def test_published_collator_form_gives_a_text_only_sample_and_an_image_sample_their_own_features(golden_dir, golden_cases):
+def test_published_collator_form_gives_a_text_only_sample_and_an_image_sample_their_own_features(
+    golden_dir, golden_cases
+):
     """The published collator stacks tgt_sizes only for samples that have images (a text-only sample has no
     entry), and the published get_vllm_embedding concatenates them and hands the views out in order over all
     samples' pixel_values lists. A [text-only, image] batch in that form, in the suite's own per-sample form,
@@ -491,7 +527,13 @@ def test_published_collator_form_gives_a_text_only_sample_and_an_image_sample_th
             logits = model(data=dict(data, tgt_sizes=tgt_sizes), attention_mask=mask).logits
             for row, case in enumerate((text, image)):
                 n = len(case["input_ids"])
-                torch.testing.assert_close(logits[row, :n], alone[row], atol=1e-5, rtol=0, msg=lambda m: f"{form}, row {row}: {m}")
+                torch.testing.assert_close(
+                    logits[row, :n],
+                    alone[row],
+                    atol=1e-5,
+                    rtol=0,
+                    msg=lambda m, form=form, row=row: f"{form}, row {row}: {m}",
+                )
     torch.testing.assert_close(alone[1], image["logits"], atol=1e-4, rtol=0)
 
 
@@ -505,5 +547,8 @@ def test_views_and_tgt_sizes_that_disagree_are_refused(golden_dir, golden_cases)
         model(data=dict(data, tgt_sizes=[small["tgt_sizes"], sliced["tgt_sizes"]]), attention_mask=mask)
     with torch.no_grad(), pytest.raises(ValueError, match=r"1 view\(s\) .* but tgt_sizes give 0 sizes"):
         model(data=dict(data, tgt_sizes=[]), attention_mask=mask)
-    with torch.no_grad(), pytest.raises(ValueError, match=r"sample 1, view 0: .* 63 patches but its tgt_size \(6, 10\) gives 60"):
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"sample 1, view 0: .* 63 patches but its tgt_size \(6, 10\) gives 60"),
+    ):
         model(data=dict(data, tgt_sizes=[sliced["tgt_sizes"][:1]]), attention_mask=mask)

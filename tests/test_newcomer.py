@@ -42,7 +42,9 @@ def test_readme_says_to_activate_the_venv_and_how_to_clean_the_demo():
 def test_activation_puts_the_venvs_tools_on_path(tmp_path):
     script = (f". {VENV}/bin/activate && cd {tmp_path} && for tool in python torchrun tensorboard; do command -v $tool; done"
               " && python -c 'import transformers, peft' && torchrun --help >/dev/null")  # fmt: skip
-    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120, env=clean_env(PATH="/usr/bin:/bin"))
+    result = subprocess.run(
+        ["sh", "-c", script], capture_output=True, text=True, timeout=120, env=clean_env(PATH="/usr/bin:/bin")
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [str(VENV / "bin" / name) for name in ("python", "torchrun", "tensorboard")]
 
@@ -61,10 +63,19 @@ def test_installed_project_imports_from_any_directory(tmp_path):
     assert install.returncode == 0, install.stderr[-2000:]
     commands = sorted(set(re.findall(r"python -m (finetune\.[a-z_]+)", README)))
     assert {"finetune.chat", "finetune.merge", "finetune.plan", "finetune.check_data"} <= set(commands)
-    code = "import importlib, finetune; print(finetune.__file__); " + "; ".join(f"importlib.import_module({c!r})" for c in commands)
+    code = "import importlib, finetune; print(finetune.__file__); " + "; ".join(
+        f"importlib.import_module({c!r})" for c in commands
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=300, cwd=elsewhere, env=clean_env())
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=elsewhere,
+        env=clean_env(),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(ROOT / "finetune" / "__init__.py")
 
@@ -131,7 +142,20 @@ def test_plan_takes_both_spellings_of_every_option():
         for option in long:
             assert "--" + option[2:].replace("-", "_") in long and "--" + option[2:].replace("_", "-") in long, option
     assert parser.parse_args(["--gpu_mem", "24"]).gpu_mem == parser.parse_args(["--gpu-mem", "24"]).gpu_mem == 24
-    args = parser.parse_args(["--gpu_mem", "24", "--target_global_batch", "8", "--tune_vision", "false", "--max_slice_nums", "4", "--lora_r", "8"])
+    args = parser.parse_args(
+        [
+            "--gpu_mem",
+            "24",
+            "--target_global_batch",
+            "8",
+            "--tune_vision",
+            "false",
+            "--max_slice_nums",
+            "4",
+            "--lora_r",
+            "8",
+        ]
+    )
     assert (args.target_global_batch, args.tune_vision, args.max_slice_nums, args.lora_r) == (8, False, 4, 8)
 
 

@@ -19,7 +19,12 @@ def test_packed_and_padded_batches_have_equal_loss_and_gradients(golden_dir, mix
         assert ("attention_mask" in batch) is not packing
         model.zero_grad()
         count = (batch["labels"][:, 1:] != -100).sum()
-        loss = model(data=batch["data"], labels=batch["labels"], attention_mask=batch.get("attention_mask"), num_items_in_batch=count).loss
+        loss = model(
+            data=batch["data"],
+            labels=batch["labels"],
+            attention_mask=batch.get("attention_mask"),
+            num_items_in_batch=count,
+        ).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (padded_loss, padded_grads), (packed_loss, packed_grads) = results

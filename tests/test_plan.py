@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import shlex
 import stat
@@ -48,15 +47,26 @@ def test_weights_terms():
 
 @pytest.mark.parametrize(
     "gpus, mem, q_lora, stage_expected",
-    [(1, 24, False, {0}), (1, 80, False, {0}), (2, 24, False, {2}), (8, 80, False, {2}),
-     (1, 24, True, {0}), (1, 80, True, {0}), (2, 24, True, {2}), (8, 80, True, {2})],
+    [
+        (1, 24, False, {0}),
+        (1, 80, False, {0}),
+        (2, 24, False, {2}),
+        (8, 80, False, {2}),
+        (1, 24, True, {0}),
+        (1, 80, True, {0}),
+        (2, 24, True, {2}),
+        (8, 80, True, {2}),
+    ],
 )
 def test_plans_for_common_cards(gpus, mem, q_lora, stage_expected):
     plan = make_plan(gpus, mem, q_lora=q_lora, target_global_batch=16)
     assert plan.fits, plan.message
     assert plan.setup.zero_stage in stage_expected
     assert plan.predicted["total"] + 1.5 <= mem
-    assert plan.global_batch >= 16 and plan.global_batch == gpus * plan.setup.micro_batch * plan.gradient_accumulation_steps
+    assert (
+        plan.global_batch >= 16
+        and plan.global_batch == gpus * plan.setup.micro_batch * plan.gradient_accumulation_steps
+    )
     assert not (q_lora and plan.setup.zero_stage == 3), "bnb 4-bit weights cannot be sharded by ZeRO-3"
     text = plan.format()
     assert "predicted peak per GPU" in text and "--per_device_train_batch_size" in text
@@ -68,7 +78,10 @@ def test_predictions_are_monotone():
     zero2 = [predict(Setup(gpus=n, zero_stage=2))["total"] for n in (1, 2, 4, 8)]
     assert zero2 == sorted(zero2, reverse=True)
     for kwargs in ({}, {"q_lora": True}, {"zero_stage": 2, "gpus": 2}):
-        assert predict(Setup(gradient_checkpointing=True, **kwargs))["total"] < predict(Setup(gradient_checkpointing=False, **kwargs))["total"]
+        assert (
+            predict(Setup(gradient_checkpointing=True, **kwargs))["total"]
+            < predict(Setup(gradient_checkpointing=False, **kwargs))["total"]
+        )
     assert predict(Setup(q_lora=True))["total"] < predict(Setup())["total"]
     assert predict(Setup(tune_vision=False))["total"] < predict(Setup())["total"]
     assert predict(Setup(zero_stage=2, offload=True, gpus=2))["total"] < predict(Setup(zero_stage=2, gpus=2))["total"]
@@ -98,11 +111,22 @@ def test_lean_zero3_with_8bit_states_is_the_multi_gpu_lever_before_offload():
     live parameters; emitted flags that finetune.py accepts (the lean config has no optimizer of its own)."""
     from finetune.arguments import check_optimizer_choice
 
-    standard, lean = predict(Setup(gpus=2, zero_stage=3)), predict(Setup(gpus=2, zero_stage=3, optim_8bit=True, lean=True))
+    standard, lean = (
+        predict(Setup(gpus=2, zero_stage=3)),
+        predict(Setup(gpus=2, zero_stage=3, optim_8bit=True, lean=True)),
+    )
     assert standard["total"] - lean["total"] > 2.0
-    fit = predict(Setup(gpus=2, zero_stage=3, loss_chunk=512, optim_8bit=True, lean=True, views_per_sample=10.0))["total"]
+    fit = predict(Setup(gpus=2, zero_stage=3, loss_chunk=512, optim_8bit=True, lean=True, views_per_sample=10.0))[
+        "total"
+    ]
     plan = make_plan(2, fit + 1.5 + 0.05)
-    assert plan.fits and plan.setup.zero_stage == 3 and plan.setup.lean and plan.setup.optim_8bit and not plan.setup.offload
+    assert (
+        plan.fits
+        and plan.setup.zero_stage == 3
+        and plan.setup.lean
+        and plan.setup.optim_8bit
+        and not plan.setup.offload
+    )
     _, _, training_args, _ = parse_flags(plan.flags())
     assert Path(training_args.deepspeed).name == "ds_config_zero3_lean.json"
     check_optimizer_choice(training_args)  # no "--optim has no effect" error: DeepSpeed wraps the Trainer's optimizer
@@ -114,7 +138,9 @@ def test_zero3_plans_count_lm_head_as_never_gathered_only_where_the_loss_runs_on
     the parameters on the GPU and N dividing the 128,256-row vocabulary; elsewhere lm_head is gathered."""
     lm_head_gib = 128256 * 4096 * 2 / 2**30
     for gpus in (2, 8):
-        sharded, gathered = (predict(Setup(gpus=gpus, zero_stage=3, loss_chunk=512, vocab_shards=v))["total"] for v in (True, False))
+        sharded, gathered = (
+            predict(Setup(gpus=gpus, zero_stage=3, loss_chunk=512, vocab_shards=v))["total"] for v in (True, False)
+        )
         assert gathered - sharded == pytest.approx(lm_head_gib + 512 * 128256 * 10 * (1 - 1 / gpus) / 2**30)
     for setup in (Setup(gpus=5, zero_stage=3), Setup(gpus=2, zero_stage=3, offload=True), Setup(gpus=2, zero_stage=2)):
         assert predict(setup) == predict(dataclasses.replace(setup, vocab_shards=False))
@@ -172,11 +198,25 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     nvidia_smi = fake / "nvidia-smi"
     nvidia_smi.write_text('#!/bin/sh\necho "GPU 0: stand-in"\necho "GPU 1: stand-in"\n')
     nvidia_smi.chmod(nvidia_smi.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f"{fake}:{PYTHON_BIN}:{os.environ['PATH']}", AUTO="1", GPU_MEM="24", GPUS_PER_NODE="2",
-               PYTHON=sys.executable, DATA="x.json", PYTHONPATH=str(ROOT),
-               PREFLIGHT="0")  # fmt: skip  (no data file here: the flags, not the preflight, are tested)
+    env = dict(
+        os.environ,
+        PATH=f"{fake}:{PYTHON_BIN}:{os.environ['PATH']}",
+        AUTO="1",
+        GPU_MEM="24",
+        GPUS_PER_NODE="2",
+        PYTHON=sys.executable,
+        DATA="x.json",
+        PYTHONPATH=str(ROOT),
+        PREFLIGHT="0",
+    )  # fmt: skip  (no data file here: the flags, not the preflight, are tested)
     launcher = ROOT / "finetune" / "finetune_lora.sh"
-    result = subprocess.run(["sh", str(launcher), "--per_device_train_batch_size", "7"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["sh", str(launcher), "--per_device_train_batch_size", "7"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     args = result.stdout.splitlines()
     assert "[auto]" in args[0]
@@ -189,7 +229,9 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     assert flags[last + 1] == "7", "the user's explicit flag must come last (and win)"
     _, _, training_args, _ = parse_flags(argv)
     assert training_args.per_device_train_batch_size == 7 and training_args.deepspeed == planned
-    assert training_args.gradient_accumulation_steps == int(expected[expected.index("--gradient_accumulation_steps") + 1])
+    assert training_args.gradient_accumulation_steps == int(
+        expected[expected.index("--gradient_accumulation_steps") + 1]
+    )
 
     env["GPU_MEM"] = "4"
     result = subprocess.run(["sh", str(launcher)], env=env, capture_output=True, text=True, timeout=120)
@@ -205,9 +247,11 @@ def test_validate_compares_every_shipped_measurement_with_its_prediction(capsys)
     measurements = load_calibration()
     assert main(["--validate"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| configuration | GPUs | predicted GiB | measured GiB | error |") and len(lines) == 2 + len(measurements)
+    assert lines[0].startswith("| configuration | GPUs | predicted GiB | measured GiB | error |") and len(
+        lines
+    ) == 2 + len(measurements)
     assert len({m.name for m in measurements}) == len(measurements)
-    for measurement, line in zip(measurements, lines[2:]):
+    for measurement, line in zip(measurements, lines[2:], strict=True):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         predicted, measured, error = float(cells[2]), float(cells[3]), float(cells[4].rstrip("%"))
         assert cells[0] == measurement.name and predicted == round(predict(measurement.setup)["total"], 2)
@@ -230,4 +274,7 @@ def test_a_calibration_file_given_on_the_command_line_is_read(tmp_path, capsys):
     assert main(["--validate", str(path)]) == 0
     line = capsys.readouterr().out.splitlines()[2]
     predicted = predict(setup)["total"]
-    assert line == f"| mine | 2 | {predicted:.2f} | 10.00 | {100 * (predicted - 10) / 10:+.1f}% | 2030-01-01, 2 x some GPU | text 2048 |"
+    assert (
+        line
+        == f"| mine | 2 | {predicted:.2f} | 10.00 | {100 * (predicted - 10) / 10:+.1f}% | 2030-01-01, 2 x some GPU | text 2048 |"
+    )

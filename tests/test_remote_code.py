@@ -14,10 +14,10 @@ from helpers import case_data, path_flags
 from transformers import AutoModel, AutoTokenizer, LlamaConfig
 
 import finetune  # noqa: F401
-from finetune.train import train
 from finetune.model import MiniCPMV, MiniCPMVConfig, SliceSettings
 from finetune.model.configuration import slice_settings_from_config
 from finetune.model.loading import load_pretrained
+from finetune.train import train
 
 STANDIN = Path(__file__).resolve().parent / "remote_code_standin"
 REFERENCE_CONFIG = Path(__file__).resolve().parent / "reference" / "config.json"  # the real checkpoint's
@@ -67,7 +67,9 @@ def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
     assert getattr(trainer.model.get_base_model(), "is_remote_code_standin", False)
     assert trainer.state.global_step == 2 and (tmp_path / "out" / "adapter_model.safetensors").is_file()
     # The images were sliced by the checkpoint's slice_config (a MiniCPMVSliceConfig object in the hub's class).
-    assert trainer.train_dataset.slice_settings == SliceSettings(scale_resolution=112, patch_size=14, max_slice_nums=9, query_num=16)
+    assert trainer.train_dataset.slice_settings == SliceSettings(
+        scale_resolution=112, patch_size=14, max_slice_nums=9, query_num=16
+    )
 
 
 def test_the_stand_in_config_has_the_published_surface_and_no_more(golden_dir, tmp_path):
@@ -77,7 +79,10 @@ def test_the_stand_in_config_has_the_published_surface_and_no_more(golden_dir, t
     raw = json.loads((directory / "config.json").read_text())
     beyond_llama = {name for name in set(vars(config)) - set(vars(LlamaConfig())) if not name.startswith("_")}
     assert beyond_llama <= PUBLISHED_CONFIG_FIELDS | set(raw), beyond_llama - PUBLISHED_CONFIG_FIELDS - set(raw)
-    assert {name for name in set(dir(type(config))) - set(dir(LlamaConfig)) if not name.startswith("_")} == {"default_vision_config", "keys_to_ignore_at_inference"}
+    assert {name for name in set(dir(type(config))) - set(dir(LlamaConfig)) if not name.startswith("_")} == {
+        "default_vision_config",
+        "keys_to_ignore_at_inference",
+    }
     assert type(config.slice_config).__name__ == "MiniCPMVSliceConfig" and not isinstance(config.slice_config, dict)
 
 
@@ -88,4 +93,8 @@ def test_slice_settings_of_the_real_config_from_either_class():
     raw = json.loads(REFERENCE_CONFIG.read_text())
     expected = SliceSettings(scale_resolution=448, patch_size=14, max_slice_nums=9, query_num=96, slicing=True)
     assert slice_settings_from_config(PublishedConfig(**raw)) == expected
-    assert slice_settings_from_config(MiniCPMVConfig.from_dict(raw)) == expected == MiniCPMVConfig.from_dict(raw).slice_settings
+    assert (
+        slice_settings_from_config(MiniCPMVConfig.from_dict(raw))
+        == expected
+        == MiniCPMVConfig.from_dict(raw).slice_settings
+    )

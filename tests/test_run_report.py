@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 import finetune  # noqa: F401
 from finetune.dataset import DataSettings, SupervisedDataset
-from finetune.train import train
 from finetune.model import MiniCPMVConfig
 from finetune.run_report import PLOT_NAME, SUMMARY_NAME, cli, plot_losses, report_from_state, series
+from finetune.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,9 @@ def test_tensorboard_logs_land_in_output_dir_runs(run):
 
 
 def test_plot_from_synthetic_history_and_from_trainer_state(tmp_path, run, capsys):
-    history = [{"step": s, "loss": 5.0 / s, "learning_rate": 1e-3 * (1 - s / 20), "epoch": s / 20} for s in range(1, 21)]
+    history = [
+        {"step": s, "loss": 5.0 / s, "learning_rate": 1e-3 * (1 - s / 20), "epoch": s / 20} for s in range(1, 21)
+    ]
     history += [{"step": 10, "eval_loss": 1.0}, {"step": 20, "eval_loss": 0.5}, {"step": 20, "train_loss": 1.2}]
     assert series(history, "eval_loss") == ([10, 20], [1.0, 0.5])
     path = plot_losses(history, tmp_path / "loss.png")
@@ -86,7 +88,9 @@ def test_plot_from_synthetic_history_and_from_trainer_state(tmp_path, run, capsy
     _, out = run
     finished = tmp_path / "finished"
     finished.mkdir()
-    (finished / "trainer_state.json").write_text(json.dumps({"global_step": 20, "max_steps": 20, "epoch": 1.0, "log_history": history}))
+    (finished / "trainer_state.json").write_text(
+        json.dumps({"global_step": 20, "max_steps": 20, "epoch": 1.0, "log_history": history})
+    )
     plot, summary = report_from_state(finished)
     assert plot.read_bytes().startswith(PNG_SIGNATURE) and parse_summary(summary)["steps"] == "20"
     assert cli([str(tmp_path / "nope")]) == 2 and "trainer_state.json: missing" in capsys.readouterr().err

@@ -22,7 +22,11 @@ def reference(states: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
 
 def test_a_single_shard_holding_every_row_gives_the_plain_loss_and_gradient():
     torch.manual_seed(0)
-    weight, states, targets = torch.randn(VOCAB, HIDDEN), torch.randn(7, HIDDEN, requires_grad=True), torch.randint(0, VOCAB, (7,))
+    weight, states, targets = (
+        torch.randn(VOCAB, HIDDEN),
+        torch.randn(7, HIDDEN, requires_grad=True),
+        torch.randint(0, VOCAB, (7,)),
+    )
     loss = vocab_sharded_loss(states, targets, VocabShard(rows=weight, first_row=0), chunk_size=3)
     (2 * loss).backward()
     plain = states.detach().clone().requires_grad_(True)
@@ -78,7 +82,9 @@ def _deepspeed_shard_on_rank(rank: int, port: int, results) -> None:
 
     import deepspeed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     deepspeed.init_distributed(dist_backend="gloo")
     try:
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}

@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import finetune  # noqa: F401
-from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
 from finetune.arguments import UsageError
-from finetune.train import train
+from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
 from finetune.model.attention import llm_attention, vision_attention
 from finetune.model.kernels import compiled_layer_count
 from finetune.model.tokenization import SpecialTokens
+from finetune.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = Path(sys.executable).parent
@@ -91,7 +91,11 @@ def test_adapter_restores_everything_trained(trained, tiny_model, demo):
     with torch.no_grad():
         expected = trained_model(data=batch["data"], attention_mask=batch["attention_mask"]).logits
         actual = reloaded(data=batch["data"], attention_mask=batch["attention_mask"]).logits
-        base = AutoModel.from_pretrained(tiny_model).eval()(data=batch["data"], attention_mask=batch["attention_mask"]).logits
+        base = (
+            AutoModel.from_pretrained(tiny_model)
+            .eval()(data=batch["data"], attention_mask=batch["attention_mask"])
+            .logits
+        )
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert (actual - base).abs().max() > 1e-3, "the adapter must change the model"
 
@@ -150,11 +154,15 @@ def test_the_loss_is_not_checked_for_nan_on_the_device_every_step(tmp_path):
 
     parser = HfArgumentParser(entry.TrainingArguments)
     (default,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu", "true"])
-    (asked,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--use_cpu", "true", "--logging_nan_inf_filter", "true"])
+    (asked,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--logging_nan_inf_filter", "true"]
+    )
     assert default.logging_nan_inf_filter is False and asked.logging_nan_inf_filter is True
 
 
-def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_config_says_otherwise(tmp_path, monkeypatch):
+def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_config_says_otherwise(
+    tmp_path, monkeypatch
+):
     from transformers import HfArgumentParser
 
     import finetune.arguments as entry
@@ -171,13 +179,17 @@ def test_batches_are_copied_to_the_gpu_without_waiting_unless_the_accelerator_co
     # On CPU neither pinned memory nor non-blocking copies mean anything (torch and transformers warn about them),
     # unless asked for.
     (cpu,) = parser.parse_args_into_dataclasses(common + ["--use_cpu", "true"])
-    (asked,) = parser.parse_args_into_dataclasses(common + ["--use_cpu", "true", "--accelerator_config", '{"non_blocking": true}'])
+    (asked,) = parser.parse_args_into_dataclasses(
+        common + ["--use_cpu", "true", "--accelerator_config", '{"non_blocking": true}']
+    )
     assert cpu.accelerator_config.non_blocking is False and cpu.dataloader_pin_memory is False
     assert asked.accelerator_config.non_blocking is True
 
 
 def test_bf16_without_deepspeed_keeps_fp32_trainable_weights(tiny_model, demo, tmp_path):
-    trainer = train(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true"))
+    trainer = train(
+        base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "1", "--bf16", "true", "--use_cpu", "true")
+    )
     dtypes = {(p.requires_grad, p.dtype) for p in trainer.model.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}, dtypes
 
@@ -210,10 +222,14 @@ def test_8bit_optimizer_states_track_fp32_adam(tiny_model, demo, tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (requirements-extras.txt)")
     extra = ("--max_steps", "6", "--learning_rate", "5e-4")
     reference = train(base_args(tiny_model, demo / "train.json", tmp_path / "fp32", *extra, "--optim", "adamw_torch"))
-    eight_bit = train(base_args(tiny_model, demo / "train.json", tmp_path / "8bit", *extra, "--optim", "adamw_bnb_8bit"))
+    eight_bit = train(
+        base_args(tiny_model, demo / "train.json", tmp_path / "8bit", *extra, "--optim", "adamw_bnb_8bit")
+    )
     optimizer = getattr(eight_bit.optimizer, "optimizer", eight_bit.optimizer)  # accelerate wraps it
     assert type(optimizer).__module__.startswith("bitsandbytes")
-    state_dtypes = {v.dtype for state in optimizer.state.values() for k, v in state.items() if k in ("state1", "state2")}
+    state_dtypes = {
+        v.dtype for state in optimizer.state.values() for k, v in state.items() if k in ("state1", "state2")
+    }
     assert torch.uint8 in state_dtypes
     expected, got = losses(reference.state.log_history), losses(eight_bit.state.log_history)
     assert len(got) == len(expected) == 6
@@ -238,7 +254,11 @@ def test_8bit_steps_without_per_parameter_syncs_update_the_same(monkeypatch):
     results = {}
     for wrapped in (False, True):
         torch.manual_seed(0)
-        parameters = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(4096, 2))]
+        parameters = [
+            torch.nn.Parameter(torch.randn(64, 128)),
+            torch.nn.Parameter(torch.randn(300)),
+            torch.nn.Parameter(torch.randn(4096, 2)),
+        ]
         optimizer = bnb.optim.AdamW8bit(parameters, lr=1e-2)
         if wrapped:
             assert skip_per_parameter_syncs(optimizer)
@@ -247,14 +267,20 @@ def test_8bit_steps_without_per_parameter_syncs_update_the_same(monkeypatch):
             for parameter in parameters:
                 parameter.grad = torch.randn_like(parameter)
             optimizer.step()
-        results[wrapped] = ([p.detach().clone() for p in parameters], len(syncs), optimizer.state[parameters[0]]["state1"].clone())
+        results[wrapped] = (
+            [p.detach().clone() for p in parameters],
+            len(syncs),
+            optimizer.state[parameters[0]]["state1"].clone(),
+        )
     (plain_params, plain_syncs, plain_state), (params, wrapped_syncs, state) = results[False], results[True]
     assert (plain_syncs, wrapped_syncs) == (9, 0)
-    assert all(torch.equal(a, b) for a, b in zip(plain_params, params)) and torch.equal(plain_state, state)
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, params, strict=True)) and torch.equal(plain_state, state)
     assert bnb_optimizer.sync_gpu is not real_sync  # the test's spy is back in place after the wrapped steps
     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # schedulers wrap a bound step: it still is one
     paged = bnb.optim.PagedAdamW8bit([torch.nn.Parameter(torch.randn(8))], lr=1e-2)
-    assert not skip_per_parameter_syncs(paged) and not skip_per_parameter_syncs(torch.optim.AdamW([torch.nn.Parameter(torch.randn(8))]))
+    assert not skip_per_parameter_syncs(paged) and not skip_per_parameter_syncs(
+        torch.optim.AdamW([torch.nn.Parameter(torch.randn(8))])
+    )
 
 
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
@@ -262,11 +288,15 @@ def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     straight = train(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
     resumed = train(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra))  # same run, then resume
     checkpoint = tmp_path / "b" / "checkpoint-3"
-    again = train(base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint)))
+    again = train(
+        base_args(tiny_model, demo / "train.json", tmp_path / "b", *extra, "--resume_from_checkpoint", str(checkpoint))
+    )
     assert losses(resumed.state.log_history) == losses(straight.state.log_history)
     curve = losses(again.state.log_history)  # the first 3 come back with the checkpoint's trainer state
     assert len(curve) == 6 and curve[:3] == losses(straight.state.log_history)[:3]
-    torch.testing.assert_close(torch.tensor(curve[3:]), torch.tensor(losses(straight.state.log_history)[3:]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(curve[3:]), torch.tensor(losses(straight.state.log_history)[3:]), atol=1e-5, rtol=0
+    )
 
 
 # --- bad command lines: one clear error before the model is touched ----------------------------------------------
@@ -281,8 +311,11 @@ def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
         (["--compile_layers", "true", "--torch_compile", "true"], "choose one"),
         (["--compile_layers", "true", "--trust_remote_code", "true"], "--compile_layers need the native model class"),
         (["--attn_implementation", "varlen", "--trust_remote_code", "true"], "varlen needs the native model class"),
-        pytest.param(["--use_liger_kernel", "true"], "--use_liger_kernel true needs a CUDA GPU",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")),
+        pytest.param(
+            ["--use_liger_kernel", "true"],
+            "--use_liger_kernel true needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message"),
+        ),
     ],
 )
 def test_bad_flags(tiny_model, demo, tmp_path, extra, message):
@@ -299,7 +332,9 @@ def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model,
     batch = next(iter(trainer.get_train_dataloader()))
     counted = []
     library_count = PreTrainedModel.num_parameters
-    monkeypatch.setattr(PreTrainedModel, "num_parameters", lambda self, *a, **k: counted.append(k) or library_count(self, *a, **k))
+    monkeypatch.setattr(
+        PreTrainedModel, "num_parameters", lambda self, *a, **k: counted.append(k) or library_count(self, *a, **k)
+    )
     expected = Trainer.floating_point_ops(trainer, batch["data"])  # the library's, on the fields inside `data`
     assert counted == [{"exclude_embeddings": True}] and expected > 0
     assert trainer.floating_point_ops(batch) == trainer.floating_point_ops(batch) == expected
@@ -309,11 +344,19 @@ def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model,
 
 def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, capsys):
     """--compile_layers reaches the model the Trainer trains (numerics: tests/test_fast_paths.py)."""
-    trainer = train(base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true"))
+    trainer = train(
+        base_args(tiny_model, demo / "train.json", tmp_path, "--max_steps", "2", "--compile_layers", "true")
+    )
     native = trainer.model.get_base_model()
     llm_layers, vision_layers = len(native.llm.model.layers), len(native.vpm.encoder.layers)
-    assert compiled_layer_count(trainer.model) == llm_layers and compiled_layer_count(trainer.model, "vision") == vision_layers
-    assert f"fast paths: torch.compile of {llm_layers + vision_layers} layers (LLM and vision tower)" in capsys.readouterr().out
+    assert (
+        compiled_layer_count(trainer.model) == llm_layers
+        and compiled_layer_count(trainer.model, "vision") == vision_layers
+    )
+    assert (
+        f"fast paths: torch.compile of {llm_layers + vision_layers} layers (LLM and vision tower)"
+        in capsys.readouterr().out
+    )
     curve = losses(trainer.state.log_history)
     assert len(curve) == 2 and all(math.isfinite(v) for v in curve)
 
@@ -324,7 +367,9 @@ def test_compiled_layers_by_default_only_where_measured():
     assert resolve_compile_layers(None, cuda=True, zero3=False, q_lora=False, remote_code=False)
     assert not resolve_compile_layers(None, cuda=False, zero3=False, q_lora=False, remote_code=False)
     for excluded in ({"zero3": True}, {"q_lora": True}, {"remote_code": True}, {"torch_compile": True}):
-        assert not resolve_compile_layers(None, **{"cuda": True, "zero3": False, "q_lora": False, "remote_code": False, **excluded})
+        assert not resolve_compile_layers(
+            None, **{"cuda": True, "zero3": False, "q_lora": False, "remote_code": False, **excluded}
+        )
     assert resolve_compile_layers(True, cuda=False, zero3=True, q_lora=False, remote_code=False)  # asked for: done
     assert not resolve_compile_layers(False, cuda=True, zero3=False, q_lora=False, remote_code=False)
 
@@ -332,6 +377,7 @@ def test_compiled_layers_by_default_only_where_measured():
 def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, demo, tmp_path):
     """--attn_implementation varlen reaches the LLM the Trainer trains, and the loss curve is sdpa's (packed
     multimodal batches of 2; per-batch numerics: tests/test_fast_paths.py)."""
+
     def curve(attention: str):
         args = base_args(tiny_model, demo / "train.json", tmp_path / attention, "--max_steps", "3", "--per_device_train_batch_size", "2",
                          "--attn_implementation", attention)  # fmt: skip
@@ -368,7 +414,9 @@ def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypat
     from finetune.arguments import check_optimizer_choice
 
     zero2 = str(ROOT / "finetune" / "ds_config_zero2.json")
-    with pytest.raises(UsageError, match="--optim adamw_bnb_8bit has no effect with --deepspeed .*ds_config_zero2.json"):
+    with pytest.raises(
+        UsageError, match="--optim adamw_bnb_8bit has no effect with --deepspeed .*ds_config_zero2.json"
+    ):
         check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=zero2))
     check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=None))  # no DeepSpeed: --optim is used
     check_optimizer_choice(SimpleNamespace(optim="adamw_torch_fused", deepspeed=zero2))  # the default: fine
@@ -377,7 +425,9 @@ def test_optim_needs_bitsandbytes_and_no_deepspeed_optimizer(tmp_path, monkeypat
     (tmp_path / "no_optimizer.json").write_text(json.dumps(config))  # DeepSpeed then wraps the Trainer's optimizer
     check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=str(tmp_path / "no_optimizer.json")))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
     with pytest.raises(UsageError, match="--optim adamw_bnb_8bit needs bitsandbytes"):
         check_optimizer_choice(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=None))
 
@@ -400,7 +450,9 @@ def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
         {"id": "no_answer", "conversations": [{"role": "user", "content": "hi"}]},
         {"id": "lost_image", "image": "nowhere.png", "conversations": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "ok"}]},
     ]))  # fmt: skip
-    with pytest.raises(UsageError, match=r"2 bad train samples(.|\n)*no_answer: (.|\n)*lost_image: image file not found"):
+    with pytest.raises(
+        UsageError, match=r"2 bad train samples(.|\n)*no_answer: (.|\n)*lost_image: image file not found"
+    ):
         train(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
     data.write_text('[{"id": "a", "conversations": [}]')
     with pytest.raises(UsageError, match=r"line 1 column"):
@@ -410,7 +462,17 @@ def test_bad_samples_stop_training_before_it_starts(tiny_model, tmp_path):
 
 def test_a_data_mix_prints_each_files_share_and_bad_mixes_stop_before_training(tiny_model, demo, tmp_path, capsys):
     train_file, extra = demo / "train.json", tmp_path / "extra.json"
-    extra.write_text(json.dumps([{"id": f"x{i}", "conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(4)]))
+    extra.write_text(
+        json.dumps(
+            [
+                {
+                    "id": f"x{i}",
+                    "conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+                }
+                for i in range(4)
+            ]
+        )
+    )
     train(base_args(tiny_model, f"{train_file}:0.5,{extra}:0.5", tmp_path / "out", "--max_steps", "1"))
     out = capsys.readouterr().out
     assert f"[data]   from {train_file}: 14 samples (ratio 0.5: 24 in the file)\n" in out
@@ -435,7 +497,9 @@ def test_cli_unknown_flag_is_one_line_error(tiny_model, demo, tmp_path):
 
 
 def run_env(report: Path) -> dict:
-    env = dict(os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1"
+    )
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -449,7 +513,15 @@ def read_reports(report: Path, ranks: int) -> list[dict]:
 def torchrun_two_processes(args: list[str], report: Path) -> subprocess.CompletedProcess:
     """finetune.py ARGS under torchrun, 2 processes on this host (a free port: other runs may hold the default);
     each rank writes its run report into REPORT."""
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "finetune" / "finetune.py"), *args]
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "finetune" / "finetune.py"),
+        *args,
+    ]
     return subprocess.run(command, env=run_env(report), capture_output=True, text=True, timeout=300)
 
 
@@ -467,11 +539,24 @@ TORCH_ADAMW = "torch.optim.adamw.AdamW"
      pytest.param("ds_config_zero3_lean.json", "DeepSpeedEngine", ["--optim", "adamw_bnb_8bit"], "bitsandbytes.optim.adamw.AdamW 8-bit", 0,
                   marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"))],
 )  # fmt: skip
-def test_torchrun_two_processes_really_distributed(tiny_model, two_samples, tmp_path, deepspeed, wrapper, extra, optimizer, compiled):
+def test_torchrun_two_processes_really_distributed(
+    tiny_model, two_samples, tmp_path, deepspeed, wrapper, extra, optimizer, compiled
+):
     out, report = tmp_path / "out", tmp_path / "report"
     # A loss chunk of 4 label positions: the ranks' samples have different label counts, so different numbers
     # of lm_head calls unless the model keeps them in step (ZeRO-3 gathers per call).
-    args = base_args(tiny_model, two_samples, out, "--max_steps", "3", "--per_device_train_batch_size", "1", "--loss_chunk_size", "4", *extra)
+    args = base_args(
+        tiny_model,
+        two_samples,
+        out,
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "1",
+        "--loss_chunk_size",
+        "4",
+        *extra,
+    )
     if deepspeed:
         args += ["--deepspeed", str(ROOT / "finetune" / deepspeed)]
     result = torchrun_two_processes(args, report)
@@ -503,13 +588,20 @@ def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("loss over lm_head's vocabulary shards (2 ranks" in result.stdout) == (stage == "zero3")
         history = read_reports(report, 2)[0]["log_history"]
-        curves[stage], evaluated[stage] = losses(history), [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+        curves[stage], evaluated[stage] = (
+            losses(history),
+            [entry["eval_loss"] for entry in history if "eval_loss" in entry],
+        )
     assert len(curves["zero3"]) == 3 and len(evaluated["zero3"]) == 1
     assert curves["zero3"] == pytest.approx(curves["zero2"], rel=1e-4)
     assert evaluated["zero3"] == pytest.approx(evaluated["zero2"], rel=1e-4)
 
 
-@pytest.mark.parametrize(("extra", "vocab_shards"), [([], True), (["--tune_embeddings", "true"], False)], ids=["vocabulary shards", "lm_head trained"])
+@pytest.mark.parametrize(
+    ("extra", "vocab_shards"),
+    [([], True), (["--tune_embeddings", "true"], False)],
+    ids=["vocabulary shards", "lm_head trained"],
+)
 def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path, extra, vocab_shards):
     """Regression: with ranks holding different label counts the loss made different numbers of lm_head calls,
     i.e. ZeRO-3 gathers, and gloo/NCCL aborted with a collective mismatch. Both loss paths: each rank's rows of
@@ -573,7 +665,9 @@ def test_a_rank_whose_validation_fails_stops_every_rank():
 
     errors = mp.Manager().dict()
     mp.spawn(_validate_on_rank, args=(free_port(), errors), nprocs=2, join=True)
-    assert dict(errors) == {rank: "validating the train data failed on rank 1: RuntimeError: validation worker died" for rank in (0, 1)}
+    assert dict(errors) == {
+        rank: "validating the train data failed on rank 1: RuntimeError: validation worker died" for rank in (0, 1)
+    }
 
 
 def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path):
@@ -584,7 +678,11 @@ def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path)
     for node in (0, 1):
         env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out), GPUS_PER_NODE="1",
                    NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_CONFIG="", REPORT_TO="none")  # fmt: skip
-        processes.append(subprocess.Popen(["sh", str(launcher), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        processes.append(
+            subprocess.Popen(
+                ["sh", str(launcher), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs[0][-2000:] + outputs[1][-2000:]
     for rank in read_reports(report, 2):
@@ -616,8 +714,15 @@ def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model,
     copy = tmp_path / "repo" / "finetune"
     shutil.copytree(ROOT / "finetune", copy, ignore=shutil.ignore_patterns("output", "__pycache__"))
     report = tmp_path / "report"
-    env = dict(run_env(report), MODEL=str(tiny_model), DATA=str(two_samples), MAX_STEPS="1", REPORT_TO="none", SAVE_STEPS="100",
-               MASTER_PORT=str(free_port()))  # not the default 6001: another run on this host may hold it
+    env = dict(
+        run_env(report),
+        MODEL=str(tiny_model),
+        DATA=str(two_samples),
+        MAX_STEPS="1",
+        REPORT_TO="none",
+        SAVE_STEPS="100",
+        MASTER_PORT=str(free_port()),
+    )  # not the default 6001: another run on this host may hold it
     env.pop("GPUS_PER_NODE", None)
     result = subprocess.run(["sh", "finetune_lora.sh"], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -665,11 +770,27 @@ def test_deepspeed_on_cpu_without_a_compiler_is_one_line_with_the_fix(tiny_model
         pytest.skip("the compiler is only needed without a GPU")
     env = {name: value for name, value in run_env(tmp_path / "report").items() if name != "CXX"}
     env["PATH"] = path_without_compiler(tmp_path)
-    args = base_args(tiny_model, two_samples, tmp_path / "out", "--max_steps", "1", "--deepspeed", str(ROOT / "finetune" / "ds_config_zero2.json"))
-    result = subprocess.run([sys.executable, str(ROOT / "finetune" / "finetune.py"), *args], env=env, capture_output=True, text=True, timeout=120)
+    args = base_args(
+        tiny_model,
+        two_samples,
+        tmp_path / "out",
+        "--max_steps",
+        "1",
+        "--deepspeed",
+        str(ROOT / "finetune" / "ds_config_zero2.json"),
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "finetune" / "finetune.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     message = [line for line in result.stderr.splitlines() if "finetune.py: error:" in line]
-    assert len(message) == 1 and "C++ compiler" in message[0] and "'c++' is not on PATH" in message[0], result.stderr[-3000:]
+    assert len(message) == 1 and "C++ compiler" in message[0] and "'c++' is not on PATH" in message[0], result.stderr[
+        -3000:
+    ]
     assert 'DS_CONFIG=""' in message[0] and "install" in message[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
@@ -679,14 +800,26 @@ def test_deepspeed_on_cpu_without_a_compiler_is_one_line_with_the_fix(tiny_model
     fake.write_text('#!/bin/sh\necho "torchrun started"\n')
     fake.chmod(0o755)
     # PREFLIGHT=0: the stand-in torchrun is what is checked, not the command line it would be given.
-    env = dict(env, PATH=launcher_path, MODEL=str(tiny_model), DATA=str(two_samples), PREFLIGHT="0",
-               DS_CONFIG=str(ROOT / "finetune" / "ds_config_zero2.json"))
-    result = subprocess.run(["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60)
+    env = dict(
+        env,
+        PATH=launcher_path,
+        MODEL=str(tiny_model),
+        DATA=str(two_samples),
+        PREFLIGHT="0",
+        DS_CONFIG=str(ROOT / "finetune" / "ds_config_zero2.json"),
+    )
+    result = subprocess.run(
+        ["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and "torchrun started" not in result.stdout, result.stdout + result.stderr
-    assert result.stderr.count("\n") == 1 and "C++ compiler" in result.stderr and 'DS_CONFIG=""' in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "C++ compiler" in result.stderr and 'DS_CONFIG=""' in result.stderr, (
+        result.stderr
+    )
     # Without DS_CONFIG, the same machine trains without DeepSpeed: no compiler is needed.
     env.pop("DS_CONFIG")
-    result = subprocess.run(["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["/bin/sh", str(ROOT / "finetune" / "finetune_lora.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "torchrun started" in result.stdout, result.stdout + result.stderr
     assert "[launch] no GPU: training without DeepSpeed" in result.stdout
 
@@ -785,7 +918,9 @@ def read_lines_into(stream, lines: list[str]) -> threading.Thread:
     return reader
 
 
-@pytest.mark.parametrize("ds_config", ["", str(ROOT / "finetune" / "ds_config_zero2.json")], ids=["no DeepSpeed", "ZeRO-2"])
+@pytest.mark.parametrize(
+    "ds_config", ["", str(ROOT / "finetune" / "ds_config_zero2.json")], ids=["no DeepSpeed", "ZeRO-2"]
+)
 def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_path, ds_config):
     """kill -9 of torchrun (finetune_lora.sh execs it) while two workers train: torchrun starts each worker in a
     session of its own, so nothing else stops them, and they trained on into OUTPUT_DIR with parent 1. They must
@@ -826,7 +961,11 @@ def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_
 
 def without_rendezvous_settings(env: dict) -> dict:
     """ENV without the launcher's distributed settings, so that its defaults apply."""
-    return {name: value for name, value in env.items() if name not in {"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"}}
+    return {
+        name: value
+        for name, value in env.items()
+        if name not in {"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"}
+    }
 
 
 def test_two_runs_started_together_on_one_machine_both_train_and_save(tiny_model, two_samples, tmp_path):
@@ -834,11 +973,20 @@ def test_two_runs_started_together_on_one_machine_both_train_and_save(tiny_model
     and their GPU DeepSpeed configs (ZeRO-2, ZeRO-3; named, since without a GPU the default is no DeepSpeed): both
     rendezvous on a free port of their own; the fixed default 6001 made one of them fail with EADDRINUSE."""
     runs = {}
-    for launcher, ds_config in (("finetune_lora.sh", "ds_config_zero2.json"), ("finetune_ds.sh", "ds_config_zero3.json")):
+    for launcher, ds_config in (
+        ("finetune_lora.sh", "ds_config_zero2.json"),
+        ("finetune_ds.sh", "ds_config_zero3.json"),
+    ):
         out, report = tmp_path / launcher / "out", tmp_path / launcher / "report"
         env = dict(without_rendezvous_settings(run_env(report)), MODEL=str(tiny_model), DATA=str(two_samples), OUTPUT_DIR=str(out),
                    MAX_STEPS="1", SAVE_STEPS="100", REPORT_TO="none", DS_CONFIG=str(ROOT / "finetune" / ds_config))  # fmt: skip
-        process = subprocess.Popen(["sh", str(ROOT / "finetune" / launcher)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            ["sh", str(ROOT / "finetune" / launcher)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         runs[launcher] = (process, out, report)
     try:
         outputs = {launcher: process.communicate(timeout=400)[0] for launcher, (process, _, _) in runs.items()}
@@ -846,12 +994,14 @@ def test_two_runs_started_together_on_one_machine_both_train_and_save(tiny_model
         for process, _, _ in runs.values():
             process.kill()  # sh has exec'd torchrun, which stops its own workers when it ends (or dies)
             process.wait()
-    for launcher, (process, out, report) in runs.items():
+    for launcher, (process, _, report) in runs.items():
         assert process.returncode == 0, f"{launcher}:\n{outputs[launcher][-3000:]}"
         (rank,) = read_reports(report, 1)
         assert rank["wrapper"] == "DeepSpeedEngine" and rank["global_step"] == 1
     assert (runs["finetune_lora.sh"][1] / "adapter_model.safetensors").is_file()
-    assert (runs["finetune_ds.sh"][1] / "config.json").is_file() and list(runs["finetune_ds.sh"][1].glob("*.safetensors"))
+    assert (runs["finetune_ds.sh"][1] / "config.json").is_file() and list(
+        runs["finetune_ds.sh"][1].glob("*.safetensors")
+    )
 
 
 @pytest.mark.parametrize(
@@ -875,9 +1025,17 @@ def test_launcher_rendezvous_arguments(tmp_path, launcher, settings, expected, a
     fake.write_text('#!/bin/sh\necho "torchrun $*"\n')
     fake.chmod(0o755)
     # PREFLIGHT=0: no model or data file exists here; only the arguments torchrun is given are read.
-    env = dict(without_rendezvous_settings(dict(os.environ)), PATH=f"{fake.parent}:{os.environ['PATH']}", MODEL="m", DATA="d.json", PREFLIGHT="0",
-               **settings)
-    result = subprocess.run(["sh", str(ROOT / "finetune" / launcher)], env=env, capture_output=True, text=True, timeout=60)
+    env = dict(
+        without_rendezvous_settings(dict(os.environ)),
+        PATH=f"{fake.parent}:{os.environ['PATH']}",
+        MODEL="m",
+        DATA="d.json",
+        PREFLIGHT="0",
+        **settings,
+    )
+    result = subprocess.run(
+        ["sh", str(ROOT / "finetune" / launcher)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     command = next(line for line in result.stdout.splitlines() if line.startswith("torchrun "))
     words = f" {command} "

@@ -36,7 +36,10 @@ def demo(demo_factory) -> Path:
 def test_removed_flags_are_mapped_with_a_notice(monkeypatch, tmp_path):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     notices: list[str] = []
-    mapped = map_removed_flags(["--warmup_ratio", "0.05", "--evaluation_strategy=steps", "--logging_dir", str(tmp_path), "--seed", "1"], notices.append)
+    mapped = map_removed_flags(
+        ["--warmup_ratio", "0.05", "--evaluation_strategy=steps", "--logging_dir", str(tmp_path), "--seed", "1"],
+        notices.append,
+    )
     assert mapped == ["--warmup_steps", "0.05", "--eval_strategy", "steps", "--seed", "1"]
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path)
     assert len(notices) == len(REMOVED_FLAGS) and all(n.startswith("[args] --") and "\n" not in n for n in notices)

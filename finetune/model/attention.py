@@ -65,7 +65,12 @@ def packed_segments(position_ids: torch.Tensor, attention_mask: torch.Tensor | N
 def varlen_kwargs(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
     """The keyword arguments that reach every attention call of the LLM (transformers' flash-attention names)."""
     cu_seq_lens, longest = packed_segments(position_ids, attention_mask)
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 # --- the flash kernel's variable-length entry as a custom op (opaque to torch.compile, with its backward) ----
@@ -112,7 +117,18 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_output, _grad_logsumexp):
     query, key, value, output, logsumexp, cu_seq_lens = ctx.saved_tensors
-    grads = _flash_backward(grad_output.contiguous(), query, key, value, output, logsumexp, cu_seq_lens, ctx.max_length, ctx.scale, ctx.causal)
+    grads = _flash_backward(
+        grad_output.contiguous(),
+        query,
+        key,
+        value,
+        output,
+        logsumexp,
+        cu_seq_lens,
+        ctx.max_length,
+        ctx.scale,
+        ctx.causal,
+    )
     return *grads, None, None, None, None
 
 
@@ -126,9 +142,13 @@ def _segment_by_segment(query, key, value, cu_seq_lens: torch.Tensor, scale: flo
     """[T, H, D] packed tokens -> each segment attended on its own with SDPA (the path off CUDA / in fp32)."""
     bounds = cu_seq_lens.tolist()
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=False):
         q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
-        outputs.append(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True).transpose(0, 1))
+        outputs.append(
+            nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=scale, enable_gqa=True
+            ).transpose(0, 1)
+        )
     return torch.cat(outputs)
 
 
@@ -159,7 +179,9 @@ def varlen_attention_forward(
     if isinstance(attention_mask, Segments):
         (cu_seq_lens_q, max_length_q), attention_mask = attention_mask, None
     if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout:
         raise ValueError("varlen attention has no dropout (Llama-3's and SigLIP's attention dropout is 0)")
     batch, heads, length, head_dim = query.shape
@@ -168,7 +190,9 @@ def varlen_attention_forward(
     # [B, H, T, D] -> [B*T, H, D]: the rows one after another, each token's heads together.
     query, key, value = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
     if query.is_cuda and query.dtype in _FLASH_DTYPES and head_dim <= 256 and head_dim % 8 == 0:
-        output, _ = _flash_forward(query.contiguous(), key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale, causal)
+        output, _ = _flash_forward(
+            query.contiguous(), key.contiguous(), value.contiguous(), cu_seq_lens_q, max_length_q, scale, causal
+        )
     else:
         output = torch.compiler.disable(_segment_by_segment)(query, key, value, cu_seq_lens_q, scale, causal)
     return output.reshape(batch, length, heads, head_dim), None

@@ -17,7 +17,9 @@ PUBLISHED_SAMPLING = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperatur
 PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
 
 
-def render_chat_prompt(image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "") -> tuple[str, list[Image.Image]]:
+def render_chat_prompt(
+    image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = ""
+) -> tuple[str, list[Image.Image]]:
     """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images)."""
     msgs = deepcopy(msgs)
     if not msgs or msgs[0].get("role") != "user":

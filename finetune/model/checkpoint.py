@@ -29,7 +29,9 @@ def expected_shapes(config: PretrainedConfig, model_class: type[PreTrainedModel]
 
 
 @lru_cache(maxsize=4)
-def _expected_shapes_cached(config_json: str, model_class: type[PreTrainedModel]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _expected_shapes_cached(
+    config_json: str, model_class: type[PreTrainedModel]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
     config = model_class.config_class.from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = model_class(config)
@@ -98,7 +100,9 @@ def validate_checkpoint_dir(
         if name not in stored:
             problems.append(f"tensor {name} {list(shape)} is missing")
         elif stored[name][0] != shape:
-            problems.append(f"tensor {name} in {stored[name][1]} has shape {list(stored[name][0])}, expected {list(shape)}")
+            problems.append(
+                f"tensor {name} in {stored[name][1]} has shape {list(stored[name][0])}, expected {list(shape)}"
+            )
     for name in stored.keys() - expected.keys():
         problems.append(f"tensor {name} in {stored[name][1]} is not part of MiniCPM-V")
     if problems:

@@ -116,7 +116,7 @@ class MiniCPMVConfigMixin:
         rope = output.pop("rope_parameters", None) or {}
         output["rope_theta"] = float(rope.get("rope_theta", self.model_version.rope_theta))
         scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}
-        output["rope_scaling"] = (dict(scaling, rope_type=rope["rope_type"]) if scaling else None)
+        output["rope_scaling"] = dict(scaling, rope_type=rope["rope_type"]) if scaling else None
         if isinstance(output.get("vision_config"), dict):
             output["vision_config"]["model_type"] = self.model_version.vision_config_model_type
         output["slice_config"] = dict(self.slice_config, model_type="minicpmv")
@@ -134,7 +134,21 @@ class MiniCPMVConfigMixin:
 
 
 _MULTIMODAL_KEYS = {
-    "query_num", "image_size", "patch_size", "drop_vision_last_layer", "batch_vision_input", "slice_mode",
-    "slice_config", "vision_config", "auto_map", "architectures", "model_type", "version", "mm_use_im_start_end",
-    "rope_theta", "rope_scaling", "transformers_version", "torch_dtype",
+    "query_num",
+    "image_size",
+    "patch_size",
+    "drop_vision_last_layer",
+    "batch_vision_input",
+    "slice_mode",
+    "slice_config",
+    "vision_config",
+    "auto_map",
+    "architectures",
+    "model_type",
+    "version",
+    "mm_use_im_start_end",
+    "rope_theta",
+    "rope_scaling",
+    "transformers_version",
+    "torch_dtype",
 }

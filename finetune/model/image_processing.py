@@ -8,8 +8,8 @@ Everything here is a pure function of its inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,9 @@ def ensure_divide(length: float, multiple: int) -> int:
     return max(round(length / multiple) * multiple, multiple)
 
 
-def best_resize(size: tuple[float, float], scale_resolution: int, patch_size: int, allow_upscale: bool) -> tuple[int, int]:
+def best_resize(
+    size: tuple[float, float], scale_resolution: int, patch_size: int, allow_upscale: bool
+) -> tuple[int, int]:
     width, height = size
     if width * height > scale_resolution * scale_resolution or allow_upscale:
         aspect = width / height
@@ -122,7 +124,9 @@ def _refined(image: Image.Image, plan: SliceGrid) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def view_strips(image: Image.Image, settings: SliceSettings, plan: SliceGrid | None = None) -> tuple[list[torch.Tensor], SliceGrid]:
+def view_strips(
+    image: Image.Image, settings: SliceSettings, plan: SliceGrid | None = None
+) -> tuple[list[torch.Tensor], SliceGrid]:
     """The uint8 [3, p, L*p] strips of all views of `image` (what `uint8_patch_strip` gives for each view of
     `slice_image`, bit for bit) without the PIL crops: the grid's strips come from one pass over each colour
     plane of the refined image (see `grid_strips`). `plan`: the image's `plan_slices`, when already made."""
@@ -153,11 +157,15 @@ def grid_strips(image: Image.Image, grid: tuple[int, int], patch_size: int) -> l
     width, height = image.size
     cell_w, cell_h = width // cols, height // rows
     if cell_w * cols != width or cell_h * rows != height or cell_w % patch_size or cell_h % patch_size:
-        raise ValueError(f"a {width}x{height} image does not split into {cols}x{rows} cells of whole {patch_size} px patches")
+        raise ValueError(
+            f"a {width}x{height} image does not split into {cols}x{rows} cells of whole {patch_size} px patches"
+        )
     patch_rows = cell_h // patch_size
     strips = np.empty((rows, cols, 3, patch_size, patch_rows, cell_w), dtype=np.uint8)
     for channel, band in enumerate("RGB"):
-        plane = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(rows, patch_rows, patch_size, cols, cell_w)
+        plane = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8).reshape(
+            rows, patch_rows, patch_size, cols, cell_w
+        )
         # [grid row, patch row r, row in patch i, grid col, x] -> [grid row, grid col, i, r, x]
         strips[:, :, channel] = plane.transpose(0, 3, 2, 1, 4)
     return [torch.from_numpy(cell) for cell in strips.reshape(rows * cols, 3, patch_size, patch_rows * cell_w)]
@@ -195,7 +203,9 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32).div_(255.0).sub_(IMAGE_MEAN[0]).div_(IMAGE_STD[0])
 
 
-def image_views(image: Image.Image, settings: SliceSettings, normalize: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, SliceGrid]:
+def image_views(
+    image: Image.Image, settings: SliceSettings, normalize: bool = True
+) -> tuple[list[torch.Tensor], torch.Tensor, SliceGrid]:
     """Everything the model needs from one image: pixel strips [3, p, L*p] (float32 normalised, or uint8 with
     normalize=False; the model accepts both), tgt_sizes [n, 2] (h, w), and the grid."""
     strips, plan = view_strips(image, settings)

@@ -48,7 +48,9 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
     # transformers' module of that LLM (a module-level function the attention calls); RMSNorm and the MLP are
     # patched on this instance's modules. The LLM's own loss is not used by our forward.
     patch = getattr(liger_kernel.transformers, version_of(native.config).liger_kernel_patch)
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm)
+    patch(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm
+    )
     native.configure_runtime(loss_kernel="liger" if fused_loss else "chunked")
 
 

@@ -16,7 +16,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def looks_like_hub_id(text: str) -> bool:
-    """"org/name" and nothing path-like: absolute, relative ("./", "../", "~") or deeper paths are local paths."""
+    """ "org/name" and nothing path-like: absolute, relative ("./", "../", "~") or deeper paths are local paths."""
     return not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 

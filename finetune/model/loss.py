@@ -85,6 +85,8 @@ def _fused_loss(states: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module)
         return states.sum().float() * 0
     weight = lm_head.weight
     # Under autocast lm_head would run in the autocast dtype; the kernel runs in its inputs' dtype: match it.
-    dtype = torch.get_autocast_dtype(states.device.type) if torch.is_autocast_enabled(states.device.type) else weight.dtype
+    dtype = (
+        torch.get_autocast_dtype(states.device.type) if torch.is_autocast_enabled(states.device.type) else weight.dtype
+    )
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight.to(dtype), states.to(dtype), targets)
     return loss.float()

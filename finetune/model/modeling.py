@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,11 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             validate_checkpoint_dir(pretrained_model_name_or_path, cls, kwargs.get("config"))
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, info[kind]))[:5]}" for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+        problems = [
+            f"{kind.replace('_', ' ')}: {sorted(map(str, info[kind]))[:5]}"
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info.get(kind)
+        ]
         if problems:
             raise CheckpointError(f"{pretrained_model_name_or_path}: " + "; ".join(problems))
         return (model, info) if wants_info else model
@@ -128,7 +133,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         ~2000 modules of the full-size model with LoRA through Module.__setattr__: 4.2 ms of host time on a
         2-vCPU host, while the GPU waits for the step's first kernel. Reading the flags takes 1.5 ms. A module
         with its own `train` (PEFT's DoRA layers clear a cache there) always gets the call."""
-        if mode is self.training and all(m.training is mode and type(m).train in _PLAIN_TRAIN for m in self.modules() if m is not self):
+        if mode is self.training and all(
+            m.training is mode and type(m).train in _PLAIN_TRAIN for m in self.modules() if m is not self
+        ):
             return self
         return super().train(mode)
 
@@ -178,7 +185,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         patch = self.config.patch_size
         return view if view.shape[1] == patch else to_patch_strip(view, patch)
 
-    def vision_features(self, pixel_values: list[list[torch.Tensor]], tgt_sizes: Sequence[Any] | torch.Tensor) -> list[torch.Tensor]:
+    def vision_features(
+        self, pixel_values: list[list[torch.Tensor]], tgt_sizes: Sequence[Any] | torch.Tensor
+    ) -> list[torch.Tensor]:
         """Per sample, [n_views, query_num, hidden]; an empty tensor for a sample without images.
 
         Views and sizes are matched as the published `get_vllm_embedding` matches them: the views of all samples,
@@ -233,7 +242,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         keep = patch_mask.reshape(len(batch), -1)
         lengths = keep.sum(1)
         cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        packed = self.vpm.encoder(inputs_embeds=hidden[keep][None], attention_mask=Segments(cu_seq_lens, int(lengths.max()))).last_hidden_state
+        packed = self.vpm.encoder(
+            inputs_embeds=hidden[keep][None], attention_mask=Segments(cu_seq_lens, int(lengths.max()))
+        ).last_hidden_state
         packed = self.vpm.post_layernorm(packed)
         return packed.new_zeros(hidden.shape).masked_scatter(keep[..., None], packed[0])
 
@@ -329,7 +340,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         inputs_embeds, _ = self.get_vllm_embedding(data)
         position_ids = data.get("position_ids")
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).expand(inputs_embeds.shape[0], -1)
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).expand(
+                inputs_embeds.shape[0], -1
+            )
         if self.config._attn_implementation == VARLEN:  # each sample of a packed row attended on its own
             kwargs.update(varlen_kwargs(position_ids, kwargs.get("attention_mask")))
         if labels is None or return_logits:
@@ -385,7 +398,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         with warnings.catch_warnings():
             # Generating from embeddings alone, the repetition penalty sees only the new tokens: so did the
             # published chat(), whose sampling default (1.05) would otherwise print this in every answer.
-            warnings.filterwarnings("ignore", message=r"Passing `repetition_penalty` with `inputs_embeds`", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"Passing `repetition_penalty` with `inputs_embeds`", category=UserWarning
+            )
             output = self.llm.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
@@ -398,7 +413,12 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         return tokenizer.decode(output[0], skip_special_tokens=True).strip()
 
     def prepare_inputs(
-        self, prompt: str, images: list[Image.Image], tokenizer, max_length: int | None = None, tokens: SpecialTokens | None = None
+        self,
+        prompt: str,
+        images: list[Image.Image],
+        tokenizer,
+        max_length: int | None = None,
+        tokens: SpecialTokens | None = None,
     ) -> dict:
         """The published processor: replace each marker with its image's placeholder, tokenize, find bounds."""
         settings = self.config.slice_settings
@@ -407,7 +427,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if len(pieces) - 1 != len(images):
             raise ValueError(f"prompt has {len(pieces) - 1} image markers but {len(images)} images were given")
         text, pixel_values, sizes = pieces[0], [], []
-        for image, rest in zip(images, pieces[1:]):
+        for image, rest in zip(images, pieces[1:], strict=True):
             strips, tgt, plan = image_views(image, settings)
             pixel_values += strips
             sizes.append(tgt)

@@ -7,7 +7,7 @@ number of loss chunks follow from these two questions.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -15,7 +15,11 @@ from torch import nn
 
 def is_distributed() -> bool:
     """Whether this process is one of several ranks of an initialised process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def is_zero3_partitioned(parameters: Iterable[nn.Parameter]) -> bool:

@@ -39,7 +39,9 @@ class ResamplerAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
         """query [N, Q, D], key/value [N, L, D], key_mask [N, L] (True = attend) -> [N, Q, D]."""
         batch, heads, head_dim = query.shape[0], self.num_heads, self.embed_dim // self.num_heads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)

@@ -41,7 +41,11 @@ class RuntimeOptions:
     vision_residual_in_autocast_dtype: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
+        if (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 1
+        ):
             raise ValueError(f"loss_chunk_size must be a positive int, got {self.loss_chunk_size!r}")
         if self.loss_kernel not in LOSS_KERNELS:
             raise ValueError(f"loss_kernel must be one of {LOSS_KERNELS}, got {self.loss_kernel!r}")

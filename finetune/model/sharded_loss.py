@@ -178,7 +178,7 @@ def _plan(targets: torch.Tensor, group) -> _Plan:
     padded[: len(targets)] = targets
     all_targets = _all_gather(padded, group)
     offsets = [sum(counts[:peer]) for peer in range(len(counts))]
-    concatenated = torch.cat([t[:count] for t, count in zip(all_targets, counts)])
+    concatenated = torch.cat([t[:count] for t, count in zip(all_targets, counts, strict=True)])
     return _Plan(rank=dist.get_rank(group), counts=counts, offsets=offsets, targets=concatenated)
 
 

@@ -64,7 +64,7 @@ class SpecialTokens:
     slice_end: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer) -> SpecialTokens:
         vocab = tokenizer.get_vocab()
 
         def required(token: str) -> int:

@@ -7,8 +7,9 @@ names and shapes), called from `MiniCPMV.vision_features`; the resampler is `res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import accumulate
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,12 +49,14 @@ class ZeroGradients(torch.autograd.Function):
             groups.setdefault((dtype, device), []).append(index)
         for (dtype, device), indices in groups.items():
             sizes = [ctx.kinds[i][0].numel() for i in indices]
-            for i, flat in zip(indices, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes)):
+            for i, flat in zip(indices, torch.zeros(sum(sizes), dtype=dtype, device=device).split(sizes), strict=True):
                 grads[i] = flat.view(ctx.kinds[i][0])
         return tuple(grads)
 
 
-def view_sizes(tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[int], views_per_sample: Sequence[int]) -> torch.Tensor:
+def view_sizes(
+    tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[int], views_per_sample: Sequence[int]
+) -> torch.Tensor:
     """The (h, w) of every view of a call, [n_views, 2], as the published `get_vllm_embedding` reads tgt_sizes.
 
     The published code stacks the entries of `data["tgt_sizes"]` that are tensors, in order, and gives row j to
@@ -64,7 +67,9 @@ def view_sizes(tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[i
     and the views differ in number, or when a row's h * w is not its view's patch count.
     """
     entries = [tgt_sizes] if torch.is_tensor(tgt_sizes) else [entry for entry in tgt_sizes if entry is not None]
-    rows = [torch.as_tensor(entry, dtype=torch.int64).reshape(-1, 2) for entry in entries]  # int, as published casts them
+    rows = [
+        torch.as_tensor(entry, dtype=torch.int64).reshape(-1, 2) for entry in entries
+    ]  # int, as published casts them
     rows = [row for row in rows if len(row)]  # (an empty `[]` is made on the host, beside rows on the device)
     # On the host: the checks below read every row, and so does the resampler (its position table). Training
     # moves tgt_sizes to the device; one copy back is the call's only device sync for them.
@@ -75,7 +80,7 @@ def view_sizes(tgt_sizes: Sequence[Any] | torch.Tensor, view_patches: Sequence[i
             f"give {len(sizes)} sizes; the concatenated tgt_sizes are assigned to the views in order, so the counts must agree"
         )
     starts = [0, *accumulate(views_per_sample)]
-    for index, ((h, w), patches) in enumerate(zip(sizes.tolist(), view_patches)):
+    for index, ((h, w), patches) in enumerate(zip(sizes.tolist(), view_patches, strict=True)):
         if h * w != patches:
             sample = next(i for i in range(len(views_per_sample)) if index < starts[i + 1])
             raise ValueError(

@@ -247,10 +247,14 @@ def write_published_shards(src_dir: str | Path, out_dir: str | Path, num_shards:
     # Contiguous groups of roughly total / num_shards bytes, none empty.
     groups: list[list[str]] = [[]]
     filled = 0
-    for index, (name, size) in enumerate(zip(names, sizes)):
+    for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
         shards_left = num_shards - len(groups)
         tensors_left = len(names) - index
-        if groups[-1] and shards_left > 0 and (filled >= total * len(groups) / num_shards or tensors_left <= shards_left):
+        if (
+            groups[-1]
+            and shards_left > 0
+            and (filled >= total * len(groups) / num_shards or tensors_left <= shards_left)
+        ):
             groups.append([])
         groups[-1].append(name)
         filled += size

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from finetune.demo_data import demo_corpus
 from finetune.model.tokenization import MiniCPMVTokenizerFast
@@ -34,9 +34,7 @@ SPECIAL_TOKENS: tuple[str, ...] = tuple(
 BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "<unk>", "!"
 
 # Llama-3's pre-tokenizer split (tokenizer.json of Meta-Llama-3-8B), followed by byte-level mapping.
-LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -46,7 +44,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map; its iteration order gives "!" first (id 0 in Llama-3)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -54,7 +54,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def _pre_tokenizer():
@@ -81,7 +81,7 @@ def train_bpe_merges(corpus: Iterable[str], vocab: dict[str, int], max_vocab: in
     while len(vocab) < max_vocab:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in words:
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break
@@ -116,11 +116,16 @@ def build_backend_tokenizer(corpus: list[str] | None = None, vocab_size: int = 1
         corpus = demo_corpus()
     vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}
     merges = train_bpe_merges(corpus, vocab, vocab_size - len(SPECIAL_TOKENS))
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, ignore_merges=True, fuse_unk=False, byte_fallback=False)
+    )
     tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
     tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False) for t in SPECIAL_TOKENS]
+        [
+            AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+            for t in SPECIAL_TOKENS
+        ]
     )
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     if bos_id != len(vocab):
@@ -164,7 +169,9 @@ def build_tokenizer(
         # whenever config.json sits next to the tokenizer; with it, `import finetune` gives MiniCPMVTokenizerFast
         # (the hub code it names is absent: loading without trust_remote_code uses the native class).
         "auto_map": {"AutoTokenizer": ["tokenization_minicpmv_fast.MiniCPMVTokenizerFast", None]},
-        "added_tokens_decoder": {str(base + k): dict(_token_entry(t), special=True) for k, t in enumerate(SPECIAL_TOKENS)},
+        "added_tokens_decoder": {
+            str(base + k): dict(_token_entry(t), special=True) for k, t in enumerate(SPECIAL_TOKENS)
+        },
         "bos_token": BOS_TOKEN,
         "chat_template": CHAT_TEMPLATE,
         # The published file says True; transformers 5 ignores it for BPE anyway, and False keeps decode exact.
