@@ -24,8 +24,7 @@ CHECKPOINT = os.path.join(ROOT, "tests", "golden_tiny", "checkpoint")
 
 
 def conv(*turns):
-    roles = ["user", "assistant"] * len(turns)
-    return [{"role": r, "content": c} for r, c in zip(roles, turns, strict=True)]
+    return [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(turns)]
 
 
 def make_image(folder, name, size):

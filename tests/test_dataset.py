@@ -85,8 +85,7 @@ def write_jsonl(folder, samples, name="data.jsonl"):
 
 
 def conv(*turns):
-    roles = ["user", "assistant"] * len(turns)
-    return [{"role": r, "content": c} for r, c in zip(roles, turns, strict=True)]
+    return [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(turns)]
 
 
 def labeled_text(tokenizer, item):
