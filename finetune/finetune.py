@@ -40,12 +40,11 @@ def _become_the_package() -> None:
         raise
 
 
-if __name__ == "finetune":  # imported as a top-level module through the current directory, not run
+# Imported as a top-level module through the current directory; or run as a script (`torchrun finetune/finetune.py`,
+# finetune/ first on sys.path), where `import finetune` would find this file too: either way the package of this
+# file's folder is what `finetune` means from here on, installed or not.
+if __name__ == "finetune" or (__package__ in (None, "") and "finetune" not in sys.modules):
     _become_the_package()
-elif __package__ in (None, ""):
-    # `torchrun finetune/finetune.py` runs this file as a script, with finetune/ itself first on sys.path, where
-    # `import finetune` would find this file instead of the package: the package's parent comes first.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.arguments import UsageError  # noqa: E402
 from finetune.distributed import stop_with_launcher  # noqa: E402

@@ -22,10 +22,6 @@ import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transformers
 from transformers import HfArgumentParser

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -78,6 +79,13 @@ def test_installed_project_imports_from_any_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(ROOT / "finetune" / "__init__.py")
+    # The commands pyproject.toml declares are installed, and each answers --help from elsewhere.
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"minicpmv-finetune", "minicpmv-merge", "minicpmv-check-data"} <= set(scripts)
+    for name in scripts:
+        command = subprocess.run([str(venv / "bin" / name), "--help"], capture_output=True, text=True, timeout=300,
+                                 cwd=elsewhere, env=clean_env())  # fmt: skip
+        assert command.returncode == 0 and "usage" in command.stdout.lower(), f"{name}: {command.stderr[-2000:]}"
 
 
 # --- 2. the adapter snippet: from finetune/, the repository root, anywhere once installed ------------------------------
