@@ -386,7 +386,12 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tra
     return tuple(parsed)
 
 
+# Set by the launchers for torchrun's workers once `finetune.py --preflight` has parsed the same command line.
+PREFLIGHT_DONE_ENV = "FINETUNE_PREFLIGHT_DONE"
+
+
 def _rank0_notice(message: str) -> None:
-    """Printed by one process of a run (the first, or a plain one), on stderr beside the launcher's own lines."""
-    if os.environ.get("RANK", "0") == "0":
+    """Printed by one process of a run (the first, or a plain one), on stderr beside the launcher's own lines;
+    not by the workers of a launch whose preflight printed it already."""
+    if os.environ.get("RANK", "0") == "0" and os.environ.get(PREFLIGHT_DONE_ENV) != "1":
         print(message, file=sys.stderr, flush=True)

@@ -63,6 +63,16 @@ if [ -n "$DS_CONFIG" ]; then
     fi
 fi
 
+# The planner and the preflight run on torchrun's own Python (the venv it belongs to), unless PYTHON names one.
+if [ -z "${PYTHON:-}" ]; then
+    TORCHRUN_PATH=$(command -v torchrun || true)
+    if [ -n "$TORCHRUN_PATH" ] && [ -x "$(dirname "$TORCHRUN_PATH")/python" ]; then
+        PYTHON="$(dirname "$TORCHRUN_PATH")/python"
+    else
+        PYTHON=python3
+    fi
+fi
+
 # AUTO=1: settings from the memory planner (python -m finetune.plan) for these GPUs; its flags go before the
 # user's own arguments, so flags given on the command line still win. GPU_MEM (GiB per GPU) overrides the
 # nvidia-smi reading; PLAN_OPTS passes more planner options (e.g. PLAN_OPTS="--q_lora --target-global-batch 32").
@@ -73,7 +83,7 @@ if [ "${AUTO:-0}" = "1" ]; then
         GPU_MEM=$(awk "BEGIN { print $GPU_MIB / 1024 }")
     fi
     # shellcheck disable=SC2086  # PLAN_OPTS is a list of words on purpose
-    PLAN_FLAGS=$(cd "$HERE/.." && ${PYTHON:-python3} -m finetune.plan --emit-args --gpus "$GPUS_PER_NODE" \
+    PLAN_FLAGS=$(cd "$HERE/.." && "$PYTHON" -m finetune.plan --emit-args --gpus "$GPUS_PER_NODE" \
         --gpu-mem "$GPU_MEM" --tune-vision "${TUNE_VISION:-true}" ${PLAN_OPTS:-}) || exit $?
     echo "[auto] $PLAN_FLAGS"
     eval "set -- $PLAN_FLAGS \"\$@\""
@@ -110,7 +120,8 @@ set -- \
 # directory; no weights, no process group), so that a mistake ends here in one line within seconds, not under
 # torchrun's traceback. PREFLIGHT=0 skips it.
 if [ "${PREFLIGHT:-1}" != "0" ]; then
-    FINETUNE_WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) ${PYTHON:-python3} "$HERE/finetune.py" --preflight "$@" || exit $?
+    FINETUNE_WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) "$PYTHON" "$HERE/finetune.py" --preflight "$@" || exit $?
+    export FINETUNE_PREFLIGHT_DONE=1  # the workers do not repeat the preflight's notices
 fi
 
 echo "[launch] model=$MODEL data=$DATA nodes=$NNODES x $GPUS_PER_NODE processes (rendezvous: $RENDEZVOUS) -> $OUTPUT_DIR"
