@@ -46,6 +46,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
+class FlagParser(ArgumentParser):
+    """An ArgumentParser whose long options take both spellings, `--gpu-mem` and `--gpu_mem` (finetune.py's flags
+    are underscored, the planner's and the tuner's were dashed: either works for every one of them)."""
+
+    def add_argument(self, *names, **kwargs):
+        spellings: list[str] = []
+        for name in names:
+            variants = [name]
+            if name.startswith("--"):
+                variants += ["--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")]
+            spellings += [v for v in variants if v not in spellings]
+        return super().add_argument(*spellings, **kwargs)
+
+
 def model_dir_problem(path: str, weights: bool = True) -> str | None:
     """What is wrong with `path` as a model (a hub id or a checkpoint directory), or None. A local directory must
     hold config.json (and, with `weights`, exactly the native model's tensors); anything that is neither an

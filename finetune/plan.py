@@ -48,7 +48,7 @@ from pathlib import Path
 
 from transformers.hf_argparser import string_to_bool
 
-from finetune.cli import ArgumentParser
+from finetune.cli import FlagParser
 
 GiB = 1024**3
 HERE = Path(__file__).resolve().parent
@@ -63,20 +63,6 @@ CALIBRATION_FILE = HERE / "plan_calibration.json"  # the measured peaks the cons
 LOSS_CHUNK = 2048  # finetune.py's --loss_chunk_size default (label_position_loss's chunk)
 SMALL_LOSS_CHUNK = 512  # the memory lever: 1.8 GiB less at 2048 labels; same FLOPs, four lm_head calls instead of one
 OPTIM_8BIT = "adamw_bnb_8bit"  # transformers' name for bitsandbytes' AdamW with 8-bit states
-
-
-class FlagParser(ArgumentParser):
-    """An ArgumentParser whose long options take both spellings, `--gpu-mem` and `--gpu_mem` (finetune.py's flags
-    are underscored, the planner's and the tuner's were dashed: either works for every one of them)."""
-
-    def add_argument(self, *names, **kwargs):
-        spellings: list[str] = []
-        for name in names:
-            variants = [name]
-            if name.startswith("--"):
-                variants += ["--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")]
-            spellings += [v for v in variants if v not in spellings]
-        return super().add_argument(*spellings, **kwargs)
 
 
 def bitsandbytes_installed() -> bool:

@@ -34,6 +34,7 @@ from finetune.arguments import (
     UsageError,
     check_arguments,
 )
+from finetune.cli import FlagParser
 from finetune.data_setup import build_datasets
 from finetune.dataset import DataCollator
 from finetune.model.tokenization import SpecialTokens
@@ -42,7 +43,6 @@ from finetune.model_setup import (
     load_model_and_tokenizer,
     set_trainable_precision,
 )
-from finetune.plan import FlagParser
 from finetune.trainer import MiniCPMVTrainer
 
 RANKS = (8, 16, 32, 64)
