@@ -277,6 +277,13 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
             f"--model {model_dir}: model_type {config.get('model_type')!r} version {version}: GGUF export is "
             f"implemented for MiniCPM-Llama3-V-2.5 only (model_type 'minicpmv', version {SUPPORTED_MODEL_VERSION})"
         )
+    if config.get("rope_scaling"):
+        raise GGUFExportError(
+            f"--model {model_dir}: config.json has rope_scaling {config['rope_scaling']}; 2.5 has none"
+        )
+    vision_act = (config.get("vision_config") or {}).get("hidden_act", "gelu_pytorch_tanh")
+    if "gelu" not in vision_act:
+        raise GGUFExportError(f"--model {model_dir}: vision hidden_act {vision_act!r}; llama.cpp's MiniCPM-V uses gelu")
     if not (directory / "tokenizer.json").is_file():
         raise GGUFExportError(f"--model {model_dir}: no tokenizer.json (the GGUF file carries the tokenizer)")
     try:
@@ -346,8 +353,6 @@ def add_llm_metadata(writer, gguf, checkpoint: Checkpoint, file_type: Any) -> No
     config = checkpoint.config
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    if config.get("rope_scaling"):
-        raise GGUFExportError(f"--model: config.json has rope_scaling {config['rope_scaling']}; 2.5 has none")
     writer.add_name(f"MiniCPM-Llama3-V-2.5 LLM ({checkpoint.directory.name})")
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -394,8 +399,6 @@ def add_mmproj_metadata(writer, checkpoint: Checkpoint) -> None:
 
     config = checkpoint.config
     vision = vision_config_from(config.get("vision_config"))
-    if "gelu" not in vision.hidden_act:
-        raise GGUFExportError(f"--model: vision hidden_act {vision.hidden_act!r}; llama.cpp's MiniCPM-V uses gelu")
     settings = slice_settings_from_config(MiniCPMVConfig.from_dict(config))
     preprocessor = checkpoint.read_json("preprocessor_config.json")
     layers_used = vision.num_hidden_layers - bool(config.get("drop_vision_last_layer"))
