@@ -7,8 +7,10 @@ The output is in the PUBLISHED layout: `model-0000k-of-0000n.safetensors` + `mod
 (tensor names as the hub's checkpoint: `llm.*`, `vpm.*`, `resampler.*`), config.json written by the model's
 save_pretrained (model_type minicpmv, rope_theta at top level, the hub's auto_map), and the tokenizer,
 preprocessor and generation files copied byte for byte from the adapter directory (the trainer copied them from
-the base there) or else from the base. Load it with `AutoModel.from_pretrained(out)` after `import finetune`
-(native class), or with trust_remote_code and the hub's code files copied in.
+the base there) or else from the base, and the project's model code as the checkpoint's own remote code
+(finetune.self_contained). Load it with `AutoModel.from_pretrained(out, trust_remote_code=True)` and
+`AutoTokenizer.from_pretrained(out, trust_remote_code=True)` anywhere transformers 5 is installed, this project
+not needed; or with `AutoModel.from_pretrained(out)` after `import finetune` (the native class).
 
 Order of work, so that a mistake costs nothing:
 1. check the base directory (headers only) and the adapter against it: every target module exists, every
@@ -41,6 +43,8 @@ from finetune.cli import ArgumentParser
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.loading import DTYPES, looks_like_hub_id
 from finetune.model.modeling import MiniCPMV
+from finetune.model.tokenization import MiniCPMVTokenizerFast
+from finetune.self_contained import ModelCodeError, make_self_contained
 from finetune.trainer import PASSTHROUGH_FILES  # files inference needs beside the weights, copied verbatim
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -63,19 +67,19 @@ class AdapterCheck:
 # --- checks (headers only: no weights loaded) --------------------------------------------------------------------
 
 
-def resolve_base(base: str) -> Path:
-    """A local checkpoint directory, or a hub id resolved through the local cache / a download."""
+def resolve_base(base: str, flag: str = "--base") -> Path:
+    """A local checkpoint directory, or a hub id resolved through the local cache / a download; errors name `flag`."""
     path = Path(base)
     if path.is_dir():
         return path
     if not looks_like_hub_id(base):
-        raise MergeError(f"--base {base}: no such directory")
+        raise MergeError(f"{flag} {base}: no such directory")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(base))
     except Exception as error:  # offline, unknown id, ...
-        raise MergeError(f"--base {base}: not a local directory and not downloadable ({error})") from error
+        raise MergeError(f"{flag} {base}: not a local directory and not downloadable ({error})") from error
 
 
 def _linear_shapes(base_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -253,35 +257,39 @@ def notice(message: str) -> None:
     print(f"finetune.merge: notice: {message}", file=sys.stderr)
 
 
-def prepare_output(out: str | Path, overwrite: bool, base_dir: Path, adapter_dir: Path) -> Path:
-    """Refuse an OUT whose replacement would destroy what was not a merge's output; returns the temporary
-    directory to write into.
+def prepare_output(
+    out: str | Path, overwrite: bool, inputs: dict[str, Path], out_flag: str = "--out", what: str = "merge"
+) -> Path:
+    """Refuse an OUT whose replacement would destroy what was not a merge's (or export's) output; returns the
+    temporary directory to write into. `inputs` are the directories read, by their flags.
 
-    Refused: a file; the base or the adapter directory itself, or a directory containing either (paths compared
-    resolved, so `a/../adapter` and links count); with --overwrite also a directory inside either (it would
+    Refused: a file; an input directory itself (the base, the adapter), or a directory containing one (paths
+    compared resolved, so `a/../adapter` and links count); with --overwrite also a directory inside one (it would
     replace part of it: a checkpoint-N, say); an existing non-empty directory without --overwrite; and with
     --overwrite one that does not look like a model (config.json and *.safetensors), whose files are not ours to
     delete. A new or empty directory inside the adapter directory is fine without --overwrite.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise MergeError(f"--out {out}: exists and is not a directory")
+        raise MergeError(f"{out_flag} {out}: exists and is not a directory")
     resolved = out.resolve()
-    for flag, protected in (("--base", base_dir), ("--adapter", adapter_dir)):
+    for flag, protected in inputs.items():
         protected_resolved = Path(protected).resolve()
         if resolved == protected_resolved:
-            raise MergeError(f"--out {out} is the {flag} directory: the merge would replace it; choose another --out")
+            raise MergeError(
+                f"{out_flag} {out} is the {flag} directory: the {what} would replace it; choose another {out_flag}"
+            )
         if protected_resolved.is_relative_to(resolved):
             raise MergeError(
-                f"--out {out} contains the {flag} directory {protected}: the merge would replace it; choose another --out"
+                f"{out_flag} {out} contains the {flag} directory {protected}: the {what} would replace it; choose another {out_flag}"
             )
         if overwrite and resolved.is_relative_to(protected_resolved):
             raise MergeError(
-                f"--out {out} is inside the {flag} directory {protected}: --overwrite would replace part of it; choose another --out"
+                f"{out_flag} {out} is inside the {flag} directory {protected}: --overwrite would replace part of it; choose another {out_flag}"
             )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise MergeError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+            raise MergeError(f"{out_flag} {out}: exists and is not empty (pass --overwrite to replace it)")
         missing = [
             name
             for name, found in (
@@ -292,15 +300,15 @@ def prepare_output(out: str | Path, overwrite: bool, base_dir: Path, adapter_dir
         ]
         if missing:
             raise MergeError(
-                f"--out {out}: exists and does not look like a model (no {', no '.join(missing)}): not deleting it, even with --overwrite"
+                f"{out_flag} {out}: exists and does not look like a model (no {', no '.join(missing)}): not deleting it, even with --overwrite"
             )
     return out.with_name(f"{out.name}.tmp-{os.getpid()}")
 
 
 def remove_leftovers(out: Path) -> None:
-    """Remove the `OUT.tmp-<pid>` / `OUT.old-<pid>` directories that an interrupted merge into OUT left beside it,
-    each with a one-line notice, when their process has ended; one whose process still runs (a merge in progress)
-    is left alone and reported. This process's own are leftovers too: its merges never overlap."""
+    """Remove the `OUT.tmp-<pid>` / `OUT.old-<pid>` directories that an interrupted merge (or export) into OUT left
+    beside it, each with a one-line notice, when their process has ended; one whose process still runs (a merge in
+    progress) is left alone and reported. This process's own are leftovers too: its merges never overlap."""
     pattern = re.compile(rf"{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
     if not out.parent.is_dir():
         return
@@ -400,7 +408,7 @@ def merge(
     check_adapter(base_dir, adapter_dir)
     check_base_identity(base_dir, adapter_dir)
     check_tokenizer_files(base_dir, adapter_dir)
-    tmp = prepare_output(out, overwrite, base_dir, adapter_dir)
+    tmp = prepare_output(out, overwrite, {"--base": base_dir, "--adapter": adapter_dir})
     remove_leftovers(out)
 
     model = AutoModel.from_pretrained(base_dir, dtype=DTYPES[dtype], device_map=device if device != "cpu" else None)
@@ -414,6 +422,7 @@ def merge(
         if (tmp / "model.safetensors").is_file():  # one shard: still the published sharded layout
             _single_to_index(tmp)
         copy_passthrough_files(adapter_dir, base_dir, tmp)
+        make_self_contained(tmp, type(model.config), type(model), MiniCPMVTokenizerFast)
         validate_checkpoint_dir(tmp, MiniCPMV)
         _give_normal_modes(tmp)
         _finish(tmp, out)
@@ -468,7 +477,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = merge(args.base, args.adapter, args.out, args.dtype, args.max_shard_size, args.device, args.overwrite)
-    except (MergeError, CheckpointError) as error:
+    except (MergeError, CheckpointError, ModelCodeError) as error:
         print(f"finetune.merge: error: {error}", file=sys.stderr)
         return 2
     print(f"[merge] merged model written to {out.resolve()}")
