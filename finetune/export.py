@@ -1,6 +1,7 @@
 """Export a MiniCPM-V checkpoint for use outside this project.
 
     python -m finetune.export --model BASE_DIR --output OUT_DIR [--overwrite]
+    python -m finetune.export --gguf --model MERGED_DIR --output GGUF_DIR [--type f16|q8_0] [--overwrite]
 
 Formats (one per export; a flag each in the `format` group, the function that writes it in FORMATS):
 - `--self_contained` (the default): the checkpoint unchanged -- weights, config.json, tokenizer, preprocessor and
@@ -9,8 +10,10 @@ Formats (one per export; a flag each in the `format` group, the function that wr
   missing). It loads with `AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)` and
   `AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)` wherever transformers 5 is installed, this
   project not needed. (A merged model from `python -m finetune.merge` is written this way already.)
+- `--gguf`: the two files llama.cpp runs MiniCPM-Llama3-V-2.5 from, the language model (`--type`: f16 or q8_0) and
+  the vision projector (finetune.gguf_export, which states the layout); MERGED_DIR is a merged or base checkpoint.
 
-The model directory is checked first (finetune.model.checkpoint: every tensor present with its shape), and the
+For the self-contained format the model directory is checked first (finetune.model.checkpoint: every tensor present with its shape), and the
 output is written as merge writes it: into `OUT_DIR.tmp-<pid>`, renamed at the end; an existing non-empty
 OUT_DIR needs --overwrite and must look like a model.
 """
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.cli import ArgumentParser
+from finetune.gguf_export import QUANT_TYPES, GGUFExportError, export_gguf
 from finetune.merge import MergeError, _finish, _give_normal_modes, prepare_output, remove_leftovers, resolve_base
 from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
 from finetune.model.modeling import MiniCPMV
@@ -84,12 +88,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="(default) the checkpoint with the model code as its remote code: loads with trust_remote_code=True, "
         "no need for this project",
     )
+    formats.add_argument(
+        "--gguf",
+        dest="format",
+        action="store_const",
+        const="gguf",
+        help="the language model and the vision projector as GGUF files for llama.cpp (needs `pip install gguf`)",
+    )
+    parser.add_argument("--type", default="f16", help=f"with --gguf, the LLM's weights: {', '.join(QUANT_TYPES)}")
     parser.set_defaults(format="self_contained")
     return parser
 
 
+def gguf_cli(args: argparse.Namespace) -> int:
+    """--gguf: the two files, written beside each other in --output (existing ones of this type need --overwrite)."""
+    try:
+        llm_path, mmproj_path = export_gguf(args.model, args.output, args.type, args.overwrite)
+    except GGUFExportError as error:
+        print(f"finetune.export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"[export] gguf language model: {llm_path.resolve()}")
+    print(f"[export] gguf vision projector: {mmproj_path.resolve()}")
+    print(
+        f"[export] run it: llama-mtmd-cli -m {llm_path} --mmproj {mmproj_path} --image IMAGE -p 'What is in the image?'"
+    )
+    return 0
+
+
 def cli(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.format == "gguf":
+        return gguf_cli(args)
+    if args.type != parser.get_default("type"):
+        parser.error("--type is for --gguf")
     try:
         out = export(args.model, args.output, args)
     except (MergeError, CheckpointError, ModelCodeError) as error:

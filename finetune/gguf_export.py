@@ -1,6 +1,6 @@
 """Export a MiniCPM-Llama3-V-2.5 checkpoint (merged or base) as the two GGUF files llama.cpp runs it from.
 
-    python -m finetune.gguf_export --model merged/ --output gguf/ [--type f16|q8_0] [--overwrite]
+    python -m finetune.export --gguf --model merged/ --output gguf/ [--type f16|q8_0] [--overwrite]
     llama-mtmd-cli -m gguf/model-F16.gguf --mmproj gguf/mmproj-model-f16.gguf --image x.jpg -p "What is this?"
 
 Two files, in the layout llama.cpp's MiniCPM-V 2.5 support reads (its conversion scripts for Llama and for the
@@ -32,15 +32,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from finetune.cli import ArgumentParser
 
 LLM_ARCH = "llama"
 CLIP_ARCH = "clip"
@@ -543,34 +540,3 @@ def export_gguf(
         for tmp in written:
             tmp.unlink(missing_ok=True)
     return llm_path, mmproj_path
-
-
-# --- command line ------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m finetune.gguf_export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="merged (python -m finetune.merge) or base model directory")
-    parser.add_argument("--output", required=True, help="directory for model-<TYPE>.gguf and mmproj-model-f16.gguf")
-    parser.add_argument("--type", default="f16", help=f"LLM weights: {', '.join(QUANT_TYPES)} (default f16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing GGUF files of this type")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        llm_path, mmproj_path = export_gguf(args.model, args.output, args.type, args.overwrite)
-    except GGUFExportError as error:
-        print(f"finetune.gguf_export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"[gguf] language model: {llm_path.resolve()}")
-    print(f"[gguf] vision projector: {mmproj_path.resolve()}")
-    print(
-        f"[gguf] run it: llama-mtmd-cli -m {llm_path} --mmproj {mmproj_path} --image IMAGE -p 'What is in the image?'"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""finetune.gguf_export on CPU with the tiny model: the two GGUF files llama.cpp's MiniCPM-V 2.5 support reads.
+"""finetune.export --gguf (finetune.gguf_export) on CPU with the tiny model: the two GGUF files llama.cpp's MiniCPM-V 2.5 support reads.
 
 The files are read back with the gguf package's reader and compared with the merged checkpoint they came from.
 The layout facts the comparison undoes are llama.cpp's (its conversion scripts for Llama and for the MiniCPM-V
@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 gguf = pytest.importorskip("gguf")
 
-from finetune.gguf_export import GGUFExportError, export_gguf, main  # noqa: E402
+from finetune.export import cli  # noqa: E402
+from finetune.gguf_export import GGUFExportError, export_gguf  # noqa: E402
 from finetune.merge import merge  # noqa: E402
 from finetune.model.resampler import sincos_2d_table  # noqa: E402
 
@@ -284,7 +285,7 @@ def test_q8_0_dequantises_within_q8_0_error(merged, weights, config, tmp_path):
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    code = main(argv)
+    code = cli(["--gguf", *argv])
     return code, capsys.readouterr().err.strip()
 
 
@@ -327,7 +328,7 @@ def test_existing_output_needs_overwrite(merged, exported_f16, capsys):
 def test_command_line_writes_both_files(tiny_model, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "finetune.gguf_export", "--model", str(tiny_model), "--output", str(out)],
+        [sys.executable, "-m", "finetune.export", "--gguf", "--model", str(tiny_model), "--output", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
