@@ -401,8 +401,9 @@ def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
     - the image tags (RESERVED_TAGS): `<image>` is the data format's image marker, and the other three are
       refused by a rule of their own (`_parse_images`), as before;
     - the grounding tags (GROUNDING_TAGS): content, see there.
-    A pad token that is an ordinary character (MiniCPM-Llama3-V-2.5's "!") is no added token, so it stays
-    allowed; one that is a control token (MiniCPM-V 2.6's `<|endoftext|>`) is refused like the others.
+    - the pad token when the tokenizer's own vocabulary (its BPE model) has it as an ordinary token:
+      MiniCPM-Llama3-V-2.5's pad is "!", which transformers registers as an added special token. A pad that is
+      a control token of its own (MiniCPM-V 2.6's `<|endoftext|>`) is refused like the others.
     What is left (2.5: `<|begin_of_text|>`, `<|end_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`,
     `<|eot_id|>`; 2.6: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, `<image_id>`, `</image_id>`; both: `<unk>`
     (the image placeholder), the reserved special tokens) would, written in a turn, start a new role, end a
@@ -413,8 +414,19 @@ def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
         t.content for t in tokenizer.added_tokens_decoder.values() if t.special
     }
     allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS)
+    if _is_ordinary_token(tokenizer, tokenizer.pad_token):
+        allowed.add(tokenizer.pad_token)
     control = sorted((t for t in special if t in added and t not in allowed), key=lambda t: (-len(t), t))
     return re.compile("|".join(map(re.escape, control))) if control else None
+
+
+def _is_ordinary_token(tokenizer, token: str | None) -> bool:
+    """Whether `token` is an entry of the tokenizer's BPE vocabulary itself, not only an added token (a tokenizer
+    without a backend model to ask is taken to have it, as a pad token always was)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if token is None or backend is None:
+        return token is not None
+    return backend.model.token_to_id(token) is not None
 
 
 def _dict_marker(name: str) -> str:
