@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from .minicpm_llama3_v2_5 import MINICPM_LLAMA3_V_2_5, MiniCPMVConfig
-from .minicpm_v2_6 import MINICPM_V_2_6, MiniCPMV26Config
+from .minicpm_v2_6 import MINICPM_V_2_6
+from .minicpm_v2_6 import MiniCPMVConfig as MiniCPMV26Config
 from .model_version import ModelVersion
 
 # Every implemented version by its config.json "version" name, with its config class.
@@ -69,6 +70,6 @@ def version_of(config: Any) -> ModelVersion:
 
 
 __all__ = [
-    "CONFIG_CLASSES", "MINICPM_LLAMA3_V_2_5", "MINICPM_V_2_6", "VERSIONS", "ModelVersion", "UnsupportedVersionError",
+    "CONFIG_CLASSES", "MINICPM_LLAMA3_V_2_5", "MINICPM_V_2_6", "VERSIONS", "MiniCPMV26Config", "MiniCPMVConfig", "ModelVersion", "UnsupportedVersionError",
     "config_class_for", "version_named", "version_of",
 ]  # fmt: skip

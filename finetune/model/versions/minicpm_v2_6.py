@@ -66,8 +66,11 @@ MINICPM_V_2_6 = ModelVersion(
 )
 
 
-class MiniCPMV26Config(MiniCPMVConfigMixin, Qwen2Config):
-    """Config of MiniCPM-V 2.6: a Qwen2 LLM config plus the vision and slicing settings."""
+class MiniCPMVConfig(MiniCPMVConfigMixin, Qwen2Config):
+    """Config of MiniCPM-V 2.6: a Qwen2 LLM config plus the vision and slicing settings. Named as the published
+    config class (every version's is `MiniCPMVConfig`), which is also the name transformers' Auto classes
+    require of a config class mapped to the one model class, `MiniCPMV`; import it as
+    `versions.MiniCPMV26Config`."""
 
     model_type = "minicpmv"
     model_version = MINICPM_V_2_6
