@@ -613,7 +613,7 @@ class ConversationEncoder:
         missing = [token for token in required if token not in vocab]
         if missing:
             raise ValueError(f"tokenizer lacks {', '.join(missing)}: not a MiniCPM-V {self.version.name} tokenizer")
-        self.feature_blocks = [(vocab[start], vocab[end]) for start, end in self.version.feature_blocks]
+        self.feature_blocks = self.tokens.feature_block_ids(self.version)  # (opening ids, closing ids)
         self.unk_token = tokenizer.unk_token or "<unk>"
         self.control_tokens = control_token_pattern(tokenizer)  # refused as text in records (parse_record)
         self.after_turn = self.text_ids(self.template.after_turn)
@@ -664,11 +664,7 @@ class ConversationEncoder:
 
     def image_bounds(self, input_ids: np.ndarray) -> np.ndarray:
         """[n, 2] (start + 1, end) of every image-feature block of the version (`feature_blocks`), in order."""
-        spans = [image_bound_array(input_ids, start, end) for start, end in self.feature_blocks]
-        if len(spans) == 1:
-            return spans[0]
-        bounds = np.concatenate(spans)
-        return bounds[np.argsort(bounds[:, 0], kind="stable")]
+        return image_bound_array(input_ids, *self.feature_blocks)
 
     def message_ids(self, role: str, content: str, images: dict[str, tuple[int, SliceGrid]]) -> list[int]:
         """Header + content (placeholders at their markers) + end of turn for one message.

@@ -118,14 +118,13 @@ _WORKER: dict[str, Any] = {}
 def build_dataset(model: str, settings: DataSettings, split: Split = "train") -> SupervisedDataset:
     """The dataset of one split, with the tokenizer and config of the model directory `model` (built again in
     each worker process where fork is unavailable: tokenizers and datasets do not pickle cheaply)."""
-    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers import AutoTokenizer
 
     import finetune  # noqa: F401  (registers the Auto classes)
-    from finetune.model.versions import config_class_for
+    from finetune.model import MiniCPMVConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model, clean_up_tokenization_spaces=False)
-    config_class = config_class_for(PretrainedConfig.get_config_dict(model)[0])  # the version config.json names
-    config = config_class.from_pretrained(model)
+    config = MiniCPMVConfig.from_pretrained(model)
     return SupervisedDataset(settings, tokenizer, config, split=split)
 
 

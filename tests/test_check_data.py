@@ -232,7 +232,7 @@ def test_main_on_a_2_6_model_shows_the_chatml_text_and_dumps_what_training_feeds
     from transformers import AutoTokenizer
 
     from finetune.dataset import SupervisedDataset
-    from finetune.model.versions.minicpm_v2_6 import MiniCPMV26Config
+    from finetune.model import MiniCPMVConfig
 
     checkpoint = os.path.join(ROOT, "tests", "golden_tiny_v2_6", "checkpoint")
     dump = tmp_path / "dump.pt"
@@ -246,7 +246,7 @@ def test_main_on_a_2_6_model_shows_the_chatml_text_and_dumps_what_training_feeds
     dataset = SupervisedDataset(
         DataSettings(str(good_data)),
         AutoTokenizer.from_pretrained(checkpoint),
-        MiniCPMV26Config.from_pretrained(checkpoint),
+        MiniCPMVConfig.from_pretrained(checkpoint),
     )
     dumped = torch.load(dump, weights_only=False)
     for index in range(3):

@@ -24,10 +24,10 @@ from finetune.dataset import (
     SampleTooLong,
     SupervisedDataset,
 )
+from finetune.model import MiniCPMVConfig
 from finetune.model.image_processing import normalize_pixels, plan_slices
 from finetune.model.tokenization import SpecialTokens
 from finetune.model.versions import MINICPM_V_2_6
-from finetune.model.versions.minicpm_v2_6 import MiniCPMV26Config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_tiny_v2_6")
 CHECKPOINT = os.path.join(GOLDEN, "checkpoint")
@@ -42,7 +42,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def config():
-    return MiniCPMV26Config.from_pretrained(CHECKPOINT)
+    config = MiniCPMVConfig.from_pretrained(CHECKPOINT)  # the class of the version config.json names
+    assert config.model_version is MINICPM_V_2_6
+    return config
 
 
 @pytest.fixture(scope="module")
