@@ -180,6 +180,22 @@ def test_golden_logits_alone(model_v2_6, golden_v2_6_cases, name):
     torch.testing.assert_close(logits, case["logits"], atol=1e-4, rtol=0)
 
 
+def test_text_only_training_runs_the_dummy_image_through_the_grid_tower(golden_v2_6_dir, golden_v2_6_cases):
+    """The published 2.6 runs a 224 x 224 zero image through vpm + resampler in a text-only training step (the
+    path every rank takes under torch.distributed): the golden loss, zero gradients for every vision parameter."""
+    model = AutoModel.from_pretrained(golden_v2_6_dir).train()
+    model.configure_runtime(dummy_image_stand_in=False)
+    tower_calls = []
+    model.vpm.embeddings.register_forward_hook(lambda *args: tower_calls.append(1))
+    case = case_named(golden_v2_6_cases, "text_only_train")
+    loss = model(data=case_data(case), labels=case["labels"][None]).loss
+    loss.backward()
+    assert len(tower_calls) == 1
+    torch.testing.assert_close(loss.detach(), torch.as_tensor(case["loss"]), atol=1e-5, rtol=0)
+    vision = [p.grad for p in model.vpm.parameters()] + [p.grad for p in model.resampler.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in vision)
+
+
 @pytest.mark.parametrize("name", ["two_turn_train", "text_only_train"])
 def test_golden_training_loss(golden_v2_6_dir, golden_v2_6_cases, name):
     model = AutoModel.from_pretrained(golden_v2_6_dir).train()
