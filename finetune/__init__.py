@@ -1,6 +1,6 @@
 """MiniCPM-V fine-tuning suite.
 
-Importing the package registers the native MiniCPM-Llama3-V-2.5 with transformers' Auto classes for
+Importing the package registers the native MiniCPM-V models (MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6) with transformers' Auto classes for
 model_type "minicpmv", so `AutoModel.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)` load a
 published checkpoint directory without network access or trust_remote_code. With `trust_remote_code=True` and
 the hub's code files present, transformers uses the hub classes instead.
@@ -29,13 +29,17 @@ if "DS_ACCELERATOR" not in os.environ and not (
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from .model import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast  # noqa: E402
+from .model.versions import CONFIG_CLASSES  # noqa: E402
 
 
 def _register() -> None:
+    # One config class per model_type: MiniCPMVConfig.from_dict hands a config.json to the class of the version
+    # its "version" field names (refusing versions not implemented); every version's class maps to MiniCPMV.
     AutoConfig.register("minicpmv", MiniCPMVConfig, exist_ok=True)
-    AutoModel.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
-    AutoModelForCausalLM.register(MiniCPMVConfig, MiniCPMV, exist_ok=True)
-    AutoTokenizer.register(MiniCPMVConfig, fast_tokenizer_class=MiniCPMVTokenizerFast, exist_ok=True)
+    for config_class in CONFIG_CLASSES.values():
+        AutoModel.register(config_class, MiniCPMV, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, MiniCPMV, exist_ok=True)
+        AutoTokenizer.register(config_class, fast_tokenizer_class=MiniCPMVTokenizerFast, exist_ok=True)
 
 
 _register()

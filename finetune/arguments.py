@@ -84,7 +84,7 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
     llm_type: str | None = field(
-        default=None, metadata={"help": "llama3 | minicpm; detected from the tokenizer when unset"}
+        default=None, metadata={"help": "llama3 (2.5) | qwen (2.6) | minicpm; detected from the tokenizer when unset"}
     )
     tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
     tune_llm: bool = field(default=False, metadata={"help": "full fine-tuning of the LLM (not with --use_lora)"})

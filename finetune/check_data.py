@@ -22,6 +22,7 @@ import torch
 
 from finetune.cli import ArgumentParser, check_model_flags
 from finetune.dataset import DataError, DataSettings
+from finetune.model.versions import VERSIONS
 from finetune.validation import build_dataset, validate_dataset
 
 LABEL_OPEN, LABEL_CLOSE = "⟦", "⟧"
@@ -107,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_slice_nums", type=int, default=None)
     parser.add_argument("--scale_resolution", type=int, default=None)
     parser.add_argument("--no_slicing", action="store_true", help="every image is one view")
-    parser.add_argument("--llm_type", default=None, choices=["llama3", "minicpm"])
+    parser.add_argument(
+        "--llm_type",
+        default=None,
+        choices=[*(version.llm_type for version in VERSIONS.values()), "minicpm"],
+        help="the conversation format; must match the model's tokenizer (default: detected from it)",
+    )
     parser.add_argument(
         "--seed", type=int, default=DataSettings.seed, help="seed of the ratio sampling when mixing files"
     )

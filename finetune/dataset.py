@@ -1,4 +1,4 @@
-"""Conversations -> model inputs for MiniCPM-Llama3-V-2.5 fine-tuning: faithful to the model, safe on bad data.
+"""Conversations -> model inputs for MiniCPM-V fine-tuning (2.5 and 2.6): faithful to the model, safe on bad data.
 
 Pipeline (each step a pure function, so it can be tested and reused by `finetune.validation`):
 
@@ -6,8 +6,9 @@ Pipeline (each step a pure function, so it can be tested and reused by `finetune
    read lazily through a byte-offset index) and mix several files with sampling ratios.
 2. `parse_record`: raw dict -> validated `Record` (roles, contents, image markers, image files). Every problem
    raises `DataError` naming the sample and the problem.
-3. `ConversationEncoder.encode`: `Record` + image grids -> token ids and labels, built piecewise with the Llama-3
-   *training* template (no trailing assistant header), with whole trailing turns dropped when too long.
+3. `ConversationEncoder.encode`: `Record` + image grids -> token ids and labels, built piecewise with the model
+   version's *training* template (`TRAINING_TEMPLATES`: Llama-3 for 2.5, ChatML for 2.6; no generation prompt)
+   and its image placeholders, with whole trailing turns dropped when too long.
 4. `prepare_sample`: the whole thing, including pixels (adaptive slicing from `finetune.model.image_processing`).
 5. `SupervisedDataset` (torch Dataset, reading one split of a run's `DataSettings`) and `DataCollator` (padding or
    packing) produce the batch contract the model (`MiniCPMV.forward(data=...)`) and the trainer rely on.
@@ -42,7 +43,7 @@ from .model.image_processing import (
     view_strips,
 )
 from .model.tokenization import SpecialTokens, detect_llm_type
-from .model.versions.minicpm_llama3_v2_5 import image_placeholder
+from .model.versions import VERSIONS, ModelVersion
 
 logger = logging.getLogger("finetune.dataset")
 
@@ -399,20 +400,33 @@ def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
     splits out of text (added tokens), except:
     - the image tags (RESERVED_TAGS): `<image>` is the data format's image marker, and the other three are
       refused by a rule of their own (`_parse_images`), as before;
-    - the grounding tags (GROUNDING_TAGS): content, see there;
-    - the pad token: padding is found by length (DataCollator), never by id, and MiniCPM-V's pad is "!", an
-      ordinary character.
-    What is left (`<|begin_of_text|>`, `<|end_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`,
-    `<unk>` (the image placeholder), the reserved special tokens) would, written in a turn, start a new role,
-    end a trained span (upstream's label rule stops at the first `<|eot_id|>`) or add an image placeholder.
+    - the grounding tags (GROUNDING_TAGS): content, see there.
+    - the pad token when the tokenizer's own vocabulary (its BPE model) has it as an ordinary token:
+      MiniCPM-Llama3-V-2.5's pad is "!", which transformers registers as an added special token. A pad that is
+      a control token of its own (MiniCPM-V 2.6's `<|endoftext|>`) is refused like the others.
+    What is left (2.5: `<|begin_of_text|>`, `<|end_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`,
+    `<|eot_id|>`; 2.6: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, `<image_id>`, `</image_id>`; both: `<unk>`
+    (the image placeholder), the reserved special tokens) would, written in a turn, start a new role, end a
+    trained span (the label rule stops at the end-of-turn token), or add an image placeholder or image id.
     """
     added = tokenizer.get_added_vocab()
     special = set(tokenizer.all_special_tokens) | {
         t.content for t in tokenizer.added_tokens_decoder.values() if t.special
     }
-    allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS) | {tokenizer.pad_token}
+    allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS)
+    if _is_ordinary_token(tokenizer, tokenizer.pad_token):
+        allowed.add(tokenizer.pad_token)
     control = sorted((t for t in special if t in added and t not in allowed), key=lambda t: (-len(t), t))
     return re.compile("|".join(map(re.escape, control))) if control else None
+
+
+def _is_ordinary_token(tokenizer, token: str | None) -> bool:
+    """Whether `token` is an entry of the tokenizer's BPE vocabulary itself, not only an added token (a tokenizer
+    without a backend model to ask is taken to have it, as a pad token always was)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if token is None or backend is None:
+        return token is not None
+    return backend.model.token_to_id(token) is not None
 
 
 def _dict_marker(name: str) -> str:
@@ -511,139 +525,218 @@ class Encoded:
     full_length: int  # length before truncation
 
 
+@dataclass(frozen=True)
+class TrainingTemplate:
+    """A version's conversation format as training writes it: the version's published chat template
+    (`ModelVersion.chat_template`) for a conversation that ends with an answer, without the generation prompt.
+
+    A turn is `header` ("{role}" standing for the role), the content (stripped when `strips_content`, as the
+    template trims it), `end_of_turn` and `after_turn`. A conversation without a system message gets
+    `default_system` as one when the template inserts it. Labels: each answer's content and its `end_of_turn`.
+    """
+
+    header: str
+    end_of_turn: str
+    special_tokens: tuple[str, ...]  # the template's tokens the tokenizer must have as single tokens
+    after_turn: str = ""
+    default_system: str | None = None
+    strips_content: bool = False
+
+
+# The training template of each version, by its llm_type (the upstream finetune's name for the format).
+TRAINING_TEMPLATES: dict[str, TrainingTemplate] = {
+    # MiniCPM-Llama3-V-2.5: Llama-3 headers; the published template trims every content.
+    "llama3": TrainingTemplate(
+        header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+        end_of_turn="<|eot_id|>",
+        special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        strips_content=True,
+    ),
+    # MiniCPM-V 2.6: ChatML; the published template inserts this system turn before a first non-system message.
+    "qwen": TrainingTemplate(
+        header="<|im_start|>{role}\n",
+        end_of_turn="<|im_end|>",
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        after_turn="\n",
+        default_system="You are a helpful assistant.",
+    ),
+}
+
+
+def version_of_tokenizer(tokenizer) -> ModelVersion:
+    """The implemented version whose chat format the tokenizer has (NotImplementedError for any other)."""
+    detected = detect_llm_type(tokenizer)
+    version = next((v for v in VERSIONS.values() if v.llm_type == detected), None)
+    if version is None or version.llm_type not in TRAINING_TEMPLATES:
+        supported = ", ".join(f"'{v.llm_type}' (MiniCPM-V {v.name})" for v in VERSIONS.values())
+        raise NotImplementedError(
+            f"llm_type {detected!r} (MiniCPM-V 2.0, <用户>/<AI> template) is not supported by finetune.dataset; "
+            f"supported: {supported}"
+        )
+    return version
+
+
 class ConversationEncoder:
-    """Llama-3 training template, tokenized piecewise so label spans and image blocks are known exactly.
+    """A version's training template (`TrainingTemplate`), tokenized piecewise so label spans and image blocks are
+    known exactly; the version (`ModelVersion`) is the one whose chat format the tokenizer has.
 
-    Per message: `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`, one
-    `<|begin_of_text|>` at the very start, no trailing assistant header. Labels: every assistant content token
-    and its `<|eot_id|>`; -100 elsewhere. Images: the placeholder text (spec section 3) at its marker, or before
-    the first user text followed by "\\n" when there is no marker (upstream behaviour).
+    Per message: header, content with each image's placeholder (the version's `image_placeholder`, image ids
+    counting the sample's images in order) at its marker, or before the first user text followed by "\\n" when
+    there is no marker (what the published chat() does), then the end of turn. BOS first where the version adds
+    one; the template's default system turn when the conversation has no system message. Labels: every
+    assistant content token and its end of turn; -100 elsewhere.
 
-    Tokenizing piecewise equals tokenizing the whole string: the tokenizer splits at special tokens, and the
-    image tags, header tokens and eot are special. Placeholder ids are built directly from token ids (cached per
-    grid) after checking once that the tokenizer gives the same ids for the placeholder text.
+    Tokenizing piecewise equals tokenizing the whole string as inference does: the text between two special
+    tokens is tokenized in one piece (a turn's header with its content), and the tokenizer splits at special
+    tokens. An answer's content is tokenized apart from its header, as the model generates it after the header.
+    Placeholder ids are built from the placeholder text with one `<unk>` per block (cached per grid and image
+    index) after checking once that the tokenizer gives the same ids for the full placeholder text.
     """
 
     def __init__(self, tokenizer, settings: SliceSettings, llm_type: str | None = None):
         detected = detect_llm_type(tokenizer)
         if llm_type is not None and llm_type != detected:
+            chat_tokens = {v.llm_type: v.chat_token for v in VERSIONS.values()}
+            evidence = f"has {chat_tokens[detected]}" if detected in chat_tokens else "has none of its chat tokens"
             raise ValueError(
-                f"llm_type={llm_type!r} but the tokenizer is a {detected!r} tokenizer "
-                f"({'has' if detected == 'llama3' else 'lacks'} <|start_header_id|>): pass the matching model"
+                f"llm_type={llm_type!r} but the tokenizer is a {detected!r} tokenizer ({evidence}): "
+                "pass the matching model"
             )
-        if detected != "llama3":
-            raise NotImplementedError(
-                "llm_type 'minicpm' (MiniCPM-V 2.0, <用户>/<AI> template) is not supported by finetune.dataset; "
-                "only MiniCPM-Llama3-V-2.5 ('llama3') is"
-            )
+        self.version = version_of_tokenizer(tokenizer)
+        self.template = TRAINING_TEMPLATES[self.version.llm_type]
         self.llm_type = detected
         self.tokenizer = tokenizer
         self.settings = settings
         self.tokens = SpecialTokens.from_tokenizer(tokenizer)
-        if self.tokens.start_header is None or self.tokens.end_header is None or self.tokens.eot is None:
-            raise ValueError("tokenizer lacks <|start_header_id|>, <|end_header_id|> or <|eot_id|>")
+        vocab = tokenizer.get_vocab()
+        required = (*self.template.special_tokens, *(tag for block in self.version.feature_blocks for tag in block))
+        missing = [token for token in required if token not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer lacks {', '.join(missing)}: not a MiniCPM-V {self.version.name} tokenizer")
+        self.feature_blocks = self.tokens.feature_block_ids(self.version)  # (opening ids, closing ids)
         self.unk_token = tokenizer.unk_token or "<unk>"
         self.control_tokens = control_token_pattern(tokenizer)  # refused as text in records (parse_record)
-        self.newline = self.text_ids("\n")
-        self.double_newline = self.text_ids("\n\n")
+        self.after_turn = self.text_ids(self.template.after_turn)
         self._headers: dict[str, list[int]] = {}
         self._placeholders: dict[tuple, list[int]] = {}
         self._check_placeholder_tokenization()
+        default_system = self.template.default_system
+        self._default_system = self.message_ids("system", default_system, {}) if default_system else []
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def header_ids(self, role: str) -> list[int]:
         if role not in self._headers:
-            self._headers[role] = (
-                [self.tokens.start_header] + self.text_ids(role) + [self.tokens.end_header] + self.double_newline
-            )
+            self._headers[role] = self.text_ids(self.template.header.format(role=role))
         return self._headers[role]
 
-    def placeholder_ids(self, plan: SliceGrid) -> list[int]:
-        """Ids of image_placeholder(plan): cached per grid, built from special-token ids (no 1000-token tokenize)."""
-        key = plan.grid
+    def prefix_ids(self, record: Record) -> list[int]:
+        """What precedes the record's messages: BOS where the version adds one, then the template's default
+        system turn when the record has no system message."""
+        bos = [self.tokens.bos] if self.version.adds_bos else []
+        return bos + (self._default_system if record.messages[0][0] != "system" else [])
+
+    def placeholder_ids(self, plan: SliceGrid, image_index: int = 0) -> list[int]:
+        """Ids of the version's placeholder of image number `image_index` (from 0 in its sample) with grid `plan`:
+        cached per grid and image id, built from the text with one unk per block (no 1000-token tokenize)."""
+        key = (plan.grid, image_index if self.version.uses_image_id else 0)
         if key not in self._placeholders:
-            t, q = self.tokens, self.settings.query_num
-            block = [t.image_start] + [t.unk] * q + [t.image_end]
-            ids = list(block)
-            if plan.grid:
-                cols, rows = plan.grid
-                ids.append(t.slice_start)
-                for row in range(rows):
-                    if row:
-                        ids += self.newline
-                    ids += block * cols
-                ids.append(t.slice_end)
+            unk, query_num = self.tokens.unk, self.settings.query_num
+            ids: list[int] = []
+            for token in self.text_ids(self.version.image_placeholder(plan, 1, self.unk_token, image_index)):
+                ids += [unk] * query_num if token == unk else [token]
             self._placeholders[key] = ids
         return self._placeholders[key]
 
     def _check_placeholder_tokenization(self) -> None:
         """The model needs exactly query_num <unk> per block: make sure the tokenizer agrees with our ids."""
-        plan = SliceGrid((14, 14), (2, 2), (14, 14))
-        text = image_placeholder(plan, self.settings.query_num, self.unk_token)
-        if self.text_ids(text) != self.placeholder_ids(plan):
+        plan, image_index = SliceGrid((14, 14), (2, 2), (14, 14)), 1
+        text = self.version.image_placeholder(plan, self.settings.query_num, self.unk_token, image_index)
+        ids = self.placeholder_ids(plan, image_index)
+        if self.text_ids(text) != ids or ids.count(self.tokens.unk) != self.settings.query_num * plan.num_views:
+            tags = ", ".join(tag for block in self.version.feature_blocks for tag in block)
             raise ValueError(
-                "the tokenizer does not tokenize the image placeholder as single special tokens "
-                f"(<image>, {self.unk_token}, </image>, <slice>, </slice>): each block would not hold query_num="
-                f"{self.settings.query_num} {self.unk_token} tokens"
+                f"the tokenizer does not tokenize the image placeholder as single special tokens ({tags}, "
+                f"{self.unk_token}): each block would not hold query_num={self.settings.query_num} {self.unk_token} "
+                "tokens"
             )
 
-    def message_ids(self, role: str, content: str, images: dict[str, SliceGrid]) -> list[int]:
-        """Header + content (placeholders at their markers) + eot for one message.
+    def image_bounds(self, input_ids: np.ndarray) -> np.ndarray:
+        """[n, 2] (start + 1, end) of every image-feature block of the version (`feature_blocks`), in order."""
+        return image_bound_array(input_ids, *self.feature_blocks)
 
-        `images` maps the markers present in this message to their grids; a single image without marker is
-        passed under the key "" and goes before the text, followed by "\\n" (upstream behaviour).
+    def message_ids(self, role: str, content: str, images: dict[str, tuple[int, SliceGrid]]) -> list[int]:
+        """Header + content (placeholders at their markers) + end of turn for one message.
+
+        `images` maps the markers present in this message to (image index in the sample, grid); a single image
+        without marker is passed under the key "" and goes before the text, followed by "\\n" (upstream
+        behaviour, and the published chat()'s). Text runs between placeholders are tokenized whole, the header
+        with them except an answer's (see the class docstring).
         """
-        content = content.strip()
-        body: list[int] = []
+        if self.template.strips_content:
+            content = content.strip()
+        parts: list[str | list[int]] = [
+            self.header_ids(role) if role == "assistant" else self.template.header.format(role=role)
+        ]
         if "" in images:
-            body += self.placeholder_ids(images[""]) + self.newline
-        markers = {m: p for m, p in images.items() if m}
+            parts += [self.placeholder_ids(images[""][1], images[""][0]), "\n"]
+        markers = {m: image for m, image in images.items() if m}
         if markers:
             pattern = "(" + "|".join(re.escape(m) for m in markers) + ")"
             for piece in re.split(pattern, content):
-                body += self.placeholder_ids(markers[piece]) if piece in markers else self.text_ids(piece)
+                parts.append(self.placeholder_ids(markers[piece][1], markers[piece][0]) if piece in markers else piece)
         else:
-            body += self.text_ids(content)
-        return self.header_ids(role) + body + [self.tokens.eot]
+            parts.append(content)
+        parts.append(self.template.end_of_turn + self.template.after_turn)
+        ids: list[int] = []
+        text = ""
+        for part in parts:
+            if isinstance(part, str):
+                text += part
+            else:
+                ids += self.text_ids(text) + part
+                text = ""
+        return ids + self.text_ids(text)
 
     def encode(self, record: Record, plans: Sequence[SliceGrid], max_length: int | None = None) -> Encoded:
         """Ids and labels for `record` whose images have grids `plans` (same order as record.images).
 
         Over max_length: drop whole trailing user+assistant pairs while at least one complete exchange remains;
         raises SampleTooLong when even the first exchange does not fit. Image blocks are never cut because only
-        whole messages are dropped; images whose markers are in dropped turns are dropped with them.
+        whole messages are dropped; images whose markers are in dropped turns are dropped with them (they are
+        the last ones, so the kept images keep their ids).
         """
         # Which message holds which image (record.images is in order of appearance, so kept images are a prefix).
-        per_message: list[dict[str, SliceGrid]] = [{} for _ in record.messages]
-        for (marker, _), plan in zip(record.images, plans, strict=True):
+        per_message: list[dict[str, tuple[int, SliceGrid]]] = [{} for _ in record.messages]
+        for index, ((marker, _), plan) in enumerate(zip(record.images, plans, strict=True)):
             holder = next((i for i, (_, c) in enumerate(record.messages) if marker in c), None)
             if holder is None:  # single image without marker: before the first user text
-                per_message[_first_user(record)][""] = plan
+                per_message[_first_user(record)][""] = (index, plan)
             else:
-                per_message[holder][marker] = plan
+                per_message[holder][marker] = (index, plan)
         pieces = [
             (self.message_ids(role, content, per_message[i]), role == "assistant")
             for i, (role, content) in enumerate(record.messages)
         ]
+        prefix = self.prefix_ids(record)
         image_count = [len(m) for m in per_message]
         lengths = [len(ids) for ids, _ in pieces]
-        full_length = 1 + sum(lengths)
+        full_length = len(prefix) + sum(lengths)
         keep = len(pieces)
         if max_length is not None and full_length > max_length:
             start = 1 if record.messages[0][0] == "system" else 0
-            minimum = 1 + sum(lengths[: start + 2])
+            minimum = len(prefix) + sum(lengths[: start + 2])
             if minimum > max_length:
                 raise SampleTooLong(record.id, full_length, minimum, max_length)
-            while 1 + sum(lengths[:keep]) > max_length:
+            while len(prefix) + sum(lengths[:keep]) > max_length:
                 keep -= 2  # one user+assistant pair
-        input_ids, labels = [self.tokens.bos], [IGNORE_INDEX]
+        input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
+        header, after = len(self.header_ids("assistant")), len(self.after_turn)
         for ids, is_assistant in pieces[:keep]:
             input_ids += ids
             if is_assistant:
-                header = len(self.header_ids("assistant"))
-                labels += [IGNORE_INDEX] * header + ids[header:]
+                labels += [IGNORE_INDEX] * header + ids[header : len(ids) - after] + [IGNORE_INDEX] * after
             else:
                 labels += [IGNORE_INDEX] * len(ids)
         return Encoded(input_ids, labels, sum(image_count[:keep]), len(pieces) - keep, full_length)
@@ -716,7 +809,7 @@ def prepare_sample(
             image.close()
     # The tail in numpy, tensors made by torch.from_numpy only (no copy): torch's per-op overhead is tens of us.
     input_ids = np.array(encoded.input_ids, dtype=np.int64)
-    bounds = image_bound_array(input_ids, encoder.tokens.image_start, encoder.tokens.image_end)
+    bounds = encoder.image_bounds(input_ids)
     tgt_sizes = view_patch_sizes(plans[: encoded.kept_images], settings.patch_size)
     # Invariants the model relies on (cheap; a failure here is a bug, not bad data).
     if len(bounds) != len(tgt_sizes) or bool((bounds[:, 1] - bounds[:, 0] != settings.query_num).any()):

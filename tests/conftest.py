@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden tiny checkpoint (copied from ../shared/golden/tiny) and its cases."""
+"""Shared fixtures: the golden tiny checkpoints (copied from ../shared/golden/tiny and tiny-v2_6) and their cases."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "golden_tiny"
 REFERENCE = TESTS / "reference"
+GOLDEN_V2_6 = TESTS / "golden_tiny_v2_6"  # MiniCPM-V 2.6: tiny checkpoint in the published layout + cases
+REFERENCE_V2_6 = TESTS / "reference_v2_6"  # the published MiniCPM-V 2.6 JSON files and tensor shapes
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +85,26 @@ def golden_cases() -> list[dict]:
 @pytest.fixture(scope="session")
 def golden_images() -> Path:
     return GOLDEN / "images"
+
+
+@pytest.fixture(scope="session")
+def golden_v2_6_dir() -> Path:
+    return GOLDEN_V2_6 / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def golden_v2_6_cases() -> list[dict]:
+    return torch.load(GOLDEN_V2_6 / "cases.pt", weights_only=False)["cases"]
+
+
+@pytest.fixture(scope="session")
+def golden_v2_6_images() -> Path:
+    return GOLDEN_V2_6 / "images"
+
+
+@pytest.fixture(scope="session")
+def reference_v2_6() -> Path:
+    return REFERENCE_V2_6
 
 
 @pytest.fixture(scope="session")

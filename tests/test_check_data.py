@@ -224,3 +224,34 @@ def test_a_mix_reports_each_files_share_and_a_file_left_without_samples(tmp_path
     assert main(["--model", CHECKPOINT, "--data", f"{good_data}:1,{more}:0.01", "--workers", "1"]) == 1
     out = capsys.readouterr().out
     assert f"BAD FILE: data mix: {more} gets 0 samples (ratio 0.01" in out
+
+
+def test_main_on_a_2_6_model_shows_the_chatml_text_and_dumps_what_training_feeds(tmp_path, good_data, capsys):
+    """MiniCPM-V 2.6 (tests/golden_tiny_v2_6): its config and tokenizer are read as 2.6's, --show renders the
+    ChatML text with the default system turn and image ids, and --dump holds the dataset's items."""
+    from transformers import AutoTokenizer
+
+    from finetune.dataset import SupervisedDataset
+    from finetune.model import MiniCPMVConfig
+
+    checkpoint = os.path.join(ROOT, "tests", "golden_tiny_v2_6", "checkpoint")
+    dump = tmp_path / "dump.pt"
+    args = ["--model", checkpoint, "--data", str(good_data), "--workers", "1", "--llm_type", "qwen"]
+    assert main([*args, "--show", "two", "--dump", str(dump)]) == 0
+    out = capsys.readouterr().out
+    assert "samples: 3  kept: 3  truncated: 0  skipped (too long): 0  bad: 0" in out
+    assert "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image_id>0</image_id>" in out
+    assert "<image_id>1</image_id><image><unk>×16</image><slice><unk>×16</slice>" in out
+    assert f"<|im_start|>assistant\n{LABEL_OPEN}Same colours.<|im_end|>{LABEL_CLOSE}\n" in out
+    dataset = SupervisedDataset(
+        DataSettings(str(good_data)),
+        AutoTokenizer.from_pretrained(checkpoint),
+        MiniCPMVConfig.from_pretrained(checkpoint),
+    )
+    dumped = torch.load(dump, weights_only=False)
+    for index in range(3):
+        item = dataset[index]
+        for key in ("input_ids", "labels", "image_bound", "tgt_sizes"):
+            assert torch.equal(dumped[item["id"]][key], item[key]), key
+    assert main([*args[:-1], "llama3"]) == 2
+    assert "llm_type='llama3' but the tokenizer is a 'qwen' tokenizer" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The native MiniCPM-V family, MiniCPM-Llama3-V-2.5 implemented: model, configuration, resampler, slicing,
-tokenizer, loss, checkpoint checks. What one version does its own way is in `versions/`; everything else is shared."""
+"""The native MiniCPM-V family, MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6 implemented: model, configuration, resampler,
+slicing, tokenizer, loss, checkpoint checks. What one version does its own way is in `versions/`; everything else
+is shared."""
 
 from .chat_prompt import render_chat_prompt
 from .image_processing import SliceSettings, image_views, plan_slices, slice_image

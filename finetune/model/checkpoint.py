@@ -2,7 +2,8 @@
 
 transformers warns and initialises randomly when tensors are missing; a fine-tune on such a model wastes a
 GPU-day before anyone notices. We read only the safetensors headers (no tensor data) and compare every name
-and shape with the architecture the config describes.
+and shape with the architecture the config describes: the version's, as config.json's "version" names it (so a
+MiniCPM-V 2.6 checkpoint is expected to hold its Qwen2 q/k/v biases, and a 2.5 one none).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
+
+from .versions import UnsupportedVersionError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,9 +91,12 @@ def validate_checkpoint_dir(
         model_type = model_class.config_class.model_type
         if raw.get("model_type") != model_type:
             raise CheckpointError(
-                f"{config_path}: model_type is {raw.get('model_type')!r}, expected {model_type!r} (MiniCPM-Llama3-V-2.5)"
+                f"{config_path}: model_type is {raw.get('model_type')!r}, expected {model_type!r} (MiniCPM-V)"
             )
-        config = model_class.config_class.from_dict(raw)
+        try:  # the config class of the version config.json names; a version not implemented is refused here
+            config = model_class.config_class.from_dict(raw)
+        except UnsupportedVersionError as error:
+            raise CheckpointError(f"{config_path}: {error}") from error
     stored = stored_shapes(directory)
     if getattr(config, "quantization_config", None) is not None:
         return stored  # packed tensors of other shapes: transformers checks those

@@ -95,6 +95,19 @@ class MiniCPMVConfigMixin:
             # The resampler uses hidden // 128 heads (published code): any other size silently breaks it.
             raise ValueError(f"{type(self).__name__}: hidden_size must be a multiple of 128, got {self.hidden_size}")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """The config of the version `config_dict`'s "version" field names, whichever version's class is asked
+        (AutoConfig maps model_type "minicpmv" to one class); a dict without "version" is read with `cls`. A
+        version this package does not implement raises UnsupportedVersionError before anything is built."""
+        from .versions import config_class_for  # (the versions' modules import this one)
+
+        if "version" in config_dict:
+            version_class = config_class_for(config_dict)
+            if version_class is not cls:
+                return version_class.from_dict(config_dict, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
+
     # --- what the rest of the project reads ------------------------------------------------------------
 
     @property

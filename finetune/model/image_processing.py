@@ -224,14 +224,20 @@ def view_patch_sizes(plans: Sequence[SliceGrid], patch_size: int) -> torch.Tenso
 # (The placeholder text itself is a version's own: `versions.<version>.image_placeholder`.)
 
 
-def image_bounds(input_ids: torch.Tensor, image_start_id: int, image_end_id: int) -> torch.Tensor:
-    """[(start + 1, end)] int64 for every <image> ... </image> block of a 1-D id tensor, in order."""
+def image_bounds(
+    input_ids: torch.Tensor, image_start_id: int | Sequence[int], image_end_id: int | Sequence[int]
+) -> torch.Tensor:
+    """[(start + 1, end)] int64 for every block of image-feature positions of a 1-D id tensor, in order: a block
+    opens with one of the start ids (<image>; in MiniCPM-V 2.6 also <slice>) and closes with the next end id."""
     return torch.from_numpy(image_bound_array(input_ids.cpu().numpy(), image_start_id, image_end_id))
 
 
-def image_bound_array(input_ids: np.ndarray, image_start_id: int, image_end_id: int) -> np.ndarray:
+def image_bound_array(
+    input_ids: np.ndarray, image_start_id: int | Sequence[int], image_end_id: int | Sequence[int]
+) -> np.ndarray:
     """`image_bounds` on a numpy id array (numpy: a few us per call where torch ops cost tens)."""
-    starts, ends = np.flatnonzero(input_ids == image_start_id), np.flatnonzero(input_ids == image_end_id)
-    if len(starts) != len(ends) or bool((ends <= starts).any()):
-        raise ValueError(f"unbalanced image tags: {len(starts)} <image> and {len(ends)} </image>")
+    starts = np.flatnonzero(np.isin(input_ids, image_start_id))
+    ends = np.flatnonzero(np.isin(input_ids, image_end_id))
+    if len(starts) != len(ends) or bool((ends <= starts).any()) or bool((starts[1:] <= ends[:-1]).any()):
+        raise ValueError(f"unbalanced image tags: {len(starts)} block openings and {len(ends)} closings")
     return np.stack([starts + 1, ends], axis=1).astype(np.int64, copy=False)

@@ -3,7 +3,9 @@
 Parameter names and shapes equal the published checkpoint's (`llm.*`, `vpm.*`, `resampler.*`), and the call
 interface is the published one: `model(data={input_ids, position_ids, pixel_values, tgt_sizes, image_bound},
 **llm_kwargs)`. Numerics follow spec section 4, with one deliberate definition: a sample's vision features
-are the ones it gets when run alone (how the published `chat()` runs), whatever it is batched with.
+are the ones it gets when run alone (how the published `chat()` runs), whatever it is batched with. Where
+versions differ (LLM class, vision position grid, placeholder, feature blocks) the model reads the config's
+`ModelVersion` (`versions.version_of`); one class serves every version.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
@@ -34,12 +37,13 @@ from .runtime import RuntimeOptions
 from .tokenization import SpecialTokens
 from .versions import version_of
 from .versions.minicpm_llama3_v2_5 import MiniCPMVConfig
-from .vision import ZeroGradients, cast_residual_to_autocast_dtype, view_sizes
+from .vision import GridVisionEmbeddings, ZeroGradients, cast_residual_to_autocast_dtype, view_sizes
 
 
 class MiniCPMVPreTrainedModel(PreTrainedModel):
-    # The Auto classes map model_type "minicpmv" to this config class (MiniCPM-Llama3-V-2.5's, the one version
-    # implemented); the model reads everything a version decides through `versions.version_of(config)`.
+    # The Auto classes map model_type "minicpmv" to this config class (MiniCPM-Llama3-V-2.5's), whose from_dict
+    # builds the config class of the version config.json names; the model reads everything a version decides
+    # through `versions.version_of(config)`.
     config_class = MiniCPMVConfig
     base_model_prefix = "minicpmv"
     main_input_name = "input_ids"  # inside `data`; the trainer reads it there
@@ -83,8 +87,11 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         super().__init__(config)
         # The LLM reads the same config object (a subclass of the LLM's config class), as in the published code,
         # so that the attention implementation chosen at load time reaches it.
-        self.llm = version_of(config).llm_class(config)
+        version = version_of(config)
+        self.llm = version.llm_class(config)
         self.vpm = Idefics2VisionTransformer(config.vision_config)
+        if version.vision_grid_from_tgt_sizes:  # the same parameters; position ids from each view's (h, w)
+            self.vpm.embeddings = GridVisionEmbeddings(config.vision_config)
         if config.drop_vision_last_layer:
             self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
         self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
@@ -203,7 +210,12 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         zero patches take part, as when the sample runs alone), and a patch mask hides everything beyond L_i,
         which also gives NaViT position ids for a 1 x L_i grid. All views of the call then run in ONE vision
         tower call, which keeps ZeRO-3's parameter gathering in step across ranks.
+
+        Versions whose tower is given each view's grid (`vision_grid_from_tgt_sizes`, MiniCPM-V 2.6, as its
+        published code does) mask every view beyond its own h * w patches and take the position ids of its
+        (h, w) grid: there a view's features never depend on the other views of the call.
         """
+        grid_positions = version_of(self.config).vision_grid_from_tgt_sizes
         weight = self.vpm.embeddings.patch_embedding.weight
         patch = self.config.patch_size
         strips, own_length, counts = [], [], []
@@ -214,7 +226,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 continue
             longest = max(s.shape[-1] for s in sample_strips) // patch
             strips += sample_strips
-            own_length += [longest] * len(sample_strips)
+            own_length += [s.shape[-1] // patch if grid_positions else longest for s in sample_strips]
         sizes = view_sizes(tgt_sizes, [s.shape[-1] // patch for s in strips], counts)
         empty = torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
         if not strips:
@@ -227,19 +239,29 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             batch[j, :, :, : strip.shape[-1]] = normalize_pixels(strip.to(weight.device)).to(weight.dtype)
         lengths = torch.tensor(own_length, device=weight.device)
         patch_mask = (torch.arange(length, device=weight.device)[None, :] < lengths[:, None])[:, None, :]
-        hidden = self._vision_tower(batch, patch_mask)
+        hidden = self._vision_tower(batch, patch_mask, sizes if grid_positions else None)
         queries = self.resampler(hidden, sizes)
         return list(queries.split(counts))  # a sample without images gets a [0, Q, D] tensor
 
-    def _vision_tower(self, batch: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """`self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state`. With varlen attention the
-        unmasked patches of all images are packed one after another ([1, n, D]) and each image is attended on
-        its own, instead of every image padded to the longest under a mask: the same numbers on the unmasked
-        patches; the masked ones come back as zeros (the resampler never reads them)."""
-        if self.config.vision_config._attn_implementation != VARLEN:
+    def _vision_tower(
+        self, batch: torch.Tensor, patch_mask: torch.Tensor, tgt_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state`, with `tgt_sizes` ([N, 2]) the
+        position ids of each view's (h, w) grid (`GridVisionEmbeddings`). With varlen attention the unmasked
+        patches of all images are packed one after another ([1, n, D]) and each image is attended on its own,
+        instead of every image padded to the longest under a mask: the same numbers on the unmasked patches;
+        the masked ones come back as zeros (the resampler never reads them)."""
+        varlen = self.config.vision_config._attn_implementation == VARLEN
+        if not varlen and tgt_sizes is None:
             return self.vpm(batch, patch_attention_mask=patch_mask).last_hidden_state
-        hidden = self.vpm.embeddings(pixel_values=batch, patch_attention_mask=patch_mask)
+        grid = {} if tgt_sizes is None else {"tgt_sizes": tgt_sizes}
+        hidden = self.vpm.embeddings(pixel_values=batch, patch_attention_mask=patch_mask, **grid)
         keep = patch_mask.reshape(len(batch), -1)
+        if not varlen:  # what vpm.forward does after its embeddings
+            mask = create_bidirectional_mask(config=self.vpm.config, inputs_embeds=hidden, attention_mask=keep)
+            return self.vpm.post_layernorm(
+                self.vpm.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+            )
         lengths = keep.sum(1)
         cu_seq_lens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         packed = self.vpm.encoder(
@@ -255,7 +277,8 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         side = 224 // self.config.patch_size
         sizes = torch.tensor([[side, side]], dtype=torch.int64, device=weight.device)
         every_patch = torch.ones(1, side, side, dtype=torch.bool, device=weight.device)
-        return self.resampler(self._vision_tower(dummy, every_patch), sizes)
+        grid = sizes if version_of(self.config).vision_grid_from_tgt_sizes else None
+        return self.resampler(self._vision_tower(dummy, every_patch, grid), sizes)
 
     # --- the published interface ----------------------------------------------------------------------------
 
@@ -422,16 +445,16 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
     ) -> dict:
         """The published processor: replace each marker with its image's placeholder, tokenize, find bounds."""
         settings = self.config.slice_settings
-        image_placeholder = version_of(self.config).image_placeholder
+        version = version_of(self.config)
         pieces = prompt.split(IMAGE_MARKER)
         if len(pieces) - 1 != len(images):
             raise ValueError(f"prompt has {len(pieces) - 1} image markers but {len(images)} images were given")
         text, pixel_values, sizes = pieces[0], [], []
-        for image, rest in zip(images, pieces[1:], strict=True):
+        for index, (image, rest) in enumerate(zip(images, pieces[1:], strict=True)):
             strips, tgt, plan = image_views(image, settings)
             pixel_values += strips
             sizes.append(tgt)
-            text += image_placeholder(plan, settings.query_num, tokenizer.unk_token or "<unk>") + rest
+            text += version.image_placeholder(plan, settings.query_num, tokenizer.unk_token or "<unk>", index) + rest
         ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"prompt is {len(ids)} tokens, over max_inp_length={max_length}")
@@ -443,7 +466,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             "position_ids": torch.arange(len(ids), device=device)[None],
             "pixel_values": [[p.to(device=device, dtype=dtype) for p in pixel_values]],
             "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
-            "image_bound": [image_bounds(ids, tokens.image_start, tokens.image_end)],
+            "image_bound": [image_bounds(ids, *tokens.feature_block_ids(version))],
         }
 
 

@@ -1,5 +1,6 @@
 """The vision side of MiniCPMV that every version shares: how tgt_sizes are matched to the views of a call,
-the zero gradients a text-only training step gives the vision parameters, and the vision residual's dtype.
+the zero gradients a text-only training step gives the vision parameters, the vision residual's dtype, and the
+position ids of a view's true (h, w) patch grid for the versions whose tower is given it (MiniCPM-V 2.6).
 
 The vision tower itself is transformers' Idefics2 implementation of SigLIP so400m (the published weights'
 names and shapes), called from `MiniCPMV.vision_features`; the resampler is `resampler.py`.
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings
 
 
 def cast_residual_to_autocast_dtype(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
@@ -88,3 +90,33 @@ def view_sizes(
                 f"tgt_size ({h}, {w}) gives {h * w}: tgt_sizes must give the views' sizes in the views' order"
             )
     return sizes
+
+
+def grid_position_ids(tgt_sizes: torch.Tensor, length: int, positions_per_side: int) -> torch.Tensor:
+    """[N, length] int64: for view j of (h, w) patches, the learned-position index of each of its h * w patches in
+    row-major order, 0 beyond them (padding). Each patch's fractional row and column, i / h and k / w in float32
+    (as `arange(0, 1 - 1e-6, 1 / h)`), is bucketed (right-closed) into the table's `positions_per_side` equal
+    parts, giving row_bucket * positions_per_side + col_bucket: a view of any grid spreads over the whole table."""
+    boundaries = torch.arange(1 / positions_per_side, 1.0, 1 / positions_per_side)
+    position_ids = torch.zeros(len(tgt_sizes), length, dtype=torch.int64)
+    for j, (h, w) in enumerate(tgt_sizes.tolist()):
+        rows = torch.bucketize(torch.arange(0, 1 - 1e-6, (1 / torch.tensor(h)).item()), boundaries, right=True)
+        cols = torch.bucketize(torch.arange(0, 1 - 1e-6, (1 / torch.tensor(w)).item()), boundaries, right=True)
+        position_ids[j, : h * w] = (rows[:, None] * positions_per_side + cols[None, :]).flatten()
+    return position_ids
+
+
+class GridVisionEmbeddings(Idefics2VisionEmbeddings):
+    """Idefics2's patch + position embeddings, with the position ids of each view's true (h, w) grid when
+    `tgt_sizes` is given (MiniCPM-V 2.6's tower) instead of the grid the patch mask's shape gives. The same
+    parameters, so the published weights load unchanged; without tgt_sizes it is Idefics2's."""
+
+    def forward(
+        self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor, tgt_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pixel_values [N, 3, p, L * p] strips, patch_attention_mask [N, 1, L], tgt_sizes [N, 2] -> [N, L, D]."""
+        if tgt_sizes is None:
+            return super().forward(pixel_values, patch_attention_mask)
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        position_ids = grid_position_ids(tgt_sizes, patches.shape[1], self.num_patches_per_side)
+        return patches + self.position_embedding(position_ids.to(patches.device))

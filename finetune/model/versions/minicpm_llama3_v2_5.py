@@ -30,8 +30,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def image_placeholder(plan: SliceGrid, query_num: int, unk_token: str = "<unk>") -> str:
-    """The text that stands for an image: its global block, then the grid of slice blocks if sliced."""
+def image_placeholder(plan: SliceGrid, query_num: int, unk_token: str = "<unk>", image_id: int | None = None) -> str:
+    """The text that stands for an image: its global block, then the grid of slice blocks if sliced. 2.5 has no
+    image ids: `image_id` (the image's index in its prompt, the placeholder signature every version shares) is
+    not used."""
     block = "<image>" + unk_token * query_num + "</image>"
     text = block
     if plan.grid:

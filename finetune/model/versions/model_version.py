@@ -9,6 +9,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..image_processing import SliceGrid
 
+# (grid, query_num, unk token, image index in its prompt) -> the text that stands for that image
+ImagePlaceholder = Callable[[SliceGrid, int, str, int], str]
+
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -23,7 +26,15 @@ class ModelVersion:
     llm_config_class: type[PretrainedConfig]  # the LLM's config class, which the version's config class extends
     chat_token: str  # a special token of the version's chat format that no other version's tokenizer has
     chat_template: str  # the published inference template (tokenizer_config.json's chat_template)
-    image_placeholder: Callable[[SliceGrid, int, str], str]  # (grid, query_num, unk token) -> an image's text
+    image_placeholder: ImagePlaceholder  # an image's text; the image index matters only where image ids are used
     rope_theta: float  # the published config's rope_theta, written to config.json when the config holds none
     vision_config_model_type: str  # the model_type the published config.json gives its vision_config
     liger_kernel_patch: str  # liger_kernel.transformers' function that patches this LLM's modules in place
+    # The (opening, closing) tokens of every block of query_num image-feature positions in the placeholder: the
+    # image bounds are the spans strictly between a block's opening token and its closing token.
+    feature_blocks: tuple[tuple[str, str], ...] = (("<image>", "</image>"),)
+    # Whether the vision tower's position ids come from each view's true (h, w) patch grid (tgt_sizes), and each
+    # view attends over its own h * w patches only; else each view is a 1 x L strip padded to its sample's longest.
+    vision_grid_from_tgt_sizes: bool = False
+    adds_bos: bool = True  # whether the version's prompts start with the tokenizer's BOS token
+    uses_image_id: bool = False  # whether the placeholder opens with <image_id>i</image_id>
