@@ -18,10 +18,12 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from finetune.base_identity import local_model_dir
 from finetune.cli import model_dir_problem, unknown_flags_message
 from finetune.dataset import DataSettings, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable
 from finetune.model.kernels import liger_available
+from finetune.model.versions import ModelVersion, UnsupportedVersionError, version_named
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -84,7 +86,11 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
     llm_type: str | None = field(
-        default=None, metadata={"help": "llama3 (2.5) | qwen (2.6) | minicpm; detected from the tokenizer when unset"}
+        default=None,
+        metadata={
+            "help": "llama3 (MiniCPM-Llama3-V-2.5) | qwen (MiniCPM-V 2.6): checked against the checkpoint's "
+            "config.json; unset or empty: taken from the checkpoint"
+        },
     )
     tune_vision: bool = field(default=True, metadata={"help": "train the vision tower (upstream default)"})
     tune_llm: bool = field(default=False, metadata={"help": "full fine-tuning of the LLM (not with --use_lora)"})
@@ -131,6 +137,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        self.llm_type = self.llm_type or None  # the launcher's empty LLM_TYPE: taken from the checkpoint
         self.bf16 = resolve_bf16(self.bf16, self.fp16, self.use_cpu)
         # Pinned memory and copies that do not wait need a device to copy to: on CPU torch and transformers warn.
         on_device = not self.use_cpu and has_accelerator()
@@ -240,6 +247,34 @@ def check_arguments(
     problem = model_dir_problem(model_args.model_name_or_path, weights=not model_args.trust_remote_code)
     if problem:
         raise UsageError(f"--model_name_or_path {problem}")
+    check_llm_type(training_args.llm_type, model_args.model_name_or_path)
+
+
+# Every llm_type the upstream finetune knows, with the MiniCPM-V version it names (not all are implemented).
+UPSTREAM_LLM_TYPES = {"llama3": "2.5", "qwen": "2.6", "minicpm": "2.0"}
+
+
+def check_llm_type(llm_type: str | None, model_name_or_path: str) -> ModelVersion | None:
+    """The version the model's config.json names (read from the local directory, or a hub id's cached snapshot;
+    no tokenizer or weights), refused when this suite does not implement it or when `llm_type` (None: take
+    the checkpoint's) is another version's. Returns None for a hub id not in the local cache: training checks
+    its tokenizer's chat tokens instead (finetune.data_setup)."""
+    if llm_type is not None and llm_type not in UPSTREAM_LLM_TYPES:
+        raise UsageError(f"--llm_type {llm_type}: choose one of {', '.join(UPSTREAM_LLM_TYPES)}, or leave it unset")
+    directory = local_model_dir(model_name_or_path)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    try:
+        version = version_named(json.loads((directory / "config.json").read_text()).get("version"))
+    except (UnsupportedVersionError, ValueError) as error:
+        raise UsageError(f"--model_name_or_path {model_name_or_path}: {error}") from error
+    if llm_type is not None and llm_type != version.llm_type:
+        raise UsageError(
+            f"--llm_type {llm_type} (MiniCPM-V {UPSTREAM_LLM_TYPES[llm_type]}) does not fit --model_name_or_path "
+            f"{model_name_or_path}, a MiniCPM-V {version.name} checkpoint: use --llm_type {version.llm_type} "
+            "(LLM_TYPE in the launchers), or leave it unset"
+        )
+    return version
 
 
 def check_optimizer_choice(training_args: TrainingArguments) -> None:

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Full fine-tuning (LLM + resampler + vision tower, no LoRA) of MiniCPM-Llama3-V-2.5 under DeepSpeed ZeRO-3.
+# Full fine-tuning (LLM + resampler + vision tower, no LoRA) of MiniCPM-Llama3-V-2.5 or 2.6 under DeepSpeed ZeRO-3.
 # Same environment variables as finetune_lora.sh, with full-tuning defaults; extra arguments pass through. Its
 # rendezvous too: a free port on one node unless MASTER_PORT is set; MASTER_ADDR:MASTER_PORT (6001) for several.
 set -eu

@@ -1,7 +1,10 @@
 #!/bin/sh
-# LoRA fine-tuning of MiniCPM-Llama3-V-2.5. POSIX sh: `cd finetune && sh finetune_lora.sh` or
-# `bash finetune/finetune_lora.sh` from the repository root. Edit the defaults below or set them in the
-# environment; any extra arguments are passed on to finetune.py (e.g. `sh finetune_lora.sh --max_steps 100`).
+# LoRA fine-tuning of MiniCPM-Llama3-V-2.5 or MiniCPM-V 2.6 (MODEL=openbmb/MiniCPM-V-2_6). POSIX sh:
+# `cd finetune && sh finetune_lora.sh` or `bash finetune/finetune_lora.sh` from the repository root. Edit the
+# defaults below or set them in the environment; any extra arguments are passed on to finetune.py (e.g.
+# `sh finetune_lora.sh --max_steps 100`). LLM_TYPE (llama3 for 2.5, qwen for 2.6, as upstream) may be left unset:
+# the version is read from the checkpoint's config.json, and a LLM_TYPE that names another version stops the
+# preflight in one line.
 # Settings for your cards: `AUTO=1` applies `python -m finetune.plan` (memory levers: DeepSpeed config, 8-bit
 # optimizer, loss chunk, checkpointing); README.md "Settings for the card you have" lists them, and bench/README.md
 # has what each was measured to cost and save. Fastest on one large GPU (text rows, vision tower frozen):
@@ -13,7 +16,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL=${MODEL:-"openbmb/MiniCPM-Llama3-V-2_5"}   # hub id or local checkpoint directory
 DATA=${DATA:-"path/to/training_data.json"}          # file.json[l], or a mix "a.json:0.7,b.jsonl:0.3"
 EVAL_DATA=${EVAL_DATA:-""}                          # optional held-out set
-LLM_TYPE=${LLM_TYPE:-"llama3"}                      # llama3 for MiniCPM-Llama3-V-2.5 (checked against the model)
+LLM_TYPE=${LLM_TYPE:-""}                            # llama3 (2.5) | qwen (2.6); empty: the checkpoint's version
 OUTPUT_DIR=${OUTPUT_DIR:-"$HERE/output/output__lora"}
 # DeepSpeed config: ZeRO-2 where nvidia-smi finds a GPU; DS_CONFIG="" trains without DeepSpeed, the default with no
 # GPU (DeepSpeed on a CPU compiles a C++ extension, its shared-memory comm op, on first use: it needs a compiler).
@@ -49,6 +52,8 @@ else
     RENDEZVOUS="$MASTER_ADDR:$MASTER_PORT"
 fi
 
+LLM_TYPE_ARGS=""
+[ -z "$LLM_TYPE" ] || LLM_TYPE_ARGS="--llm_type $LLM_TYPE"
 EVAL_ARGS=""
 if [ -n "$EVAL_DATA" ]; then
     EVAL_ARGS="--eval_data_path $EVAL_DATA --eval_strategy steps --eval_steps ${EVAL_STEPS:-1000}"
@@ -90,10 +95,10 @@ if [ "${AUTO:-0}" = "1" ]; then
 fi
 
 # The training command line, the user's arguments last (they win).
-# shellcheck disable=SC2086  # EVAL_ARGS and DS_ARGS are lists of words on purpose
+# shellcheck disable=SC2086  # LLM_TYPE_ARGS, EVAL_ARGS and DS_ARGS are lists of words on purpose
 set -- \
     --model_name_or_path "$MODEL" \
-    --llm_type "$LLM_TYPE" \
+    $LLM_TYPE_ARGS \
     --data_path "$DATA" \
     $EVAL_ARGS \
     --use_lora true \

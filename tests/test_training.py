@@ -307,7 +307,7 @@ def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     [
         (["--use_lora", "true", "--tune_llm", "true"], "choose LoRA or full LLM fine-tuning"),
         (["--lora_target_modules", r"llm\..*nothing_here"], "matches no linear module"),
-        (["--llm_type", "minicpm"], "--llm_type minicpm but the model's tokenizer is llama3"),
+        (["--llm_type", "minicpm"], r"--llm_type minicpm \(MiniCPM-V 2.0\) does not fit .* a MiniCPM-V 2.5 checkpoint"),
         (["--compile_layers", "true", "--torch_compile", "true"], "choose one"),
         (["--compile_layers", "true", "--trust_remote_code", "true"], "--compile_layers need the native model class"),
         (["--attn_implementation", "varlen", "--trust_remote_code", "true"], "varlen needs the native model class"),
