@@ -1,4 +1,5 @@
-"""Chat with MiniCPM-Llama3-V-2.5 (optionally with a LoRA adapter) from the command line; the answer streams.
+"""Chat with MiniCPM-Llama3-V-2.5 or MiniCPM-V 2.6 (optionally with a LoRA adapter) from the command line; the
+answer streams.
 
     python -m finetune.chat --model openbmb/MiniCPM-Llama3-V-2_5 --adapter output/output__lora \\
         --image photo.jpg [--image second.png] [--history conv.json] [--greedy [--beams 3]] \\
@@ -14,9 +15,10 @@ markers in user turns mark where the --image files go, in order; images without 
 user text, as in training) or a whole training record {"image": ..., "conversations": [...]} whose images are
 read from the record. The question is appended as the last user turn.
 
-The prompt is the published inference prompt (Llama-3 template with the assistant header, images as
-`(<image>./</image>)` replaced by their placeholder text), built by `build_prompt`, which `finetune.evaluate`
-shares so that images sit exactly where training put them.
+The prompt is the published inference prompt of the model's version (its tokenizer's chat template with the
+assistant header: Llama-3's for 2.5, ChatML with the default system turn for 2.6; images as `(<image>./</image>)`
+replaced by their placeholder text), built by `build_prompt`, which `finetune.evaluate` shares so that images and
+contents are exactly what training wrote.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from transformers import TextStreamer
 
 from finetune.cli import ArgumentParser, check_model_flags
 from finetune.dataset import IMAGE_MARKER as TRAINING_MARKER  # the marker of the training data (chat() has its own)
-from finetune.dataset import DataError, open_image
+from finetune.dataset import TRAINING_TEMPLATES, DataError, open_image, version_of_tokenizer
 from finetune.model.chat_prompt import IMAGE_MARKER, PUBLISHED_SAMPLING, render_chat_prompt
 from finetune.model.loading import DTYPES
 
@@ -125,9 +127,11 @@ def build_prompt(
 
     Placement is training's (finetune.dataset.ConversationEncoder): an image whose marker occurs in a turn goes
     exactly there (first unused occurrence); an image without a marker goes before the first user text followed
-    by "\\n". Contents are stripped as training strips them. The template is applied by render_chat_prompt (the
-    published one, ending with the assistant header)."""
-    contents = [content.strip() for _, content in messages]
+    by "\\n". Contents are stripped only where the version's training template strips them (2.5's Llama-3
+    template trims every content; 2.6's ChatML keeps it as written). The template is applied by
+    render_chat_prompt (the published one, ending with the assistant header)."""
+    template = TRAINING_TEMPLATES[version_of_tokenizer(tokenizer).llm_type]
+    contents = [content.strip() if template.strips_content else content for _, content in messages]
     roles = [role for role, _ in messages]
     if "user" not in roles:
         raise ChatError("the conversation has no user turn")
@@ -272,7 +276,7 @@ def chat(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m finetune.chat", description="Chat with MiniCPM-Llama3-V-2.5 (+ LoRA adapter)."
+        prog="python -m finetune.chat", description="Chat with MiniCPM-Llama3-V-2.5 or MiniCPM-V 2.6 (+ LoRA adapter)."
     )
     parser.add_argument("question", help="the user's question")
     parser.add_argument("--model", required=True, help="base (or merged) model directory or hub id")

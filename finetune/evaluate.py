@@ -6,9 +6,9 @@
 For every sample (a JSON list or JSON Lines file, exactly as for training; images resolved relative to the data
 file or --image_folder): all turns before the LAST assistant turn are the prompt, that assistant turn's content
 is the reference. The record is parsed by `finetune.dataset.parse_record` and the prompt built by
-`finetune.chat.build_prompt`, so images sit where training put them; the prompt is the published inference
-prompt (Llama-3 template ending with the assistant header, images as `(<image>./</image>)`). Decoding is greedy
-(num_beams 1, no repetition penalty).
+`finetune.chat.build_prompt`, so images and contents are what training wrote; the prompt is the published
+inference prompt of the model's version (its chat template ending with the assistant header, images as
+`(<image>./</image>)`). Decoding is greedy (num_beams 1, no repetition penalty).
 
 Scores (pure functions below; text normalised by strip + lowercase + collapsing whitespace, tokens = words):
 exact_match (normalised strings equal), token F1 (SQuAD-style bag-of-words overlap) and ROUGE-L (F1 of the

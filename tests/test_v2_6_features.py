@@ -6,6 +6,8 @@ runs it."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -14,11 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+import torch
+from helpers import base_args, free_port
+from safetensors.torch import load_file, save_file
 
 import finetune  # noqa: F401  (registers the Auto classes)
-from finetune.arguments import UsageError
+from finetune.arguments import DEFAULT_LORA_TARGETS, UsageError
+from finetune.dataset import DataCollator, DataSettings, SupervisedDataset
+from finetune.model.tokenization import SpecialTokens
+from finetune.model_setup import lora_targets
 from finetune.preflight import preflight
+from finetune.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "finetune" / "finetune_lora.sh"
@@ -121,3 +129,186 @@ def test_preflight_refuses_a_version_the_suite_does_not_implement(model_v2_6, da
                        "--output_dir", str(tmp_path / "out"), *extra])  # fmt: skip
         message = str(raised.value)
         assert "\n" not in message and f"version {version}" in message and "not" in message
+
+
+# --- 2. LoRA on Qwen2's biased projections, the adapter, QLoRA ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_v2_6(model_v2_6, data_v2_6, tmp_path_factory):
+    """(trainer, adapter directory): 4 in-process steps on the 2.6 tiny with the default flags (LoRA on the
+    default targets, resampler and vision tower trained)."""
+    out = tmp_path_factory.mktemp("run_v2_6") / "adapter"
+    trainer = train(base_args(model_v2_6, data_v2_6, out, "--max_steps", "4"))
+    return trainer, out
+
+
+def sample_batch(tokenizer, config, data: Path) -> dict:
+    """Every sample of DATA as one padded training batch (data + attention_mask)."""
+    dataset = SupervisedDataset(DataSettings(str(data)), tokenizer, config)
+    return DataCollator(SpecialTokens.from_tokenizer(tokenizer).pad, packing=False)(
+        [dataset[i] for i in range(len(dataset))]
+    )
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(data=batch["data"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_default_lora_targets_wrap_qwen2s_biased_projections_and_the_adapter_reloads(
+    trained_v2_6, model_v2_6, data_v2_6
+):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModel
+
+    trainer, out = trained_v2_6
+    base = AutoModel.from_pretrained(model_v2_6).eval()
+    targets = lora_targets(base, DEFAULT_LORA_TARGETS)
+    # Qwen2: q/k/v/o in each of the 2 decoder layers, q/k/v with biases, o_proj without
+    assert sorted(name.split("self_attn.")[1] for name in targets) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj"] * 2
+    )
+    assert {name.rsplit(".", 1)[1] for name in targets if base.get_submodule(name).bias is not None} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+    }
+
+    reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(model_v2_6), out).eval()
+    for name in targets:
+        wrapped = reloaded.base_model.model.get_submodule(name)
+        assert isinstance(wrapped, LoraLayer), name
+        original = base.get_submodule(name)
+        # the bias stays the base's (frozen, --lora_bias none) and is applied once, in the wrapped layer's base
+        assert (wrapped.base_layer.bias is None) == (original.bias is None)
+        if original.bias is not None:
+            assert torch.equal(wrapped.base_layer.bias, original.bias) and not wrapped.base_layer.bias.requires_grad
+    tokenizer = trainer.train_dataset.encoder.tokenizer
+    batch = sample_batch(tokenizer, base.config, data_v2_6)
+    expected = logits_of(trainer.model.eval(), batch)
+    torch.testing.assert_close(logits_of(reloaded, batch), expected, atol=1e-5, rtol=0)
+    assert (expected - logits_of(base, batch)).abs().max() > 1e-3, "the adapter must change the model"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (CPU 4-bit)")
+def test_q_lora_trains_2_6_and_the_adapter_reloads_on_the_4bit_base(model_v2_6, data_v2_6, tmp_path, monkeypatch):
+    """--q_lora on the 2.6 tiny: only the LLM's decoder linears (biased q/k/v included) are NF4; training steps and
+    the adapter gives the trained logits on a 4-bit base. finetune.py refuses --q_lora without CUDA (CPU 4-bit is
+    too slow for real training): only that check is relaxed here, as in test_qlora.py."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    import finetune.train as run
+
+    real_check = run.check_arguments
+    monkeypatch.setattr(
+        run, "check_arguments", lambda m, d, t, lora: real_check(m, d, t, dataclasses.replace(lora, q_lora=False))
+    )
+    out = tmp_path / "adapter"
+    trainer = run.train(base_args(model_v2_6, data_v2_6, out, "--q_lora", "true", "--bf16", "true", "--max_steps", "2",
+                                  "--tune_vision", "false", *([] if torch.cuda.is_available() else ["--use_cpu", "true"])))  # fmt: skip
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    quantized = {name for name, module in trainer.model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert quantized and all(".llm.model.layers." in name for name in quantized)
+    assert any(name.endswith("q_proj.base_layer") for name in quantized)
+
+    tokenizer = trainer.train_dataset.encoder.tokenizer
+    batch = sample_batch(tokenizer, trainer.model.base_model.model.config, data_v2_6)
+
+    def logits(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return logits_of(model, batch).float()
+
+    expected = logits(trainer.model.eval())
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["vpm", "resampler", "lm_head"])  # fmt: skip
+    base = AutoModel.from_pretrained(model_v2_6, dtype=torch.bfloat16, quantization_config=bnb_config)
+    on_4bit = PeftModel.from_pretrained(base, out).eval()
+    torch.testing.assert_close(logits(on_4bit), expected, atol=1e-2, rtol=0)
+
+
+# --- merge, chat, evaluate ----------------------------------------------------------------------------------------
+
+
+def test_merge_checks_the_2_6_base_and_the_merged_model_gives_the_adapters_logits(
+    trained_v2_6, model_v2_6, data_v2_6, tiny_model, tmp_path, capsys
+):
+    from transformers import AutoModel
+
+    from finetune import merge
+
+    trainer, adapter = trained_v2_6
+    merged = tmp_path / "merged"
+    assert (
+        merge.cli(["--base", str(model_v2_6), "--adapter", str(adapter), "--out", str(merged), "--dtype", "fp32"]) == 0
+    )
+    assert json.loads((merged / "config.json").read_text())["version"] == 2.6
+    model = AutoModel.from_pretrained(merged).eval()
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM"
+    batch = sample_batch(trainer.train_dataset.encoder.tokenizer, model.config, data_v2_6)
+    torch.testing.assert_close(logits_of(model, batch), logits_of(trainer.model.eval(), batch), atol=1e-4, rtol=0)
+
+    # another 2.6 base of the same shapes (one q_proj bias changed): refused by the recorded identity
+    other = Path(shutil.copytree(model_v2_6, tmp_path / "other"))
+    weights = load_file(other / "model.safetensors")
+    weights["llm.model.layers.0.self_attn.q_proj.bias"] = weights["llm.model.layers.0.self_attn.q_proj.bias"] + 0.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert merge.cli(["--base", str(other), "--adapter", str(adapter), "--out", str(tmp_path / "m2")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "was not trained on --base" in error
+    # a 2.5 base: refused before any weight loads
+    assert merge.cli(["--base", str(tiny_model), "--adapter", str(adapter), "--out", str(tmp_path / "m3")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "the base's resampler.kv_proj.weight has shape" in error
+
+
+def test_chat_prompt_is_the_2_6_training_prefix_with_contents_as_written(trained_v2_6, data_v2_6):
+    """chat / evaluate's prompt for every sample equals the training ids up to the last answer (ChatML, the
+    default system turn, no BOS, contents not stripped: 2.6's template does not trim them), pixels equal."""
+    from finetune.chat import build_prompt, load_image
+    from finetune.dataset import open_source, parse_record
+    from finetune.evaluate import split_record
+    from finetune.model.image_processing import normalize_pixels
+
+    trainer, _ = trained_v2_6
+    model = trainer.model.base_model.model
+    tokenizer = trainer.train_dataset.encoder.tokenizer
+    dataset = SupervisedDataset(DataSettings(str(data_v2_6), model_max_length=None), tokenizer, model.config)
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    source = open_source(str(data_v2_6))
+    for index in range(len(source)):
+        record = parse_record(source[index], source.location(index), str(data_v2_6.parent))
+        turns, _ = split_record(record)
+        prompt, images = build_prompt(tokenizer, turns, [(m, load_image(p)) for m, p in record.images])
+        assert prompt.endswith("<|im_start|>assistant\n")
+        inputs = model.prepare_inputs(prompt, images, tokenizer)
+        item = dataset.prepare(index)
+        ids = item.input_ids.tolist()
+        last_answer = max(i for i in range(len(ids)) if ids[i : i + len(header)] == header) + len(header)
+        assert inputs["input_ids"][0].tolist() == ids[:last_answer], (record.id, prompt)
+        torch.testing.assert_close(inputs["image_bound"][0], item.image_bound)
+        for a, b in zip(inputs["pixel_values"][0], item.pixel_values, strict=True):
+            torch.testing.assert_close(a, normalize_pixels(b), atol=1e-6, rtol=0)
+
+
+def test_chat_and_evaluate_run_on_the_2_6_adapter(trained_v2_6, model_v2_6, data_v2_6, golden_v2_6_images, tmp_path):
+    import io
+
+    from finetune.chat import chat, load_model
+    from finetune.evaluate import evaluate
+
+    _, adapter = trained_v2_6
+    model, tokenizer = load_model(str(model_v2_6), str(adapter), device="cpu", dtype="fp32")
+    stream = io.StringIO()
+    answer = chat(model, tokenizer, "What is it?", [str(golden_v2_6_images / "wide_260x150.png")], greedy=True,
+                  max_new_tokens=5, stream=stream)  # fmt: skip
+    assert answer and stream.getvalue().strip() == answer.strip()
+    summary = evaluate(model, tokenizer, str(data_v2_6), tmp_path / "pred.jsonl", max_new_tokens=4)
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert summary["samples"] == len(rows) == 4
+    assert all(row["prompt"].endswith("<|im_start|>assistant\n") for row in rows)
