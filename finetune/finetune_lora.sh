@@ -78,9 +78,9 @@ if [ -z "${PYTHON:-}" ]; then
     fi
 fi
 
-# AUTO=1: settings from the memory planner (python -m finetune.plan) for these GPUs; its flags go before the
-# user's own arguments, so flags given on the command line still win. GPU_MEM (GiB per GPU) overrides the
-# nvidia-smi reading; PLAN_OPTS passes more planner options (e.g. PLAN_OPTS="--q_lora --target-global-batch 32").
+# AUTO=1: settings from the memory planner (python -m finetune.plan) for these GPUs and MODEL's version; its flags
+# go before the user's own arguments, so flags given on the command line still win. GPU_MEM (GiB per GPU) overrides
+# the nvidia-smi reading; PLAN_OPTS passes more planner options (e.g. PLAN_OPTS="--q_lora --target-global-batch 32").
 if [ "${AUTO:-0}" = "1" ]; then
     if [ -z "${GPU_MEM:-}" ]; then
         GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 || true)
@@ -88,7 +88,7 @@ if [ "${AUTO:-0}" = "1" ]; then
         GPU_MEM=$(awk "BEGIN { print $GPU_MIB / 1024 }")
     fi
     # shellcheck disable=SC2086  # PLAN_OPTS is a list of words on purpose
-    PLAN_FLAGS=$(cd "$HERE/.." && "$PYTHON" -m finetune.plan --emit-args --gpus "$GPUS_PER_NODE" \
+    PLAN_FLAGS=$(cd "$HERE/.." && "$PYTHON" -m finetune.plan --emit-args --model "$MODEL" --gpus "$GPUS_PER_NODE" \
         --gpu-mem "$GPU_MEM" --tune-vision "${TUNE_VISION:-true}" ${PLAN_OPTS:-}) || exit $?
     echo "[auto] $PLAN_FLAGS"
     eval "set -- $PLAN_FLAGS \"\$@\""

@@ -2,6 +2,7 @@
 
     python -m finetune.plan --gpus 1 --gpu-mem 24 [--q_lora] [--tune-vision true|false] [--target-global-batch 16]
     python -m finetune.plan --gpus 2 --gpu-mem 80 --data train.json --model openbmb/MiniCPM-Llama3-V-2_5
+    python -m finetune.plan --gpus 1 --gpu-mem 24 --model openbmb/MiniCPM-V-2_6     # or --version 2.6
     python -m finetune.plan --gpus 1 --gpu-mem 24 --emit-args      # only the flags (AUTO=1 finetune_lora.sh)
     python -m finetune.plan --validate                              # predicted vs measured peaks (markdown)
 
@@ -32,6 +33,13 @@ and allocator slack, HEADROOM_GIB, before a plan is said to fit):
 Calibration: the measured peaks in plan_calibration.json (one record per measured configuration: the Setup it
 ran, the peak, device, date and source); `--validate` prints predicted against measured for each, and
 bench/README.md has that table with how the peaks were measured.
+
+Versions: the model is per MiniCPM-V version (`Setup.version`; `--version`, or the version of `--model`). The
+parameter counts (weights, LoRA, resampler, vision tower, lm_head) and the vocabulary come from the version's
+published architecture on the meta device; the activation constants are MiniCPM-Llama3-V-2.5's, scaled by the
+LLM's size (checkpointed: layers x hidden, the layer inputs kept; not checkpointed: layers x (hidden +
+intermediate), the tensors each layer saves). Every calibration record is 2.5's: the MiniCPM-V 2.6 predictions
+(Qwen2-7B: 28 layers of 3584, vocabulary 151,666, 64 queries) are NOT calibrated on a GPU yet, only scaled.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from pathlib import Path
 from transformers.hf_argparser import string_to_bool
 
 from finetune.cli import FlagParser
+from finetune.model.versions import VERSIONS, UnsupportedVersionError, version_named
 
 GiB = 1024**3
 HERE = Path(__file__).resolve().parent
@@ -120,16 +129,70 @@ class Counts:
     lora_per_rank: int  # LoRA parameters per unit of rank on the default q/k/v/o targets
 
 
+CALIBRATED_VERSION = "2.5"  # the version every measured peak of plan_calibration.json ran
+# The fields of a version's published config.json that its memory footprint depends on: the LLM's sizes, the
+# vocabulary, the resampler's queries and the vision tower (2.5's are finetune.synthetic's full-size config).
+PUBLISHED_ARCHITECTURES: dict[str, dict] = {
+    "2.6": {  # openbmb/MiniCPM-V-2_6
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": 151666, "tie_word_embeddings": False, "query_num": 64,
+        "vision_config": {"hidden_size": 1152, "image_size": 980, "intermediate_size": 4304, "model_type": "siglip",
+                          "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14},
+    },
+}  # fmt: skip
+
+
+def published_config(version: str = CALIBRATED_VERSION):
+    """The full-size config of a MiniCPM-V version as published (KeyError for a version the planner lacks)."""
+    from finetune.model.versions import CONFIG_CLASSES
+    from finetune.synthetic import full_size_config
+
+    if version == CALIBRATED_VERSION:
+        return full_size_config()
+    return CONFIG_CLASSES[version].from_dict(dict(PUBLISHED_ARCHITECTURES[version], version=float(version)))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The LLM sizes the activation constants scale with."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, version: str) -> Architecture:
+        config = published_config(version)
+        return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size)
+
+
 @cache
-def parameter_counts() -> Counts:
-    """Counted on the meta device from the published config (no memory, no weights)."""
+def activation_scales(version: str) -> tuple[float, float]:
+    """(checkpointed, not checkpointed) per-token activation bytes of `version` relative to the calibrated 2.5:
+    layers x hidden (each layer's input is kept) and layers x (hidden + intermediate) (what each layer saves).
+    Exactly 1.0 for 2.5, so its predictions are unchanged."""
+    if version == CALIBRATED_VERSION:
+        return 1.0, 1.0
+    own, calibrated = Architecture.of(version), Architecture.of(CALIBRATED_VERSION)
+    checkpointed = own.layers * own.hidden / (calibrated.layers * calibrated.hidden)
+    saved = (
+        own.layers
+        * (own.hidden + own.intermediate)
+        / (calibrated.layers * (calibrated.hidden + calibrated.intermediate))
+    )
+    return checkpointed, saved
+
+
+@cache
+def parameter_counts(version: str = CALIBRATED_VERSION) -> Counts:
+    """Counted on the meta device from the version's published config (no memory, no weights)."""
     import torch
 
     from finetune.arguments import DEFAULT_LORA_TARGETS
     from finetune.model_setup import lora_targets
     from finetune.synthetic import build_full_size_random
 
-    model = build_full_size_random("meta")
+    model = build_full_size_random("meta", config=published_config(version))
     targets = set(lora_targets(model, DEFAULT_LORA_TARGETS))
     decoder = lora = 0
     for name, module in model.named_modules():
@@ -172,11 +235,12 @@ class Setup:
     # ZeRO-3: the loss on each rank's rows of lm_head where they can be (finetune.py's default; False: the runs
     # measured before it, which gathered lm_head)
     vocab_shards: bool = True
+    version: str = CALIBRATED_VERSION  # the MiniCPM-V version (config.json's "version"); only 2.5 is calibrated
 
 
 def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
-    """Predicted peak allocated GiB per GPU, by term."""
-    c = parameter_counts()
+    """Predicted peak allocated GiB per GPU, by term (for 2.6: 2.5's calibration scaled, not measured)."""
+    c = parameter_counts(setup.version)
     n = setup.gpus if setup.zero_stage else 1
     lora = c.lora_per_rank * setup.lora_r
     full = c.resampler + (c.vision if setup.tune_vision else 0)  # trained in full, copied by modules_to_save
@@ -212,7 +276,12 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
         if setup.offload:  # offload_param as well in ds_config_zero3_offload.json
             weights = constants.zero3_live_gib * GiB
     tokens = setup.micro_batch * setup.tokens_per_sample
-    per_token = constants.act_gc_bytes_per_token if setup.gradient_checkpointing else constants.act_nogc_bytes_per_token
+    checkpointed_scale, saved_scale = activation_scales(setup.version)
+    per_token = (
+        constants.act_gc_bytes_per_token * checkpointed_scale
+        if setup.gradient_checkpointing
+        else constants.act_nogc_bytes_per_token * saved_scale
+    )
     views = setup.micro_batch * setup.views_per_sample
     if setup.tune_vision:
         per_view = (
@@ -283,6 +352,7 @@ class Plan:
         )
         lines = [
             f"plan for {s.gpus} GPU(s) x {self.gpu_mem:g} GiB{' (QLoRA NF4)' if s.q_lora else ''}:",
+            f"  model:                   MiniCPM-V {s.version} ({VERSIONS[s.version].hub_id} architecture)",
             f"  deepspeed:               {stage}{' + CPU offload' if s.offload else ''}",
             f"  optimizer:               {'AdamW, 8-bit states (bitsandbytes)' if s.optim_8bit else 'AdamW'}",
             f"  activation checkpointing: {s.gradient_checkpointing}",
@@ -339,6 +409,7 @@ def make_plan(
     max_slice_nums: int = 9,
     lora_r: int = 64,
     constants: Constants = CONSTANTS,
+    version: str = CALIBRATED_VERSION,
 ) -> Plan:
     if gpus < 1 or gpu_mem <= 0:
         return Plan(False, None, None, gpu_mem, message="plan: --gpus must be >= 1 and --gpu-mem > 0")
@@ -355,7 +426,7 @@ def make_plan(
                     continue
                 setup = Setup(gpus, candidate.zero_stage, candidate.offload, candidate.gradient_checkpointing, micro,
                               model_max_length, views, q_lora, tune_vision, lora_r, loss_chunk=candidate.loss_chunk,
-                              optim_8bit=candidate.optim_8bit, lean=candidate.lean)  # fmt: skip
+                              optim_8bit=candidate.optim_8bit, lean=candidate.lean, version=version)  # fmt: skip
                 predicted = predict(setup, constants)
                 if predicted["total"] <= budget:
                     best = (setup, predicted)
@@ -370,6 +441,9 @@ def make_plan(
                     notes.append(f"8-bit AdamW states (bitsandbytes){needs}")
                 if slices != max_slice_nums:
                     notes.append(f"max_slice_nums lowered {max_slice_nums} -> {slices} to fit")
+                if version != CALIBRATED_VERSION:
+                    notes.append(f"MiniCPM-V {version}: the {CALIBRATED_VERSION} calibration scaled to its sizes, "
+                                 "not measured on a GPU yet")  # fmt: skip
                 return Plan(True, setup, predicted, gpu_mem, accumulation, model_max_length, slices,
                             gpus * setup.micro_batch * accumulation, notes)  # fmt: skip
         if views_per_sample is not None or slices <= 1:
@@ -378,7 +452,7 @@ def make_plan(
     last = candidates(gpus, q_lora)[-1]
     fewest_views = 2.0 if views_per_sample is None else views_per_sample
     smallest = predict(Setup(gpus, last.zero_stage, last.offload, True, 1, model_max_length, fewest_views, q_lora, tune_vision,
-                             lora_r, loss_chunk=last.loss_chunk), constants)  # fmt: skip
+                             lora_r, loss_chunk=last.loss_chunk, version=version), constants)  # fmt: skip
     hints = []
     if not q_lora:
         hints.append("--q_lora")
@@ -461,7 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-mem", type=float, help="GiB of memory per GPU")
     parser.add_argument("--data", help="training data (model_max_length and views per sample from its lengths)")
     parser.add_argument(
-        "--model", default="openbmb/MiniCPM-Llama3-V-2_5", help="checkpoint whose tokenizer reads --data"
+        "--model",
+        help="checkpoint (directory or hub id): its version's architecture is planned for, its tokenizer reads "
+        "--data (default: the --version's published checkpoint)",
+    )
+    parser.add_argument(
+        "--version", choices=list(VERSIONS), help=f"MiniCPM-V version (default: --model's, else {CALIBRATED_VERSION})"
     )
     parser.add_argument("--q_lora", "--q-lora", action="store_true", help="4-bit NF4 LLM (bitsandbytes)")
     parser.add_argument("--target-global-batch", type=int, default=16)
@@ -481,6 +560,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def planned_version(model: str | None, version: str | None) -> str:
+    """The version to plan for: --version, else --model's (its config.json, read locally or from the local hub
+    cache; a published checkpoint's hub id), else the calibrated 2.5. ValueError (one line) when the model's version
+    is not implemented, cannot be told offline, or differs from --version."""
+    from finetune.base_identity import local_model_dir
+
+    if model is None:
+        return version or CALIBRATED_VERSION
+    directory = local_model_dir(model)
+    if directory is not None and (directory / "config.json").is_file():
+        try:
+            found = version_named(json.loads((directory / "config.json").read_text()).get("version")).name
+        except UnsupportedVersionError as error:
+            raise ValueError(f"--model {model}: {error}") from None
+    else:
+        found = next((v.name for v in VERSIONS.values() if v.hub_id == model), None)
+        if found is None:
+            if version is None:
+                raise ValueError(f"--model {model}: no local config.json to read its version from; pass --version")
+            return version
+    if version is not None and version != found:
+        raise ValueError(f"--version {version} but --model {model} is MiniCPM-V {found}")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.validate:
@@ -489,12 +593,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_mem is None:
         print("plan: --gpu-mem GiB is required", file=sys.stderr)
         return 2
+    try:
+        version = planned_version(args.model, args.version)
+    except ValueError as error:
+        print(f"plan: {error}", file=sys.stderr)
+        return 2
     model_max_length, views, stats = 2048, None, None
     if args.data:
-        model_max_length, views, stats = data_statistics(args.model, args.data, args.max_slice_nums)
+        model = args.model or VERSIONS[version].hub_id
+        model_max_length, views, stats = data_statistics(model, args.data, args.max_slice_nums)
     plan = make_plan(args.gpus, args.gpu_mem, q_lora=args.q_lora, tune_vision=args.tune_vision,
                      target_global_batch=args.target_global_batch, model_max_length=model_max_length,
-                     views_per_sample=views, max_slice_nums=args.max_slice_nums, lora_r=args.lora_r)  # fmt: skip
+                     views_per_sample=views, max_slice_nums=args.max_slice_nums, lora_r=args.lora_r,
+                     version=version)  # fmt: skip
     if not plan.fits:
         print(plan.message, file=sys.stderr)
         return 1

@@ -344,3 +344,49 @@ def test_deepspeed_trains_2_6_on_two_processes(model_v2_6, data_v2_6, tmp_path, 
     assert saved and all(tensor.numel() > 0 for tensor in saved.values())
     assert any("q_proj.lora_A" in name for name in saved)
     PeftModel.from_pretrained(AutoModel.from_pretrained(model_v2_6), out)
+
+
+# --- 3. planner and tuner -----------------------------------------------------------------------------------------
+
+
+def test_planner_plans_2_6_on_its_published_architecture(reference_v2_6):
+    """The 2.6 memory model counts the published 2.6 architecture: its config fields, every published tensor's
+    parameters, LoRA on Qwen2's q/k/v/o (grouped-query k/v), the 151,666-entry vocabulary in the loss's logits."""
+    from finetune.plan import PUBLISHED_ARCHITECTURES, GiB, Setup, parameter_counts, predict
+
+    published = json.loads((reference_v2_6 / "config.json").read_text())
+    for field, value in PUBLISHED_ARCHITECTURES["2.6"].items():
+        expected = published[field]
+        assert (value if field != "vision_config" else {k: value[k] for k in expected}) == expected, field
+    rows = [line.split("\t") for line in (reference_v2_6 / "param_shapes.tsv").read_text().splitlines()]
+    total = sum(int(row[2]) for row in rows if not row[0].startswith("#"))  # name, shape, element count
+    counts = parameter_counts("2.6")
+    assert counts.total == total and counts.vocab == published["vocab_size"]
+    hidden, kv = (
+        published["hidden_size"],
+        published["num_key_value_heads"] * published["hidden_size"] // published["num_attention_heads"],
+    )
+    assert counts.lora_per_rank == published["num_hidden_layers"] * (2 * (hidden + hidden) + 2 * (hidden + kv))
+
+    setup = Setup(version="2.6", tune_vision=False, fp32_trainable=False)
+    terms = predict(setup)
+    assert terms["weights"] == pytest.approx(2 * total / GiB)
+    assert terms["logits"] == pytest.approx(2048 * published["vocab_size"] * 10 / GiB)
+    assert terms["total"] != predict(Setup(tune_vision=False, fp32_trainable=False))["total"]
+
+
+def test_plan_command_takes_the_version_from_the_model_or_from_version(model_v2_6, capsys):
+    from finetune.plan import main
+
+    assert main(["--gpus", "1", "--gpu-mem", "40", "--model", str(model_v2_6), "--json"]) == 0
+    from_model = json.loads(capsys.readouterr().out)
+    assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.6", "--json"]) == 0
+    from_flag = json.loads(capsys.readouterr().out)
+    assert from_model["setup"]["version"] == from_flag["setup"]["version"] == "2.6"
+    assert from_model["predicted_gib"] == from_flag["predicted_gib"]
+    assert any("not measured on a GPU" in note for note in from_model["notes"])
+    assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.6"]) == 0
+    assert "model:                   MiniCPM-V 2.6 (openbmb/MiniCPM-V-2_6 architecture)" in capsys.readouterr().out
+    assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.5", "--model", str(model_v2_6)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--version 2.5" in error and "MiniCPM-V 2.6" in error
