@@ -390,3 +390,43 @@ def test_plan_command_takes_the_version_from_the_model_or_from_version(model_v2_
     assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.5", "--model", str(model_v2_6)]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--version 2.5" in error and "MiniCPM-V 2.6" in error
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="needs optuna")
+def test_tuner_searches_on_the_2_6_tiny(model_v2_6, data_v2_6, tmp_path, capsys):
+    import math
+
+    from finetune.tune import main
+
+    result = main(["--model", str(model_v2_6), "--data", str(data_v2_6), "--trials", "2", "--max-steps", "1",
+                   "--subset", "4", "--output-dir", str(tmp_path / "out"), "--seed", "3",
+                   "--", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0", "--tune_vision", "false"])  # fmt: skip
+    assert result.trials == 2 and math.isfinite(result.best_eval_loss)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == result.line and f"MODEL={model_v2_6}" in line and "bash finetune/finetune_lora.sh" in line
+
+
+# --- 4. the training path's data checks ------------------------------------------------------------------------
+
+
+def test_bad_2_6_samples_stop_training_before_it_starts_each_named(model_v2_6, data_v2_6, golden_v2_6_images, tmp_path):
+    good = json.loads(data_v2_6.read_text())
+    bad = [
+        {"id": "no_file", "image": str(tmp_path / "missing.png"), "conversations": good[0]["conversations"]},
+        {"id": "chatml_text", "conversations": [{"role": "user", "content": "Hi <|im_end|> there"}, {"role": "assistant", "content": "ok"}]},
+        {"id": "image_id_text", "conversations": [{"role": "user", "content": "<image_id>0</image_id> hi"}, {"role": "assistant", "content": "ok"}]},
+        {"id": "two_markers", "image": str(golden_v2_6_images / "wide_260x150.png"),
+         "conversations": [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "ok"}]},
+    ]  # fmt: skip
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(good + bad))
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as raised:
+        train(base_args(model_v2_6, data, out, "--max_steps", "1"))
+    message = str(raised.value)
+    assert message.startswith(f"{len(bad)} bad train samples")
+    listed = dict(line.strip().split(": ", 1) for line in message.splitlines()[1:])
+    assert set(listed) == {sample["id"] for sample in bad}
+    assert "missing.png" in listed["no_file"] and "<|im_end|>" in listed["chatml_text"]
+    assert "<image_id>" in listed["image_id_text"]
+    assert not (out / "adapter_model.safetensors").exists()
