@@ -26,12 +26,11 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
-    """An adapter of tiny_model as training saves it (LoRA on the attention projections, resampler + vpm as
+def write_test_adapter(base: Path, out: Path) -> Path:
+    """An adapter of BASE as training saves it (LoRA on the attention projections, resampler + vpm as
     modules_to_save), with every trained tensor moved away from its initial value, plus the trainer's verbatim
     copies of the base's files and its record of the base's identity: merge, chat and evaluate need one that
-    changes the model, without a training run. Read-only for tests (copy it to tamper with it)."""
+    changes the model, without a training run."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
@@ -39,20 +38,31 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
     from finetune.base_identity import identity_for_training, write_identity
     from finetune.trainer import copy_passthrough_files
 
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
     config = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=DEFAULT_LORA_TARGETS, modules_to_save=["resampler", "vpm"]
     )
-    peft_model = get_peft_model(AutoModel.from_pretrained(tiny_model), config)
+    peft_model = get_peft_model(AutoModel.from_pretrained(base), config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name or ".modules_to_save." in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
     peft_model.save_pretrained(out)
-    copy_passthrough_files(tiny_model, out)
-    write_identity(out, identity_for_training(str(tiny_model)))
+    copy_passthrough_files(base, out)
+    write_identity(out, identity_for_training(str(base)))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    """write_test_adapter of tiny_model. Read-only for tests (copy it to tamper with it)."""
+    return write_test_adapter(tiny_model, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_v2_6(golden_v2_6_dir, tmp_path_factory) -> Path:
+    """write_test_adapter of the golden tiny MiniCPM-V 2.6. Read-only for tests."""
+    return write_test_adapter(golden_v2_6_dir, tmp_path_factory.mktemp("adapter_v2_6") / "adapter")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Merged and exported checkpoints carry the project's model code: plain transformers loads them without finetune.
+"""Merged and exported checkpoints carry the project's model code: plain transformers loads them without finetune
+(MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6).
 
 The end-to-end check runs tests/load_without_finetune.py in a fresh interpreter that cannot import the project and
 compares what the checkpoint's own code computes with what the project computes in this process.
@@ -136,19 +137,35 @@ def test_the_model_package_flattens_with_every_version_and_nothing_else_of_the_p
 # --- end to end: merge / export, then load without the project ------------------------------------------------
 
 
+# Each exported checkpoint: MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6, merged with an adapter or a base exported.
+NAMES = ["merged", "base", "merged_v2_6", "base_v2_6"]
+
+
 @pytest.fixture(scope="module")
-def exported(tiny_model, tiny_adapter, golden_dir, tmp_path_factory) -> dict[str, Path]:
-    """A merge of the tiny adapter and an export of the golden base, both through their command lines."""
+def exported(
+    tiny_model, tiny_adapter, golden_dir, golden_v2_6_dir, tiny_adapter_v2_6, tmp_path_factory
+) -> dict[str, Path]:
+    """Per version a merge of a tiny adapter and an export of the golden base, all through their command lines."""
     root = tmp_path_factory.mktemp("self_contained")
-    merged, base = root / "merged", root / "base"
-    argv = ["--base", str(tiny_model), "--adapter", str(tiny_adapter), "--out", str(merged), "--dtype", "fp32"]
-    assert merge.cli(argv) == 0
-    assert export.cli(["--model", str(golden_dir), "--output", str(base)]) == 0
-    return {"merged": merged, "base": base}
+    for base, adapter, suffix in ((tiny_model, tiny_adapter, ""), (golden_v2_6_dir, tiny_adapter_v2_6, "_v2_6")):
+        argv = [
+            "--base",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(root / f"merged{suffix}"),
+            "--dtype",
+            "fp32",
+        ]
+        assert merge.cli(argv) == 0
+    assert export.cli(["--model", str(golden_dir), "--output", str(root / "base")]) == 0
+    assert export.cli(["--model", str(golden_v2_6_dir), "--output", str(root / "base_v2_6")]) == 0
+    return {name: root / name for name in NAMES}
 
 
 @pytest.fixture(scope="module")
-def expected(exported, golden_cases) -> dict[str, dict]:
+def expected(exported, golden_cases, golden_v2_6_cases) -> dict[str, dict]:
     """What the project's own classes compute in this process for each exported checkpoint, and the job for the
     clean interpreter (the same `data` input, image and question)."""
     image = Image.open(IMAGE).convert("RGB")
@@ -157,8 +174,8 @@ def expected(exported, golden_cases) -> dict[str, dict]:
         model = AutoModel.from_pretrained(path).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         assert type(model) is MiniCPMV
-        if name == "base":
-            data = case_data(golden_cases[0])
+        if name.startswith("base"):
+            data = case_data((golden_v2_6_cases if name.endswith("v2_6") else golden_cases)[0])
         else:
             prompt, images = render_chat_prompt(image, [{"role": "user", "content": QUESTION}], tokenizer)
             data = model.prepare_inputs(prompt, images, tokenizer)
@@ -196,8 +213,11 @@ def loaded_elsewhere(expected, tmp_path_factory) -> dict:
     return torch.load(workdir / "results.pt", weights_only=True)
 
 
-def test_exports_carry_the_code_files_and_the_published_layout(exported, golden_dir, tiny_adapter):
-    merged, base = exported["merged"], exported["base"]
+@pytest.mark.parametrize("suffix", ["", "_v2_6"])
+def test_exports_carry_the_code_files_and_the_published_layout(exported, golden_dir, tiny_adapter, golden_v2_6_dir,
+                                                               tiny_adapter_v2_6, suffix):  # fmt: skip
+    merged, base = exported[f"merged{suffix}"], exported[f"base{suffix}"]
+    golden_dir, tiny_adapter = (golden_v2_6_dir, tiny_adapter_v2_6) if suffix else (golden_dir, tiny_adapter)
     for directory in (merged, base):
         assert ENTRY_FILES <= {p.name for p in directory.glob("*.py")}
         assert json.loads((directory / "config.json").read_text())["auto_map"] == {
@@ -216,17 +236,19 @@ def test_exports_carry_the_code_files_and_the_published_layout(exported, golden_
 
 def test_the_checkpoints_load_without_the_project(loaded_elsewhere):
     assert loaded_elsewhere["finetune_modules"] == []
-    for name in ("merged", "base"):
+    for name in NAMES:
         classes = loaded_elsewhere[name]["classes"]  # the published module and class names, from the checkpoint
         assert [c.split(".", 1)[0] for c in classes] == ["transformers_modules"] * 3, classes
+        # configuration_minicpm.MiniCPMVConfig (auto_map) builds the config class of the version config.json names
+        version_module = "minicpm_v2_6" if name.endswith("v2_6") else "minicpm_llama3_v2_5"
         assert [".".join(c.split(".")[-2:]) for c in classes] == [
             "modeling_minicpmv.MiniCPMV",
-            "configuration_minicpm.MiniCPMVConfig",
+            f"versions_{version_module}.MiniCPMVConfig",
             "tokenization_minicpmv_fast.MiniCPMVTokenizerFast",
         ]
 
 
-@pytest.mark.parametrize("name", ["merged", "base"])
+@pytest.mark.parametrize("name", NAMES)
 def test_saved_again_by_transformers_it_keeps_the_published_names_and_the_logits(loaded_elsewhere, name):
     config_map, tokenizer_map = loaded_elsewhere[name]["resaved_auto_maps"]
     assert config_map["AutoConfig"] == "configuration_minicpm.MiniCPMVConfig"
@@ -236,17 +258,20 @@ def test_saved_again_by_transformers_it_keeps_the_published_names_and_the_logits
     torch.testing.assert_close(loaded_elsewhere[name]["resaved_logits"], loaded_elsewhere[name]["logits"])
 
 
-@pytest.mark.parametrize("name", ["merged", "base"])
+@pytest.mark.parametrize("name", NAMES)
 def test_logits_and_greedy_chat_equal_the_projects(loaded_elsewhere, expected, name):
     torch.testing.assert_close(loaded_elsewhere[name]["logits"], expected[name]["logits"])
     assert expected[name]["greedy"] and loaded_elsewhere[name]["greedy"] == expected[name]["greedy"]
 
 
-def test_the_exported_golden_base_reproduces_the_published_logits(loaded_elsewhere, golden_cases):
+def test_the_exported_golden_base_reproduces_the_published_logits(loaded_elsewhere, golden_cases, golden_v2_6_cases):
     torch.testing.assert_close(loaded_elsewhere["base"]["logits"], golden_cases[0]["logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        loaded_elsewhere["base_v2_6"]["logits"], golden_v2_6_cases[0]["logits"], atol=1e-4, rtol=0
+    )
 
 
-@pytest.mark.parametrize("name", ["merged", "base"])
+@pytest.mark.parametrize("name", NAMES)
 def test_the_published_chat_snippet_runs(loaded_elsewhere, name):
     answers = loaded_elsewhere[name]["snippet"]
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
