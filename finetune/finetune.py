@@ -1,4 +1,4 @@
-"""Fine-tune MiniCPM-Llama3-V-2.5 (LoRA or full) on JSON conversations with images.
+"""Fine-tune MiniCPM-Llama3-V-2.5 or MiniCPM-V 2.6 (LoRA or full) on JSON conversations with images.
 
 Launch (what users run; the launcher reads MODEL, DATA, EVAL_DATA, LLM_TYPE, OUTPUT_DIR, GPUS_PER_NODE, ...):
 

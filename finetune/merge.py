@@ -1,4 +1,4 @@
-"""Fold a LoRA adapter (and its trained resampler / vision tower) into a full MiniCPM-Llama3-V-2.5 checkpoint.
+"""Fold a LoRA adapter (and its trained resampler / vision tower) into a full MiniCPM-V checkpoint (2.5 or 2.6).
 
     python -m finetune.merge --base openbmb/MiniCPM-Llama3-V-2_5 --adapter output/output__lora --out merged \\
         [--dtype bf16|fp16|fp32] [--max_shard_size 5GB] [--device cpu|cuda] [--overwrite]

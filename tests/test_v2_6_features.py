@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -390,6 +391,25 @@ def test_plan_command_takes_the_version_from_the_model_or_from_version(model_v2_
     assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.5", "--model", str(model_v2_6)]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--version 2.5" in error and "MiniCPM-V 2.6" in error
+
+
+def test_launcher_auto_plans_for_the_models_version(model_v2_6, tmp_path):
+    """AUTO=1 on a 2.6 MODEL applies the 2.6 plan (stand-ins for torchrun and two GPUs' nvidia-smi)."""
+    from finetune.plan import make_plan
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool, script in (("torchrun", 'for a in "$@"; do printf "%s\\n" "$a"; done'),
+                         ("nvidia-smi", 'echo "GPU 0: stand-in"; echo "GPU 1: stand-in"')):  # fmt: skip
+        (fake / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (fake / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{PYTHON_BIN}:{os.environ['PATH']}", AUTO="1", GPU_MEM="24", GPUS_PER_NODE="2",
+               PYTHON=sys.executable, MODEL=str(model_v2_6), DATA="x.json", PYTHONPATH=str(ROOT), PREFLIGHT="0")  # fmt: skip
+    result = subprocess.run(["sh", str(LAUNCHER)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    planned = make_plan(2, 24, version="2.6").flags()
+    assert planned != make_plan(2, 24).flags()  # the versions' plans differ here: the check can fail
+    assert result.stdout.splitlines()[0] == "[auto] " + shlex.join(planned)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="needs optuna")
