@@ -23,7 +23,7 @@ from finetune.cli import model_dir_problem, unknown_flags_message
 from finetune.dataset import DataSettings, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable
 from finetune.model.kernels import liger_available
-from finetune.model.versions import ModelVersion, UnsupportedVersionError, version_named
+from finetune.model.versions import VERSIONS, ModelVersion, UnsupportedVersionError, version_named
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -256,18 +256,22 @@ UPSTREAM_LLM_TYPES = {"llama3": "2.5", "qwen": "2.6", "minicpm": "2.0"}
 
 def check_llm_type(llm_type: str | None, model_name_or_path: str) -> ModelVersion | None:
     """The version the model's config.json names (read from the local directory, or a hub id's cached snapshot;
-    no tokenizer or weights), refused when this suite does not implement it or when `llm_type` (None: take
-    the checkpoint's) is another version's. Returns None for a hub id not in the local cache: training checks
-    its tokenizer's chat tokens instead (finetune.data_setup)."""
+    no tokenizer or weights; a published checkpoint's hub id names its version without either), refused when this
+    suite does not implement it or when `llm_type` (None: take the checkpoint's) is another version's. Returns
+    None for another hub id not in the local cache: training checks its tokenizer's chat tokens instead
+    (finetune.data_setup)."""
     if llm_type is not None and llm_type not in UPSTREAM_LLM_TYPES:
         raise UsageError(f"--llm_type {llm_type}: choose one of {', '.join(UPSTREAM_LLM_TYPES)}, or leave it unset")
     directory = local_model_dir(model_name_or_path)
-    if directory is None or not (directory / "config.json").is_file():
-        return None
-    try:
-        version = version_named(json.loads((directory / "config.json").read_text()).get("version"))
-    except (UnsupportedVersionError, ValueError) as error:
-        raise UsageError(f"--model_name_or_path {model_name_or_path}: {error}") from error
+    if directory is not None and (directory / "config.json").is_file():
+        try:
+            version = version_named(json.loads((directory / "config.json").read_text()).get("version"))
+        except (UnsupportedVersionError, ValueError) as error:
+            raise UsageError(f"--model_name_or_path {model_name_or_path}: {error}") from error
+    else:
+        version = next((v for v in VERSIONS.values() if v.hub_id == model_name_or_path), None)
+        if version is None:
+            return None
     if llm_type is not None and llm_type != version.llm_type:
         raise UsageError(
             f"--llm_type {llm_type} (MiniCPM-V {UPSTREAM_LLM_TYPES[llm_type]}) does not fit --model_name_or_path "

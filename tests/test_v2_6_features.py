@@ -116,6 +116,10 @@ def test_llm_type_unset_or_empty_is_taken_from_the_checkpoint(model_v2_6, data_v
     for extra in ([], ["--llm_type", ""], ["--llm_type", "qwen"]):
         preflight(["--model_name_or_path", str(model_v2_6), "--data_path", str(data_v2_6),
                    "--output_dir", str(tmp_path / "out"), *extra])  # fmt: skip
+    # a published hub id names its version without a download (tests run offline)
+    with pytest.raises(UsageError, match="--llm_type llama3 .* openbmb/MiniCPM-V-2_6, a MiniCPM-V 2.6 checkpoint"):
+        preflight(["--model_name_or_path", "openbmb/MiniCPM-V-2_6", "--data_path", str(data_v2_6),
+                   "--output_dir", str(tmp_path / "out"), "--llm_type", "llama3"])  # fmt: skip
     with pytest.raises(UsageError, match="--llm_type mistral: choose one of llama3, qwen, minicpm"):
         preflight(["--model_name_or_path", str(model_v2_6), "--data_path", str(data_v2_6),
                    "--output_dir", str(tmp_path / "out"), "--llm_type", "mistral"])  # fmt: skip
