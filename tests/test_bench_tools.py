@@ -243,6 +243,7 @@ def check_ratios(record: dict, printed: dict[str, str]) -> None:
         assert printed[ratio["label"]] == ("-" if expected is None else f"{expected:.2f}x")
 
 
+@pytest.mark.slow
 def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_from_the_same_run(
     workspace, tmp_path, capsys
 ):
@@ -277,6 +278,7 @@ def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_fro
 @pytest.mark.parametrize(
     "suite, skipped", [("memory", {"upstream_zero2_offload_c512"}), ("qlora", {"lora_nf4_adamw", "lora_nf4_8bit_c512"})]
 )
+@pytest.mark.slow
 def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, workspace, tmp_path, capsys):
     status, lines, record = smoke_run([suite], workspace, tmp_path, capsys)
     assert status == 0
@@ -294,6 +296,7 @@ def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, work
     check_ratios(record, ratios)  # peak ratios: '-' without a GPU
 
 
+@pytest.mark.slow
 def test_multi_gpu_suites_smoke_run_their_rows_under_torchrun(workspace, tmp_path, capsys):
     status, lines, record = smoke_run(
         ["scaling", "--rows", "text_zero2_1gpu,text_zero2_2gpus"], workspace, tmp_path, capsys

@@ -345,6 +345,7 @@ def test_demo_data(tmp_path):
     assert "A red circle." in corpus or any("circle" in t for t in corpus)
 
 
+@pytest.mark.slow
 def test_command_line_tools(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
