@@ -20,6 +20,7 @@ from finetune.demo_data import demo_corpus, write_demo_dataset
 from finetune.model import MiniCPMV, MiniCPMVTokenizerFast, SpecialTokens, detect_llm_type
 from finetune.model.checkpoint import validate_checkpoint_dir
 from finetune.synthetic import (
+    DEMO_CONFIG_OVERRIDES,
     REFERENCE_CONFIG,
     SPECIAL_TOKENS,
     build_full_size_random,
@@ -512,6 +513,17 @@ def test_tiny_v2_6_trains_one_step_in_process(tiny_v2_6_dir, demo_factory, tmp_p
     assert trainer.state.global_step == 1 and len(logged) == 1 and math.isfinite(logged[0])
     assert (out / "adapter_model.safetensors").is_file()
     assert trainer.train_dataset.encoder.version.name == "2.6"
+
+
+def test_build_tiny_demo_sizes_take_a_version(tmp_path, capsys):
+    from finetune.build_tiny import main as build_tiny_main
+
+    build_tiny_main([str(tmp_path / "demo"), "--demo", "--version", "2.6"])
+    assert capsys.readouterr().out.startswith(f"wrote tiny MiniCPM-V-2_6 checkpoint to {tmp_path / 'demo'}")
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["version"] == 2.6 and config["patch_size"] == DEMO_CONFIG_OVERRIDES["patch_size"]
+    assert config["vision_config"]["hidden_size"] == DEMO_CONFIG_OVERRIDES["vision_config"]["hidden_size"]
+    validate_checkpoint_dir(tmp_path / "demo", MiniCPMV)
 
 
 def test_full_size_v2_6_on_meta_matches_published_parameters():
