@@ -1,8 +1,9 @@
 """What the benchmarks train on: a full-size random checkpoint on disk and three synthetic training sets.
 
-Nothing here downloads anything. The checkpoint has the published MiniCPM-Llama3-V-2.5 architecture with random
-weights (memory and speed do not depend on the weights' values) and a small demo tokenizer (its ids index the
-128,256-row embedding; the unused rows cost nothing). The sets:
+Nothing here downloads anything. The checkpoint has the published architecture of the MiniCPM-V version asked
+for (MiniCPM-Llama3-V-2.5 by default, or MiniCPM-V 2.6) with random weights (memory and speed do not depend on
+the weights' values) and that version's small demo tokenizer (its ids index the 128,256-row or 151,666-row
+embedding; the unused rows cost nothing). The sets, encoded with that tokenizer and its chat template:
 
     mm                multimodal: one JPEG of 400..2000 px per side (sliced by the real rule), 1-3 exchanges,
                       300..2000 tokens a sample (1209 tokens and 7.6 image views a sample on average)
@@ -12,7 +13,8 @@ weights (memory and speed do not depend on the weights' values) and a small demo
 
 `prepare_workspace` writes what is missing and reuses what a previous run left (a set is reused only when its
 parameters file matches). The tiny variant (smoke runs on CPU) uses the tiny test architecture, its 112-px
-slicing, 256-token text rows and multimodal samples a quarter of the size.
+slicing, 256-token text rows and multimodal samples a quarter of the size. Each version has its own checkpoint,
+tokenizer and sets in the work folder (2.5's keep their names; 2.6's end in `_v2_6`).
 """
 
 from __future__ import annotations
@@ -42,40 +44,57 @@ CHECKPOINT_MARKER = "bench_checkpoint.json"  # written last: a checkpoint cut sh
 
 @dataclass(frozen=True)
 class Workspace:
-    """Where a benchmark run finds its checkpoint and its training sets (train.json files)."""
+    """Where a benchmark run finds its checkpoint, its tokenizer and its training sets (train.json files)."""
 
     checkpoint: Path
     text: Path
     mm: Path
     mm_upstream_like: Path
     tiny: bool
+    tokenizer: Path
+    version: str = "2.5"
 
     def data(self, name: str) -> Path:
         return {"text": self.text, "mm": self.mm, "mm_upstream_like": self.mm_upstream_like}[name]
 
 
-def slice_settings(tiny: bool):
+def slice_settings(tiny: bool, version: str = "2.5"):
+    """The slicing of the tiny test architecture (112 px, 16 queries), or of the version's published model (448
+    px and its query count: 96 for 2.5, 64 for 2.6)."""
     from finetune.model.image_processing import SliceSettings
+    from finetune.synthetic import REFERENCE_CONFIGS
 
-    return SliceSettings(112, 14, 9, 16) if tiny else SliceSettings(448, 14, 9, 96)
+    return SliceSettings(112, 14, 9, 16) if tiny else SliceSettings(448, 14, 9, REFERENCE_CONFIGS[version]["query_num"])
+
+
+def _suffix(version: str) -> str:
+    """The version's part of the work folder's names: none for 2.5 (the names of earlier runs), `_v2_6` else."""
+    return "" if version == "2.5" else "_v" + version.replace(".", "_")
 
 
 def prepare_workspace(
-    folder: Path, tiny: bool, mm_samples: int = 64, text_samples: int = 96, checkpoint: bool = True
+    folder: Path,
+    tiny: bool,
+    mm_samples: int = 64,
+    text_samples: int = 96,
+    checkpoint: bool = True,
+    version: str = "2.5",
 ) -> Workspace:
-    """The checkpoint (unless not asked for) and the three sets under `folder`, written where missing. 96 text
-    samples: the timed steps of a run of up to 96 steps stay within one epoch (a DataLoader restart would fall in
-    the timing)."""
+    """The checkpoint of MiniCPM-V `version` (unless not asked for), its demo tokenizer and the three sets under
+    `folder`, written where missing. 96 text samples: the timed steps of a run of up to 96 steps stay within one
+    epoch (a DataLoader restart would fall in the timing)."""
     from finetune.synthetic import build_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = folder / ("checkpoint_tiny" if tiny else "checkpoint")
+    suffix = _suffix(version)
+    checkpoint_dir = folder / (("checkpoint_tiny" if tiny else "checkpoint") + suffix)
     if checkpoint:
-        write_checkpoint(checkpoint_dir, tiny)
-    tokenizer = build_tokenizer(folder / "tokenizer")  # the checkpoint's own (same corpus, same vocabulary size)
-    settings = slice_settings(tiny)
+        write_checkpoint(checkpoint_dir, tiny, version)
+    tokenizer_dir = folder / ("tokenizer" + suffix)
+    tokenizer = build_tokenizer(tokenizer_dir, version=version)  # the checkpoint's own (same corpus and size)
+    settings = slice_settings(tiny, version)
     text_length = 256 if tiny else 2048
-    sets = folder / ("data_tiny" if tiny else "data")
+    sets = folder / (("data_tiny" if tiny else "data") + suffix)
     return Workspace(
         checkpoint=checkpoint_dir,
         text=Path(make_text_dataset(str(sets / "text"), text_samples, tokenizer, settings, length=text_length)),
@@ -90,30 +109,34 @@ def prepare_workspace(
             )
         ),
         tiny=tiny,
+        tokenizer=tokenizer_dir,
+        version=version,
     )
 
 
-def write_checkpoint(folder: Path, tiny: bool) -> Path:
-    """The full-size architecture with random weights in bf16 (5 safetensors shards, ~16 GB; built on the GPU in
-    about a second, written in ~20 s) beside the demo tokenizer and the published sidecar files, or the tiny test
-    checkpoint. Reused when a complete one is there."""
+def write_checkpoint(folder: Path, tiny: bool, version: str = "2.5") -> Path:
+    """The full-size architecture of MiniCPM-V `version` with random weights in bf16 (safetensors shards of 4 GB,
+    ~16 GB; built on the GPU in about a second, written in ~20 s) beside the version's demo tokenizer and the
+    published sidecar files, or the tiny test checkpoint of that version. Reused when a complete one is there."""
     import torch
 
     from finetune.synthetic import build_full_size_random, build_tiny_checkpoint, build_tokenizer, write_sidecar_files
 
     marker = folder / CHECKPOINT_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == {"tiny": tiny}:
+    made = {"tiny": tiny, "version": version}
+    if marker.is_file() and json.loads(marker.read_text()) == made:
         return folder
     marker.unlink(missing_ok=True)
     if tiny:
-        build_tiny_checkpoint(folder, seed=0)
+        build_tiny_checkpoint(folder, seed=0, version=version)
     else:
-        build_tokenizer(folder)
-        model = build_full_size_random("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        build_tokenizer(folder, version=version)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = build_full_size_random(device, dtype=torch.bfloat16, version=version)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="4GB")
         write_sidecar_files(folder, model.config)
         del model
-    marker.write_text(json.dumps({"tiny": tiny}))
+    marker.write_text(json.dumps(made))
     return folder
 
 
@@ -250,7 +273,7 @@ def mm_set_stats(data_path: str, tokenizer, settings) -> dict:
 def make_text_dataset(folder: str, num: int, tokenizer, settings, length: int = 2048, seed: int = 0) -> str:
     """Write `num` text-only samples (one question, one long answer) whose encoded length is in
     [length - 24, length]: the Trainer's counterpart of the bench loop's random-id text rows (the labels are the
-    answer and its <|eot_id|>, ~98% of the row). Returns the JSON path; a set made with the same parameters is
+    answer and its end of turn, ~98% of the row). Returns the JSON path; a set made with the same parameters is
     reused."""
     from finetune.dataset import ConversationEncoder
 

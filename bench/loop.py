@@ -1,16 +1,18 @@
-"""The baseline: MiniCPM-Llama3-V-2.5 LoRA trained the plain transformers + PEFT way, in one process.
+"""The baseline: MiniCPM-V LoRA trained the plain transformers + PEFT way, in one process.
 
 This is what the suite is compared against: the published model's own loss path and nothing of the suite's.
-Each row builds the full-size architecture with random weights on the GPU in bf16
-(finetune.synthetic.build_full_size_random; the tiny test architecture in smoke runs), makes it trainable
+Each row builds the full-size architecture of the version asked for (MiniCPM-Llama3-V-2.5 by default, or
+MiniCPM-V 2.6) with random weights on the GPU in bf16 (finetune.synthetic.build_full_size_random; the tiny test
+architecture of that version in smoke runs), makes it trainable
 as finetune.py does (PEFT LoRA r64 / alpha 64 / dropout 0.05 on the LLM's q/k/v/o; the resampler, and the
 vision tower in the upstream recipe, as PEFT modules_to_save), and takes optimizer steps the way
 transformers.Trainer does without DeepSpeed: forward under torch.autocast(bf16), loss.backward(),
 clip_grad_norm_(1.0), fused torch AdamW (lr 1e-5, betas 0.9 / 0.95, weight decay 0.1), zero_grad, and a
 torch.cuda.synchronize at every step end.
 
-The baseline's path: `model(data=..., labels=..., attention_mask=..., return_logits=True)`, so LlamaForCausalLM
-computes the full [tokens, 128256] logits and transformers' ForCausalLMLoss; samples padded to the longest
+The baseline's path: `model(data=..., labels=..., attention_mask=..., return_logits=True)`, so the version's
+LLM class (LlamaForCausalLM, Qwen2ForCausalLM) computes the full [tokens, vocabulary] logits (128,256 / 151,666)
+and transformers' ForCausalLMLoss; samples padded to the longest
 (no packing); gradient checkpointing (non-reentrant) unless the row says `nogc`; sdpa attention; the trainable
 resampler / vision-tower copies left in bf16 as loaded; a text-only step runs the published dummy image through
 the vision tower, as upstream's model does.
@@ -63,6 +65,7 @@ class LoopSettings:
     mm_batch: int = 4  # multimodal samples a step
     workers: int = 6  # DataLoader workers (multimodal)
     tiny: bool = False  # the tiny test architecture (smoke runs; CPU works)
+    version: str = "2.5"  # the MiniCPM-V version (config.json's "version": 2.5 or 2.6)
 
 
 # --- FLOP accounting ----------------------------------------------------------------------------------------
@@ -102,7 +105,7 @@ def flops_of_batch(
     Vision tower (per view of P real patches): forward 2 * N_vis * P + 4 * P^2 * d_v * L_v, times 3 when the tower
         is trained (input + weight gradients), times 1 when frozen (nothing upstream of it needs a gradient).
     Resampler (always trained) per patch: kv_proj + k/v in-projections, 2 * N_res * P, times 3 when the tower is
-        trained, times 2 when not (weight gradients only); its 96-query side is negligible and not counted.
+        trained, times 2 when not (weight gradients only); its query side (96 or 64 queries) is negligible and not counted.
     """
     tokens = sum(seq_lengths)
     llm = 4 * shapes["llm_layer_params"] * tokens + 4 * shapes["lm_head_params"] * label_tokens
@@ -140,18 +143,19 @@ def batch_stats(batch) -> tuple[list[int], int, list[int], int]:
 # --- the model and its steps --------------------------------------------------------------------------------
 
 
-def build_model(row: LoopRow, device: torch.device, tiny: bool = False):
-    """The row's model, trainable as finetune.py makes it, with the baseline's choices (above)."""
+def build_model(row: LoopRow, device: torch.device, tiny: bool = False, version: str = "2.5"):
+    """The row's model of MiniCPM-V `version`, trainable as finetune.py makes it, with the baseline's choices
+    (above)."""
     from finetune.arguments import DEFAULT_LORA_TARGETS
     from finetune.model_setup import configure_trainable
     from finetune.synthetic import build_full_size_random, build_tiny_model, tiny_config
 
     if tiny:
-        model = build_tiny_model(tiny_config()).to(device)
+        model = build_tiny_model(tiny_config(version=version)).to(device)
         if device.type == "cuda":
             model = model.to(torch.bfloat16)
     else:
-        model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = build_full_size_random(device, dtype=torch.bfloat16, attn_implementation="sdpa", version=version)
     model.config.use_cache = False
     model.configure_runtime(
         dummy_image_stand_in=False
@@ -248,12 +252,13 @@ def run_row(row: LoopRow, settings: LoopSettings, device: torch.device, mm_datas
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(row, device, settings.tiny)
+    model = build_model(row, device, settings.tiny, settings.version)
     shapes = model_shapes(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     if row.workload == "text":
         vocab = model.get_base_model().config.vocab_size
+        # ids below 128000: no special token of either version (2.5's from 128000, 2.6's <unk> 128244 and 151643+)
         batches = text_batches(min(vocab, 128000), settings.text_len, rows=settings.text_rows)
     else:
         batches = mm_batches(mm_dataset, pad_id, settings, device)

@@ -1,6 +1,7 @@
 """The benchmark's suites: what each runs, how its rows are run, and the markdown table it prints.
 
     python -m bench SUITE [--smoke] [--gpus N] [--json PATH] [--markdown PATH] [--calibration PATH] ...
+    python -m bench headline|memory --version 2.6 [...]
     python -m bench --list
 
 Suites (bench/README.md has their current results and how they are measured):
@@ -16,6 +17,10 @@ A training suite has two kinds of rows. Baseline rows (bench.loop) run in this p
 finetune.py rows (bench.trainer_bench) run finetune.py's whole training in a process of their own, through
 `python -m torch.distributed.run` (their peak memory and compile caches are their own). Every number of a table
 comes from this one run, and the ratios below it are computed from the table's rows.
+
+`--version 2.6` runs the headline and memory suites on MiniCPM-V 2.6 (default: MiniCPM-Llama3-V-2.5): its
+full-size random checkpoint, its demo tokenizer and chat template for the sets, `--llm_type qwen` for
+finetune.py; the planner's column stays empty there (finetune.plan models 2.5).
 
 `--smoke` runs every suite on the CPU with the tiny test architecture and a few steps: the same rows, the same
 table and ratios, numbers that say nothing. There, finetune.py rows without DeepSpeed run in this process (a
@@ -48,6 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIGS = ROOT / "finetune"
 DEFAULT_WORK_DIR = Path(os.environ.get("BENCH_WORK_DIR", "/tmp/minicpmv-bench"))
 UPSTREAM, LORA_ONLY = ("--tune_vision", "true"), ("--tune_vision", "false")
+MODEL_VERSIONS = ("2.5", "2.6")  # config.json's "version" of the models the suites can run
+VERSIONED_SUITES = ("headline", "memory")  # the suites that run on a version other than 2.5
+PLANNED_VERSIONS = ("2.5",)  # the versions finetune.plan predicts peak memory for
 LEVERS = ("--optim", "adamw_bnb_8bit", "--loss_chunk_size", "512")  # 8-bit AdamW states, a 512-label loss chunk
 
 
@@ -419,7 +427,7 @@ def markdown(header: dict, columns: tuple[str, ...], results: list[dict], ratios
     return "\n".join(lines) + "\n"
 
 
-def environment(smoke: bool) -> dict:
+def environment(smoke: bool, version: str = "2.5") -> dict:
     import torch
     import transformers
 
@@ -442,8 +450,9 @@ def environment(smoke: bool) -> dict:
         )
     else:
         device = f"CPU ({os.cpu_count()} cores{', ' + platform.processor() if platform.processor() else ''})"
-    workload = ("SMOKE RUN: the tiny test architecture, a few steps; the numbers say nothing about speed or memory" if smoke
-                else "the full-size MiniCPM-Llama3-V-2.5 architecture with random weights, bf16; 2048-token text rows")  # fmt: skip
+    model = {"2.5": "MiniCPM-Llama3-V-2.5", "2.6": "MiniCPM-V 2.6"}[version]
+    workload = (f"SMOKE RUN: the tiny test architecture ({model} layout), a few steps; the numbers say nothing about speed or memory" if smoke
+                else f"the full-size {model} architecture with random weights, bf16; 2048-token text rows")  # fmt: skip
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
             "versions": ", ".join(versions), "workload": workload}  # fmt: skip
 
@@ -461,6 +470,7 @@ class Run:
     work_dir: Path
     phases: str | None = None
     row_timeout: int = 1800
+    version: str = "2.5"  # the MiniCPM-V version (MODEL_VERSIONS)
     workspace: Workspace | None = None
     logs: Path = field(init=False)
 
@@ -480,8 +490,12 @@ def _free_port() -> int:
 
 
 def trainer_argv(row: TrainerRow, run: Run, output_dir: Path) -> list[str]:
-    """finetune.py's arguments for a row: the common ones, the data's, the row's, then the smoke run's."""
-    argv = ["--model_name_or_path", str(run.workspace.checkpoint), "--data_path", str(run.workspace.data(row.data)),
+    """finetune.py's arguments for a row: the common ones (the version's --llm_type among them), the data's, the
+    row's, then the smoke run's."""
+    from finetune.model.versions import VERSIONS
+
+    argv = ["--model_name_or_path", str(run.workspace.checkpoint), "--llm_type", VERSIONS[run.version].llm_type,
+            "--data_path", str(run.workspace.data(row.data)),
             "--output_dir", str(output_dir), "--overwrite_output_dir", "true", "--use_lora", "true", "--model_max_length", "2048",
             "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--max_steps", str(row.steps)]  # fmt: skip
     if row.data == "text":
@@ -538,7 +552,7 @@ def run_trainer_row(row: TrainerRow, run: Run) -> dict:
         "losses": report["losses"],
         "report": report,
     }
-    if peaks:
+    if peaks and run.version in PLANNED_VERSIONS:
         from bench.calibration import setup_of_report
         from finetune.plan import predict
 
@@ -573,9 +587,11 @@ def run_baseline_row(row: BaselineRow, run: Run) -> dict:
     from bench import loop
 
     if run.smoke:
-        settings = loop.LoopSettings(steps=2, warmup=1, text_len=128, text_rows=row.text_rows, workers=0, tiny=True)
+        settings = loop.LoopSettings(
+            steps=2, warmup=1, text_len=128, text_rows=row.text_rows, workers=0, tiny=True, version=run.version
+        )
     else:
-        settings = loop.LoopSettings(text_rows=row.text_rows)
+        settings = loop.LoopSettings(text_rows=row.text_rows, version=run.version)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loop_row = loop.ROW_BY_NAME[row.loop_row]
     dataset, pad_id = None, 0
@@ -595,12 +611,13 @@ def run_baseline_row(row: BaselineRow, run: Run) -> dict:
 def _mm_dataset(run: Run, name: str):
     from bench.data import slice_settings
     from finetune.dataset import DataSettings, SupervisedDataset
-    from finetune.model.tokenization import SpecialTokens
-    from finetune.synthetic import build_tokenizer
+    from finetune.model.tokenization import MiniCPMVTokenizerFast, SpecialTokens
 
-    tokenizer = build_tokenizer(run.work_dir / "tokenizer")
+    tokenizer = MiniCPMVTokenizerFast.from_pretrained(str(run.workspace.tokenizer))
     dataset = SupervisedDataset(
-        DataSettings(str(run.workspace.data(name)), model_max_length=2048), tokenizer, slice_settings(run.smoke)
+        DataSettings(str(run.workspace.data(name)), model_max_length=2048),
+        tokenizer,
+        slice_settings(run.smoke, run.version),
     )
     return dataset, SpecialTokens.from_tokenizer(tokenizer).pad
 
@@ -612,7 +629,7 @@ def run_suite(suite: Suite, run: Run, only: list[str] | None = None) -> list[dic
     start = time.perf_counter()
     checkpoint = any(isinstance(row, TrainerRow) for row in rows)
     run.workspace = prepare_workspace(
-        run.work_dir, tiny=run.smoke, mm_samples=8 if run.smoke else 64, checkpoint=checkpoint
+        run.work_dir, tiny=run.smoke, mm_samples=8 if run.smoke else 64, checkpoint=checkpoint, version=run.version
     )
     _progress(f"checkpoint and data ready in {run.work_dir} ({time.perf_counter() - start:.0f} s)")
     results = []
@@ -641,6 +658,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus", type=int, default=None, help="N of the multi-GPU suites (default: every visible GPU; 2 in smoke runs)"
     )
     parser.add_argument("--rows", default=None, help="only these rows (comma-separated names)")
+    parser.add_argument(
+        "--version",
+        "--model-version",
+        dest="version",
+        choices=MODEL_VERSIONS,
+        default="2.5",
+        help=f"MiniCPM-V version: 2.5 (MiniCPM-Llama3-V-2.5, the default) or 2.6 ({' and '.join(VERSIONED_SUITES)} suites)",
+    )
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -680,8 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.suite is None:
         parser.error("name a suite (or --list)")
+    if args.version != "2.5" and args.suite not in VERSIONED_SUITES:
+        parser.error(f"--version {args.version}: only the {' and '.join(VERSIONED_SUITES)} suites run on it")
+    if args.calibration and args.version not in PLANNED_VERSIONS:
+        parser.error(f"--calibration with --version {args.version}: the planner's records are MiniCPM-Llama3-V-2.5's")
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    header = {"suite": args.suite, "command": command, **environment(args.smoke)}
+    header = {"suite": args.suite, "command": command, **environment(args.smoke, args.version)}
     if args.suite == DATA_SUITE:
         from bench.data_prep import time_cases
 
@@ -703,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(only or []) - {row.name for row in suite.rows(gpus)})
         if unknown:
             parser.error(f"{args.suite} has no rows {', '.join(unknown)} (see --list)")
-        run = Run(args.suite, args.smoke, gpus, work_dir, args.phases, args.row_timeout)
+        run = Run(args.suite, args.smoke, gpus, work_dir, args.phases, args.row_timeout, args.version)
         results = run_suite(suite, run, only)
         columns, ratios = suite.columns, ratio_values(suite.ratios(gpus), results)
         if args.calibration:

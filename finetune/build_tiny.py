@@ -1,5 +1,5 @@
-"""`python -m finetune.build_tiny OUT_DIR [--seed N] [--shards K]`: write a tiny random-weight
-MiniCPM-Llama3-V-2.5 checkpoint in the published layout (tokenizer trained on the bundled demo texts)."""
+"""`python -m finetune.build_tiny OUT_DIR [--version 2.5|2.6] [--seed N] [--shards K] [--demo]`: write a tiny
+random-weight MiniCPM-V checkpoint in the published layout (tokenizer trained on the bundled demo texts)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m finetune.build_tiny", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
+    parser.add_argument(
+        "--version",
+        choices=("2.5", "2.6"),
+        default="2.5",
+        help="MiniCPM-V version: 2.5 (MiniCPM-Llama3-V-2.5, the default) or 2.6 (MiniCPM-V 2.6)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
-        "--vocab-size", type=int, default=1024, help="tokenizer size cap incl. 256 specials (default 1024)"
+        "--vocab-size",
+        type=int,
+        default=1024,
+        help="tokenizer size cap incl. the special tokens (2.5: 256, 2.6: 24; default 1024)",
     )
     parser.add_argument(
         "--shards", type=int, default=0, help="also write a sharded copy (published layout) to OUT_DIR-sharded"
@@ -23,14 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    from finetune.model.versions import VERSIONS
     from finetune.synthetic import DEMO_CONFIG_OVERRIDES, build_tiny_checkpoint, write_published_shards
 
     overrides = DEMO_CONFIG_OVERRIDES if args.demo else None
     out_dir = build_tiny_checkpoint(
-        args.out_dir, seed=args.seed, vocab_size=args.vocab_size, config_overrides=overrides
+        args.out_dir, seed=args.seed, vocab_size=args.vocab_size, config_overrides=overrides, version=args.version
     )
     config = json.loads((out_dir / "config.json").read_text())
-    print(f"wrote tiny MiniCPM-Llama3-V-2.5 checkpoint to {out_dir} (seed {args.seed}):")
+    model_name = VERSIONS[args.version].hub_id.split("/")[-1]
+    print(f"wrote tiny {model_name} checkpoint to {out_dir} (seed {args.seed}):")
     for path in sorted(out_dir.iterdir()):
         print(f"  {path.name:28s} {path.stat().st_size:>12,d} bytes")
     print(

@@ -29,6 +29,7 @@ def test_the_last_deepspeed_flag_wins_and_an_empty_one_means_none():
     assert deepspeed_config(["--max_steps", "1"]) == ""
 
 
+@pytest.mark.slow
 def test_auto_launcher_trains_on_a_cpu_machine(tiny_model, demo, tmp_path):
     """AUTO=1 GPU_MEM=24: the planner's `--deepspeed ''` after the launcher's own config means no DeepSpeed."""
     report = tmp_path / "report"

@@ -4,6 +4,7 @@ them), and the measuring pieces it is built from (bench/)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,7 @@ def check_ratios(record: dict, printed: dict[str, str]) -> None:
         assert printed[ratio["label"]] == ("-" if expected is None else f"{expected:.2f}x")
 
 
+@pytest.mark.slow
 def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_from_the_same_run(
     workspace, tmp_path, capsys
 ):
@@ -277,6 +279,7 @@ def test_headline_smoke_run_prints_baseline_and_finetune_py_rows_with_ratios_fro
 @pytest.mark.parametrize(
     "suite, skipped", [("memory", {"upstream_zero2_offload_c512"}), ("qlora", {"lora_nf4_adamw", "lora_nf4_8bit_c512"})]
 )
+@pytest.mark.slow
 def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, workspace, tmp_path, capsys):
     status, lines, record = smoke_run([suite], workspace, tmp_path, capsys)
     assert status == 0
@@ -294,6 +297,7 @@ def test_memory_suites_smoke_run_skip_only_what_needs_a_gpu(suite, skipped, work
     check_ratios(record, ratios)  # peak ratios: '-' without a GPU
 
 
+@pytest.mark.slow
 def test_multi_gpu_suites_smoke_run_their_rows_under_torchrun(workspace, tmp_path, capsys):
     status, lines, record = smoke_run(
         ["scaling", "--rows", "text_zero2_1gpu,text_zero2_2gpus"], workspace, tmp_path, capsys
@@ -377,3 +381,146 @@ def test_a_trainer_report_becomes_the_planners_setup_and_refreshes_its_record(tm
         ("other", 20.48),
         ("lora_zero3_2gpus", 10.5),
     ]
+
+
+# --- MiniCPM-V 2.6 (--version 2.6) -----------------------------------------------------------------------------
+
+
+def test_the_baseline_builds_the_full_size_2_6_with_its_own_dimensions():
+    """The GPU path's model, on the meta device: the published 2.6 architecture, trainable as the row says, and
+    the FLOP count's shapes read from it (hidden 3584, 28 layers, 4 KV heads, vocabulary 151666, 64 queries)."""
+    from bench.loop import ROW_BY_NAME, build_model, model_shapes
+    from finetune.model.versions import MINICPM_V_2_6, version_of
+
+    model = build_model(ROW_BY_NAME["mm_upstream_baseline"], torch.device("meta"), version="2.6")
+    base = model.get_base_model()
+    assert version_of(base.config) is MINICPM_V_2_6 and type(base.llm).__name__ == "Qwen2ForCausalLM"
+    assert base.config.num_key_value_heads == 4 and tuple(base.resampler.query.shape) == (64, 3584)
+    assert any(p.requires_grad for p in base.vpm.parameters())  # the upstream recipe trains the vision tower
+    shapes = model_shapes(model)
+    assert (shapes["llm_layers"], shapes["llm_attn_width"]) == (28, 3584)
+    assert shapes["lm_head_params"] == 151666 * 3584
+    assert shapes["llm_layer_params"] == 28 * (3584 * 3584 * 2 + 3584 * 512 * 2 + 3 * 3584 * 18944)
+
+
+def test_version_2_6_settings_and_refusals(tmp_path, capsys):
+    from bench.data import Workspace, slice_settings
+    from bench.suites import Run, TrainerRow, trainer_argv
+
+    assert slice_settings(False, "2.6").query_num == 64 and slice_settings(False).query_num == 96
+    assert slice_settings(True, "2.6").query_num == 16
+    run = Run("headline", True, 1, tmp_path, version="2.6")
+    run.workspace = Workspace(
+        tmp_path / "c", tmp_path / "t", tmp_path / "m", tmp_path / "u", True, tmp_path / "k", "2.6"
+    )
+    argv = trainer_argv(TrainerRow("r", "a row", "text"), run, tmp_path / "out")
+    assert argv[argv.index("--llm_type") + 1] == "qwen"
+    for args, message in (
+        (["qlora", "--version", "2.6"], "--version 2.6: only the headline and memory suites run on it"),
+        (["memory", "--model-version", "2.6", "--calibration", str(tmp_path / "c.json")], "--calibration with --version 2.6"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            main([*args, "--smoke", "--work-dir", str(tmp_path)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def workspace_v2_6(tmp_path_factory) -> Path:
+    """The tiny 2.6 checkpoint, its tokenizer and data sets, built once for the 2.6 smoke runs."""
+    folder = tmp_path_factory.mktemp("bench_v2_6")
+    prepare_workspace(folder, tiny=True, mm_samples=8, version="2.6")
+    return folder
+
+
+@pytest.fixture
+def versions_trained(monkeypatch) -> dict[str, list]:
+    """Records what each row trained: the baseline's model version, finetune.py's command line."""
+    from bench import loop, trainer_bench
+    from finetune.model.versions import version_of
+
+    seen: dict[str, list] = {"baseline": [], "finetune.py": []}
+    build_model, run = loop.build_model, trainer_bench.run
+
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        seen["baseline"].append(version_of(model.get_base_model().config).name)
+        return model
+
+    def recording_run(argv, settings):
+        seen["finetune.py"].append(list(argv))
+        return run(argv, settings)
+
+    monkeypatch.setattr(loop, "build_model", recording_build_model)
+    monkeypatch.setattr(trainer_bench, "run", recording_run)
+    return seen
+
+
+def check_2_6_rows(seen: dict[str, list], workspace: Path, baseline_rows: int, trainer_rows: int) -> None:
+    assert seen["baseline"] == ["2.6"] * baseline_rows
+    assert len(seen["finetune.py"]) == trainer_rows
+    for argv in seen["finetune.py"]:
+        assert argv[argv.index("--llm_type") + 1] == "qwen"
+        assert argv[argv.index("--model_name_or_path") + 1] == str(workspace / "checkpoint_tiny_v2_6")
+        assert Path(argv[argv.index("--data_path") + 1]).parent.parent == workspace / "data_tiny_v2_6"
+    config = json.loads((workspace / "checkpoint_tiny_v2_6" / "config.json").read_text())
+    assert config["version"] == 2.6
+
+
+@pytest.mark.slow
+def test_headline_smoke_run_on_2_6(workspace_v2_6, versions_trained, tmp_path, capsys):
+    status, lines, record = smoke_run(["headline", "--version", "2.6"], workspace_v2_6, tmp_path, capsys)
+    assert status == 0
+    check_header(lines, "headline")
+    assert "MiniCPM-V 2.6" in next(line for line in lines if line.startswith("- workload: "))
+    _, rows, ratios = table(lines)
+    assert list(rows) == [row.name for row in SUITES["headline"].rows(2)]
+    assert all(row["tokens_per_s"] > 0 and all(map(math.isfinite, row["losses"])) for row in record["rows"])
+    check_2_6_rows(versions_trained, workspace_v2_6, baseline_rows=5, trainer_rows=4)
+    # the text set is written in 2.6's chat format: ChatML with the default system turn, no BOS
+    text_set = json.loads((workspace_v2_6 / "data_tiny_v2_6" / "text" / "train.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(workspace_v2_6 / "tokenizer_v2_6")
+    dataset = SupervisedDataset(
+        DataSettings(str(workspace_v2_6 / "data_tiny_v2_6" / "text" / "train.json"), model_max_length=256),
+        tokenizer,
+        SliceSettings(112, 14, 9, 16),
+    )
+    ids = dataset.prepare(0, load_pixels=False).input_ids
+    assert len(text_set) == 96 and tokenizer.decode(ids[:5]).startswith("<|im_start|>system\n")
+    assert all(ratio["value"] is not None for ratio in record["ratios"])
+    check_ratios(record, ratios)
+
+
+@pytest.mark.slow
+def test_memory_smoke_run_on_2_6(workspace_v2_6, versions_trained, tmp_path, capsys):
+    status, lines, record = smoke_run(["memory", "--version", "2.6"], workspace_v2_6, tmp_path, capsys)
+    assert status == 0
+    check_header(lines, "memory")
+    _, rows, ratios = table(lines)
+    assert list(rows) == [row.name for row in SUITES["memory"].rows(2)]
+    for name, cells in rows.items():
+        if name == "upstream_zero2_offload_c512":
+            assert "(skipped: " in cells[0]
+        else:
+            assert cells[1:4] == ["-", "-", "-"] and float(cells[4]) > 0
+    check_2_6_rows(versions_trained, workspace_v2_6, baseline_rows=2, trainer_rows=4)
+    check_ratios(record, ratios)
+
+
+def test_the_planner_column_is_left_empty_for_2_6(tmp_path, monkeypatch):
+    """finetune.plan predicts MiniCPM-Llama3-V-2.5's memory: a 2.6 row with a measured peak gets no prediction,
+    a 2.5 row the planner's (a finetune.py report as a GPU run writes it, the training itself stood in for)."""
+    from bench import trainer_bench
+    from bench.data import Workspace
+    from bench.suites import Run, TrainerRow, run_trainer_row
+
+    report = {"world_size": 1, "deepspeed": None, "optim": "adamw_torch", "loss_chunk_size": 2048, "gradient_checkpointing": True,
+              "q_lora": False, "tune_vision": False, "largest_micro_batch_tokens": 2048, "largest_micro_batch_views": 0,
+              "peak_allocated_gib_per_rank": [21.0], "peak_reserved_gib_per_rank": [23.0], "tokens_per_s": 5000.0,
+              "samples_per_s": 2.4, "step_s_mean": 0.4, "mfu": 0.3, "data_wait_fraction": 0.0, "losses": [1.0]}  # fmt: skip
+    monkeypatch.setattr(trainer_bench, "run", lambda argv, settings: report)
+    planned = {}
+    for version in ("2.5", "2.6"):
+        run = Run("memory", True, 1, tmp_path / version, version=version)
+        run.workspace = Workspace(*(tmp_path / name for name in "ctmu"), True, tmp_path / "k", version)
+        planned[version] = run_trainer_row(TrainerRow("lora_adamw", "a row", "text"), run).get("planner_gib")
+    assert planned["2.6"] is None and planned["2.5"] > 0

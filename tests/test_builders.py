@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from finetune.demo_data import demo_corpus, write_demo_dataset
 from finetune.model import MiniCPMV, MiniCPMVTokenizerFast, SpecialTokens, detect_llm_type
 from finetune.model.checkpoint import validate_checkpoint_dir
 from finetune.synthetic import (
+    DEMO_CONFIG_OVERRIDES,
     REFERENCE_CONFIG,
     SPECIAL_TOKENS,
     build_full_size_random,
@@ -345,6 +347,7 @@ def test_demo_data(tmp_path):
     assert "A red circle." in corpus or any("circle" in t for t in corpus)
 
 
+@pytest.mark.slow
 def test_command_line_tools(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
@@ -358,3 +361,203 @@ def test_command_line_tools(tmp_path):
         cwd=root, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "model.safetensors" in out.stdout and (tmp_path / "t" / "config.json").is_file()
+
+
+# --- MiniCPM-V 2.6 ------------------------------------------------------------------------------------------
+
+REFERENCE_V2_6 = Path(__file__).resolve().parent / "reference_v2_6"
+
+
+def reference_v2_6(name: str) -> dict:
+    return json.loads((REFERENCE_V2_6 / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_v2_6_dir(tmp_path_factory) -> Path:
+    """`python -m finetune.build_tiny --version 2.6 OUT`, run in this process."""
+    from finetune.build_tiny import main as build_tiny_main
+
+    out = tmp_path_factory.mktemp("tiny_v2_6") / "ckpt"
+    build_tiny_main([str(out), "--version", "2.6"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_v2_6(tiny_v2_6_dir):
+    return AutoTokenizer.from_pretrained(tiny_v2_6_dir)
+
+
+def test_tiny_v2_6_checkpoint_has_the_published_layout_and_fields(tiny_v2_6_dir, tokenizer_v2_6):
+    assert sorted(p.name for p in tiny_v2_6_dir.iterdir()) == [
+        "added_tokens.json", "config.json", "generation_config.json", "model.safetensors",
+        "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    config = json.loads((tiny_v2_6_dir / "config.json").read_text())
+    reference = reference_v2_6("config.json")
+    assert set(reference) - {"_name_or_path"} <= set(config)
+    sizes = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings", "max_window_layers", "vocab_size", "bos_token_id", "eos_token_id", "query_num",
+             "slice_config", "vision_config", "torch_dtype", "transformers_version", "_name_or_path"}  # fmt: skip
+    # (sliding_window: the model's Qwen2 config writes null while use_sliding_window is false)
+    differing = {k for k in reference if k not in sizes | {"sliding_window"} and config[k] != reference[k]}
+    assert not differing, {k: (config[k], reference[k]) for k in differing}
+    assert config["version"] == 2.6 and config["vision_config"]["model_type"] == "siglip"
+    assert "pad_token_id" not in config or config["pad_token_id"] is None  # the published config has none
+    vocab = tokenizer_v2_6.get_vocab()
+    assert config["vocab_size"] == len(tokenizer_v2_6) and config["query_num"] == 16
+    # as published: bos_token_id names <|endoftext|> (the tokenizer's bos_token is <|im_start|>), eos <|im_end|>
+    assert (config["bos_token_id"], config["eos_token_id"]) == (vocab["<|endoftext|>"], vocab["<|im_end|>"])
+    generation = json.loads((tiny_v2_6_dir / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (config["bos_token_id"], config["eos_token_id"])
+    preprocessor = json.loads((tiny_v2_6_dir / "preprocessor_config.json").read_text())
+    reference_pre = reference_v2_6("preprocessor_config.json")
+    assert list(preprocessor) == list(reference_pre)
+    assert {k: v for k, v in preprocessor.items() if k not in ("scale_resolution", "image_feature_size")} == {
+        k: v for k, v in reference_pre.items() if k not in ("scale_resolution", "image_feature_size")
+    }
+    assert (preprocessor["scale_resolution"], preprocessor["image_feature_size"]) == (112, 16)
+    validate_checkpoint_dir(tiny_v2_6_dir, MiniCPMV)
+
+
+def test_tiny_v2_6_loads_with_the_auto_classes_as_a_2_6_model(tiny_v2_6_dir, tokenizer_v2_6):
+    from finetune.model.versions import MINICPM_V_2_6, version_of
+
+    model = AutoModel.from_pretrained(tiny_v2_6_dir)
+    assert type(model) is MiniCPMV and version_of(model.config) is MINICPM_V_2_6
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM"
+    stored = load_file(str(tiny_v2_6_dir / "model.safetensors"))
+    state = model.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[k], t) for k, t in stored.items())
+    biases = [name for name in stored if name.startswith("llm.") and name.endswith("_proj.bias")]
+    assert sorted({name.split(".")[-2] for name in biases}) == ["k_proj", "q_proj", "v_proj"] and len(biases) == 6
+    assert all(stored[name].abs().sum() > 0 for name in biases)
+    assert type(tokenizer_v2_6) is MiniCPMVTokenizerFast and detect_llm_type(tokenizer_v2_6) == "qwen"
+    image = Image.new("RGB", (260, 150), (200, 30, 30))
+    prompt = tokenizer_v2_6.apply_chat_template(
+        [{"role": "user", "content": "(<image>./</image>)\nWhat?"}], tokenize=False, add_generation_prompt=True
+    )
+    data = model.prepare_inputs(prompt, [image], tokenizer_v2_6)
+    ids = data["input_ids"][0].tolist()
+    assert ids.count(tokenizer_v2_6.convert_tokens_to_ids("<image_id>")) == 1  # 2.6's placeholder
+    assert len(data["image_bound"][0]) > 1  # 260x150 at scale_resolution 112 is sliced
+    with torch.no_grad():
+        logits = model(data=data).logits
+    assert logits.shape == (1, len(ids), len(tokenizer_v2_6)) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_v2_6_tokenizer_round_trips_text_and_adds_no_bos(tokenizer_v2_6, text):
+    ids = tokenizer_v2_6(text)["input_ids"]
+    assert tokenizer_v2_6.decode(ids) == text
+    assert ids == tokenizer_v2_6(text, add_special_tokens=False)["input_ids"]  # no BOS, as the published one
+    assert all(i < tokenizer_v2_6.convert_tokens_to_ids("<|endoftext|>") for i in ids)
+
+
+def test_v2_6_tokenizer_has_the_published_special_token_layout(tiny_v2_6_dir, tokenizer_v2_6):
+    vocab = tokenizer_v2_6.get_vocab()
+    published = reference_v2_6("added_tokens.json")
+    added = sorted(published, key=published.get)  # the published order: <|endoftext|> 151643 .. reserved_5 151665
+    base = vocab["<|endoftext|>"]
+    assert [vocab[t] for t in added] == list(range(base, base + len(added)))
+    assert len(tokenizer_v2_6) == base + len(added) == max(vocab.values()) + 1
+    assert json.loads((tiny_v2_6_dir / "added_tokens.json").read_text()) == {t: vocab[t] for t in published}
+    # <unk>, the image feature token, inside the BPE range among the merges and in the BPE vocabulary, as the real one
+    bpe_vocab = json.loads((tiny_v2_6_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    assert 256 < vocab["<unk>"] < base - 1 and bpe_vocab["<unk>"] == vocab["<unk>"] and len(bpe_vocab) == base
+    assert tokenizer_v2_6.unk_token == "<unk>"
+    for token in ("<unk>", "<image>", "</slice>", "<image_id>", "<|im_end|>", "<|reserved_special_token_5|>"):
+        assert tokenizer_v2_6(f"a{token}b")["input_ids"][1] == vocab[token]
+    tokens = SpecialTokens.from_tokenizer(tokenizer_v2_6)
+    assert (tokens.bos, tokens.eos, tokens.pad, tokens.unk) == (base + 1, base + 2, base, vocab["<unk>"])
+    assert (tokens.image_id_start, tokens.image_id_end, tokens.eot) == (vocab["<image_id>"], vocab["</image_id>"], None)
+    assert tokens.stop_ids == [base + 2, base]
+
+
+def test_v2_6_tokenizer_files_are_the_published_ones_with_its_ids(tiny_v2_6_dir, tokenizer_v2_6):
+    saved = json.loads((tiny_v2_6_dir / "tokenizer_config.json").read_text())
+    reference = reference_v2_6("tokenizer_config.json")
+    assert list(saved) != [] and set(saved) == set(reference)
+    assert {k: v for k, v in saved.items() if k != "added_tokens_decoder"} == {
+        k: v for k, v in reference.items() if k != "added_tokens_decoder"
+    }
+    vocab = tokenizer_v2_6.get_vocab()
+    assert {entry["content"]: int(i) for i, entry in saved["added_tokens_decoder"].items()} == {
+        entry["content"]: vocab[entry["content"]] for entry in reference["added_tokens_decoder"].values()
+    }
+    special_map = json.loads((tiny_v2_6_dir / "special_tokens_map.json").read_text())
+    assert special_map == reference_v2_6("special_tokens_map.json")
+    rendered = tokenizer_v2_6.apply_chat_template([{"role": "user", "content": " hi "}], tokenize=False)
+    assert rendered == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n hi <|im_end|>\n"
+
+
+def test_v2_6_tokenizer_is_deterministic_and_refuses_a_size_without_room(tmp_path):
+    build_tokenizer(tmp_path / "a", version="2.6")
+    build_tokenizer(tmp_path / "b", version="2.6")
+    for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert len(build_tokenizer(tmp_path / "s", version="2.6", vocab_size=300)) == 300
+    with pytest.raises(ValueError, match="vocab_size must be at least 280"):
+        build_tokenizer(tmp_path / "x", version="2.6", vocab_size=279)
+    with pytest.raises(ValueError, match="'2.0'"):
+        build_tokenizer(tmp_path / "y", version="2.0")
+
+
+def test_tiny_v2_6_trains_one_step_in_process(tiny_v2_6_dir, demo_factory, tmp_path):
+    from helpers import base_args
+
+    from finetune.train import train
+
+    demo = demo_factory(24, 6)
+    out = tmp_path / "adapter"
+    trainer = train(base_args(tiny_v2_6_dir, demo / "train.json", out, "--max_steps", "1", "--llm_type", "qwen"))
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 1 and len(logged) == 1 and math.isfinite(logged[0])
+    assert (out / "adapter_model.safetensors").is_file()
+    assert trainer.train_dataset.encoder.version.name == "2.6"
+
+
+def test_build_tiny_demo_sizes_take_a_version(tmp_path, capsys):
+    from finetune.build_tiny import main as build_tiny_main
+
+    build_tiny_main([str(tmp_path / "demo"), "--demo", "--version", "2.6"])
+    assert capsys.readouterr().out.startswith(f"wrote tiny MiniCPM-V-2_6 checkpoint to {tmp_path / 'demo'}")
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["version"] == 2.6 and config["patch_size"] == DEMO_CONFIG_OVERRIDES["patch_size"]
+    assert config["vision_config"]["hidden_size"] == DEMO_CONFIG_OVERRIDES["vision_config"]["hidden_size"]
+    validate_checkpoint_dir(tmp_path / "demo", MiniCPMV)
+
+
+def test_full_size_v2_6_on_meta_matches_published_parameters():
+    expected = []
+    for line in (REFERENCE_V2_6 / "param_shapes.tsv").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, shape, count = line.split("\t")
+            expected.append((name, tuple(int(d) for d in shape.strip("()").split(",") if d.strip()), int(count)))
+    assert len(expected) == 789
+    model = build_full_size_random(device="meta", version="2.6")
+    params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    assert params == [(name, shape) for name, shape, _ in expected]  # names, shapes and order
+    assert set(model.state_dict()) == {name for name, _ in params}
+    total = sum(p.numel() for p in model.parameters())
+    assert total == sum(count for *_, count in expected) == 8_099_175_152
+    assert model.dtype == torch.bfloat16 and all(p.device.type == "meta" for p in model.parameters())
+    index = reference_v2_6("model.safetensors.index.json")
+    assert set(index["weight_map"]) == {name for name, _ in params}
+
+
+def test_full_size_v2_6_config_equals_reference():
+    config = full_size_config("2.6").to_dict()
+    reference = reference_v2_6("config.json")
+    skipped = (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "vision_config",
+        "slice_config",
+        "sliding_window",
+    )
+    assert {k: config[k] for k in reference if k not in skipped} == {
+        k: v for k, v in reference.items() if k not in skipped
+    }
+    assert {k: config["vision_config"][k] for k in reference["vision_config"]} == reference["vision_config"]
+    assert config["slice_config"]["max_slice_nums"] == 9 and config["query_num"] == 64

@@ -235,6 +235,7 @@ def test_adapter_is_applied(tiny_model, tiny_adapter):
         load_model(str(tiny_model), str(tiny_model))
 
 
+@pytest.mark.slow
 def test_chat_cli_streams_an_answer(tiny_model, tiny_adapter, demo):
     image = str(next((demo / "images").iterdir()))
     command = [sys.executable, "-m", "finetune.chat", "--model", str(tiny_model), "--image", image, "--image", image,
@@ -256,6 +257,7 @@ def test_chat_cli_streams_an_answer(tiny_model, tiny_adapter, demo):
 # --- evaluation --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_writes_predictions_and_averages(loaded, demo, tmp_path):
     model, tokenizer = loaded
     out = tmp_path / "pred.jsonl"
@@ -285,6 +287,7 @@ def test_evaluate_scores_a_perfect_model(loaded, demo, tmp_path, monkeypatch):
     assert summary["exact_match"] == summary["f1"] == summary["rouge_l"] == 1.0
 
 
+@pytest.mark.slow
 def test_evaluate_cli(tiny_model, tiny_adapter, demo, tmp_path):
     out = tmp_path / "predictions.jsonl"
     command = [sys.executable, "-m", "finetune.evaluate", "--model", str(tiny_model), "--adapter", str(tiny_adapter), "--data",

@@ -54,6 +54,7 @@ def run_cli(*args):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_good_data_show_and_dump(tmp_path, good_data):
     dump = tmp_path / "dump.pt"
     result = run_cli("--data", good_data, "--show", "img1", "--dump", dump, "--workers", "1")
@@ -91,6 +92,7 @@ def test_cli_good_data_show_and_dump(tmp_path, good_data):
         assert torch.equal(entry["position_ids"], torch.arange(len(item["input_ids"])))
 
 
+@pytest.mark.slow
 def test_cli_bad_data_exit_1_lists_every_bad_id(tmp_path):
     make_image(tmp_path, "ok.png", (90, 70))
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -71,6 +71,7 @@ def rank_report(report: Path, rank: int = 0) -> dict:
     return json.loads((report / f"rank{rank}.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deepspeed", [None, "ds_config_zero2.json"], ids=["ddp", "zero2"])
 def test_two_processes_save_every_step_and_resume_the_latest_complete_checkpoint(tiny_model, demo, tmp_path, deepspeed):
     """Four checkpoints from two processes, each complete; then the run is cut back to a crash's leftovers (the
@@ -201,6 +202,7 @@ def deepspeed_checkpoint(tiny_model, demo, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoint_files_pass_the_weights_only_check(deepspeed_checkpoint):
     from finetune.run_directory import check_resume_is_safe, pickles_loaded_on_resume
 
@@ -222,6 +224,7 @@ def test_deepspeed_checkpoint_files_pass_the_weights_only_check(deepspeed_checkp
         "rng_state.pth",
     ],
 )
+@pytest.mark.slow
 def test_resume_under_deepspeed_never_runs_code_from_a_checkpoint(
     deepspeed_checkpoint, tiny_model, demo, tmp_path, planted
 ):
@@ -251,6 +254,7 @@ def test_resume_under_deepspeed_never_runs_code_from_a_checkpoint(
 # --- whose output directory ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_output_dir_is_refused_unless_it_resumes_or_overwrites(
     tiny_model, demo, tmp_path, monkeypatch
 ):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import base_args
 from PIL import Image
 
@@ -50,6 +51,7 @@ def test_demo_model_keeps_the_published_layout_with_a_wider_vision_tower(tmp_pat
     assert set(demo) == set(default) and demo["architectures"] == default["architectures"]
 
 
+@pytest.mark.slow
 def test_report_compares_base_and_fine_tuned_and_ends_with_the_parsed_line(tmp_path):
     """The demo's report on a 2-step run: a table of held-out answers, then exactly the last line the demo prints."""
     model = build_tiny_checkpoint(tmp_path / "model", config_overrides=DEMO_CONFIG_OVERRIDES)

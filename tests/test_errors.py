@@ -138,6 +138,7 @@ def launcher_env(tmp_path: Path, **extra: str) -> tuple[dict, Path]:
     return env, started
 
 
+@pytest.mark.slow
 def test_launcher_stops_an_empty_model_folder_in_one_line_before_torchrun(demo, tmp_path):
     empty = tmp_path / "model"
     empty.mkdir()

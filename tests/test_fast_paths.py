@@ -82,6 +82,7 @@ def assert_same(reference, candidate, loss_rtol: float, grad_rtol: float) -> Non
         assert error <= grad_rtol, f"{name}: relative gradient error {error:.2e} > {grad_rtol:.0e}"
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_give_the_plain_loss_and_gradients(golden_dir, mixed_samples):
     _, items, pad = mixed_samples
     batch = DataCollator(pad, packing=True)(items)
@@ -162,6 +163,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="the flash kernel's variable-le
      pytest.param("cuda", True, True, marks=needs_cuda)],
     ids=["cpu-packed", "cpu-padded", "cpu-packed-compiled", "cuda-packed", "cuda-padded", "cuda-packed-compiled"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_varlen_attention_gives_the_plain_loss_and_gradients(golden_dir, mixed_samples, device, packing, compiled):
     """On the CPU the segment-by-segment path (fp32, tight tolerance); on CUDA torch's flash kernel over all
     segments at once (bf16 autocast, bf16 tolerance); with compiled decoder layers around it too."""
@@ -179,6 +181,7 @@ def test_varlen_attention_gives_the_plain_loss_and_gradients(golden_dir, mixed_s
     assert_same(reference, varlen, *((1e-2, 2e-2) if cuda else (1e-5, 1e-4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_packed_vision_tower_gives_the_padded_towers_features(golden_dir, golden_images, device):
     """Strips of different lengths, in samples whose own longest strips differ: each strip padded to its own
@@ -209,6 +212,7 @@ def test_packed_vision_tower_gives_the_padded_towers_features(golden_dir, golden
         torch.testing.assert_close(got, expected, **tolerance)
 
 
+@pytest.mark.slow
 def test_varlen_attention_sees_only_its_own_sample(golden_dir, mixed_samples):
     """Not the same as attending the whole row: changing the first sample must leave the others' loss alone."""
     _, items, pad = mixed_samples
@@ -229,6 +233,7 @@ def test_varlen_attention_sees_only_its_own_sample(golden_dir, mixed_samples):
     torch.testing.assert_close(last_sample_loss(shuffled), last_sample_loss(items[0]["input_ids"]), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_a_model_switched_to_varlen_still_runs_inference_as_sdpa(golden_dir, golden_images):
     """Logits through MiniCPMV.forward (segments given) and generation (llm.generate with a KV cache: no
     segments, so sdpa with its mask) are sdpa's."""

@@ -115,6 +115,7 @@ def all_tensors(directory: Path) -> dict[str, torch.Tensor]:
 # --- the merge ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_merged_model_equals_the_adapter_model(merged, tiny_model, tiny_adapter, demo):
     batch = eval_batch(tiny_model, demo)
     peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), tiny_adapter).eval()
@@ -402,6 +403,7 @@ def test_leftovers_of_an_interrupted_merge_are_removed_and_those_of_a_running_on
 # --- command line ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_foreign_adapter_in_one_line(tiny_adapter, tmp_path):
     other = build_tiny_checkpoint(tmp_path / "other", seed=1, config_overrides={"num_hidden_layers": 1})
     result = subprocess.run(
@@ -448,6 +450,7 @@ def test_training_records_the_base_identity_in_the_output_and_every_checkpoint_a
     assert "notice" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_from_a_hub_id_saves_the_cached_base_files_and_identity_and_merges_by_that_id(tiny_model, demo, tmp_path):
     """Users name the base by its hub id: the saves copy its tokenizer files and record its identity from the local
     cache, as they do for a directory, and merge finds and checks the same base by that id."""

@@ -46,6 +46,7 @@ def test_golden_logits(golden_model, golden_cases, index):
     torch.testing.assert_close(logits, case["logits"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_golden_preprocessing(golden_dir, golden_cases, golden_images):
     """Prompt -> ids, bounds, tgt_sizes and pixels exactly as the published processor made them."""
     model = AutoModel.from_pretrained(golden_dir)
@@ -250,6 +251,7 @@ def _checkpointed_step(
     return bool(reached), loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_backward_does_not_run_through_a_frozen_vision_tower_under_checkpointing(golden_dir, golden_cases):
     """transformers' checkpointing marks every sub-model's embeddings as requiring grad, the vision tower's too:
     with the tower frozen, backward then ran through all its layers (recomputing them where they are
@@ -266,6 +268,7 @@ def test_backward_does_not_run_through_a_frozen_vision_tower_under_checkpointing
         torch.testing.assert_close(grad, library_grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_a_trained_vision_tower_gets_gradients_under_reentrant_checkpointing(golden_dir, golden_cases):
     """Reentrant checkpointing gives a block's parameters gradients only if its input requires grad: the hook
     must still mark the vision tower's embeddings when the tower is trained, here all of it but the embeddings
@@ -278,6 +281,7 @@ def test_a_trained_vision_tower_gets_gradients_under_reentrant_checkpointing(gol
     assert reached and layers and all(g is not None and torch.count_nonzero(g) > 0 for g in layers.values())
 
 
+@pytest.mark.slow
 def test_a_trained_fp32_vision_tower_under_autocast_carries_its_residual_in_bf16(golden_dir, golden_cases):
     """fp32 master weights under bf16 autocast: the position embeddings (fp32) would make the vision residual
     fp32 in every layer, twice the checkpointed bytes of the bf16 model. It starts in bf16 instead; the loss and
@@ -409,6 +413,7 @@ def test_other_model_type_is_refused(golden_dir, tmp_path):
         MiniCPMV.from_pretrained(target)
 
 
+@pytest.mark.slow
 def test_chat_greedy_generation(golden_dir, golden_images):
     model = AutoModel.from_pretrained(golden_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(golden_dir)

@@ -39,6 +39,7 @@ def test_readme_says_to_activate_the_venv_and_how_to_clean_the_demo():
     assert recipe.index("-r requirements.txt") < recipe.index("-e .")  # the project after its requirements
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (VENV / "bin" / "activate").is_file(), reason="tests not run from a venv")
 def test_activation_puts_the_venvs_tools_on_path(tmp_path):
     script = (f". {VENV}/bin/activate && cd {tmp_path} && for tool in python torchrun tensorboard; do command -v $tool; done"
@@ -50,6 +51,7 @@ def test_activation_puts_the_venvs_tools_on_path(tmp_path):
     assert result.stdout.split() == [str(VENV / "bin" / name) for name in ("python", "torchrun", "tensorboard")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (VENV / "bin" / "activate").is_file(), reason="tests not run from a venv")
 def test_installed_project_imports_from_any_directory(tmp_path):
     """What the Makefile does (`pip install --no-deps -e .` after the requirements), in a throwaway venv that sees
@@ -106,6 +108,7 @@ def readme_adapter_snippet(model: Path, adapter: Path, image: Path) -> str:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["finetune", "root", "elsewhere"])
 def test_readme_adapter_snippet_runs(where, tiny_model, tiny_adapter, tmp_path):
     from PIL import Image
@@ -120,6 +123,7 @@ def test_readme_adapter_snippet_runs(where, tiny_model, tiny_adapter, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == f"package: {ROOT / 'finetune' / '__init__.py'}"
 
 
+@pytest.mark.slow
 def test_the_entry_point_still_runs_as_a_script():
     result = subprocess.run([sys.executable, "finetune.py", "--help"], capture_output=True, text=True, timeout=300,
                             cwd=ROOT / "finetune", env=clean_env())  # fmt: skip
@@ -127,6 +131,7 @@ def test_the_entry_point_still_runs_as_a_script():
     assert "--model_name_or_path" in result.stdout
 
 
+@pytest.mark.slow
 def test_no_deepspeed_accelerator_warning_without_a_gpu():
     result = subprocess.run([sys.executable, "-c", "import finetune, deepspeed; from deepspeed.accelerator import get_accelerator; print(get_accelerator()._name)"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT, env=clean_env())  # fmt: skip

@@ -39,6 +39,7 @@ def checkpoint_and_samples(request, golden_dir, tmp_path_factory):
     return checkpoint, [dataset[i] for i in range(len(dataset))], SpecialTokens.from_tokenizer(tokenizer).pad
 
 
+@pytest.mark.slow
 def test_packed_and_padded_batches_have_equal_loss_and_gradients(checkpoint_and_samples):
     checkpoint, items, pad = checkpoint_and_samples
     model = AutoModel.from_pretrained(checkpoint, attn_implementation="sdpa").train()

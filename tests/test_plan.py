@@ -188,6 +188,7 @@ def test_plan_from_data_lengths(tiny_model, demo, capsys):
     assert length % 64 == 0 and length < 2048  # demo samples are short: the plan shrinks model_max_length
 
 
+@pytest.mark.slow
 def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()

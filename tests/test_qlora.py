@@ -63,6 +63,7 @@ def test_bnb_config_is_nf4_double_quant_and_skips_vision_resampler_lm_head(tiny_
         assert captured["device_map"] == {"": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_q_lora_without_cuda_is_refused_in_one_line(tiny_model, demo, tmp_path):
     args = path_flags(tiny_model, demo / "train.json", tmp_path, "--q_lora", "true")
@@ -115,6 +116,7 @@ def test_configure_trainable_keeps_frozen_modules_bf16(tiny_model):
     }
 
 
+@pytest.mark.slow
 @needs_bnb
 def test_q_lora_trains_and_the_adapter_reloads_on_both_bases(tiny_model, demo, tmp_path, monkeypatch):
     from peft import PeftModel

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import case_data, path_flags
 from transformers import AutoModel, AutoTokenizer, LlamaConfig
@@ -53,6 +54,7 @@ def test_native_without_and_hub_class_with_trust_remote_code(golden_dir, golden_
     assert tokenizer.decode(tokenizer("a b\nc", add_special_tokens=False)["input_ids"]) == "a b\nc"
 
 
+@pytest.mark.slow
 def test_training_runs_on_the_remote_code_class(golden_dir, tmp_path):
     directory = checkpoint_with_code(golden_dir, tmp_path / "ckpt")
     images = Path(golden_dir).parent / "images"

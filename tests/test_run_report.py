@@ -37,6 +37,7 @@ def parse_summary(path: Path) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in path.read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_training_writes_plot_and_summary(run):
     trainer, out = run
     plot, summary = out / PLOT_NAME, out / SUMMARY_NAME

@@ -65,6 +65,7 @@ def _sharded_loss_on_rank(rank: int, port: int, counts: tuple[int, int], results
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(COUNTS))
 def test_two_ranks_each_holding_half_the_vocabulary_get_the_whole_weights_loss_and_gradients(case):
     results = mp.Manager().dict()
@@ -120,6 +121,7 @@ def _quantized_partition_refused(head: nn.Linear) -> bool:
         del partition.ds_quant_scale
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_partitions_a_frozen_lm_head_into_whole_rows_each_rank_reads_in_place():
     pytest.importorskip("deepspeed")
     results = mp.Manager().dict()

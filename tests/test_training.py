@@ -66,6 +66,7 @@ def trained(tiny_model, demo, tmp_path_factory):
     return trainer, out
 
 
+@pytest.mark.slow
 def test_loss_falls_and_eval_loss_is_logged(trained):
     trainer, _ = trained
     history = losses(trainer.state.log_history)
@@ -216,6 +217,7 @@ def test_trainable_precision_matches_where_the_master_weights_live(tiny_model, d
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_8bit_optimizer_states_track_fp32_adam(tiny_model, demo, tmp_path):
     """--optim adamw_bnb_8bit (the planner's memory lever without DeepSpeed): bitsandbytes keeps Adam's two
     states in uint8 and the loss curve stays on fp32 AdamW's."""
@@ -283,6 +285,7 @@ def test_8bit_steps_without_per_parameter_syncs_update_the_same(monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_curve(tiny_model, demo, tmp_path):
     extra = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--lora_dropout", "0"]
     straight = train(base_args(tiny_model, demo / "train.json", tmp_path / "a", *extra))
@@ -342,6 +345,7 @@ def test_flop_count_is_the_librarys_with_the_parameters_counted_once(tiny_model,
     assert trainer.state.total_flos > 0
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_through_the_trainer(tiny_model, demo, tmp_path, capsys):
     """--compile_layers reaches the model the Trainer trains (numerics: tests/test_fast_paths.py)."""
     trainer = train(
@@ -374,6 +378,7 @@ def test_compiled_layers_by_default_only_where_measured():
     assert not resolve_compile_layers(False, cuda=True, zero3=False, q_lora=False, remote_code=False)
 
 
+@pytest.mark.slow
 def test_varlen_attention_trains_through_the_trainer_as_sdpa_does(tiny_model, demo, tmp_path):
     """--attn_implementation varlen reaches the LLM the Trainer trains, and the loss curve is sdpa's (packed
     multimodal batches of 2; per-batch numerics: tests/test_fast_paths.py)."""
@@ -484,6 +489,7 @@ def test_a_data_mix_prints_each_files_share_and_bad_mixes_stop_before_training(t
     assert not (tmp_path / "bad").exists(), "nothing may be trained or written"
 
 
+@pytest.mark.slow
 def test_cli_unknown_flag_is_one_line_error(tiny_model, demo, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "finetune" / "finetune.py"), *base_args(tiny_model, demo / "train.json", tmp_path), "--no_such_flag", "1"],
@@ -539,6 +545,7 @@ TORCH_ADAMW = "torch.optim.adamw.AdamW"
      pytest.param("ds_config_zero3_lean.json", "DeepSpeedEngine", ["--optim", "adamw_bnb_8bit"], "bitsandbytes.optim.adamw.AdamW 8-bit", 0,
                   marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"))],
 )  # fmt: skip
+@pytest.mark.slow
 def test_torchrun_two_processes_really_distributed(
     tiny_model, two_samples, tmp_path, deepspeed, wrapper, extra, optimizer, compiled
 ):
@@ -574,6 +581,7 @@ def test_torchrun_two_processes_really_distributed(
     PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), out)
 
 
+@pytest.mark.slow
 def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_path):
     """Under ZeRO-3 every parameter is partitioned and gathered per call, except lm_head: each rank computes the
     loss's logits on its own rows of it, in training and in evaluation (no gradients there). The losses must be
@@ -602,6 +610,7 @@ def test_zero3_trains_the_same_loss_curve_as_zero2(tiny_model, two_samples, tmp_
     [([], True), (["--tune_embeddings", "true"], False)],
     ids=["vocabulary shards", "lm_head trained"],
 )
+@pytest.mark.slow
 def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tmp_path, extra, vocab_shards):
     """Regression: with ranks holding different label counts the loss made different numbers of lm_head calls,
     i.e. ZeRO-3 gathers, and gloo/NCCL aborted with a collective mismatch. Both loss paths: each rank's rows of
@@ -616,6 +625,7 @@ def test_zero3_packed_multimodal_batches_keep_ranks_in_step(tiny_model, demo, tm
         assert rank["vocab_sharded_loss"] is vocab_shards
 
 
+@pytest.mark.slow
 def test_ranks_share_validation_and_all_stop_on_a_bad_sample(tiny_model, tmp_path):
     """Each rank validates every other sample and the results are gathered: the bad sample only rank 1 checks
     (index 1) must stop rank 0 too, before training (else rank 0 would wait for rank 1 forever)."""
@@ -659,6 +669,7 @@ def _validate_on_rank(rank: int, port: int, errors) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_rank_whose_validation_fails_stops_every_rank():
     """Not a bad sample but the check itself failing on rank 1: rank 0 must stop too, not wait in the gather."""
     import torch.multiprocessing as mp
@@ -670,6 +681,7 @@ def test_a_rank_whose_validation_fails_stops_every_rank():
     }
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path):
     out, report, port = tmp_path / "out", tmp_path / "report", free_port()
     flags = training_flags("--max_steps", "2", "--per_device_train_batch_size", "1")
@@ -689,6 +701,7 @@ def test_two_nodes_on_one_host_train_together(tiny_model, two_samples, tmp_path)
         assert rank["wrapper"] == "DistributedDataParallel" and rank["num_processes"] == 2
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_launcher_saves_a_loadable_model(tiny_model, two_samples, tmp_path):
     """finetune_ds.sh: LLM + resampler + vision tower trained in full under ZeRO-3 (one CPU process; its config named,
     since without a GPU the launchers' default is no DeepSpeed)."""
@@ -708,6 +721,7 @@ def test_full_fine_tuning_launcher_saves_a_loadable_model(tiny_model, two_sample
     assert any(n.startswith("resampler.") for n in changed)
 
 
+@pytest.mark.slow
 def test_launcher_from_finetune_dir_with_posix_sh_and_default_output(tiny_model, two_samples, tmp_path):
     """The seed's exact command, `cd finetune && sh finetune_lora.sh`, on a copy of finetune/ (so that the
     default output directory, finetune/output/output__lora, is the copy's and no user run is overwritten)."""
@@ -766,6 +780,7 @@ def path_without_compiler(tmp_path: Path, *tools: str) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 def test_deepspeed_on_cpu_without_a_compiler_is_one_line_with_the_fix(tiny_model, two_samples, tmp_path):
     """DeepSpeed on a CPU builds its shared-memory comm op with c++ on first use; with no compiler that was a
     94-line build error. finetune.py (and the launcher, before torchrun) stop in one line naming both fixes."""
@@ -827,6 +842,7 @@ def test_deepspeed_on_cpu_without_a_compiler_is_one_line_with_the_fix(tiny_model
     assert "[launch] no GPU: training without DeepSpeed" in result.stdout
 
 
+@pytest.mark.slow
 def test_launcher_speed_recipe_of_its_header_trains_as_it_says(tiny_model, two_samples, tmp_path):
     """finetune_lora.sh's header line for the fastest text runs on one GPU: no DeepSpeed, the vision tower frozen,
     two rows a step, and `--gradient_checkpointing false` after the launcher's own `true` (the later flag wins)."""
@@ -887,6 +903,7 @@ def stop_with_launcher_child(mode: str) -> str:
             "time.sleep(600)\n")  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["kernel signal", "polling", "not under torchrun"])
 def test_a_worker_ends_when_its_launcher_dies(tmp_path, mode):
     """stop_with_launcher() in a worker that a stand-in launcher started as torchrun does (a session of its own,
@@ -924,6 +941,7 @@ def read_lines_into(stream, lines: list[str]) -> threading.Thread:
 @pytest.mark.parametrize(
     "ds_config", ["", str(ROOT / "finetune" / "ds_config_zero2.json")], ids=["no DeepSpeed", "ZeRO-2"]
 )
+@pytest.mark.slow
 def test_kill_9_of_the_launcher_ends_its_training_workers(tiny_model, demo, tmp_path, ds_config):
     """kill -9 of torchrun (finetune_lora.sh execs it) while two workers train: torchrun starts each worker in a
     session of its own, so nothing else stops them, and they trained on into OUTPUT_DIR with parent 1. They must
@@ -971,6 +989,7 @@ def without_rendezvous_settings(env: dict) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_one_machine_both_train_and_save(tiny_model, two_samples, tmp_path):
     """finetune_lora.sh and finetune_ds.sh at the same time with the default rendezvous settings (no MASTER_PORT)
     and their GPU DeepSpeed configs (ZeRO-2, ZeRO-3; named, since without a GPU the default is no DeepSpeed): both

@@ -34,6 +34,7 @@ def parse_launcher_line(line: str):
     )
 
 
+@pytest.mark.slow
 def test_search_runs_the_trials_and_prints_a_launcher_line(tiny_model, demo, tmp_path, capsys, monkeypatch):
     import transformers.trainer
 
@@ -68,6 +69,7 @@ def test_search_runs_the_trials_and_prints_a_launcher_line(tiny_model, demo, tmp
     assert 0 <= training_args.warmup_steps <= 0.1
 
 
+@pytest.mark.slow
 def test_rank_from_the_trial_reaches_the_model(tiny_model, demo, tmp_path):
     """Without --eval_data a held-out part of the subset is the eval set; the trial's rank shapes lora_A."""
     import optuna

@@ -47,6 +47,7 @@ def test_removed_flags_are_mapped_with_a_notice(monkeypatch, tmp_path):
         map_removed_flags(["--warmup_ratio", "3"], notices.append)
 
 
+@pytest.mark.slow
 def test_upstreams_full_flag_list_trains_with_the_mapped_meanings(tiny_model, demo, tmp_path, monkeypatch, capsys):
     from finetune.train import train
 

@@ -1,5 +1,9 @@
-"""Tiny random-weight MiniCPM-Llama3-V-2.5 checkpoints in the published layout, sharded copies of them, and the
-full-size architecture with random weights (for memory / speed runs), all without the network or the real weights.
+"""Tiny random-weight MiniCPM-V checkpoints in the published layout, sharded copies of them, and the full-size
+architecture with random weights (for memory / speed runs), all without the network or the real weights.
+
+Every builder takes the version ("2.5": MiniCPM-Llama3-V-2.5, the default; "2.6": MiniCPM-V 2.6): its published
+config.json (REFERENCE_CONFIGS), its demo tokenizer, its preprocessor_config.json. The tiny sizes are the same
+for both versions.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune.model import MiniCPMV, MiniCPMVConfig
+from finetune.model.versions import version_of
 
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
@@ -64,6 +69,65 @@ REFERENCE_CONFIG: dict = {
     "vocab_size": 128256,
 }
 
+# The published config.json of openbmb/MiniCPM-V-2_6, minus _name_or_path: the full-size 2.6 architecture
+# (Qwen2-7B with q/k/v biases, the same SigLIP tower, 64 resampler queries; 8,099,175,152 parameters).
+REFERENCE_CONFIG_V2_6: dict = {
+    "version": 2.6,
+    "architectures": ["MiniCPMV"],
+    "auto_map": {
+        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+        "AutoModel": "modeling_minicpmv.MiniCPMV",
+        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
+    },
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 28,
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151666,
+    "batch_vision_input": True,
+    "drop_vision_last_layer": False,
+    "image_size": 448,
+    "model_type": "minicpmv",
+    "patch_size": 14,
+    "query_num": 64,
+    "slice_config": {"max_slice_nums": 9, "patch_size": 14, "model_type": "minicpmv"},
+    "slice_mode": True,
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 980,
+        "intermediate_size": 4304,
+        "model_type": "siglip",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+    },
+}
+
+# Every version the builders make, by config.json's "version" name.
+REFERENCE_CONFIGS: dict[str, dict] = {"2.5": REFERENCE_CONFIG, "2.6": REFERENCE_CONFIG_V2_6}
+# The tokens the published config.json's bos_token_id / eos_token_id name (2.6's bos_token_id is <|endoftext|>,
+# not the tokenizer's bos_token <|im_start|>), and whether it has a pad_token_id (the 2.6 one has none).
+_CONFIG_TOKENS: dict[str, tuple[str, str, str | None]] = {
+    "2.5": (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN),
+    "2.6": ("<|endoftext|>", "<|im_end|>", None),
+}
+
 # preprocessor_config.json of the published model; scale_resolution / image_feature_size follow the config.
 _PREPROCESSOR_CONFIG: dict = {
     "image_processor_type": "MiniCPMVImageProcessor",
@@ -85,25 +149,62 @@ _PREPROCESSOR_CONFIG: dict = {
     "norm_std": [0.5, 0.5, 0.5],
     "version": 2.5,
 }
+# MiniCPM-V 2.6's preprocessor_config.json: 2.5's fields plus the image id tags, use_image_id and slice_mode.
+_PREPROCESSOR_CONFIG_V2_6: dict = {
+    "image_processor_type": "MiniCPMVImageProcessor",
+    "auto_map": _PREPROCESSOR_CONFIG["auto_map"],
+    "processor_class": "MiniCPMVProcessor",
+    "max_slice_nums": 9,
+    "scale_resolution": 448,
+    "patch_size": 14,
+    "use_image_id": True,
+    "image_feature_size": 64,
+    "im_start": "<image>",
+    "im_end": "</image>",
+    "slice_start": "<slice>",
+    "slice_end": "</slice>",
+    "unk": "<unk>",
+    "im_id_start": "<image_id>",
+    "im_id_end": "</image_id>",
+    "slice_mode": True,
+    "norm_mean": [0.5, 0.5, 0.5],
+    "norm_std": [0.5, 0.5, 0.5],
+    "version": 2.6,
+}
+_PREPROCESSOR_CONFIGS: dict[str, dict] = {"2.5": _PREPROCESSOR_CONFIG, "2.6": _PREPROCESSOR_CONFIG_V2_6}
+
+
+def _check_version(version: str) -> str:
+    if version not in REFERENCE_CONFIGS:
+        raise ValueError(f"version must be one of {', '.join(REFERENCE_CONFIGS)} (MiniCPM-V), got {version!r}")
+    return version
 
 
 # --- configs ------------------------------------------------------------------------------------------------
 
 
-def full_size_config(**overrides) -> MiniCPMVConfig:
-    """The published model's config (REFERENCE_CONFIG), with optional overrides."""
-    fields = json.loads(json.dumps(REFERENCE_CONFIG))
+def full_size_config(version: str = "2.5", **overrides) -> MiniCPMVConfig:
+    """The published config of MiniCPM-V `version` (REFERENCE_CONFIGS), with optional overrides; an instance of
+    that version's config class."""
+    fields = json.loads(json.dumps(REFERENCE_CONFIGS[_check_version(version)]))
     fields.update(overrides)
     return MiniCPMVConfig.from_dict(fields)
 
 
-def tiny_config(tokenizer=None, **overrides) -> MiniCPMVConfig:
-    """A tiny MiniCPMVConfig like the golden one (LLM hidden 256, 2 layers; vision hidden 32, 2 layers; 16 queries;
-    scale_resolution 112). Vocabulary and bos/eos/pad ids come from `tokenizer` (default: build_tokenizer(None))."""
+def tiny_config(tokenizer=None, version: str = "2.5", **overrides) -> MiniCPMVConfig:
+    """A tiny config of MiniCPM-V `version` like the golden one (LLM hidden 256, 2 layers; vision hidden 32,
+    2 layers; 16 queries; scale_resolution 112), every other field the published one. Vocabulary and the
+    bos/eos(/pad) ids the published config names come from `tokenizer` (default: the version's demo tokenizer)."""
+    _check_version(version)
     if tokenizer is None:
-        tokenizer = _default_tokenizer()
+        tokenizer = _default_tokenizer(version)
     vocab = tokenizer.get_vocab()
-    fields = json.loads(json.dumps(REFERENCE_CONFIG))
+    bos, eos, pad = _CONFIG_TOKENS[version]
+    fields = json.loads(json.dumps(REFERENCE_CONFIGS[version]))
+    if pad is not None:
+        fields["pad_token_id"] = vocab.get(pad, 0)
+    if "max_window_layers" in fields:  # Qwen2: sliding window (off) from this layer on; published: all layers
+        fields["max_window_layers"] = 2
     fields.update(
         hidden_size=256,
         intermediate_size=512,
@@ -112,9 +213,8 @@ def tiny_config(tokenizer=None, **overrides) -> MiniCPMVConfig:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         vocab_size=len(tokenizer),
-        bos_token_id=vocab[BOS_TOKEN],
-        eos_token_id=vocab[EOS_TOKEN],
-        pad_token_id=vocab.get(PAD_TOKEN, 0),
+        bos_token_id=vocab[bos],
+        eos_token_id=vocab[eos],
         query_num=16,
         torch_dtype="float32",
         slice_config={"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 112},
@@ -152,14 +252,14 @@ DEMO_CONFIG_OVERRIDES: dict = {
     },
 }
 
-_DEFAULT_TOKENIZER = None
+_DEFAULT_TOKENIZERS: dict = {}
 
 
-def _default_tokenizer():
-    global _DEFAULT_TOKENIZER
-    if _DEFAULT_TOKENIZER is None:
-        _DEFAULT_TOKENIZER = build_tokenizer(None)
-    return _DEFAULT_TOKENIZER
+def _default_tokenizer(version: str = "2.5"):
+    """The version's demo tokenizer, built once per process."""
+    if version not in _DEFAULT_TOKENIZERS:
+        _DEFAULT_TOKENIZERS[version] = build_tokenizer(None, version=version)
+    return _DEFAULT_TOKENIZERS[version]
 
 
 # --- tiny checkpoints ---------------------------------------------------------------------------------------
@@ -193,14 +293,17 @@ def build_tiny_checkpoint(
     corpus: list[str] | None = None,
     vocab_size: int = 1024,
     config_overrides: dict | None = None,
+    version: str = "2.5",
 ) -> Path:
-    """Write a random-weight tiny checkpoint in the published layout: config.json, model.safetensors (fp32),
-    tokenizer.json / tokenizer_config.json / special_tokens_map.json, preprocessor_config.json,
-    generation_config.json. Deterministic in (seed, corpus, vocab_size)."""
+    """Write a random-weight tiny MiniCPM-V `version` checkpoint in the published layout: config.json,
+    model.safetensors (fp32), the tokenizer files (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json; 2.6 also added_tokens.json), preprocessor_config.json, generation_config.json.
+    Deterministic in (seed, corpus, vocab_size, config_overrides, version)."""
+    _check_version(version)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir, corpus=corpus, vocab_size=vocab_size)
-    config = tiny_config(tokenizer, **(config_overrides or {}))
+    tokenizer = build_tokenizer(out_dir, corpus=corpus, vocab_size=vocab_size, version=version)
+    config = tiny_config(tokenizer, version, **(config_overrides or {}))
     model = build_tiny_model(config, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     write_sidecar_files(out_dir, config)
@@ -208,11 +311,12 @@ def build_tiny_checkpoint(
 
 
 def write_sidecar_files(out_dir: str | Path, config: MiniCPMVConfig) -> None:
-    """preprocessor_config.json and generation_config.json as the published model has them."""
+    """preprocessor_config.json and generation_config.json as the published model of the config's version has
+    them, with the config's slicing sizes and token ids."""
     out_dir = Path(out_dir)
     settings = config.slice_settings
     preprocessor = dict(
-        _PREPROCESSOR_CONFIG,
+        _PREPROCESSOR_CONFIGS[version_of(config).name],
         max_slice_nums=settings.max_slice_nums,
         scale_resolution=settings.scale_resolution,
         patch_size=settings.patch_size,
@@ -283,10 +387,12 @@ def build_full_size_random(
     config: MiniCPMVConfig | None = None,
     attn_implementation: str = "sdpa",
     seed: int | None = 0,
+    version: str = "2.5",
 ):
-    """The full-size MiniCPM-Llama3-V-2.5 (8.54 B parameters) with random weights, created directly on `device` in
-    `dtype` (no CPU copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
-    config = config if config is not None else full_size_config()
+    """The full-size MiniCPM-V `version` (MiniCPM-Llama3-V-2.5: 8.54 B parameters; MiniCPM-V 2.6: 8.10 B), or
+    the architecture `config` describes, with random weights, created directly on `device` in `dtype` (no CPU
+    copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
+    config = config if config is not None else full_size_config(version)
     device = torch.device(device)
     if seed is not None and device.type != "meta":
         torch.manual_seed(seed)

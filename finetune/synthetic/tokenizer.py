@@ -66,12 +66,15 @@ def _pre_tokenizer():
     ])  # fmt: skip
 
 
-def train_bpe_merges(corpus: Iterable[str], vocab: dict[str, int], max_vocab: int) -> list[tuple[str, str]]:
+def train_bpe_merges(
+    corpus: Iterable[str], vocab: dict[str, int], max_vocab: int, pre_tokenizer=None
+) -> list[tuple[str, str]]:
     """Plain BPE training, deterministic: most frequent adjacent pair first, ties broken by the pair itself.
 
-    Adds each merged symbol to `vocab` (in place) until it holds `max_vocab` entries or no pair is left.
+    Adds each merged symbol to `vocab` (in place) until it holds `max_vocab` entries or no pair is left. Words
+    come from `pre_tokenizer` (a `tokenizers` pre-tokenizer; default: Llama-3's split + byte-level mapping).
     """
-    pre_tokenizer = _pre_tokenizer()
+    pre_tokenizer = pre_tokenizer if pre_tokenizer is not None else _pre_tokenizer()
     counts: Counter[str] = Counter()
     for text in corpus:
         for piece, _ in pre_tokenizer.pre_tokenize_str(text):
@@ -150,12 +153,23 @@ def build_tokenizer(
     corpus: list[str] | None = None,
     vocab_size: int = 1024,
     model_max_length: int = 8192,
+    version: str = "2.5",
 ) -> MiniCPMVTokenizerFast:
-    """Build, save (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and load back the tokenizer.
+    """Build, save (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and load back the tokenizer
+    of MiniCPM-V `version` ("2.5" here; "2.6": `tokenizer_v2_6.build_tokenizer_v2_6`, which ignores
+    model_max_length and writes the published value).
 
     `corpus` defaults to the demo dataset's texts. With `out_dir=None` the files go to a temporary directory.
     The special tokens get ids base .. base+255, base = 256 + number of merges (at most vocab_size - 256).
     """
+    if version != "2.5":
+        from .tokenizer_v2_6 import build_tokenizer_v2_6
+
+        if version != "2.6":
+            raise ValueError(
+                f"version must be '2.5' or '2.6' (the MiniCPM-V versions with a demo tokenizer), got {version!r}"
+            )
+        return build_tokenizer_v2_6(out_dir, corpus, vocab_size)
     if out_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             return build_tokenizer(tmp, corpus, vocab_size, model_max_length)
