@@ -130,26 +130,13 @@ class Counts:
 
 
 CALIBRATED_VERSION = "2.5"  # the version every measured peak of plan_calibration.json ran
-# The fields of a version's published config.json that its memory footprint depends on: the LLM's sizes, the
-# vocabulary, the resampler's queries and the vision tower (2.5's are finetune.synthetic's full-size config).
-PUBLISHED_ARCHITECTURES: dict[str, dict] = {
-    "2.6": {  # openbmb/MiniCPM-V-2_6
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 151666, "tie_word_embeddings": False, "query_num": 64,
-        "vision_config": {"hidden_size": 1152, "image_size": 980, "intermediate_size": 4304, "model_type": "siglip",
-                          "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14},
-    },
-}  # fmt: skip
 
 
 def published_config(version: str = CALIBRATED_VERSION):
-    """The full-size config of a MiniCPM-V version as published (KeyError for a version the planner lacks)."""
-    from finetune.model.versions import CONFIG_CLASSES
+    """The full-size config of a MiniCPM-V version as published (finetune.synthetic's reference configs)."""
     from finetune.synthetic import full_size_config
 
-    if version == CALIBRATED_VERSION:
-        return full_size_config()
-    return CONFIG_CLASSES[version].from_dict(dict(PUBLISHED_ARCHITECTURES[version], version=float(version)))
+    return full_size_config(version)
 
 
 @dataclass(frozen=True)
