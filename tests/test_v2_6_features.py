@@ -95,6 +95,7 @@ def test_launcher_trains_2_6_with_llm_type_qwen(model_v2_6, data_v2_6, tmp_path)
     assert any(".lora_A." in name for name, _ in tuned.named_parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("llm_type", "version"), [("llama3", "2.6"), ("qwen", "2.5")])
 def test_launcher_refuses_an_llm_type_of_another_version_before_torchrun(
     model_v2_6, tiny_model, data_v2_6, tmp_path, llm_type, version
@@ -398,6 +399,7 @@ def test_plan_command_takes_the_version_from_the_model_or_from_version(model_v2_
     assert "\n" not in error and "--version 2.5" in error and "MiniCPM-V 2.6" in error
 
 
+@pytest.mark.slow
 def test_launcher_auto_plans_for_the_models_version(model_v2_6, tmp_path):
     """AUTO=1 on a 2.6 MODEL applies the 2.6 plan (stand-ins for torchrun and two GPUs' nvidia-smi)."""
     from finetune.plan import make_plan
