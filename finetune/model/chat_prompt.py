@@ -18,9 +18,11 @@ PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty
 
 
 def render_chat_prompt(
-    image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = ""
+    image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "", chat_template: str | None = None
 ) -> tuple[str, list[Image.Image]]:
-    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images)."""
+    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images), rendered
+    with `chat_template` (None: the tokenizer's; MiniCPM-V 2.0's tokenizer has none, `MiniCPMV.chat` passes the
+    version's)."""
     msgs = deepcopy(msgs)
     if not msgs or msgs[0].get("role") != "user":
         raise ValueError("chat messages must start with a user turn")
@@ -41,5 +43,7 @@ def render_chat_prompt(
         message["content"] = "\n".join(parts)
     if system_prompt:
         msgs = [{"role": "system", "content": system_prompt}] + msgs
-    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True, chat_template=chat_template
+    )
     return prompt, images

@@ -47,7 +47,10 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
     # The version's LLM has its own patch function (apply_liger_kernel_to_llama for Llama-3). RoPE is patched in
     # transformers' module of that LLM (a module-level function the attention calls); RMSNorm and the MLP are
     # patched on this instance's modules. The LLM's own loss is not used by our forward.
-    patch = getattr(liger_kernel.transformers, version_of(native.config).liger_kernel_patch)
+    version = version_of(native.config)
+    if not version.liger_kernel_patch:
+        raise ValueError(f"--use_liger_kernel: liger has no kernels for MiniCPM-V {version.name}'s LLM; leave it off")
+    patch = getattr(liger_kernel.transformers, version.liger_kernel_patch)
     patch(
         rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm
     )
