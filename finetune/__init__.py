@@ -1,6 +1,6 @@
 """MiniCPM-V fine-tuning suite.
 
-Importing the package registers the native MiniCPM-V models (MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6) with transformers' Auto classes for
+Importing the package registers the native MiniCPM-V models (MiniCPM-Llama3-V-2.5, MiniCPM-V 2.6 and 2.0) with transformers' Auto classes for
 model_type "minicpmv", so `AutoModel.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)` load a
 published checkpoint directory without network access or trust_remote_code. With `trust_remote_code=True` and
 the hub's code files present, transformers uses the hub classes instead.

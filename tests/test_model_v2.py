@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.model import MiniCPMV, MiniCPMVConfig
 from finetune.model.image_processing import normalize_view, slice_image
+from finetune.model.kernels import tower_layers
 from finetune.model.minicpm_llm import MiniCPMConfig, MiniCPMForCausalLM
 from finetune.model.resampler import QueryPositionResampler
 from finetune.model.tokenization import SpecialTokens
@@ -245,6 +246,7 @@ def test_each_view_gets_the_features_it_gets_alone(tiny_v2):
 
 def test_tiny_2_0_checkpoint_loads_runs_forward_and_greedy_chat(tiny_v2_dir, tiny_v2, tokenizer_v2):
     assert version_of(tiny_v2.config) is MINICPM_V_2
+    assert len(tower_layers(tiny_v2, "vision")) == 2  # 3 built, the last dropped (drop_vision_last_layer)
     tokens = SpecialTokens.from_tokenizer(tokenizer_v2)
     assert (tokens.unk, tokens.bos, tokens.eos, tokens.pad) == (0, 1, 2, 0)
     assert (tokens.image_start, tokens.image_end, tokens.slice_start, tokens.slice_end) == (101, 102, 111, 112)

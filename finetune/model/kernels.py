@@ -61,7 +61,10 @@ def tower_layers(model: nn.Module, tower: str = "llm") -> nn.ModuleList:
     """The repeated layers of the LLM ("llm") or of the vision tower ("vision"). A trained vision tower is a
     PEFT modules_to_save wrapper, whose attribute access reaches the trained copy."""
     native = native_model(model)
-    return native.llm.model.layers if tower == "llm" else native.vpm.encoder.layers
+    if tower == "llm":
+        return native.llm.model.layers
+    # MiniCPM-V 2.0's timm-style tower keeps its layers as `blocks`, Idefics2's under `encoder.layers`.
+    return native.vpm.blocks if hasattr(native.vpm, "blocks") else native.vpm.encoder.layers
 
 
 def compile_decoder_layers(model: nn.Module, vision: bool = False, **compile_kwargs) -> int:

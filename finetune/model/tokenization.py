@@ -185,6 +185,6 @@ class SpecialTokens:
 def detect_llm_type(tokenizer) -> str:
     """The upstream finetune's llm_type of the version whose chat tokens the tokenizer has ('llama3': the Llama-3
     header tokens of MiniCPM-Llama3-V-2.5; 'qwen': ChatML's <|im_start|> of MiniCPM-V 2.6), else 'minicpm'
-    (MiniCPM-V 2.0, which finetune.model does not implement)."""
+    (MiniCPM-V 2.0, whose `<用户>` marker is its `chat_token`; the fallback for a vocabulary with none of them)."""
     vocab = tokenizer.get_vocab()
     return next((version.llm_type for version in VERSIONS.values() if version.chat_token in vocab), "minicpm")
