@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import base_args
 from PIL import Image
 from tiny_v2 import build_tiny_v2
 from transformers import AutoModel, AutoTokenizer
@@ -18,6 +19,7 @@ from finetune.check_data import main as check_data
 from finetune.dataset import IGNORE_INDEX, ConversationEncoder, DataCollator, DataError, DataSettings, SupervisedDataset
 from finetune.model import MiniCPMVConfig
 from finetune.model.versions import MINICPM_V_2
+from finetune.train import train
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,14 @@ def test_padded_and_packed_batches_give_the_same_loss(tmp_path, tokenizer, confi
     assert torch.isfinite(padded)
     torch.testing.assert_close(padded, token_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed, token_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_training_with_the_vision_tower_trained_runs_and_learns(tmp_path, checkpoint):
+    """finetune.py's path on 2.0: LoRA on the LLM, resampler and vision tower trained (PEFT wraps the tower)."""
+    samples = [{"id": str(i), "image": "wide.png", "conversations": conv("<image>\nColour?", "dark")} for i in range(4)]
+    data = write_data(tmp_path, samples)
+    args = base_args(checkpoint, data, tmp_path / "out", "--max_steps", "4", "--llm_type", "minicpm")
+    trainer = train([*args, "--tune_vision", "true"])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

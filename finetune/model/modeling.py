@@ -205,9 +205,15 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         patch = self.config.patch_size
         return view if view.shape[1] == patch else to_patch_strip(view, patch)
 
+    @property
+    def _has_vit_tower(self) -> bool:
+        """Whether the vision tower is the timm-style ViT (MiniCPM-V 2.0), read from the version, not the module:
+        PEFT wraps a trained tower in a modules_to_save wrapper."""
+        return version_of(self.config).vision_tower == "vit"
+
     def _vision_weight(self) -> torch.Tensor:
         """The vision tower's first weight: the device and dtype its input is given in."""
-        if isinstance(self.vpm, VisionTransformer):
+        if self._has_vit_tower:
             return self.vpm.patch_embed.proj.weight
         return self.vpm.embeddings.patch_embedding.weight
 
@@ -234,7 +240,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         published code does) mask every view beyond its own h * w patches and take the position ids of its
         (h, w) grid: there a view's features never depend on the other views of the call.
         """
-        if isinstance(self.vpm, VisionTransformer):
+        if self._has_vit_tower:
             return self._vit_features(pixel_values, tgt_sizes)
         grid_positions = version_of(self.config).vision_grid_from_tgt_sizes
         weight = self._vision_weight()
@@ -330,7 +336,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         weight = self._vision_weight()
         dummy = torch.zeros(1, 3, 224, 224, dtype=weight.dtype, device=weight.device)
         side = 224 // self.config.patch_size
-        if isinstance(self.vpm, VisionTransformer):
+        if self._has_vit_tower:
             return self.resampler(self.vpm(dummy, [(side, side)]), [(side, side)], (side, side))
         sizes = torch.tensor([[side, side]], dtype=torch.int64, device=weight.device)
         every_patch = torch.ones(1, side, side, dtype=torch.bool, device=weight.device)
