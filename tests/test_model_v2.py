@@ -9,9 +9,11 @@ installed). What is checked numerically, and against what:
 - the resampler: against torch's own nn.MultiheadAttention fed the published formula's inputs;
 - the position-embedding resampling: against timm's documented rule (bicubic, antialias, align_corners False,
   unchanged when the grid is the stored square one), plus an orientation check;
+- the ViT (patch embedding, blocks with fused qkv, final norm): against transformers' Idefics2 SigLIP encoder
+  with the same weights and exact GELU, on a view of the stored square grid (no position resampling);
 - the batched vision tower: each view's features equal those it gets alone.
-Not checked against any reference: the ViT block's arithmetic against timm's (same formulas, unverified), and
-the whole model against the real weights (no weights here).
+Not checked against any reference: timm's own code (not installed; its GELU and LayerNorm eps are taken from
+its model definition), the published 2.0 model end to end, and anything against the real weights (none here).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_v2 import build_tiny_v2
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
+from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.model import MiniCPMV, MiniCPMVConfig
@@ -37,7 +41,7 @@ from finetune.model.minicpm_llm import MiniCPMConfig, MiniCPMForCausalLM
 from finetune.model.resampler import QueryPositionResampler
 from finetune.model.tokenization import SpecialTokens
 from finetune.model.versions import MINICPM_LLAMA3_V_2_5, MINICPM_V_2, MiniCPMV2Config, version_of
-from finetune.model.vit import resample_position_embedding
+from finetune.model.vit import VisionTransformer, ViTSettings, resample_position_embedding
 
 REFERENCE = Path(__file__).parent / "reference_v2"
 
@@ -320,3 +324,45 @@ def test_training_step_gives_gradients_with_gradient_checkpointing(tiny_v2_dir, 
     assert torch.isfinite(loss)
     assert model.resampler.query.grad is not None and model.resampler.query.grad.abs().sum() > 0
     assert model.llm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_vit_blocks_equal_transformers_siglip_encoder_with_the_same_weights():
+    """The tower's arithmetic against an independent implementation: transformers' Idefics2 SigLIP encoder
+    (separate q/k/v, exact GELU chosen) given the same weights, on a view of the stored square grid, where
+    neither tower resamples its positions."""
+    settings = ViTSettings(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=84)  # fmt: skip
+    torch.manual_seed(0)
+    ours = VisionTransformer(settings).eval()
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.normal_(0, 0.3)
+    reference_config = Idefics2VisionConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2, image_size=84,
+        patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+    )  # fmt: skip
+    reference_config._attn_implementation = "eager"
+    reference = Idefics2VisionTransformer(reference_config).eval()
+    state = {
+        "embeddings.patch_embedding.weight": ours.patch_embed.proj.weight,
+        "embeddings.patch_embedding.bias": ours.patch_embed.proj.bias,
+        "embeddings.position_embedding.weight": ours.pos_embed[0],
+        "post_layernorm.weight": ours.norm.weight,
+        "post_layernorm.bias": ours.norm.bias,
+    }
+    for n, block in enumerate(ours.blocks):
+        prefix = f"encoder.layers.{n}."
+        for name, weight, bias in zip(
+            ("q_proj", "k_proj", "v_proj"), block.attn.qkv.weight.chunk(3), block.attn.qkv.bias.chunk(3), strict=True
+        ):
+            state[prefix + f"self_attn.{name}.weight"], state[prefix + f"self_attn.{name}.bias"] = weight, bias
+        pairs = {"self_attn.out_proj": block.attn.proj, "layer_norm1": block.norm1, "layer_norm2": block.norm2,
+                 "mlp.fc1": block.mlp.fc1, "mlp.fc2": block.mlp.fc2}  # fmt: skip
+        for name, module in pairs.items():
+            state[prefix + name + ".weight"], state[prefix + name + ".bias"] = module.weight, module.bias
+    reference.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+    pixels = torch.rand(1, 3, 84, 84) * 2 - 1
+    with torch.no_grad():
+        got = ours(pixels, [(6, 6)])
+        expected = reference(pixels, patch_attention_mask=torch.ones(1, 6, 6, dtype=torch.bool)).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
