@@ -34,7 +34,7 @@ from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionCo
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 import finetune  # noqa: F401  (registers the Auto classes)
-from finetune.model import MiniCPMV, MiniCPMVConfig
+from finetune.model import MiniCPMV, MiniCPMVConfig, render_chat_prompt
 from finetune.model.image_processing import normalize_view, slice_image
 from finetune.model.kernels import tower_layers
 from finetune.model.minicpm_llm import MiniCPMConfig, MiniCPMForCausalLM
@@ -366,3 +366,25 @@ def test_vit_blocks_equal_transformers_siglip_encoder_with_the_same_weights():
         got = ours(pixels, [(6, 6)])
         expected = reference(pixels, patch_attention_mask=torch.ones(1, 6, 6, dtype=torch.bool)).last_hidden_state
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_loads_natively_also_without_config_json(tiny_v2_dir, tmp_path):
+    """An adapter directory holds the base's tokenizer files and no config.json; the published tokenizer_config
+    names the hub class (LlamaTokenizerWrapper, remote code needing timm): it must load natively, unprompted."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_v2_dir / name, tmp_path / name)
+    for directory in (tiny_v2_dir, tmp_path):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        assert type(tokenizer).__module__.startswith("finetune."), type(tokenizer)
+        assert tokenizer("<用户>hi")["input_ids"][:2] == [1, tokenizer.convert_tokens_to_ids("<用户>")]
+
+
+def test_the_2_0_prompt_is_rendered_without_a_tokenizer_template(tokenizer_v2):
+    assert not tokenizer_v2.chat_template
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Q"},
+    ]
+    prompt, images = render_chat_prompt(Image.new("RGB", (28, 28)), msgs, tokenizer_v2)
+    assert prompt == "<用户>(<image>./</image>)\nHi<AI>Hello<用户>Q<AI>" and len(images) == 1

@@ -461,8 +461,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         **generation_kwargs,
     ) -> str:
         """The published `chat()`: images go in as markers in the first user turn, then placeholder text."""
-        template = getattr(tokenizer, "chat_template", None) or version_of(self.config).chat_template
-        prompt, images = render_chat_prompt(image, msgs, tokenizer, system_prompt, template)
+        prompt, images = render_chat_prompt(image, msgs, tokenizer, system_prompt)
         config = dict(PUBLISHED_SAMPLING if sampling else PUBLISHED_BEAM_SEARCH)
         config.update(generation_kwargs)
         return self.generate_text(prompt, images, tokenizer, max_new_tokens, streamer, max_inp_length, **config)

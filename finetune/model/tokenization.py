@@ -98,6 +98,12 @@ class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
         return self.convert_tokens_to_ids(self.eot_token)
 
 
+class LlamaTokenizerWrapper(MiniCPMVTokenizerFast):
+    """MiniCPM-V 2.0's tokenizer under the name its tokenizer_config.json gives (`tokenizer_class`): registered
+    with AutoTokenizer under that name, so a 2.0 directory, also one without config.json (an adapter), loads
+    tokenizer.json natively instead of asking for the hub's remote code (which imports timm and torchvision)."""
+
+
 def _bpe_from_vocab_files(path, kwargs: dict) -> Tokenizer | None:
     """`byte_level_bpe` over the checkpoint's vocab.json + merges.txt when it has those and no tokenizer.json."""
     lookup = {
