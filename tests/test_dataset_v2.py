@@ -18,6 +18,7 @@ import finetune  # noqa: F401
 from finetune.check_data import main as check_data
 from finetune.dataset import IGNORE_INDEX, ConversationEncoder, DataCollator, DataError, DataSettings, SupervisedDataset
 from finetune.model import MiniCPMVConfig
+from finetune.model.attention import use_varlen_attention
 from finetune.model.versions import MINICPM_V_2
 from finetune.train import train
 
@@ -106,7 +107,7 @@ def test_check_data_accepts_llm_type_minicpm(tmp_path, checkpoint, capsys):
     assert check_data(["--model", str(checkpoint), "--data", data, "--llm_type", "llama3", "--workers", "1"]) == 2
 
 
-def test_padded_and_packed_batches_give_the_same_loss(tmp_path, tokenizer, config, checkpoint):
+def test_padded_packed_and_varlen_batches_give_the_same_loss(tmp_path, tokenizer, config, checkpoint):
     samples = [
         {"id": "a", "image": "wide.png", "conversations": conv("What?", "dark", "Sure?", "yes")},
         {"id": "b", "image": "small.png", "conversations": conv("Colour?", "light")},
@@ -123,6 +124,10 @@ def test_padded_and_packed_batches_give_the_same_loss(tmp_path, tokenizer, confi
     assert torch.isfinite(padded)
     torch.testing.assert_close(padded, token_mean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed, token_mean, atol=1e-5, rtol=1e-5)
+    use_varlen_attention(model)  # the LLM's packed samples attended one by one (the vision tower keeps sdpa)
+    with torch.no_grad():
+        varlen = model(**DataCollator(tokenizer.pad_token_id, packing=True)(items)).loss
+    torch.testing.assert_close(varlen, token_mean, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_training_with_the_vision_tower_trained_runs_and_learns(tmp_path, checkpoint):

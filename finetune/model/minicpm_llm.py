@@ -100,6 +100,7 @@ class MiniCPMForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM over MiniCPMModel (untied lm_head, published names `model.*`, `lm_head.weight`)."""
 
     config_class = MiniCPMConfig
+    _no_split_modules = ["MiniCPMDecoderLayer"]  # (kept whole across devices, as Llama's decoder layer is)
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)

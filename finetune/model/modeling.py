@@ -1,4 +1,7 @@
-"""MiniCPMV: the version's LLM + SigLIP vision tower (Idefics2's) + perceiver resampler, on transformers' modules.
+"""MiniCPMV: the version's LLM + SigLIP vision tower + perceiver resampler, on transformers' modules and torch.
+
+The vision tower is Idefics2's (2.5, 2.6: patch strips, NaViT positions) or, for MiniCPM-V 2.0, the timm-style
+ViT of `vit.py` with the query-position resampler (`ModelVersion.vision_tower`; `_vit_features`).
 
 Parameter names and shapes equal the published checkpoint's (`llm.*`, `vpm.*`, `resampler.*`), and the call
 interface is the published one: `model(data={input_ids, position_ids, pixel_values, tgt_sizes, image_bound},
@@ -51,7 +54,7 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"  # inside `data`; the trainer reads it there
     supports_gradient_checkpointing = True
     # Kept whole across devices; the LLM's decoder layer is its own class's (post_init gathers the children's).
-    _no_split_modules = ["Idefics2EncoderLayer"]
+    _no_split_modules = ["Idefics2EncoderLayer", "ViTBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False

@@ -109,7 +109,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(hidden)))
 
 
-class Block(GradientCheckpointingLayer):
+class ViTBlock(GradientCheckpointingLayer):
     """x + attn(norm1(x)), then x + mlp(norm2(x)) (pre-norm, no layer scale); checkpointed when the model's
     gradient checkpointing is on."""
 
@@ -136,7 +136,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(settings)
         self.pos_embed = nn.Parameter(torch.zeros(1, side * side, settings.hidden_size))
         kept = settings.num_hidden_layers if num_blocks is None else num_blocks
-        self.blocks = nn.ModuleList([Block(settings) for _ in range(kept)])
+        self.blocks = nn.ModuleList([ViTBlock(settings) for _ in range(kept)])
         self.norm = nn.LayerNorm(settings.hidden_size, eps=settings.layer_norm_eps)
 
     def grid_of(self, height: int, width: int) -> tuple[int, int]:

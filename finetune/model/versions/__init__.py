@@ -1,8 +1,8 @@
 """The MiniCPM-V versions finetune.model implements: one module each, stating what that version does its own way.
 
 Shared by the versions, once, in finetune.model: the vision tower (SigLIP so400m, `vision.py` and the Idefics2
-implementation), the perceiver resampler (`resampler.py`; the query count is a config field), adaptive slicing
-and pixel layout (`image_processing.py`), the `model(data=...)` interface with packing (`modeling.py`), the loss
+implementation; MiniCPM-V 2.0's timm-style ViT is `vit.py`), the perceiver resampler (`resampler.py`; the query
+count is a config field), adaptive slicing and pixel layout (`image_processing.py`), the `model(data=...)` interface with packing (`modeling.py`), the loss
 (`loss.py`, `sharded_loss.py`), attention and kernels, and the checkpoint checks and loading.
 
 Per version (a module here, a `ModelVersion` and a config class): the LLM class and its config class, the
