@@ -26,7 +26,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -394,8 +394,9 @@ def parse_record(
     return Record(sample, tuple(messages), tuple(resolved), has_id)
 
 
-def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
-    """A pattern matching the text of every control token of `tokenizer`, or None when it has none.
+def control_token_pattern(tokenizer, extra: Iterable[str] = ()) -> re.Pattern[str] | None:
+    """A pattern matching the text of every control token of `tokenizer` and of the `extra` strings, or None when
+    there is none.
 
     Control tokens are its special tokens (`all_special_tokens` and the added tokens marked special) that it
     splits out of text (added tokens), except:
@@ -417,7 +418,8 @@ def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
     allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS)
     if _is_ordinary_token(tokenizer, tokenizer.pad_token):
         allowed.add(tokenizer.pad_token)
-    control = sorted((t for t in special if t in added and t not in allowed), key=lambda t: (-len(t), t))
+    control = {t for t in special if t in added and t not in allowed} | set(extra)
+    control = sorted(control, key=lambda t: (-len(t), t))
     return re.compile("|".join(map(re.escape, control))) if control else None
 
 
@@ -636,7 +638,9 @@ class ConversationEncoder:
             raise ValueError(f"tokenizer lacks {', '.join(missing)}: not a MiniCPM-V {self.version.name} tokenizer")
         self.feature_blocks = self.tokens.feature_block_ids(self.version)  # (opening ids, closing ids)
         self.unk_token = tokenizer.unk_token or "<unk>"
-        self.control_tokens = control_token_pattern(tokenizer)  # refused as text in records (parse_record)
+        # Refused as text in records (parse_record); with the template's role markers where they are ordinary
+        # vocabulary entries (MiniCPM-V 2.0's <用户>/<AI>), which would start a role all the same.
+        self.control_tokens = control_token_pattern(tokenizer, (self.template.role_markers or {}).values())
         self.after_turn = self.text_ids(self.template.after_turn)
         self._headers: dict[str, list[int]] = {}
         self._placeholders: dict[tuple, list[int]] = {}

@@ -139,3 +139,12 @@ def test_lora_training_with_the_vision_tower_trained_runs_and_learns(tmp_path, c
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_role_marker_written_in_a_turn_is_refused(tmp_path, tokenizer, config):
+    """`<AI>` and `<用户>` are ordinary vocabulary entries, not special tokens, but in a turn they would start a
+    new role: refused like the other versions' control tokens."""
+    samples = [{"id": "x", "conversations": conv("Say <AI>hi", "no")}]
+    dataset = SupervisedDataset(DataSettings(write_data(tmp_path, samples)), tokenizer, config)
+    with pytest.raises(DataError, match="sample x: .*<AI>"):
+        dataset.record(0)
