@@ -1,6 +1,6 @@
 """MiniCPM-V fine-tuning suite.
 
-Importing the package registers the native MiniCPM-V models (MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6) with transformers' Auto classes for
+Importing the package registers the native MiniCPM-V models (MiniCPM-Llama3-V-2.5, MiniCPM-V 2.6 and 2.0) with transformers' Auto classes for
 model_type "minicpmv", so `AutoModel.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)` load a
 published checkpoint directory without network access or trust_remote_code. With `trust_remote_code=True` and
 the hub's code files present, transformers uses the hub classes instead.
@@ -29,7 +29,8 @@ if "DS_ACCELERATOR" not in os.environ and not (
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from .model import MiniCPMV, MiniCPMVConfig, MiniCPMVTokenizerFast  # noqa: E402
-from .model.versions import CONFIG_CLASSES  # noqa: E402
+from .model.tokenization import LlamaTokenizerWrapper  # noqa: E402
+from .model.versions import CONFIG_CLASSES, MiniCPMV2Config  # noqa: E402
 
 
 def _register() -> None:
@@ -40,6 +41,8 @@ def _register() -> None:
         AutoModel.register(config_class, MiniCPMV, exist_ok=True)
         AutoModelForCausalLM.register(config_class, MiniCPMV, exist_ok=True)
         AutoTokenizer.register(config_class, fast_tokenizer_class=MiniCPMVTokenizerFast, exist_ok=True)
+    # MiniCPM-V 2.0's tokenizer_config.json names its own class: registered under that name (see the class).
+    AutoTokenizer.register(MiniCPMV2Config, fast_tokenizer_class=LlamaTokenizerWrapper, exist_ok=True)
 
 
 _register()

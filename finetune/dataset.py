@@ -1,4 +1,4 @@
-"""Conversations -> model inputs for MiniCPM-V fine-tuning (2.5 and 2.6): faithful to the model, safe on bad data.
+"""Conversations -> model inputs for MiniCPM-V fine-tuning (2.5, 2.6, 2.0): faithful to the model, safe on bad data.
 
 Pipeline (each step a pure function, so it can be tested and reused by `finetune.validation`):
 
@@ -7,7 +7,8 @@ Pipeline (each step a pure function, so it can be tested and reused by `finetune
 2. `parse_record`: raw dict -> validated `Record` (roles, contents, image markers, image files). Every problem
    raises `DataError` naming the sample and the problem.
 3. `ConversationEncoder.encode`: `Record` + image grids -> token ids and labels, built piecewise with the model
-   version's *training* template (`TRAINING_TEMPLATES`: Llama-3 for 2.5, ChatML for 2.6; no generation prompt)
+   version's *training* template (`TRAINING_TEMPLATES`: Llama-3 for 2.5, ChatML for 2.6, `<用户>`/`<AI>` for
+   2.0; no generation prompt)
    and its image placeholders, with whole trailing turns dropped when too long.
 4. `prepare_sample`: the whole thing, including pixels (adaptive slicing from `finetune.model.image_processing`).
 5. `SupervisedDataset` (torch Dataset, reading one split of a run's `DataSettings`) and `DataCollator` (padding or
@@ -25,7 +26,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -393,8 +394,9 @@ def parse_record(
     return Record(sample, tuple(messages), tuple(resolved), has_id)
 
 
-def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
-    """A pattern matching the text of every control token of `tokenizer`, or None when it has none.
+def control_token_pattern(tokenizer, extra: Iterable[str] = ()) -> re.Pattern[str] | None:
+    """A pattern matching the text of every control token of `tokenizer` and of the `extra` strings, or None when
+    there is none.
 
     Control tokens are its special tokens (`all_special_tokens` and the added tokens marked special) that it
     splits out of text (added tokens), except:
@@ -416,7 +418,8 @@ def control_token_pattern(tokenizer) -> re.Pattern[str] | None:
     allowed = set(RESERVED_TAGS) | set(GROUNDING_TAGS)
     if _is_ordinary_token(tokenizer, tokenizer.pad_token):
         allowed.add(tokenizer.pad_token)
-    control = sorted((t for t in special if t in added and t not in allowed), key=lambda t: (-len(t), t))
+    control = {t for t in special if t in added and t not in allowed} | set(extra)
+    control = sorted(control, key=lambda t: (-len(t), t))
     return re.compile("|".join(map(re.escape, control))) if control else None
 
 
@@ -530,9 +533,11 @@ class TrainingTemplate:
     """A version's conversation format as training writes it: the version's published chat template
     (`ModelVersion.chat_template`) for a conversation that ends with an answer, without the generation prompt.
 
-    A turn is `header` ("{role}" standing for the role), the content (stripped when `strips_content`, as the
-    template trims it), `end_of_turn` and `after_turn`. A conversation without a system message gets
-    `default_system` as one when the template inserts it. Labels: each answer's content and its `end_of_turn`.
+    A turn is `header` ("{role}" standing for the role, or for its `role_markers` entry), the content (stripped
+    when `strips_content`, as the template trims it), `end_of_turn` (for a non-answer turn `prompt_end_of_turn`
+    where that is set) and `after_turn`. A conversation without a system message gets `default_system` as one
+    when the template inserts it; a template without `has_system` refuses system messages. Labels: each
+    answer's content and its `end_of_turn`.
     """
 
     header: str
@@ -541,6 +546,16 @@ class TrainingTemplate:
     after_turn: str = ""
     default_system: str | None = None
     strips_content: bool = False
+    role_markers: dict[str, str] | None = None  # what "{role}" stands for, per role (None: the role's name)
+    prompt_end_of_turn: str | None = None  # the end of a user/system turn, where it is not `end_of_turn`
+    has_system: bool = True
+
+    def header_text(self, role: str) -> str:
+        return self.header.format(role=self.role_markers[role] if self.role_markers else role)
+
+    def end_text(self, role: str) -> str:
+        end = self.end_of_turn if role == "assistant" or self.prompt_end_of_turn is None else self.prompt_end_of_turn
+        return end + self.after_turn
 
 
 # The training template of each version, by its llm_type (the upstream finetune's name for the format).
@@ -560,6 +575,17 @@ TRAINING_TEMPLATES: dict[str, TrainingTemplate] = {
         after_turn="\n",
         default_system="You are a helpful assistant.",
     ),
+    # MiniCPM-V 2.0: what its chat() writes (BOS, then `<用户>` / `<AI>` + content per turn, contents as written),
+    # with EOS closing each answer, the token generation stops on. Upstream's finetune encodes the sequence
+    # without BOS; training follows inference here. No system turn.
+    "minicpm": TrainingTemplate(
+        header="{role}",
+        end_of_turn="</s>",
+        special_tokens=("<用户>", "<AI>", "</s>"),
+        role_markers={"user": "<用户>", "assistant": "<AI>"},
+        prompt_end_of_turn="",
+        has_system=False,
+    ),
 }
 
 
@@ -569,10 +595,7 @@ def version_of_tokenizer(tokenizer) -> ModelVersion:
     version = next((v for v in VERSIONS.values() if v.llm_type == detected), None)
     if version is None or version.llm_type not in TRAINING_TEMPLATES:
         supported = ", ".join(f"'{v.llm_type}' (MiniCPM-V {v.name})" for v in VERSIONS.values())
-        raise NotImplementedError(
-            f"llm_type {detected!r} (MiniCPM-V 2.0, <用户>/<AI> template) is not supported by finetune.dataset; "
-            f"supported: {supported}"
-        )
+        raise NotImplementedError(f"llm_type {detected!r} is not supported by finetune.dataset; supported: {supported}")
     return version
 
 
@@ -615,7 +638,9 @@ class ConversationEncoder:
             raise ValueError(f"tokenizer lacks {', '.join(missing)}: not a MiniCPM-V {self.version.name} tokenizer")
         self.feature_blocks = self.tokens.feature_block_ids(self.version)  # (opening ids, closing ids)
         self.unk_token = tokenizer.unk_token or "<unk>"
-        self.control_tokens = control_token_pattern(tokenizer)  # refused as text in records (parse_record)
+        # Refused as text in records (parse_record); with the template's role markers where they are ordinary
+        # vocabulary entries (MiniCPM-V 2.0's <用户>/<AI>), which would start a role all the same.
+        self.control_tokens = control_token_pattern(tokenizer, (self.template.role_markers or {}).values())
         self.after_turn = self.text_ids(self.template.after_turn)
         self._headers: dict[str, list[int]] = {}
         self._placeholders: dict[tuple, list[int]] = {}
@@ -628,7 +653,7 @@ class ConversationEncoder:
 
     def header_ids(self, role: str) -> list[int]:
         if role not in self._headers:
-            self._headers[role] = self.text_ids(self.template.header.format(role=role))
+            self._headers[role] = self.text_ids(self.template.header_text(role))
         return self._headers[role]
 
     def prefix_ids(self, record: Record) -> list[int]:
@@ -677,7 +702,7 @@ class ConversationEncoder:
         if self.template.strips_content:
             content = content.strip()
         parts: list[str | list[int]] = [
-            self.header_ids(role) if role == "assistant" else self.template.header.format(role=role)
+            self.header_ids(role) if role == "assistant" else self.template.header_text(role)
         ]
         if "" in images:
             parts += [self.placeholder_ids(images[""][1], images[""][0]), "\n"]
@@ -688,7 +713,7 @@ class ConversationEncoder:
                 parts.append(self.placeholder_ids(markers[piece][1], markers[piece][0]) if piece in markers else piece)
         else:
             parts.append(content)
-        parts.append(self.template.end_of_turn + self.template.after_turn)
+        parts.append(self.template.end_text(role))
         ids: list[int] = []
         text = ""
         for part in parts:
@@ -707,6 +732,12 @@ class ConversationEncoder:
         whole messages are dropped; images whose markers are in dropped turns are dropped with them (they are
         the last ones, so the kept images keep their ids).
         """
+        if not self.template.has_system and record.messages[0][0] == "system":
+            raise DataError(
+                f"MiniCPM-V {self.version.name} has no system turn (its template is {self.template.header_text('user')}"
+                f"/{self.template.header_text('assistant')} only): remove the system message",
+                record.id,
+            )
         # Which message holds which image (record.images is in order of appearance, so kept images are a prefix).
         per_message: list[dict[str, tuple[int, SliceGrid]]] = [{} for _ in record.messages]
         for index, ((marker, _), plan) in enumerate(zip(record.images, plans, strict=True)):

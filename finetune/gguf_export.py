@@ -260,6 +260,7 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     in the published layout with every tensor of its architecture at its shape, and its tokenizer.json."""
     from finetune.model.checkpoint import CheckpointError, validate_checkpoint_dir
     from finetune.model.modeling import MiniCPMV
+    from finetune.model.versions import version_of_dict
 
     directory = Path(model_dir)
     if not directory.is_dir():
@@ -268,7 +269,8 @@ def open_checkpoint(model_dir: str | Path) -> Checkpoint:
     if not config_path.is_file():
         raise GGUFExportError(f"--model {model_dir}: no config.json: not a MiniCPM-V checkpoint directory")
     config = json.loads(config_path.read_text())
-    version = str(config.get("version", SUPPORTED_MODEL_VERSION))
+    # (2.0's config.json has no "version": version_of_dict tells it by its own fields, not as 2.5.)
+    version = version_of_dict(config).name if "version" not in config else str(config["version"])
     if config.get("model_type") != "minicpmv" or version != SUPPORTED_MODEL_VERSION:
         raise GGUFExportError(
             f"--model {model_dir}: model_type {config.get('model_type')!r} version {version}: GGUF export is "

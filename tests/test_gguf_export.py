@@ -14,6 +14,7 @@ image encoder), written out here on their own rather than taken from the module 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -304,6 +305,16 @@ def test_another_version_is_refused(merged, tmp_path, capsys):
     code, err = run_main(["--model", str(other), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert "2.6" in err and "2.5" in err
+
+
+def test_a_2_0_checkpoint_without_a_version_field_is_refused(tmp_path, capsys):
+    """MiniCPM-V 2.0's config.json has no "version": it is told apart by its own fields, not taken for 2.5."""
+    other = tmp_path / "v2"
+    other.mkdir()
+    shutil.copy(Path(__file__).parent / "reference_v2" / "config.json", other / "config.json")
+    code, err = run_main(["--model", str(other), "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "version 2.0" in err and "2.5" in err
 
 
 def test_missing_model_directory(tmp_path, capsys):

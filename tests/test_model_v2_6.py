@@ -136,7 +136,7 @@ def test_save_and_reload_keep_the_published_2_6_layout(golden_v2_6_dir, golden_v
 # --- versions the suite does not implement ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [4.0, 2.0, "4.5"])
+@pytest.mark.parametrize("version", [4.0, 3.0, "4.5"])
 def test_a_version_not_implemented_is_refused_in_one_line(reference_v2_6, golden_v2_6_dir, tmp_path, version):
     config_dir = tmp_path / "config"
     config_dir.mkdir()

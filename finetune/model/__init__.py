@@ -1,5 +1,5 @@
-"""The native MiniCPM-V family, MiniCPM-Llama3-V-2.5 and MiniCPM-V 2.6 implemented: model, configuration, resampler,
-slicing, tokenizer, loss, checkpoint checks. What one version does its own way is in `versions/`; everything else
+"""The native MiniCPM-V family, MiniCPM-Llama3-V-2.5, MiniCPM-V 2.6 and 2.0 implemented: model, configuration,
+resampler, slicing, tokenizer, loss, checkpoint checks. What one version does its own way is in `versions/`; everything else
 is shared."""
 
 from .chat_prompt import render_chat_prompt

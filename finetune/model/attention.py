@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -212,6 +212,10 @@ def use_varlen_attention(model: nn.Module, vision: bool = True) -> None:
     """Switch the LLM of a (PEFT-wrapped) native MiniCPMV to varlen attention, and with `vision` its vision
     tower too; otherwise the vision tower keeps its own."""
     config = native_model(model).config
+    if not isinstance(config.vision_config, PretrainedConfig):
+        # MiniCPM-V 2.0's timm-style tower has no attention setting: it runs sdpa, each view under its own mask.
+        config._attn_implementation = VARLEN
+        return
     vision_choice = VARLEN if vision else config.vision_config._attn_implementation
     config._attn_implementation = {"": VARLEN, "vision_config": vision_choice}
     set_vision_attention(model, vision_choice)
@@ -233,8 +237,9 @@ def llm_attention(model: nn.Module) -> str | None:
 
 
 def vision_attention(model: nn.Module) -> str | None:
-    """The attention implementation the vision tower runs."""
-    return native_model(model).config.vision_config._attn_implementation
+    """The attention implementation the vision tower runs (MiniCPM-V 2.0's timm-style tower: always sdpa)."""
+    vision_config = native_model(model).config.vision_config
+    return vision_config._attn_implementation if isinstance(vision_config, PretrainedConfig) else "sdpa"
 
 
 # Registered once on import: the attention function, and sdpa's mask builder for the calls without segments.

@@ -11,6 +11,9 @@ from typing import Any
 
 from PIL import Image
 
+from .tokenization import detect_llm_type
+from .versions import VERSIONS
+
 IMAGE_MARKER = "(<image>./</image>)"  # what chat() puts where an image goes; replaced by placeholder text
 # The published chat() decoding: sampling, or (sampling=False) 3-beam search.
 PUBLISHED_SAMPLING = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperature": 0.7, "repetition_penalty": 1.05}
@@ -18,9 +21,11 @@ PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty
 
 
 def render_chat_prompt(
-    image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = ""
+    image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "", chat_template: str | None = None
 ) -> tuple[str, list[Image.Image]]:
-    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images)."""
+    """Messages (content: str or list of str / PIL images) -> (inference prompt with markers, images), rendered
+    with `chat_template`; None: the tokenizer's, or, for a tokenizer without one (MiniCPM-V 2.0's), the template
+    of the version whose chat tokens it has."""
     msgs = deepcopy(msgs)
     if not msgs or msgs[0].get("role") != "user":
         raise ValueError("chat messages must start with a user turn")
@@ -41,5 +46,10 @@ def render_chat_prompt(
         message["content"] = "\n".join(parts)
     if system_prompt:
         msgs = [{"role": "system", "content": system_prompt}] + msgs
-    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        llm_type = detect_llm_type(tokenizer)
+        chat_template = next(v.chat_template for v in VERSIONS.values() if v.llm_type == llm_type)
+    prompt = tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True, chat_template=chat_template
+    )
     return prompt, images

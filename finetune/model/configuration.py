@@ -97,16 +97,17 @@ class MiniCPMVConfigMixin:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
-        """The config of the version `config_dict`'s "version" field names, whichever version's class is asked
-        (AutoConfig maps model_type "minicpmv" to one class); a dict without "version" is read with `cls`, and so
-        is one whose version `cls` already is (a subclass: a checkpoint's own remote-code class keeps its name). A
-        version this package does not implement raises UnsupportedVersionError before anything is built."""
+        """The config of the version `config_dict` describes (`versions.version_of_dict`: its "version" field,
+        or 2.0's own fields), whichever version's class is asked (AutoConfig maps model_type "minicpmv" to one
+        class); any other dict without "version" is read with `cls`, and so is one whose version `cls` already is
+        (a subclass: a checkpoint's own remote-code class keeps its name). A version this package does not
+        implement raises UnsupportedVersionError before anything is built."""
         from .versions import config_class_for  # (the versions' modules import this one)
 
-        if "version" in config_dict:
-            version_class = config_class_for(config_dict)
-            if not issubclass(cls, version_class):
-                return version_class.from_dict(config_dict, **kwargs)
+        version_class = config_class_for(config_dict)
+        describes_version = "version" in config_dict or version_class.model_version.name == "2.0"
+        if describes_version and not issubclass(cls, version_class):
+            return version_class.from_dict(config_dict, **kwargs)
         return super().from_dict(config_dict, **kwargs)
 
     # --- what the rest of the project reads ------------------------------------------------------------

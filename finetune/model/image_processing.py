@@ -186,6 +186,13 @@ def to_patch_strip(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.reshape(channels, patch_size, rows * cols * patch_size)
 
 
+def from_patch_strip(strip: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of `to_patch_strip`: [3, p, rows*cols*p] -> [3, rows*p, cols*p]."""
+    channels, patch = strip.shape[0], strip.shape[1]
+    patches = strip.reshape(channels, patch, rows, cols, patch).permute(0, 2, 1, 3, 4)
+    return patches.reshape(channels, rows * patch, cols * patch)
+
+
 def uint8_patch_strip(view: Image.Image, patch_size: int) -> torch.Tensor:
     """An RGB view -> its [3, p, L*p] strip still as uint8: the layout of `to_patch_strip`, a quarter of the bytes.
 

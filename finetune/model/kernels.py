@@ -47,7 +47,10 @@ def apply_liger_kernels(model: nn.Module, fused_loss: bool = True) -> None:
     # The version's LLM has its own patch function (apply_liger_kernel_to_llama for Llama-3). RoPE is patched in
     # transformers' module of that LLM (a module-level function the attention calls); RMSNorm and the MLP are
     # patched on this instance's modules. The LLM's own loss is not used by our forward.
-    patch = getattr(liger_kernel.transformers, version_of(native.config).liger_kernel_patch)
+    version = version_of(native.config)
+    if not version.liger_kernel_patch:
+        raise ValueError(f"--use_liger_kernel: liger has no kernels for MiniCPM-V {version.name}'s LLM; leave it off")
+    patch = getattr(liger_kernel.transformers, version.liger_kernel_patch)
     patch(
         rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=native.llm
     )
@@ -58,7 +61,10 @@ def tower_layers(model: nn.Module, tower: str = "llm") -> nn.ModuleList:
     """The repeated layers of the LLM ("llm") or of the vision tower ("vision"). A trained vision tower is a
     PEFT modules_to_save wrapper, whose attribute access reaches the trained copy."""
     native = native_model(model)
-    return native.llm.model.layers if tower == "llm" else native.vpm.encoder.layers
+    if tower == "llm":
+        return native.llm.model.layers
+    # MiniCPM-V 2.0's timm-style tower keeps its layers as `blocks`, Idefics2's under `encoder.layers`.
+    return native.vpm.blocks if hasattr(native.vpm, "blocks") else native.vpm.encoder.layers
 
 
 def compile_decoder_layers(model: nn.Module, vision: bool = False, **compile_kwargs) -> int:

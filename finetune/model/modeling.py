@@ -1,4 +1,7 @@
-"""MiniCPMV: the version's LLM + SigLIP vision tower (Idefics2's) + perceiver resampler, on transformers' modules.
+"""MiniCPMV: the version's LLM + SigLIP vision tower + perceiver resampler, on transformers' modules and torch.
+
+The vision tower is Idefics2's (2.5, 2.6: patch strips, NaViT positions) or, for MiniCPM-V 2.0, the timm-style
+ViT of `vit.py` with the query-position resampler (`ModelVersion.vision_tower`; `_vit_features`).
 
 Parameter names and shapes equal the published checkpoint's (`llm.*`, `vpm.*`, `resampler.*`), and the call
 interface is the published one: `model(data={input_ids, position_ids, pixel_values, tgt_sizes, image_bound},
@@ -10,6 +13,7 @@ versions differ (LLM class, vision position grid, placeholder, feature blocks) t
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,15 +33,16 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddi
 from .attention import VARLEN, Segments, varlen_kwargs
 from .chat_prompt import IMAGE_MARKER, PUBLISHED_BEAM_SEARCH, PUBLISHED_SAMPLING, render_chat_prompt
 from .checkpoint import CheckpointError, validate_checkpoint_dir
-from .image_processing import image_bounds, image_views, normalize_pixels, to_patch_strip
+from .image_processing import from_patch_strip, image_bounds, image_views, normalize_pixels, to_patch_strip
 from .loss import label_position_loss
 from .parallel import is_distributed, is_zero3_partitioned
-from .resampler import Resampler, ResamplerAttention
+from .resampler import QueryPositionResampler, Resampler, ResamplerAttention
 from .runtime import RuntimeOptions
 from .tokenization import SpecialTokens
 from .versions import version_of
 from .versions.minicpm_llama3_v2_5 import MiniCPMVConfig
 from .vision import GridVisionEmbeddings, ZeroGradients, cast_residual_to_autocast_dtype, view_sizes
+from .vit import VisionTransformer
 
 
 class MiniCPMVPreTrainedModel(PreTrainedModel):
@@ -49,7 +54,7 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"  # inside `data`; the trainer reads it there
     supports_gradient_checkpointing = True
     # Kept whole across devices; the LLM's decoder layer is its own class's (post_init gathers the children's).
-    _no_split_modules = ["Idefics2EncoderLayer"]
+    _no_split_modules = ["Idefics2EncoderLayer", "ViTBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -61,6 +66,10 @@ class MiniCPMVPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.query, std=0.02)
             nn.init.normal_(module.proj, std=module.embed_dim**-0.5)
             module._pos_table.clear()
+            if isinstance(module, QueryPositionResampler):
+                module.pos_embed.copy_(module.query_grid_table(module.embed_dim, math.isqrt(module.num_queries)))
+        elif isinstance(module, VisionTransformer):
+            nn.init.trunc_normal_(module.pos_embed, std=0.02)
         elif isinstance(module, ResamplerAttention):
             nn.init.xavier_uniform_(module.in_proj_weight)
             nn.init.zeros_(module.in_proj_bias)
@@ -89,13 +98,19 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         # so that the attention implementation chosen at load time reaches it.
         version = version_of(config)
         self.llm = version.llm_class(config)
-        self.vpm = Idefics2VisionTransformer(config.vision_config)
-        if version.vision_grid_from_tgt_sizes:  # the same parameters; position ids from each view's (h, w)
-            self.vpm.embeddings = GridVisionEmbeddings(config.vision_config)
-        if config.drop_vision_last_layer:
-            self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
-        self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
-        self.vpm.embeddings.register_forward_hook(cast_residual_to_autocast_dtype)
+        if version.vision_tower == "vit":  # MiniCPM-V 2.0: timm-style ViT on [3, H, W] views
+            settings = config.vit_settings
+            kept = settings.num_hidden_layers - 1 if config.drop_vision_last_layer else None
+            self.vpm = VisionTransformer(settings, kept)
+            self.resampler = QueryPositionResampler(config.query_num, config.hidden_size, settings.hidden_size)
+        else:
+            self.vpm = Idefics2VisionTransformer(config.vision_config)
+            if version.vision_grid_from_tgt_sizes:  # the same parameters; position ids from each view's (h, w)
+                self.vpm.embeddings = GridVisionEmbeddings(config.vision_config)
+            if config.drop_vision_last_layer:
+                self.vpm.encoder.layers = self.vpm.encoder.layers[:-1]
+            self.resampler = Resampler(config.query_num, config.hidden_size, config.vision_config.hidden_size)
+            self.vpm.embeddings.register_forward_hook(cast_residual_to_autocast_dtype)
         self.runtime_options = RuntimeOptions()
         self.configure_runtime()  # writes the vision option where its hook reads it
         self.post_init()
@@ -181,8 +196,9 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
         hooks = [self.get_input_embeddings().register_forward_hook(require_grads)]
         for tower in self.modules():  # a trained vision tower is two: the original and PEFT's trained copy
-            if isinstance(tower, Idefics2VisionTransformer):
-                hooks.append(tower.embeddings.register_forward_hook(partial(require_grads_if_trained, tower)))
+            if isinstance(tower, (Idefics2VisionTransformer, VisionTransformer)):
+                embeddings = tower.patch_embed if isinstance(tower, VisionTransformer) else tower.embeddings
+                hooks.append(embeddings.register_forward_hook(partial(require_grads_if_trained, tower)))
         self._require_grads_hooks = hooks
 
     # --- vision --------------------------------------------------------------------------------------------
@@ -192,8 +208,20 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         patch = self.config.patch_size
         return view if view.shape[1] == patch else to_patch_strip(view, patch)
 
+    @property
+    def _has_vit_tower(self) -> bool:
+        """Whether the vision tower is the timm-style ViT (MiniCPM-V 2.0), read from the version, not the module:
+        PEFT wraps a trained tower in a modules_to_save wrapper."""
+        return version_of(self.config).vision_tower == "vit"
+
+    def _vision_weight(self) -> torch.Tensor:
+        """The vision tower's first weight: the device and dtype its input is given in."""
+        if self._has_vit_tower:
+            return self.vpm.patch_embed.proj.weight
+        return self.vpm.embeddings.patch_embedding.weight
+
     def vision_features(
-        self, pixel_values: list[list[torch.Tensor]], tgt_sizes: Sequence[Any] | torch.Tensor
+        self, pixel_values: list[list[torch.Tensor]], tgt_sizes: Sequence[Any] | torch.Tensor | None
     ) -> list[torch.Tensor]:
         """Per sample, [n_views, query_num, hidden]; an empty tensor for a sample without images.
 
@@ -215,8 +243,10 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         published code does) mask every view beyond its own h * w patches and take the position ids of its
         (h, w) grid: there a view's features never depend on the other views of the call.
         """
+        if self._has_vit_tower:
+            return self._vit_features(pixel_values, tgt_sizes)
         grid_positions = version_of(self.config).vision_grid_from_tgt_sizes
-        weight = self.vpm.embeddings.patch_embedding.weight
+        weight = self._vision_weight()
         patch = self.config.patch_size
         strips, own_length, counts = [], [], []
         for views in pixel_values:
@@ -270,11 +300,47 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         packed = self.vpm.post_layernorm(packed)
         return packed.new_zeros(hidden.shape).masked_scatter(keep[..., None], packed[0])
 
+    def _vit_features(
+        self, pixel_values: list[list[torch.Tensor]], tgt_sizes: Sequence[Any] | torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """`vision_features` of the timm-style tower (MiniCPM-V 2.0): per sample [n_views, query_num, hidden].
+
+        A view is a [3, H, W] image (the published interface, no tgt_sizes: its grid is ceil(H/p) x ceil(W/p)),
+        or, with tgt_sizes given (the suite's data path and `prepare_inputs`), a [3, p, h*w*p] patch strip that
+        is laid back into its [3, h*p, w*p] image first (a [3, p, W] view reads the same either way). Each
+        view's features are what it gets alone (`vit.VisionTransformer`, `QueryPositionResampler`); all views
+        of the call run in one tower call and one resampler call, padded into a common patch frame."""
+        weight = self._vision_weight()
+        patch = self.config.patch_size
+        views = [view for sample in pixel_values for view in sample]
+        counts = [len(sample) for sample in pixel_values]
+        empty = torch.zeros(0, self.config.query_num, self.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        if not views:
+            return [empty for _ in counts]
+        if _has_size_rows(tgt_sizes):
+            strip_patches = [
+                v.shape[-1] // patch if v.shape[1] == patch else math.prod(self.vpm.grid_of(*v.shape[-2:]))
+                for v in views
+            ]
+            sizes = view_sizes(tgt_sizes, strip_patches, counts).tolist()
+            views = [
+                from_patch_strip(v, h, w) if v.shape[1] == patch else v for v, (h, w) in zip(views, sizes, strict=True)
+            ]
+        grids = [self.vpm.grid_of(*view.shape[-2:]) for view in views]
+        frame = (max(h for h, _ in grids), max(w for _, w in grids))
+        batch = torch.zeros(len(views), 3, frame[0] * patch, frame[1] * patch, dtype=weight.dtype, device=weight.device)
+        for j, view in enumerate(views):
+            batch[j, :, : view.shape[1], : view.shape[2]] = normalize_pixels(view.to(weight.device)).to(weight.dtype)
+        queries = self.resampler(self.vpm(batch, grids), grids, frame)
+        return list(queries.split(counts))
+
     def _dummy_vision_feature(self) -> torch.Tensor:
         """What the published code runs when a training call has no image: an all-zero 224 x 224 image."""
-        weight = self.vpm.embeddings.patch_embedding.weight
+        weight = self._vision_weight()
         dummy = torch.zeros(1, 3, 224, 224, dtype=weight.dtype, device=weight.device)
         side = 224 // self.config.patch_size
+        if self._has_vit_tower:
+            return self.resampler(self.vpm(dummy, [(side, side)]), [(side, side)], (side, side))
         sizes = torch.tensor([[side, side]], dtype=torch.int64, device=weight.device)
         every_patch = torch.ones(1, side, side, dtype=torch.bool, device=weight.device)
         grid = sizes if version_of(self.config).vision_grid_from_tgt_sizes else None
@@ -288,7 +354,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         if data.get("vision_hidden_states") is not None:
             vision_hidden_states = data["vision_hidden_states"]
         else:
-            vision_hidden_states = self.vision_features(data["pixel_values"], data["tgt_sizes"])
+            vision_hidden_states = self.vision_features(data["pixel_values"], data.get("tgt_sizes"))
 
         # A training call without any image still runs the vision tower once in the published code, on an
         # all-zero image whose features enter as `features.mean() * 0`: every trained vision parameter gets an
@@ -460,7 +526,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             raise ValueError(f"prompt is {len(ids)} tokens, over max_inp_length={max_length}")
         tokens = tokens or SpecialTokens.from_tokenizer(tokenizer)  # reads the whole vocabulary: once per call
         device = self.llm.device
-        dtype = self.vpm.embeddings.patch_embedding.weight.dtype
+        dtype = self._vision_weight().dtype
         return {
             "input_ids": ids[None].to(device),
             "position_ids": torch.arange(len(ids), device=device)[None],
@@ -468,6 +534,14 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
             "image_bound": [image_bounds(ids, *tokens.feature_block_ids(version))],
         }
+
+
+def _has_size_rows(tgt_sizes: Sequence[Any] | torch.Tensor | None) -> bool:
+    """Whether tgt_sizes gives any (h, w) row (the published 2.0 interface passes none, or empty lists)."""
+    if tgt_sizes is None:
+        return False
+    entries = [tgt_sizes] if torch.is_tensor(tgt_sizes) else [entry for entry in tgt_sizes if entry is not None]
+    return any(torch.as_tensor(entry).numel() for entry in entries)
 
 
 # The `train` methods that only set the flag (PreTrainedModel's also recasts kernels, on a change of mode only).

@@ -1,7 +1,10 @@
 """The perceiver resampler: query_num learned queries (96 in MiniCPM-Llama3-V-2.5) attend over one view's vision
-features (spec section 4)."""
+features (spec section 4). `QueryPositionResampler` is MiniCPM-V 2.0's older variant: its queries carry a 2-D
+sin-cos position embedding too, and its views come laid out in a patch frame (`vit.VisionTransformer`)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -103,4 +106,43 @@ class Resampler(nn.Module):
         queries = self.ln_q(self.query).unsqueeze(0).expand(num_views, -1, -1)
 
         out = self.attn(queries, keys, x, keep)
+        return self.ln_post(out) @ self.proj
+
+
+class QueryPositionResampler(Resampler):
+    """MiniCPM-V 2.0's resampler: the shared one plus `pos_embed` [Q, D], the 2-D sin-cos table of the
+    sqrt(Q) x sqrt(Q) query grid, a frozen parameter stored in the checkpoint and added to the queries.
+
+    Per view (published `Resampler.forward` with adaptive=True, one view per call there):
+    attn(ln_q(query) + pos_embed, ln_kv(kv_proj(x)) + sincos(h, w), ln_kv(kv_proj(x))) -> ln_post -> @ proj,
+    with sincos(h, w) the [h*w, D] table of the view's own patch grid built on the fly (`sincos_2d_table`, the
+    same table as the shared resampler's). Here several views run in one call, laid out in a patch frame of
+    `frame` = (rows, cols) (`vit.VisionTransformer`): view j's patches are the frame's r < h_j, c < w_j, and
+    a key mask keeps each view's queries to them (what one view per call gives)."""
+
+    def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
+        super().__init__(num_queries, embed_dim, kv_dim, eps)
+        side = math.isqrt(num_queries)
+        self.pos_embed = nn.Parameter(self.query_grid_table(embed_dim, side), requires_grad=False)
+
+    @staticmethod
+    def query_grid_table(embed_dim: int, side: int) -> torch.Tensor:
+        """[side * side, D]: the published initial (and stored) value of `pos_embed`."""
+        return sincos_2d_table(embed_dim, side, side).reshape(side * side, embed_dim)
+
+    def forward(self, features: torch.Tensor, grids: list[tuple[int, int]], frame: tuple[int, int]) -> torch.Tensor:
+        """features [N, rows * cols, kv_dim] (vision output in the frame), grids [(h, w)] per view, frame
+        (rows, cols) -> [N, num_queries, embed_dim]."""
+        rows, cols = frame
+        device = features.device
+        x = self.ln_kv(self.kv_proj(features))
+        key_positions = torch.zeros(len(grids), rows, cols, self.embed_dim, device=device)
+        keep = torch.zeros(len(grids), rows, cols, dtype=torch.bool, device=device)
+        table = self.position_table(max(h for h, _ in grids), max(w for _, w in grids), device)
+        for j, (h, w) in enumerate(grids):
+            key_positions[j, :h, :w] = table[:h, :w]
+            keep[j, :h, :w] = True
+        keys = x + key_positions.reshape(len(grids), rows * cols, -1).to(x.dtype)
+        queries = (self.ln_q(self.query) + self.pos_embed.to(x.dtype)).unsqueeze(0).expand(len(grids), -1, -1)
+        out = self.attn(queries, keys, x, keep.reshape(len(grids), -1))
         return self.ln_post(out) @ self.proj

@@ -98,6 +98,12 @@ class MiniCPMVTokenizerFast(PreTrainedTokenizerFast):
         return self.convert_tokens_to_ids(self.eot_token)
 
 
+class LlamaTokenizerWrapper(MiniCPMVTokenizerFast):
+    """MiniCPM-V 2.0's tokenizer under the name its tokenizer_config.json gives (`tokenizer_class`): registered
+    with AutoTokenizer under that name, so a 2.0 directory, also one without config.json (an adapter), loads
+    tokenizer.json natively instead of asking for the hub's remote code (which imports timm and torchvision)."""
+
+
 def _bpe_from_vocab_files(path, kwargs: dict) -> Tokenizer | None:
     """`byte_level_bpe` over the checkpoint's vocab.json + merges.txt when it has those and no tokenizer.json."""
     lookup = {
@@ -185,6 +191,6 @@ class SpecialTokens:
 def detect_llm_type(tokenizer) -> str:
     """The upstream finetune's llm_type of the version whose chat tokens the tokenizer has ('llama3': the Llama-3
     header tokens of MiniCPM-Llama3-V-2.5; 'qwen': ChatML's <|im_start|> of MiniCPM-V 2.6), else 'minicpm'
-    (MiniCPM-V 2.0, which finetune.model does not implement)."""
+    (MiniCPM-V 2.0, whose `<用户>` marker is its `chat_token`; the fallback for a vocabulary with none of them)."""
     vocab = tokenizer.get_vocab()
     return next((version.llm_type for version in VERSIONS.values() if version.chat_token in vocab), "minicpm")

@@ -38,3 +38,8 @@ class ModelVersion:
     vision_grid_from_tgt_sizes: bool = False
     adds_bos: bool = True  # whether the version's prompts start with the tokenizer's BOS token
     uses_image_id: bool = False  # whether the placeholder opens with <image_id>i</image_id>
+    # The vision stack: "navit" (Idefics2's SigLIP over patch strips + the shared resampler: 2.5, 2.6) or "vit"
+    # (timm-style SigLIP ViT over [3, H, W] views + the query-position resampler: 2.0).
+    vision_tower: str = "navit"
+    # Whether the published tokenizer carries `chat_template` (2.0's has none: chat() renders this version's own).
+    tokenizer_has_chat_template: bool = True
