@@ -23,7 +23,7 @@ from finetune.cli import model_dir_problem, unknown_flags_message
 from finetune.dataset import DataSettings, parse_data_spec
 from finetune.model.attention import VARLEN, flash_capable
 from finetune.model.kernels import liger_available
-from finetune.model.versions import VERSIONS, ModelVersion, UnsupportedVersionError, version_named
+from finetune.model.versions import VERSIONS, ModelVersion, UnsupportedVersionError, version_of_dict
 
 DEFAULT_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -265,7 +265,7 @@ def check_llm_type(llm_type: str | None, model_name_or_path: str) -> ModelVersio
     directory = local_model_dir(model_name_or_path)
     if directory is not None and (directory / "config.json").is_file():
         try:
-            version = version_named(json.loads((directory / "config.json").read_text()).get("version"))
+            version = version_of_dict(json.loads((directory / "config.json").read_text()))
         except (UnsupportedVersionError, ValueError) as error:
             raise UsageError(f"--model_name_or_path {model_name_or_path}: {error}") from error
     else:

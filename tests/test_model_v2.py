@@ -388,3 +388,18 @@ def test_the_2_0_prompt_is_rendered_without_a_tokenizer_template(tokenizer_v2):
     ]
     prompt, images = render_chat_prompt(Image.new("RGB", (28, 28)), msgs, tokenizer_v2)
     assert prompt == "<用户>(<image>./</image>)\nHi<AI>Hello<用户>Q<AI>" and len(images) == 1
+
+
+def test_preflight_takes_a_2_0_checkpoint_as_2_0_and_checks_llm_type_against_it(tiny_v2_dir, tmp_path):
+    """2.0's config.json has no "version": the launcher's preflight tells it apart by its fields, as loading does."""
+    from finetune.arguments import UsageError
+    from finetune.preflight import preflight
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "a", "conversations": [{"role": "user", "content": "Hi?"},
+                                                              {"role": "assistant", "content": "Hello."}]}]))  # fmt: skip
+    common = ["--model_name_or_path", str(tiny_v2_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o")]
+    preflight(common)
+    preflight([*common, "--llm_type", "minicpm"])
+    with pytest.raises(UsageError, match=r"--llm_type llama3 .*MiniCPM-V 2\.0 checkpoint.*--llm_type minicpm"):
+        preflight([*common, "--llm_type", "llama3"])

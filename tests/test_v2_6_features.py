@@ -126,7 +126,7 @@ def test_llm_type_unset_or_empty_is_taken_from_the_checkpoint(model_v2_6, data_v
                    "--output_dir", str(tmp_path / "out"), "--llm_type", "mistral"])  # fmt: skip
 
 
-@pytest.mark.parametrize("version", [2.0, 4.0, 4.5])
+@pytest.mark.parametrize("version", [3.0, 4.0, 4.5])
 def test_preflight_refuses_a_version_the_suite_does_not_implement(model_v2_6, data_v2_6, tmp_path, version):
     model = with_version(model_v2_6, tmp_path / "model", version)
     for extra in ([], ["--trust_remote_code", "true"]):  # also where the weights are not checked
