@@ -15,7 +15,7 @@ from pathlib import Path
 from finetune.plan import LOSS_CHUNK, Measurement, Setup
 
 
-def setup_of_report(report: dict) -> tuple[Setup, str]:
+def setup_of_report(report: dict, version: str = "2.5") -> tuple[Setup, str]:
     """The planner's Setup of a bench.trainer_bench report (finetune.py's real Trainer), and a note saying which
     micro-batch the peak belongs to. The report's largest micro-batch gives the tokens and image views a step
     (packed samples are one row: micro_batch 1); reports without `vocab_sharded_loss` gathered lm_head."""
@@ -36,18 +36,19 @@ def setup_of_report(report: dict) -> tuple[Setup, str]:
         optim_8bit="8bit" in str(report.get("optim", "")),
         lean=stage == 3 and "lean" in deepspeed,
         vocab_shards=bool(report.get("vocab_sharded_loss", False)),
+        version=version,
     )
     return setup, f"largest micro-batch: {tokens} tokens, {views:.0f} views"
 
 
 def measurement_of_report(
-    name: str, report: dict, device: str, date: str, versions: str, source: str
+    name: str, report: dict, device: str, date: str, versions: str, source: str, version: str = "2.5"
 ) -> Measurement | None:
     """A calibration record of one Trainer row (None without a measured peak: a run on the CPU)."""
     peaks = report.get("peak_allocated_gib_per_rank")
     if not peaks:
         return None
-    setup, note = setup_of_report(report)
+    setup, note = setup_of_report(report, version)
     return Measurement(name, setup, max(peaks), device, date, versions, source, note)
 
 

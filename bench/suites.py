@@ -20,7 +20,8 @@ comes from this one run, and the ratios below it are computed from the table's r
 
 `--version 2.6` runs the headline and memory suites on MiniCPM-V 2.6 (default: MiniCPM-Llama3-V-2.5): its
 full-size random checkpoint, its demo tokenizer and chat template for the sets, `--llm_type qwen` for
-finetune.py; the planner's column stays empty there (finetune.plan models 2.5).
+finetune.py; the planner's column is its 2.5 calibration scaled to 2.6's sizes, and `--calibration` records
+its rows as `<row>_v2_6`.
 
 `--smoke` runs every suite on the CPU with the tiny test architecture and a few steps: the same rows, the same
 table and ratios, numbers that say nothing. There, finetune.py rows without DeepSpeed run in this process (a
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.data import Workspace
+from finetune.plan import PLANNED_VERSIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIGS = ROOT / "finetune"
@@ -55,7 +57,6 @@ DEFAULT_WORK_DIR = Path(os.environ.get("BENCH_WORK_DIR", "/tmp/minicpmv-bench"))
 UPSTREAM, LORA_ONLY = ("--tune_vision", "true"), ("--tune_vision", "false")
 MODEL_VERSIONS = ("2.5", "2.6")  # config.json's "version" of the models the suites can run
 VERSIONED_SUITES = ("headline", "memory")  # the suites that run on a version other than 2.5
-PLANNED_VERSIONS = ("2.5",)  # the versions finetune.plan predicts peak memory for
 LEVERS = ("--optim", "adamw_bnb_8bit", "--loss_chunk_size", "512")  # 8-bit AdamW states, a 512-label loss chunk
 
 
@@ -556,7 +557,7 @@ def run_trainer_row(row: TrainerRow, run: Run) -> dict:
         from bench.calibration import setup_of_report
         from finetune.plan import predict
 
-        result["planner_gib"] = predict(setup_of_report(report)[0])["total"]
+        result["planner_gib"] = predict(setup_of_report(report, run.version)[0])["total"]
     return result
 
 
@@ -707,8 +708,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("name a suite (or --list)")
     if args.version != "2.5" and args.suite not in VERSIONED_SUITES:
         parser.error(f"--version {args.version}: only the {' and '.join(VERSIONED_SUITES)} suites run on it")
-    if args.calibration and args.version not in PLANNED_VERSIONS:
-        parser.error(f"--calibration with --version {args.version}: the planner's records are MiniCPM-Llama3-V-2.5's")
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = {"suite": args.suite, "command": command, **environment(args.smoke, args.version)}
     if args.suite == DATA_SUITE:
@@ -736,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_suite(suite, run, only)
         columns, ratios = suite.columns, ratio_values(suite.ratios(gpus), results)
         if args.calibration:
-            _refresh_calibration(args.calibration, header, results)
+            _refresh_calibration(args.calibration, header, results, args.version)
         if temporary:
             temporary.cleanup()
     text = markdown(header, columns, results, ratios)
@@ -748,13 +747,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not any("error" in result for result in results) else 1
 
 
-def _refresh_calibration(path: Path, header: dict, results: list[dict]) -> None:
+def _refresh_calibration(path: Path, header: dict, results: list[dict], version: str) -> None:
     from bench.calibration import measurement_of_report, refresh_calibration
 
     source = f"{header['command']} ({header['date']})"
     date = header["date"].split()[0]
-    measurements = [measurement_of_report(r["row"], r["report"], header["device"], date, header["versions"], source)
-                    for r in results if "report" in r]  # fmt: skip
+    suffix = "" if version == "2.5" else "_v" + version.replace(".", "_")  # one record name per row and version
+    measurements = [measurement_of_report(r["row"] + suffix, r["report"], header["device"], date, header["versions"],
+                                          source, version) for r in results if "report" in r]  # fmt: skip
     measurements = [m for m in measurements if m is not None]
     refresh_calibration(path, measurements)
     _progress(f"{len(measurements)} record(s) refreshed in {path}")

@@ -415,13 +415,12 @@ def test_version_2_6_settings_and_refusals(tmp_path, capsys):
     )
     argv = trainer_argv(TrainerRow("r", "a row", "text"), run, tmp_path / "out")
     assert argv[argv.index("--llm_type") + 1] == "qwen"
-    for args, message in (
-        (["qlora", "--version", "2.6"], "--version 2.6: only the headline and memory suites run on it"),
-        (["memory", "--model-version", "2.6", "--calibration", str(tmp_path / "c.json")], "--calibration with --version 2.6"),
-    ):  # fmt: skip
-        with pytest.raises(SystemExit) as stop:
-            main([*args, "--smoke", "--work-dir", str(tmp_path)])
-        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["qlora", "--version", "2.6", "--smoke", "--work-dir", str(tmp_path)])
+    assert (
+        stop.value.code == 2
+        and "--version 2.6: only the headline and memory suites run on it" in capsys.readouterr().err
+    )
 
 
 @pytest.fixture(scope="module")
@@ -506,21 +505,34 @@ def test_memory_smoke_run_on_2_6(workspace_v2_6, versions_trained, tmp_path, cap
     check_ratios(record, ratios)
 
 
-def test_the_planner_column_is_left_empty_for_2_6(tmp_path, monkeypatch):
-    """finetune.plan predicts MiniCPM-Llama3-V-2.5's memory: a 2.6 row with a measured peak gets no prediction,
-    a 2.5 row the planner's (a finetune.py report as a GPU run writes it, the training itself stood in for)."""
+def test_the_planner_column_and_calibration_records_are_the_rows_version(tmp_path, monkeypatch):
+    """A row with a measured peak gets the planner's prediction for the version it ran (a finetune.py report as a
+    GPU run writes it, the training itself stood in for), and --calibration records it under that version, a 2.6
+    row named <row>_v2_6 beside the 2.5 record of the same row."""
+    import dataclasses
+
     from bench import trainer_bench
+    from bench.calibration import setup_of_report
     from bench.data import Workspace
-    from bench.suites import Run, TrainerRow, run_trainer_row
+    from bench.suites import Run, TrainerRow, _refresh_calibration, run_trainer_row
+    from finetune.plan import load_calibration, predict
 
     report = {"world_size": 1, "deepspeed": None, "optim": "adamw_torch", "loss_chunk_size": 2048, "gradient_checkpointing": True,
               "q_lora": False, "tune_vision": False, "largest_micro_batch_tokens": 2048, "largest_micro_batch_views": 0,
               "peak_allocated_gib_per_rank": [21.0], "peak_reserved_gib_per_rank": [23.0], "tokens_per_s": 5000.0,
               "samples_per_s": 2.4, "step_s_mean": 0.4, "mfu": 0.3, "data_wait_fraction": 0.0, "losses": [1.0]}  # fmt: skip
     monkeypatch.setattr(trainer_bench, "run", lambda argv, settings: report)
-    planned = {}
+    planned, calibration = {}, tmp_path / "calibration.json"
+    header = {"command": "python -m bench memory", "date": "2026-12-02 23:55 UTC", "device": "1 x GPU", "versions": "v"}
     for version in ("2.5", "2.6"):
         run = Run("memory", True, 1, tmp_path / version, version=version)
         run.workspace = Workspace(*(tmp_path / name for name in "ctmu"), True, tmp_path / "k", version)
-        planned[version] = run_trainer_row(TrainerRow("lora_adamw", "a row", "text"), run).get("planner_gib")
-    assert planned["2.6"] is None and planned["2.5"] > 0
+        result = run_trainer_row(TrainerRow("lora_adamw", "a row", "text"), run)
+        planned[version] = result["planner_gib"]
+        _refresh_calibration(calibration, header, [{"row": "lora_adamw", **result}], version)  # as run_suite lists it
+    setup = setup_of_report(report)[0]
+    assert planned["2.5"] == predict(setup)["total"]
+    assert planned["2.6"] == predict(dataclasses.replace(setup, version="2.6"))["total"] != planned["2.5"]
+    records = {m.name: m for m in load_calibration(calibration)}
+    assert set(records) == {"lora_adamw", "lora_adamw_v2_6"} and records["lora_adamw_v2_6"].setup.version == "2.6"
+    assert records["lora_adamw"].setup.version == "2.5" and records["lora_adamw_v2_6"].peak_gib == 21.0

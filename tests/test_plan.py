@@ -241,8 +241,9 @@ def test_launcher_auto_applies_the_plan_and_user_flags_win(tmp_path):
 
 def test_validate_compares_every_shipped_measurement_with_its_prediction(capsys):
     """--validate reads the calibration file shipped beside the planner: a row per measured configuration, the
-    prediction of its Setup against its measured peak; every prediction within 16% (the compiled speed mode at
-    two rows is the worst, over-predicted), ZeRO-3 on the safe side."""
+    prediction of its Setup against its measured peak. 2.5's (the fit): every prediction within 16% (the compiled
+    speed mode at two rows is the worst, over-predicted), ZeRO-3 on the safe side. 2.6's (the fit scaled): within
+    3% with activation checkpointing; without it over-predicted, by less than 25%."""
     from finetune.plan import load_calibration
 
     measurements = load_calibration()
@@ -256,11 +257,16 @@ def test_validate_compares_every_shipped_measurement_with_its_prediction(capsys)
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         predicted, measured, error = float(cells[2]), float(cells[3]), float(cells[4].rstrip("%"))
         assert cells[0] == measurement.name and predicted == round(predict(measurement.setup)["total"], 2)
-        assert measured == round(measurement.peak_gib, 2) and abs(error) < 16, line
+        assert measured == round(measurement.peak_gib, 2), line
+        if measurement.setup.version == "2.6" and not measurement.setup.gradient_checkpointing:
+            assert 0 < error < 25, line
+        else:
+            assert abs(error) < (3 if measurement.setup.version == "2.6" else 16), line
         if measurement.setup.zero_stage == 3:
             assert error > 0, line
     names = {m.name for m in measurements}
     assert {"upstream_8bit_c512", "lora_nf4_8bit_c512", "speed_mode", "mm_upstream", "lora_zero3_2gpus"} <= names
+    assert {"upstream_adamw_v2_6", "mm_upstream_v2_6", "speed_mode_v2_6"} <= names
 
 
 def test_a_calibration_file_given_on_the_command_line_is_read(tmp_path, capsys):

@@ -391,7 +391,7 @@ def test_plan_command_takes_the_version_from_the_model_or_from_version(model_v2_
     from_flag = json.loads(capsys.readouterr().out)
     assert from_model["setup"]["version"] == from_flag["setup"]["version"] == "2.6"
     assert from_model["predicted_gib"] == from_flag["predicted_gib"]
-    assert any("not measured on a GPU" in note for note in from_model["notes"])
+    assert any("calibration scaled to its sizes" in note for note in from_model["notes"])
     assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.6"]) == 0
     assert "model:                   MiniCPM-V 2.6 (openbmb/MiniCPM-V-2_6 architecture)" in capsys.readouterr().out
     assert main(["--gpus", "1", "--gpu-mem", "40", "--version", "2.5", "--model", str(model_v2_6)]) == 2
