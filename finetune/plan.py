@@ -531,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data (default: the --version's published checkpoint)",
     )
     parser.add_argument(
-        "--version", choices=list(PLANNED_VERSIONS), help=f"MiniCPM-V version (default: --model's, else {CALIBRATED_VERSION})"
+        "--version",
+        choices=list(PLANNED_VERSIONS),
+        help=f"MiniCPM-V version (default: --model's, else {CALIBRATED_VERSION})",
     )
     parser.add_argument("--q_lora", "--q-lora", action="store_true", help="4-bit NF4 LLM (bitsandbytes)")
     parser.add_argument("--target-global-batch", type=int, default=16)
