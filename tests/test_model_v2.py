@@ -403,3 +403,12 @@ def test_preflight_takes_a_2_0_checkpoint_as_2_0_and_checks_llm_type_against_it(
     preflight([*common, "--llm_type", "minicpm"])
     with pytest.raises(UsageError, match=r"--llm_type llama3 .*MiniCPM-V 2\.0 checkpoint.*--llm_type minicpm"):
         preflight([*common, "--llm_type", "llama3"])
+
+
+def test_the_memory_planner_refuses_2_0_in_one_line(capsys):
+    """The planner counts 2.5's and 2.6's published architectures only: a 2.0 checkpoint is named, not planned."""
+    from finetune.plan import main
+
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "MiniCPM-V 2.0" in error and "2.5, 2.6" in error
