@@ -333,6 +333,8 @@ def read_vocabulary(tokenizer_json: dict[str, Any], vocab_size: int, token_type_
         tokens.append(token)
         types.append(int(kind))
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    if not merges:  # the gguf package writes no empty array, and llama.cpp refuses a BPE vocabulary without the key
+        raise GGUFExportError("tokenizer.json has no BPE merges: llama.cpp cannot load a GGUF vocabulary without them")
     return Vocabulary(tokens, types, merges, _adds_bos(tokenizer_json))
 
 

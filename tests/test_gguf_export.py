@@ -14,6 +14,7 @@ image encoder), written out here on their own rather than taken from the module 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -347,3 +348,41 @@ def test_command_line_writes_both_files(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["mmproj-model-f16.gguf", "model-F16.gguf"]
     assert "llama-mtmd-cli" in result.stdout
+
+
+def test_a_tokenizer_without_merges_is_refused_before_anything_is_written(golden_dir, tmp_path):
+    """llama.cpp refuses a BPE vocabulary without `tokenizer.ggml.merges` ("cannot find tokenizer merges", seen with
+    llama.cpp's llama-simple on this export), and the gguf package writes no empty array: the golden tiny tokenizer,
+    which has no merges, is refused in one line instead of giving files llama.cpp cannot load."""
+    assert json.loads((golden_dir / "tokenizer.json").read_text())["model"]["merges"] == []
+    with pytest.raises(GGUFExportError, match="no BPE merges"):
+        export_gguf(golden_dir, tmp_path / "out", "f16")
+    assert not list((tmp_path / "out").glob("*.gguf*"))
+
+
+def llama_cpp_tool(name: str) -> str | None:
+    """A llama.cpp program from LLAMA_CPP_BIN (its build's bin/ folder) or PATH; None where there is no build."""
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    found = Path(folder, name) if folder else None
+    return str(found) if found and found.is_file() else shutil.which(name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(llama_cpp_tool("llama-simple") is None, reason="no llama.cpp build (set LLAMA_CPP_BIN)")
+def test_llama_cpp_continues_a_prompt_with_the_models_greedy_tokens(tiny_model, tmp_path):
+    """The exported language model in llama.cpp itself: its greedy continuation of a prompt (llama-simple: BOS +
+    the prompt, argmax sampling) is, as text, the project's model's greedy continuation of the same tokens."""
+    from transformers import AutoModel, AutoTokenizer
+
+    llm_path, _ = export_gguf(tiny_model, tmp_path / "gguf", "f16")
+    prompt, new_tokens = "The red star is", 12
+    result = subprocess.run([llama_cpp_tool("llama-simple"), "-m", str(llm_path), "-n", str(new_tokens), prompt],
+                            capture_output=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    model = AutoModel.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids[0, 0] == tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    output = model.llm.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = tokenizer.decode(output[0])
+    assert result.stdout.decode("utf-8", errors="replace").strip("\n") == ours
