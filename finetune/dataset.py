@@ -537,7 +537,10 @@ class TrainingTemplate:
     when `strips_content`, as the template trims it), `end_of_turn` (for a non-answer turn `prompt_end_of_turn`
     where that is set) and `after_turn`. A conversation without a system message gets `default_system` as one
     when the template inserts it; a template without `has_system` refuses system messages. Labels: each
-    answer's content and its `end_of_turn`.
+    answer's content and its `end_of_turn`. Without `history_end_of_turn` (the published chat writes an earlier
+    answer without its end of turn), only the last answer is followed by `end_of_turn` (a single token); an
+    earlier one is followed directly by the next turn, whose first token gets `end_of_turn` as its label, so that
+    the model still learns to stop after every answer.
     """
 
     header: str
@@ -549,6 +552,7 @@ class TrainingTemplate:
     role_markers: dict[str, str] | None = None  # what "{role}" stands for, per role (None: the role's name)
     prompt_end_of_turn: str | None = None  # the end of a user/system turn, where it is not `end_of_turn`
     has_system: bool = True
+    history_end_of_turn: bool = True
 
     def header_text(self, role: str) -> str:
         return self.header.format(role=self.role_markers[role] if self.role_markers else role)
@@ -576,8 +580,9 @@ TRAINING_TEMPLATES: dict[str, TrainingTemplate] = {
         default_system="You are a helpful assistant.",
     ),
     # MiniCPM-V 2.0: what its chat() writes (BOS, then `<用户>` / `<AI>` + content per turn, contents as written),
-    # with EOS closing each answer, the token generation stops on. Upstream's finetune encodes the sequence
-    # without BOS; training follows inference here. No system turn.
+    # with EOS closing the last answer, the token generation stops on (earlier answers have it as the label of the
+    # next turn's first token, as upstream's finetune does). Upstream's finetune encodes the sequence without
+    # BOS; training follows inference here. No system turn.
     "minicpm": TrainingTemplate(
         header="{role}",
         end_of_turn="</s>",
@@ -585,6 +590,7 @@ TRAINING_TEMPLATES: dict[str, TrainingTemplate] = {
         role_markers={"user": "<用户>", "assistant": "<AI>"},
         prompt_end_of_turn="",
         has_system=False,
+        history_end_of_turn=False,
     ),
 }
 
@@ -642,6 +648,10 @@ class ConversationEncoder:
         # vocabulary entries (MiniCPM-V 2.0's <用户>/<AI>), which would start a role all the same.
         self.control_tokens = control_token_pattern(tokenizer, (self.template.role_markers or {}).values())
         self.after_turn = self.text_ids(self.template.after_turn)
+        # The end of turn only the last answer is written with (none: every answer has it in its message ids).
+        self.last_end = [] if self.template.history_end_of_turn else self.text_ids(self.template.end_of_turn)
+        if len(self.last_end) > 1:
+            raise ValueError(f"end of turn {self.template.end_of_turn!r} is not a single token of the tokenizer")
         self._headers: dict[str, list[int]] = {}
         self._placeholders: dict[tuple, list[int]] = {}
         self._check_placeholder_tokenization()
@@ -750,26 +760,36 @@ class ConversationEncoder:
             (self.message_ids(role, content, per_message[i]), role == "assistant")
             for i, (role, content) in enumerate(record.messages)
         ]
+        if self.last_end:  # answers without their end of turn: only the last kept one gets it back, below
+            pieces = [(ids[: len(ids) - len(self.last_end)] if answer else ids, answer) for ids, answer in pieces]
         prefix = self.prefix_ids(record)
         image_count = [len(m) for m in per_message]
         lengths = [len(ids) for ids, _ in pieces]
-        full_length = len(prefix) + sum(lengths)
+        fixed = len(prefix) + len(self.last_end)
+        full_length = fixed + sum(lengths)
         keep = len(pieces)
         if max_length is not None and full_length > max_length:
             start = 1 if record.messages[0][0] == "system" else 0
-            minimum = len(prefix) + sum(lengths[: start + 2])
+            minimum = fixed + sum(lengths[: start + 2])
             if minimum > max_length:
                 raise SampleTooLong(record.id, full_length, minimum, max_length)
-            while len(prefix) + sum(lengths[:keep]) > max_length:
+            while fixed + sum(lengths[:keep]) > max_length:
                 keep -= 2  # one user+assistant pair
         input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
         header, after = len(self.header_ids("assistant")), len(self.after_turn)
+        follows_answer = False  # the previous piece is an answer written without its end of turn
         for ids, is_assistant in pieces[:keep]:
-            input_ids += ids
             if is_assistant:
-                labels += [IGNORE_INDEX] * header + ids[header : len(ids) - after] + [IGNORE_INDEX] * after
+                piece_labels = [IGNORE_INDEX] * header + ids[header : len(ids) - after] + [IGNORE_INDEX] * after
             else:
-                labels += [IGNORE_INDEX] * len(ids)
+                piece_labels = [IGNORE_INDEX] * len(ids)
+            if follows_answer:
+                piece_labels[0] = self.last_end[0]
+            input_ids += ids
+            labels += piece_labels
+            follows_answer = is_assistant and bool(self.last_end)
+        input_ids += self.last_end
+        labels += self.last_end
         return Encoded(input_ids, labels, sum(image_count[:keep]), len(pieces) - keep, full_length)
 
 

@@ -59,17 +59,32 @@ def test_two_turn_sample_is_encoded_with_the_2_0_template(tmp_path, tokenizer, c
     item = dataset[0]
     # Written out by hand: one 56 x 70 view (not sliced), 16 <unk> for it; "▁" starts each text run.
     user, answer = ["<用户>"], ["<AI>"]
-    expected = ["<s>", *user, "<image>", *["<unk>"] * 16, "</image>", "▁", "\n", *"What?", *answer, "▁", *"red", "</s>"]
+    # As chat() writes a history: the first answer without </s>; </s> is the label of the <用户> that follows it.
+    expected = ["<s>", *user, "<image>", *["<unk>"] * 16, "</image>", "▁", "\n", *"What?", *answer, "▁", *"red"]
     expected += [*user, "▁", *"And?", *answer, "▁", *"blue", "</s>"]
     assert tokenizer.convert_ids_to_tokens(item["input_ids"].tolist()) == expected
-    trained = [token for token, label in zip(expected, item["labels"].tolist(), strict=True) if label != IGNORE_INDEX]
-    assert trained == ["▁", *"red", "</s>", "▁", *"blue", "</s>"]
-    labels = item["labels"].tolist()
-    assert all(label in (IGNORE_INDEX, token) for label, token in zip(labels, item["input_ids"].tolist(), strict=True))
+    labels = tokenizer.convert_ids_to_tokens([label for label in item["labels"].tolist() if label != IGNORE_INDEX])
+    assert labels == ["▁", *"red", "</s>", "▁", *"blue", "</s>"]
+    second_user = len(expected) - expected[::-1].index("<用户>") - 1
+    assert item["labels"][second_user] == tokenizer.eos_token_id
+    pairs = list(zip(item["labels"].tolist(), item["input_ids"].tolist(), strict=True))
+    assert all(label in (IGNORE_INDEX, token) for i, (label, token) in enumerate(pairs) if i != second_user)
     assert item["image_bound"].tolist() == [[3, 19]]
     # Unsliced views are resized to about scale_resolution^2 in area (112 px here), in whole patches:
     # 56 x 70 -> width 112 * sqrt(0.8) = 100.2 -> 98, height 112 / sqrt(0.8) = 125.2 -> 126: 9 x 7 patches.
     assert item["tgt_sizes"].tolist() == [[9, 7]]
+
+
+def test_a_truncated_multi_turn_sample_ends_its_last_kept_answer_with_eos(tmp_path, tokenizer, config):
+    """Dropping the second exchange leaves what the first exchange alone encodes to, </s> included."""
+    data = write_data(tmp_path, [{"id": "one", "conversations": conv("Hi", "red")},
+                                 {"id": "two", "conversations": conv("Hi", "red", "And?", "blue")}])  # fmt: skip
+    one = SupervisedDataset(DataSettings(data), tokenizer, config)[0]
+    settings = DataSettings(data, model_max_length=len(one["input_ids"]))
+    truncated = SupervisedDataset(settings, tokenizer, config)[1]
+    assert truncated["input_ids"].tolist() == one["input_ids"].tolist()
+    assert truncated["labels"].tolist() == one["labels"].tolist()
+    assert one["input_ids"][-1] == one["labels"][-1] == tokenizer.eos_token_id
 
 
 def test_training_prompt_is_what_chat_generates_from(tmp_path, tokenizer, config, checkpoint):
