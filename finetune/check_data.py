@@ -44,7 +44,9 @@ def find_index(dataset, sample_id: str) -> int:
 
 
 def render_sample(tokenizer, input_ids: Sequence[int], labels: Sequence[int], query_num: int | None = None) -> str:
-    """The sample as text: trained (label) spans wrapped in ⟦ ⟧, each image block's <unk> run abbreviated."""
+    """The sample as text: trained (label) spans wrapped in ⟦ ⟧, each image block's <unk> run abbreviated. A label
+    that is not its position's input token (2.0: the </s> after an earlier answer, learnt on the next turn's first
+    token) is shown as ⟦→label⟧ before that token."""
     unk = tokenizer.convert_tokens_to_ids(tokenizer.unk_token or "<unk>")
     out: list[str] = []
     trained = False
@@ -58,6 +60,14 @@ def render_sample(tokenizer, input_ids: Sequence[int], labels: Sequence[int], qu
     i, n = 0, len(input_ids)
     while i < n:
         is_label = int(labels[i]) != -100
+        if is_label and int(labels[i]) != int(input_ids[i]):
+            flush()
+            target = tokenizer.decode([int(labels[i])], skip_special_tokens=False)
+            out.append(f"{LABEL_CLOSE if trained else ''}{LABEL_OPEN}→{target}{LABEL_CLOSE}")
+            trained = False
+            run.append(int(input_ids[i]))
+            i += 1
+            continue
         if is_label != trained:
             flush()
             out.append(LABEL_OPEN if is_label else LABEL_CLOSE)

@@ -122,6 +122,15 @@ def test_check_data_accepts_llm_type_minicpm(tmp_path, checkpoint, capsys):
     assert check_data(["--model", str(checkpoint), "--data", data, "--llm_type", "llama3", "--workers", "1"]) == 2
 
 
+def test_check_data_show_marks_the_eos_learnt_on_the_next_turn(tmp_path, checkpoint, capsys):
+    """--show of a two-exchange 2.0 sample: each answer is a trained span; the </s> after the first answer, which
+    is a label but not an input token, is shown as a trained target before the <用户> that carries it."""
+    data = write_data(tmp_path, [{"id": "t", "conversations": conv("Hi", "red", "And?", "blue")}])
+    assert check_data(["--model", str(checkpoint), "--data", data, "--show", "t", "--workers", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "<AI>⟦red⟧⟦→</s>⟧<用户> And?<AI>⟦blue</s>⟧" in shown, shown
+
+
 def test_padded_packed_and_varlen_batches_give_the_same_loss(tmp_path, tokenizer, config, checkpoint):
     samples = [
         {"id": "a", "image": "wide.png", "conversations": conv("What?", "dark", "Sure?", "yes")},
