@@ -387,3 +387,43 @@ def test_deepspeed_trains_2_0_on_two_processes(model_v2, data_v2, tmp_path, stag
     assert saved and all(tensor.numel() > 0 for tensor in saved.values())
     assert any("q_proj.lora_A" in name for name in saved)
     PeftModel.from_pretrained(AutoModel.from_pretrained(model_v2, dtype=torch.float32), out)
+
+
+# --- tuner and the training path's data checks ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="needs optuna")
+def test_tuner_searches_on_the_2_0_tiny(model_v2, data_v2, tmp_path, capsys):
+    import math
+
+    from finetune.tune import main
+
+    result = main(["--model", str(model_v2), "--data", str(data_v2), "--trials", "2", "--max-steps", "1",
+                   "--subset", "4", "--output-dir", str(tmp_path / "out"), "--seed", "3",
+                   "--", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0", "--tune_vision", "false"])  # fmt: skip
+    assert result.trials == 2 and math.isfinite(result.best_eval_loss)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == result.line and f"MODEL={model_v2}" in line and "bash finetune/finetune_lora.sh" in line
+
+
+def test_bad_2_0_samples_stop_training_before_it_starts_each_named(model_v2, data_v2, images_v2, tmp_path):
+    good = json.loads(data_v2.read_text())
+    bad = [
+        {"id": "no_file", "image": str(tmp_path / "missing.png"), "conversations": good[0]["conversations"]},
+        {"id": "role_text", "conversations": [{"role": "user", "content": "Hi <AI> there"}, {"role": "assistant", "content": "ok"}]},
+        {"id": "system", "conversations": [{"role": "system", "content": "Be brief."}, *good[3]["conversations"]]},
+        {"id": "two_markers", "image": str(images_v2 / "wide.png"),
+         "conversations": [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "ok"}]},
+    ]  # fmt: skip
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(good + bad))
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as raised:
+        train(base_args(model_v2, data, out, "--max_steps", "1"))
+    message = str(raised.value)
+    assert message.startswith(f"{len(bad)} bad train samples")
+    listed = dict(line.strip().split(": ", 1) for line in message.splitlines()[1:])
+    assert set(listed) == {sample["id"] for sample in bad}
+    assert "missing.png" in listed["no_file"] and "<AI>" in listed["role_text"]
+    assert "MiniCPM-V 2.0 has no system turn" in listed["system"]
+    assert not (out / "adapter_model.safetensors").exists()
