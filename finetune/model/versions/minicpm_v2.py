@@ -52,6 +52,7 @@ MINICPM_V_2 = ModelVersion(
     liger_kernel_patch="",  # liger has no MiniCPM patch (the scalings are not Llama's)
     vision_tower="vit",
     tokenizer_has_chat_template=False,
+    chat_returns_context=True,
 )
 
 

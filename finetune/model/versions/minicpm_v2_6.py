@@ -63,6 +63,8 @@ MINICPM_V_2_6 = ModelVersion(
     vision_grid_from_tgt_sizes=True,
     adds_bos=False,
     uses_image_id=True,
+    chat_max_new_tokens=2048,
+    chat_max_inp_length=8192,
 )
 
 
