@@ -240,6 +240,15 @@ def test_published_chat_streams_pieces_that_join_to_its_answer(loaded, demo):
         model.chat(image=image, msgs=msgs, tokenizer=tokenizer, sampling=False, stream=True)
 
 
+def test_streamed_pieces_join_to_the_stripped_text():
+    from finetune.model.modeling import stripped_pieces
+
+    raw = ["", " \n", " Hello", " wor", "ld", " ", "\n", "again ", " \n"]
+    pieces = list(stripped_pieces(raw))
+    assert "".join(pieces) == "".join(raw).strip() and all(pieces)
+    assert pieces[0] == "Hello" and list(stripped_pieces([" ", "\n"])) == []
+
+
 def test_adapter_is_applied(tiny_model, tiny_adapter):
     base, tokenizer = load_model(str(tiny_model), device="cpu", dtype="fp32")
     tuned, _ = load_model(str(tiny_model), str(tiny_adapter), device="cpu", dtype="fp32")

@@ -317,7 +317,7 @@ def test_chat_takes_the_published_readme_call_and_returns_answer_context_and_gen
     assert generation_config == dict(PUBLISHED_SAMPLING, temperature=0.5, min_new_tokens=4)
     follow_up = context + [{"role": "user", "content": "And the colour?"}]
     greedy = {"sampling": False, "num_beams": 1, "max_new_tokens": 3}
-    second, second_context, _ = tiny_v2.chat(image, follow_up, None, tokenizer_v2, **greedy)
+    second, second_context, _ = tiny_v2.chat(image, follow_up, None, tokenizer_v2, stream=False, **greedy)
     assert second_context[:-1] == follow_up and second_context[-1] == {"role": "assistant", "content": second}
     with pytest.raises(ValueError, match="2.0.*stream"):
         tiny_v2.chat(image=image, msgs=msgs, context=None, tokenizer=tokenizer_v2, stream=True)

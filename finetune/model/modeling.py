@@ -529,7 +529,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         and not read, as in the published code: the conversation is `msgs`. Other keyword arguments are
         `answer_chat`'s (system_prompt, min_new_tokens, max_slice_nums, generation arguments); the published
         2.0 has no streaming, so stream=True is refused, as is a list of conversations."""
-        if kwargs.get("stream"):
+        if kwargs.pop("stream", False):
             raise ValueError(
                 "chat(stream=True): MiniCPM-V 2.0's chat() does not stream (it returns (answer, context, "
                 "generation_config)); leave stream out"
