@@ -238,6 +238,9 @@ def test_published_chat_streams_pieces_that_join_to_its_answer(loaded, demo):
     assert "".join(pieces) == answer
     with pytest.raises(ValueError, match="stream=True.*sampling=True"):
         model.chat(image=image, msgs=msgs, tokenizer=tokenizer, sampling=False, stream=True)
+    # An error raised while generating (in the streaming thread) comes out of the generator, which then stops.
+    with pytest.raises(ValueError, match="beam search|batch size 1"):  # (transformers: the streamer sees 2 beams)
+        list(model.chat(image=image, msgs=msgs, tokenizer=tokenizer, stream=True, num_beams=2, max_new_tokens=2))
 
 
 def test_streamed_pieces_join_to_the_stripped_text():
