@@ -3,9 +3,9 @@
 Run by tests/test_self_contained.py from a temporary directory (`python -I load_without_finetune.py JOBS RESULTS`):
 a meta-path finder refuses every `finetune` import (the project may be installed editable in the venv), so the
 checkpoint's own code files are all there is. For each job (a checkpoint, a `data` input saved with torch.save, an
-image and a question) it saves the logits of `model(data=...)`, the greedy `chat` answer and the answers of the
-published chat snippet, with the classes transformers loaded; then saves the model and tokenizer again with
-save_pretrained and loads that copy.
+image and a question; `chat_returns_context` for MiniCPM-V 2.0) it saves the logits of `model(data=...)`, the
+greedy `chat` answer and the answers of the published chat snippets, with the classes transformers loaded; then
+saves the model and tokenizer again with save_pretrained and loads that copy.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from PIL import Image  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 
-def published_snippet(path: str, image_path: str) -> list[str]:
-    """The model card's chat snippet as written (the model on the CPU instead of 'cuda', short answers)."""
+def published_snippet(path: str, image_path: str, returns_context: bool) -> list[str]:
+    """The model card's chat snippets as written (the model on the CPU instead of 'cuda', short answers): 2.5 and
+    2.6 sample, beam-search and stream; 2.0's README calls chat(image, msgs, context, tokenizer) for a tuple."""
     model = AutoModel.from_pretrained(path, trust_remote_code=True, torch_dtype=torch.float16)
     model = model.to(device="cpu")
 
@@ -48,6 +49,12 @@ def published_snippet(path: str, image_path: str) -> list[str]:
     image = Image.open(image_path).convert("RGB")
     question = "What is in the image?"
     msgs = [{"role": "user", "content": question}]
+
+    if returns_context:
+        res, context, _ = model.chat(
+            image=image, msgs=msgs, context=None, tokenizer=tokenizer, sampling=True, temperature=0.7, max_new_tokens=8
+        )
+        return [res]
 
     answers = []
     res = model.chat(
@@ -62,6 +69,12 @@ def published_snippet(path: str, image_path: str) -> list[str]:
     answers.append(res)
     res = model.chat(image=image, msgs=msgs, tokenizer=tokenizer, sampling=False, max_new_tokens=8)
     answers.append(res)
+    res = model.chat(image=image, msgs=msgs, tokenizer=tokenizer, sampling=True, temperature=0.7, stream=True,
+                     max_new_tokens=8)  # fmt: skip
+    generated_text = ""
+    for new_text in res:
+        generated_text += new_text
+    answers.append(generated_text)
     return answers
 
 
@@ -73,9 +86,12 @@ def run(job: dict) -> dict:
     with torch.no_grad():
         logits = model(data=data).logits[0]
     image = Image.open(job["image"]).convert("RGB")
-    greedy = model.chat(
-        image=image, msgs=[{"role": "user", "content": job["question"]}], tokenizer=tokenizer, **job["greedy"]
-    )
+    msgs = [{"role": "user", "content": job["question"]}]
+    returns_context = job.get("chat_returns_context", False)  # MiniCPM-V 2.0's chat(image, msgs, context, ...)
+    if returns_context:
+        greedy, _, _ = model.chat(image=image, msgs=msgs, context=None, tokenizer=tokenizer, **job["greedy"])
+    else:
+        greedy = model.chat(image=image, msgs=msgs, tokenizer=tokenizer, **job["greedy"])
     # Saved again by transformers (what a user's own tool does after loading it), then loaded from that copy.
     model.save_pretrained(job["resave"])
     tokenizer.save_pretrained(job["resave"])
@@ -85,7 +101,7 @@ def run(job: dict) -> dict:
     return {
         "logits": logits,
         "greedy": greedy,
-        "snippet": published_snippet(path, job["image"]),
+        "snippet": published_snippet(path, job["image"], returns_context),
         "classes": [f"{type(obj).__module__}.{type(obj).__name__}" for obj in (model, model.config, tokenizer)],
         "resaved_logits": resaved_logits,
         "resaved_auto_maps": [read_auto_map(job["resave"], name) for name in ("config.json", "tokenizer_config.json")],

@@ -223,6 +223,35 @@ def test_generate_equals_the_published_chat(loaded, demo):
     assert model.generate_text(prompt, images, tokenizer, 10, **generation_config(greedy=True)) == expected
 
 
+def test_published_chat_streams_pieces_that_join_to_its_answer(loaded, demo):
+    """MiniCPM-Llama3-V 2.5's card: `chat(..., sampling=True, stream=True)` gives the answer as a generator of text
+    pieces (made deterministic by a top_k=1 override, which the published chat() passes on)."""
+    from PIL import Image
+
+    model, tokenizer = loaded
+    image = Image.open(next((demo / "images").iterdir())).convert("RGB")
+    msgs = [{"role": "user", "content": "What shape?"}]
+    call = {"sampling": True, "top_k": 1, "max_new_tokens": 10, "min_new_tokens": 10}
+    answer = model.chat(image=image, msgs=msgs, tokenizer=tokenizer, **call)
+    pieces = list(model.chat(image=image, msgs=msgs, tokenizer=tokenizer, stream=True, **call))
+    assert answer and len(pieces) >= 1 and all(isinstance(piece, str) for piece in pieces)
+    assert "".join(pieces) == answer
+    with pytest.raises(ValueError, match="stream=True.*sampling=True"):
+        model.chat(image=image, msgs=msgs, tokenizer=tokenizer, sampling=False, stream=True)
+    # An error raised while generating (in the streaming thread) comes out of the generator, which then stops.
+    with pytest.raises(ValueError, match="beam search|batch size 1"):  # (transformers: the streamer sees 2 beams)
+        list(model.chat(image=image, msgs=msgs, tokenizer=tokenizer, stream=True, num_beams=2, max_new_tokens=2))
+
+
+def test_streamed_pieces_join_to_the_stripped_text():
+    from finetune.model.modeling import stripped_pieces
+
+    raw = ["", " \n", " Hello", " wor", "ld", " ", "\n", "again ", " \n"]
+    pieces = list(stripped_pieces(raw))
+    assert "".join(pieces) == "".join(raw).strip() and all(pieces)
+    assert pieces[0] == "Hello" and list(stripped_pieces([" ", "\n"])) == []
+
+
 def test_adapter_is_applied(tiny_model, tiny_adapter):
     base, tokenizer = load_model(str(tiny_model), device="cpu", dtype="fp32")
     tuned, _ = load_model(str(tiny_model), str(tiny_adapter), device="cpu", dtype="fp32")

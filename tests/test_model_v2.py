@@ -274,8 +274,9 @@ def test_tiny_2_0_checkpoint_loads_runs_forward_and_greedy_chat(tiny_v2_dir, tin
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits, suite_logits, atol=1e-5, rtol=1e-5)
 
-    answer = tiny_v2.chat(image, [{"role": "user", "content": "What?"}], tokenizer_v2, sampling=False, num_beams=1,
-                          max_new_tokens=4)  # fmt: skip
+    # The published 2.0 signature: chat(image, msgs, context, tokenizer, ...) -> (answer, context, generation_config)
+    answer, _, _ = tiny_v2.chat(image, [{"role": "user", "content": "What?"}], None, tokenizer_v2, sampling=False,
+                                num_beams=1, max_new_tokens=4)  # fmt: skip
     # Greedy decoding by hand: the prompt chat() writes (BOS from the tokenizer, <用户>, the placeholder, "\n",
     # the question, <AI>), then the argmax token appended four times (or up to EOS).
     generated = []
@@ -297,8 +298,29 @@ def _views(model, image):
 
 def test_chat_refuses_a_system_turn(tiny_v2, tokenizer_v2):
     with pytest.raises(Exception, match="only user and assistant turns"):
-        tiny_v2.chat(None, [{"role": "user", "content": "hi"}], tokenizer_v2, system_prompt="Be brief.",
+        tiny_v2.chat(None, [{"role": "user", "content": "hi"}], None, tokenizer_v2, system_prompt="Be brief.",
                      sampling=False, num_beams=1, max_new_tokens=2)  # fmt: skip
+
+
+def test_chat_takes_the_published_readme_call_and_returns_answer_context_and_generation_config(tiny_v2, tokenizer_v2):
+    """The MiniCPM-V 2.0 README: `res, context, _ = model.chat(image=image, msgs=msgs, context=None,
+    tokenizer=tokenizer, sampling=True, temperature=0.7)`; the context continues the conversation."""
+    from finetune.model.chat_prompt import PUBLISHED_SAMPLING
+
+    image = Image.new("RGB", (224, 112), (200, 40, 40))
+    msgs = [{"role": "user", "content": "What is in the image?"}]
+    torch.manual_seed(0)
+    res, context, generation_config = tiny_v2.chat(image=image, msgs=msgs, context=None, tokenizer=tokenizer_v2,
+                                                   sampling=True, temperature=0.5, max_new_tokens=4, min_new_tokens=4)  # fmt: skip
+    assert isinstance(res, str) and res
+    assert context == [*msgs, {"role": "assistant", "content": res}] and len(msgs) == 1
+    assert generation_config == dict(PUBLISHED_SAMPLING, temperature=0.5, min_new_tokens=4)
+    follow_up = context + [{"role": "user", "content": "And the colour?"}]
+    greedy = {"sampling": False, "num_beams": 1, "max_new_tokens": 3}
+    second, second_context, _ = tiny_v2.chat(image, follow_up, None, tokenizer_v2, stream=False, **greedy)
+    assert second_context[:-1] == follow_up and second_context[-1] == {"role": "assistant", "content": second}
+    with pytest.raises(ValueError, match="2.0.*stream"):
+        tiny_v2.chat(image=image, msgs=msgs, context=None, tokenizer=tokenizer_v2, stream=True)
 
 
 def test_a_2_0_checkpoint_missing_a_tensor_is_refused(tiny_v2_dir, tmp_path):

@@ -330,3 +330,129 @@ def test_special_tokens_of_the_2_6_tokenizer(tokenizer_v2_6):
         [vocab["</image>"], vocab["</slice>"]],
     )
     assert tokenizer_v2_6("hello")["input_ids"][0] != tokens.bos  # no BOS
+
+
+# --- chat(): the calls of the published model card and README --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model_v2_6(golden_v2_6_dir):
+    return AutoModel.from_pretrained(golden_v2_6_dir, dtype=torch.float32).eval()
+
+
+class PromptRecorder:
+    """Wraps a model's `prepare_inputs` (what chat() tokenizes its prompt with) and keeps each prompt's ids."""
+
+    def __init__(self, model: MiniCPMV, monkeypatch: pytest.MonkeyPatch):
+        self.ids: list[list[int]] = []
+        original = model.prepare_inputs
+
+        def recording(*args, **kwargs):
+            data = original(*args, **kwargs)
+            self.ids.append(data["input_ids"][0].tolist())
+            return data
+
+        monkeypatch.setattr(model, "prepare_inputs", recording)
+
+
+def token_count(tokenizer, ids: list[int], token: str) -> int:
+    return ids.count(tokenizer.convert_tokens_to_ids(token))
+
+
+# The published card's sampling call, made deterministic by one override the published chat() passes on (top_k).
+STREAMABLE = {"sampling": True, "top_k": 1, "max_new_tokens": 8, "min_new_tokens": 8}
+GREEDY_V2_6 = {"sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 6}
+
+
+def test_chat_stream_yields_pieces_that_join_to_the_answer(chat_model_v2_6, tokenizer_v2_6, golden_v2_6_images):
+    image = Image.open(golden_v2_6_images / "wide_260x150.png").convert("RGB")
+    msgs = [{"role": "user", "content": "What is in the image?"}]
+    answer = chat_model_v2_6.chat(image=image, msgs=msgs, tokenizer=tokenizer_v2_6, **STREAMABLE)
+    streamed = chat_model_v2_6.chat(image=image, msgs=msgs, tokenizer=tokenizer_v2_6, stream=True, **STREAMABLE)
+    assert not isinstance(streamed, str)
+    pieces = list(streamed)
+    assert answer and all(isinstance(piece, str) and piece for piece in pieces)
+    assert "".join(pieces) == answer
+
+
+def test_chat_stream_with_beam_search_is_refused_before_generating(chat_model_v2_6, tokenizer_v2_6, monkeypatch):
+    """The published chat() asserts sampling=True when streaming: beam search cannot stream."""
+    recorder = PromptRecorder(chat_model_v2_6, monkeypatch)
+    with pytest.raises(ValueError, match="stream=True.*sampling=True"):
+        chat_model_v2_6.chat(image=None, msgs=[{"role": "user", "content": "Hi"}], tokenizer=tokenizer_v2_6,
+                             sampling=False, stream=True)  # fmt: skip
+    assert recorder.ids == []
+
+
+def test_chat_takes_video_frames_with_per_call_image_ids_and_slices(
+    chat_model_v2_6, tokenizer_v2_6, golden_v2_6_images, monkeypatch
+):
+    """The published video example: frames as PIL images in the content, use_image_id=False, max_slice_nums=2."""
+    frames = [Image.open(golden_v2_6_images / name).convert("RGB") for name in ("wide_260x150.png", "tall_120x330.png")]
+    frames.append(Image.new("RGB", (448, 448), (30, 160, 90)))
+    msgs = [{"role": "user", "content": frames + ["Describe the video"]}]
+    recorder = PromptRecorder(chat_model_v2_6, monkeypatch)
+    calls = [{}, {"use_image_id": False, "max_slice_nums": 2}, {"max_slice_nums": 1}]
+    for overrides in calls:
+        answer = chat_model_v2_6.chat(image=None, msgs=msgs, tokenizer=tokenizer_v2_6, **GREEDY_V2_6, **overrides)
+        assert isinstance(answer, str)
+    default, video, unsliced = recorder.ids
+    for ids in recorder.ids:
+        assert token_count(tokenizer_v2_6, ids, "<image>") == len(frames)
+    assert token_count(tokenizer_v2_6, default, "<image_id>") == len(frames)
+    assert token_count(tokenizer_v2_6, video, "<image_id>") == 0
+    assert token_count(tokenizer_v2_6, unsliced, "<image_id>") == len(frames)
+    # The 448 x 448 frame is cut 3 x 3 by the checkpoint's settings (max_slice_nums 9); 2 slices at most per call.
+    assert token_count(tokenizer_v2_6, default, "<slice>") >= 9
+    assert 0 < token_count(tokenizer_v2_6, video, "<slice>") <= 2 * len(frames)
+    assert token_count(tokenizer_v2_6, unsliced, "<slice>") == 0
+
+
+def test_chat_takes_several_images_in_the_content_a_system_prompt_and_min_new_tokens(
+    chat_model_v2_6, tokenizer_v2_6, golden_v2_6_images, monkeypatch
+):
+    first = Image.open(golden_v2_6_images / "small_90x70.png").convert("RGB")
+    second = Image.open(golden_v2_6_images / "tall_120x330.png").convert("RGB")
+    msgs = [{"role": "user", "content": [first, second, "Compare the two images."]}]
+    recorder = PromptRecorder(chat_model_v2_6, monkeypatch)
+    calls = []
+    generate = chat_model_v2_6.llm.generate
+
+    def recording_generate(**kwargs):
+        calls.append((kwargs, generate(**kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(chat_model_v2_6.llm, "generate", recording_generate)
+    chat_model_v2_6.chat(image=None, msgs=msgs, tokenizer=tokenizer_v2_6, system_prompt="Answer in one word.",
+                         min_new_tokens=5, **dict(GREEDY_V2_6, max_new_tokens=5))  # fmt: skip
+    text = tokenizer_v2_6.decode(recorder.ids[0])
+    assert text.startswith(
+        "<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\n<image_id>0</image_id>"
+    )
+    assert "You are a helpful assistant." not in text
+    assert text.index("<image_id>0</image_id>") < text.index("<image_id>1</image_id>") < text.index("Compare")
+    assert token_count(tokenizer_v2_6, recorder.ids[0], "<image>") == 2
+    ((kwargs, output),) = calls
+    assert kwargs["min_new_tokens"] == 5 and output.shape[1] == 5  # no stop before min_new_tokens
+
+
+def test_chat_answers_a_batch_of_conversations_as_each_alone(chat_model_v2_6, tokenizer_v2_6, golden_v2_6_images):
+    image = Image.open(golden_v2_6_images / "wide_260x150.png").convert("RGB")
+    batch = [
+        [{"role": "user", "content": [image, "What is in the image?"]}],
+        [{"role": "user", "content": "Tell me a story."}],
+    ]
+    greedy = dict(GREEDY_V2_6, min_new_tokens=3)
+    answers = chat_model_v2_6.chat(image=None, msgs=batch, tokenizer=tokenizer_v2_6, **greedy)
+    alone = [chat_model_v2_6.chat(image=None, msgs=msgs, tokenizer=tokenizer_v2_6, **greedy) for msgs in batch]
+    assert isinstance(answers, list) and answers == alone and all(alone)
+    with pytest.raises(ValueError, match="image must be None"):
+        chat_model_v2_6.chat(image=image, msgs=batch, tokenizer=tokenizer_v2_6, **greedy)
+
+
+def test_use_image_id_is_refused_where_the_version_has_no_image_ids(golden_dir, golden_images):
+    model = AutoModel.from_pretrained(golden_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(golden_dir)
+    with pytest.raises(ValueError, match="use_image_id.*2.5"):
+        model.chat(image=Image.new("RGB", (50, 50)), msgs=[{"role": "user", "content": "Hi"}], tokenizer=tokenizer,
+                   use_image_id=True, sampling=False, max_new_tokens=2)  # fmt: skip

@@ -275,14 +275,16 @@ def test_merged_2_0_loads_and_chats_without_this_package(trained_v2, model_v2, i
     data = model.prepare_inputs(prompt, images, tokenizer)
     with torch.no_grad():
         logits = model(data=data).logits[0]
-    answer = model.chat(image=image, msgs=[{"role": "user", "content": question}], tokenizer=tokenizer, **greedy)
+    answer, _, _ = model.chat(image=image, msgs=[{"role": "user", "content": question}], context=None,
+                              tokenizer=tokenizer, **greedy)  # fmt: skip
     torch.save(data, tmp_path / "data.pt")
 
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     script = shutil.copy(TESTS / "load_without_finetune.py", workdir / "load.py")
     job = {"name": "merged_v2", "checkpoint": str(merged), "data": str(tmp_path / "data.pt"), "greedy": greedy,
-           "image": str(images_v2 / "wide.png"), "question": question, "resave": str(workdir / "resaved")}  # fmt: skip
+           "image": str(images_v2 / "wide.png"), "question": question, "resave": str(workdir / "resaved"),
+           "chat_returns_context": True}  # fmt: skip
     (workdir / "jobs.json").write_text(json.dumps([job]))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"))
@@ -296,6 +298,8 @@ def test_merged_2_0_loads_and_chats_without_this_package(trained_v2, model_v2, i
     torch.testing.assert_close(elsewhere["logits"], logits)
     torch.testing.assert_close(elsewhere["resaved_logits"], logits)
     assert answer and elsewhere["greedy"] == answer
+    # The README's `res, context, _ = model.chat(image=..., msgs=..., context=None, tokenizer=..., sampling=True, ...)`
+    assert len(elsewhere["snippet"]) == 1 and isinstance(elsewhere["snippet"][0], str)
 
 
 def test_chat_and_evaluate_run_on_a_2_0_adapter(trained_v2, model_v2, data_v2, images_v2, tmp_path):

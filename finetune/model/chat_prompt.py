@@ -20,6 +20,18 @@ PUBLISHED_SAMPLING = {"do_sample": True, "top_p": 0.8, "top_k": 100, "temperatur
 PUBLISHED_BEAM_SEARCH = {"do_sample": False, "num_beams": 3, "repetition_penalty": 1.2}
 
 
+def published_decoding(sampling: bool, min_new_tokens: int = 0, **overrides: Any) -> dict[str, Any]:
+    """The generation settings of the published chat(): its sampling or beam-search defaults, `min_new_tokens`
+    when positive (2.6's own argument), then the caller's keyword arguments over them. (The published code keeps
+    only overrides of keys it already set; here any `generate` argument passes, so `min_new_tokens`, or
+    `num_beams` with sampling, take effect on every version.)"""
+    config = dict(PUBLISHED_SAMPLING if sampling else PUBLISHED_BEAM_SEARCH)
+    if min_new_tokens > 0:
+        config["min_new_tokens"] = min_new_tokens
+    config.update(overrides)
+    return config
+
+
 def render_chat_prompt(
     image, msgs: list[dict[str, Any]], tokenizer, system_prompt: str = "", chat_template: str | None = None
 ) -> tuple[str, list[Image.Image]]:

@@ -13,10 +13,12 @@ versions differ (LLM class, vision position grid, placeholder, feature blocks) t
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -25,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionEmbeddings, Idefics2VisionTransformer
 
 from .attention import VARLEN, Segments, varlen_kwargs
-from .chat_prompt import IMAGE_MARKER, PUBLISHED_BEAM_SEARCH, PUBLISHED_SAMPLING, render_chat_prompt
+from .chat_prompt import IMAGE_MARKER, published_decoding, render_chat_prompt
 from .checkpoint import CheckpointError, validate_checkpoint_dir
 from .image_processing import from_patch_strip, image_bounds, image_views, normalize_pixels, to_patch_strip
 from .loss import label_position_loss
@@ -450,24 +452,154 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
 
     # --- inference ------------------------------------------------------------------------------------------
 
+    def chat(self, image, msgs, *args, **kwargs):
+        """The published `chat()` of the checkpoint's version, as its model card calls it:
+
+        - MiniCPM-Llama3-V 2.5 and MiniCPM-V 2.6: `chat(image, msgs, tokenizer, processor=None,
+          vision_hidden_states=None, max_new_tokens, min_new_tokens=0, sampling=True, max_inp_length,
+          system_prompt="", stream=False, max_slice_nums=None, use_image_id=None, **generation_kwargs)` returns
+          the answer, a generator of its text pieces with stream=True, or a list of answers when `msgs` is a
+          list of conversations (`answer_chat`).
+        - MiniCPM-V 2.0: `chat(image, msgs, context, tokenizer, vision_hidden_states=None, max_new_tokens=1024,
+          sampling=True, max_inp_length=2048, **kwargs)` returns (answer, context, generation_config)
+          (`chat_with_context`).
+
+        The version's `ModelVersion.chat_returns_context` says which; both methods can also be called by name."""
+        if version_of(self.config).chat_returns_context:
+            return self.chat_with_context(image, msgs, *args, **kwargs)
+        return self.answer_chat(image, msgs, *args, **kwargs)
+
     @torch.inference_mode()
-    def chat(
+    def answer_chat(
         self,
         image: Image.Image | list[Image.Image] | None,
-        msgs: list[dict[str, Any]],
+        msgs: list[dict[str, Any]] | list[list[dict[str, Any]]] | str,
         tokenizer,
-        max_new_tokens: int = 1024,
+        processor=None,
+        vision_hidden_states: list[torch.Tensor] | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         sampling: bool = True,
-        max_inp_length: int = 2048,
+        max_inp_length: int | None = None,
         system_prompt: str = "",
+        stream: bool = False,
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
         streamer=None,
         **generation_kwargs,
-    ) -> str:
-        """The published `chat()`: images go in as markers in the first user turn, then placeholder text."""
-        prompt, images = render_chat_prompt(image, msgs, tokenizer, system_prompt)
-        config = dict(PUBLISHED_SAMPLING if sampling else PUBLISHED_BEAM_SEARCH)
-        config.update(generation_kwargs)
-        return self.generate_text(prompt, images, tokenizer, max_new_tokens, streamer, max_inp_length, **config)
+    ) -> str | list[str] | Iterator[str]:
+        """The published chat() of 2.5 and 2.6: messages (content a str, or a list of str and PIL images; `image`
+        goes before the first user content; `msgs` may be JSON text) -> the answer.
+
+        - `stream=True`: a generator of text pieces whose join is the answer; needs sampling=True (the
+          published chat() asserts it: beam search cannot stream). `streamer` takes a transformers streamer
+          instead (this package's command line uses one).
+        - `msgs` a list of conversations: a list of answers, each conversation answered on its own (its answer
+          does not depend on the batch); `image` must then be None, each conversation's images in its content.
+        - `max_slice_nums`, `use_image_id`: this call's slicing and image ids (the published 2.6 processor's
+          per-call settings; None: the checkpoint's); `use_image_id=True` is refused on a version without ids.
+        - Decoding: `published_decoding` (sampling or 3-beam defaults, `min_new_tokens`, the keyword arguments
+          over them); max_new_tokens and max_inp_length default to the version's published values.
+        - `processor` is accepted and not used: the model's own `prepare_inputs` is the processor, set from the
+          checkpoint's config. `vision_hidden_states`: a list with each conversation's [n_views, query_num,
+          hidden] image features, used instead of running the vision tower on its images.
+        """
+        answer, _ = self._respond(
+            image, msgs, tokenizer, vision_hidden_states, max_new_tokens, min_new_tokens, sampling, max_inp_length,
+            system_prompt, stream, max_slice_nums, use_image_id, streamer, generation_kwargs,
+        )  # fmt: skip
+        return answer
+
+    @torch.inference_mode()
+    def chat_with_context(
+        self,
+        image: Image.Image | None,
+        msgs: list[dict[str, Any]] | str,
+        context: Any,
+        tokenizer,
+        vision_hidden_states: list[torch.Tensor] | None = None,
+        max_new_tokens: int | None = None,
+        sampling: bool = True,
+        max_inp_length: int | None = None,
+        **kwargs,
+    ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+        """The published chat() of MiniCPM-V 2.0: (answer, context, generation_config), where context is `msgs`
+        followed by the answer as an assistant turn (the next call's `msgs` continues from it) and
+        generation_config the decoding settings used (`published_decoding`). The `context` argument is taken
+        and not read, as in the published code: the conversation is `msgs`. Other keyword arguments are
+        `answer_chat`'s (system_prompt, min_new_tokens, max_slice_nums, generation arguments); the published
+        2.0 has no streaming, so stream=True is refused, as is a list of conversations."""
+        if kwargs.pop("stream", False):
+            raise ValueError(
+                "chat(stream=True): MiniCPM-V 2.0's chat() does not stream (it returns (answer, context, "
+                "generation_config)); leave stream out"
+            )
+        msgs = json.loads(msgs) if isinstance(msgs, str) else msgs
+        if msgs and isinstance(msgs[0], list):
+            raise ValueError("chat: MiniCPM-V 2.0's chat() answers one conversation; msgs must be a list of messages")
+        options = {name: kwargs.pop(name) for name in _CHAT_OPTIONS if name in kwargs}
+        answer, config = self._respond(
+            image, msgs, tokenizer, vision_hidden_states, max_new_tokens, options.get("min_new_tokens", 0), sampling,
+            max_inp_length, options.get("system_prompt", ""), False, options.get("max_slice_nums"),
+            options.get("use_image_id"), options.get("streamer"), kwargs,
+        )  # fmt: skip
+        return answer, [*msgs, {"role": "assistant", "content": answer}], config
+
+    def _respond(
+        self,
+        image: Image.Image | list[Image.Image] | None,
+        msgs: list[dict[str, Any]] | list[list[dict[str, Any]]] | str,
+        tokenizer,
+        vision_hidden_states: list[torch.Tensor] | None,
+        max_new_tokens: int | None,
+        min_new_tokens: int,
+        sampling: bool,
+        max_inp_length: int | None,
+        system_prompt: str,
+        stream: bool,
+        max_slice_nums: int | None,
+        use_image_id: bool | None,
+        streamer,
+        generation_kwargs: dict[str, Any],
+    ) -> tuple[str | list[str] | Iterator[str], dict[str, Any]]:
+        """What both chat() forms do: check the call, render and tokenize every conversation (bad input fails
+        here, before any generation), then generate. Returns (answer(s) or stream, decoding settings)."""
+        version = version_of(self.config)
+        msgs = json.loads(msgs) if isinstance(msgs, str) else msgs
+        batched = bool(msgs) and isinstance(msgs[0], list)
+        if batched and image is not None:
+            raise ValueError(
+                "chat: msgs is a list of conversations, so image must be None: put each conversation's images "
+                "in its msgs content"
+            )
+        if stream and not sampling:
+            raise ValueError(
+                "chat(stream=True) needs sampling=True: beam search (sampling=False) cannot stream, as in the "
+                "published chat(); for a greedy stream pass sampling=True, top_k=1"
+            )
+        if stream and (batched or streamer is not None):
+            raise ValueError("chat(stream=True) streams one conversation, and takes no streamer of its own")
+        conversations = msgs if batched else [msgs]
+        tokens = SpecialTokens.from_tokenizer(tokenizer)  # reads the whole vocabulary: once per call
+        inputs = []
+        for index, conversation in enumerate(conversations):
+            prompt, images = render_chat_prompt(None if batched else image, conversation, tokenizer, system_prompt)
+            data = self.prepare_inputs(
+                prompt, images, tokenizer, max_inp_length or version.chat_max_inp_length, tokens, max_slice_nums,
+                use_image_id,
+            )  # fmt: skip
+            if vision_hidden_states is not None:  # the published form: one entry per conversation
+                data["vision_hidden_states"] = [vision_hidden_states[index]]
+            inputs.append(data)
+        config = published_decoding(sampling, min_new_tokens, **generation_kwargs)
+        max_new_tokens = max_new_tokens or version.chat_max_new_tokens
+        if stream:
+            return self._stream_answer(inputs[0], tokens, tokenizer, max_new_tokens, config), config
+        answers = [
+            _decoded_answer(self._generate(data, tokens, max_new_tokens, streamer, config), tokenizer)
+            for data in inputs
+        ]
+        return (answers if batched else answers[0]), config
 
     @torch.inference_mode()
     def generate_text(
@@ -483,6 +615,12 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         """What `chat()` does once it has its prompt: placeholders, vision features, llm.generate, decode."""
         tokens = SpecialTokens.from_tokenizer(tokenizer)
         data = self.prepare_inputs(prompt, list(images), tokenizer, max_inp_length, tokens)
+        return _decoded_answer(self._generate(data, tokens, max_new_tokens, streamer, generation_config), tokenizer)
+
+    def _generate(
+        self, data: dict, tokens: SpecialTokens, max_new_tokens: int, streamer, generation_config: dict[str, Any]
+    ) -> torch.Tensor:
+        """llm.generate from `prepare_inputs`' data (one prompt): [1, new tokens] ids."""
         inputs_embeds, _ = self.get_vllm_embedding(data)
         with warnings.catch_warnings():
             # Generating from embeddings alone, the repetition penalty sees only the new tokens: so did the
@@ -490,7 +628,7 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             warnings.filterwarnings(
                 "ignore", message=r"Passing `repetition_penalty` with `inputs_embeds`", category=UserWarning
             )
-            output = self.llm.generate(
+            return self.llm.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
                 max_new_tokens=max_new_tokens,
@@ -499,7 +637,33 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
                 streamer=streamer,
                 **generation_config,
             )
-        return tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
+    def _stream_answer(
+        self, data: dict, tokens: SpecialTokens, tokenizer, max_new_tokens: int, generation_config: dict[str, Any]
+    ) -> Iterator[str]:
+        """Generate in a thread (as the published chat() streams) and return the generator of the answer's text
+        pieces; an error raised while generating is raised again by the generator once the pieces stop."""
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    self._generate(data, tokens, max_new_tokens, streamer, generation_config)
+            except BaseException as error:  # handed to the consumer's thread
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+
+        def pieces() -> Iterator[str]:
+            yield from stripped_pieces(streamer)
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        return pieces()
 
     def prepare_inputs(
         self,
@@ -508,19 +672,33 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
         tokenizer,
         max_length: int | None = None,
         tokens: SpecialTokens | None = None,
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
     ) -> dict:
-        """The published processor: replace each marker with its image's placeholder, tokenize, find bounds."""
+        """The published processor: replace each marker with its image's placeholder, tokenize, find bounds.
+
+        `max_slice_nums` and `use_image_id` override the checkpoint's slicing and the version's image ids for
+        this prompt, as the published 2.6 processor's arguments do (None keeps them); image ids only exist
+        where the version has them, so use_image_id=True elsewhere is a ValueError."""
         settings = self.config.slice_settings
         version = version_of(self.config)
+        if max_slice_nums is not None:
+            if max_slice_nums < 1:
+                raise ValueError(f"max_slice_nums must be at least 1, got {max_slice_nums}")
+            settings = replace(settings, max_slice_nums=max_slice_nums)
+        if use_image_id and not version.uses_image_id:
+            raise ValueError(f"use_image_id=True: MiniCPM-V {version.name}'s image placeholders have no image ids")
+        with_ids = version.uses_image_id if use_image_id is None else use_image_id
         pieces = prompt.split(IMAGE_MARKER)
         if len(pieces) - 1 != len(images):
             raise ValueError(f"prompt has {len(pieces) - 1} image markers but {len(images)} images were given")
         text, pixel_values, sizes = pieces[0], [], []
+        unk = tokenizer.unk_token or "<unk>"
         for index, (image, rest) in enumerate(zip(images, pieces[1:], strict=True)):
             strips, tgt, plan = image_views(image, settings)
             pixel_values += strips
             sizes.append(tgt)
-            text += version.image_placeholder(plan, settings.query_num, tokenizer.unk_token or "<unk>", index) + rest
+            text += version.image_placeholder(plan, settings.query_num, unk, index if with_ids else None) + rest
         ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"prompt is {len(ids)} tokens, over max_inp_length={max_length}")
@@ -534,6 +712,27 @@ class MiniCPMV(MiniCPMVPreTrainedModel):
             "tgt_sizes": [torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)],
             "image_bound": [image_bounds(ids, *tokens.feature_block_ids(version))],
         }
+
+
+def _decoded_answer(output: torch.Tensor, tokenizer) -> str:
+    """The answer text of llm.generate's [1, new tokens] ids: special tokens left out, whitespace stripped."""
+    return tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
+
+def stripped_pieces(pieces: Iterable[str]) -> Iterator[str]:
+    """Streamed text pieces whose join is the stripped join of `pieces` (what the non-streamed answer is):
+    leading whitespace is dropped, trailing whitespace held back until more text follows it; empty pieces are
+    left out."""
+    started, held = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        text = held + piece
+        body = text.rstrip()
+        held = text[len(body) :]
+        if body:
+            yield body
 
 
 def _has_size_rows(tgt_sizes: Sequence[Any] | torch.Tensor | None) -> bool:
@@ -551,3 +750,6 @@ _DATA_KEYS = (
     "input_ids", "position_ids", "pixel_values", "tgt_sizes", "image_bound", "vision_hidden_states",
     "row_of_sample", "sample_offsets",
 )  # fmt: skip
+
+# chat() arguments of 2.5 / 2.6 that MiniCPM-V 2.0's chat() passes on as keyword arguments (not generation ones).
+_CHAT_OPTIONS = ("min_new_tokens", "system_prompt", "max_slice_nums", "use_image_id", "streamer", "processor")

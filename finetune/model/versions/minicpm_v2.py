@@ -15,6 +15,9 @@
   BOS + per turn `<用户>` or `<AI>` + content, then `<AI>`; only user and assistant turns; generation stops on EOS.
 - Image placeholder: 2.5's layout (`<image>` + 64 x `<unk>` + `</image>`, then the slices inside one
   `<slice>...</slice>`); no image ids; one image, in the first user turn (chat()).
+- chat(): the published signature `chat(image, msgs, context, tokenizer, vision_hidden_states=None,
+  max_new_tokens=1024, sampling=True, max_inp_length=2048, **kwargs)`, returning (answer, context,
+  generation_config) (`chat_returns_context`); no streaming.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ MINICPM_V_2 = ModelVersion(
     liger_kernel_patch="",  # liger has no MiniCPM patch (the scalings are not Llama's)
     vision_tower="vit",
     tokenizer_has_chat_template=False,
+    chat_returns_context=True,
 )
 
 

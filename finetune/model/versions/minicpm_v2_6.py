@@ -12,6 +12,8 @@
   `<image>` + query_num x `<unk>` + `</image>`, then, when sliced, each slice as `<slice>` + query_num x `<unk>`
   + `</slice>`, a row's slices side by side, rows joined by "\\n"; the image bounds cover both kinds of blocks.
 - Vision tower: the shared SigLIP tower, its position ids taken from each view's true (h, w) patch grid.
+- chat(): defaults max_new_tokens 2048 and max_inp_length 8192; `max_slice_nums` and `use_image_id` may be set per
+  call (the published video setting: use_image_id=False, max_slice_nums=2).
 
 The vision tower, resampler, slicing, the `model(data=...)` interface and the loss are the shared ones.
 """
@@ -63,6 +65,8 @@ MINICPM_V_2_6 = ModelVersion(
     vision_grid_from_tgt_sizes=True,
     adds_bos=False,
     uses_image_id=True,
+    chat_max_new_tokens=2048,
+    chat_max_inp_length=8192,
 )
 
 

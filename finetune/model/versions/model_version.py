@@ -43,3 +43,9 @@ class ModelVersion:
     vision_tower: str = "navit"
     # Whether the published tokenizer carries `chat_template` (2.0's has none: chat() renders this version's own).
     tokenizer_has_chat_template: bool = True
+    # The published chat()'s defaults for max_new_tokens and max_inp_length (prompt tokens).
+    chat_max_new_tokens: int = 1024
+    chat_max_inp_length: int = 2048
+    # Whether the published chat() takes `context` after `msgs` and returns (answer, context, generation_config)
+    # (MiniCPM-V 2.0) rather than the answer alone (`MiniCPMV.chat_with_context`, `MiniCPMV.answer_chat`).
+    chat_returns_context: bool = False
