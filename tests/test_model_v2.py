@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_v2 import build_tiny_v2
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
@@ -42,13 +41,14 @@ from finetune.model.resampler import QueryPositionResampler
 from finetune.model.tokenization import SpecialTokens
 from finetune.model.versions import MINICPM_LLAMA3_V_2_5, MINICPM_V_2, MiniCPMV2Config, version_of
 from finetune.model.vit import VisionTransformer, ViTSettings, resample_position_embedding
+from finetune.synthetic import build_tiny_checkpoint
 
 REFERENCE = Path(__file__).parent / "reference_v2"
 
 
 @pytest.fixture(scope="module")
 def tiny_v2_dir(tmp_path_factory) -> Path:
-    return build_tiny_v2(tmp_path_factory.mktemp("tiny_v2"))
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_v2"), version="2.0")
 
 
 @pytest.fixture(scope="module")
