@@ -405,10 +405,12 @@ def test_preflight_takes_a_2_0_checkpoint_as_2_0_and_checks_llm_type_against_it(
         preflight([*common, "--llm_type", "llama3"])
 
 
-def test_the_memory_planner_refuses_2_0_in_one_line(capsys):
-    """The planner counts 2.5's and 2.6's published architectures only: a 2.0 checkpoint is named, not planned."""
+def test_the_memory_planner_plans_a_2_0_checkpoint(capsys):
+    """The planner reads a 2.0 checkpoint's version by its fields (its config.json names none) and plans for the
+    2.0 architecture."""
     from finetune.plan import main
 
-    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "MiniCPM-V 2.0" in error and "2.5, 2.6" in error
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE), "--emit-args"]) == 0
+    assert "--per_device_train_batch_size" in capsys.readouterr().out
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE)]) == 0
+    assert "model:                   MiniCPM-V 2.0 (openbmb/MiniCPM-V-2 architecture)" in capsys.readouterr().out
