@@ -255,7 +255,12 @@ def tiny_config(tokenizer=None, version: str = "2.5", **overrides) -> MiniCPMVCo
     hidden 32, 2 layers; 16 queries; scale_resolution 112; 2.0: TINY_FIELDS_V2), every other field the published
     one. Vocabulary and the bos/eos(/pad) ids the published config names come from `tokenizer` (default: the
     version's demo tokenizer)."""
-    config = MiniCPMVConfig.from_dict(tiny_config_fields(tokenizer, version, **overrides))
+    return _fp32_config(tiny_config_fields(tokenizer, version, **overrides))
+
+
+def _fp32_config(fields: dict) -> MiniCPMVConfig:
+    """The config (of the version `fields` describe) of a model built in fp32."""
+    config = MiniCPMVConfig.from_dict(fields)
     config.dtype = torch.float32
     return config
 
@@ -377,8 +382,7 @@ def build_tiny_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir, corpus=corpus, vocab_size=vocab_size, version=version)
     fields = tiny_config_fields(tokenizer, version, **(config_overrides or {}))
-    config = MiniCPMVConfig.from_dict(fields)
-    config.dtype = torch.float32
+    config = _fp32_config(fields)
     model = build_tiny_model(config, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     if version == "2.0":  # save_pretrained adds transformers' defaults: keep the published file's fields only
@@ -472,9 +476,8 @@ def build_full_size_random(
     version: str = "2.5",
 ):
     """The full-size MiniCPM-V `version` (MiniCPM-Llama3-V-2.5: 8.54 B parameters; MiniCPM-V 2.6: 8.10 B; MiniCPM-V
-    2.0: 3.43 B), or
-    the architecture `config` describes, with random weights, created directly on `device` in `dtype` (no CPU
-    copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
+    2.0: 3.43 B), or the architecture `config` describes, with random weights, created directly on `device` in
+    `dtype` (no CPU copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
     config = config if config is not None else full_size_config(version)
     device = torch.device(device)
     if seed is not None and device.type != "meta":
