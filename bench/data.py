@@ -1,9 +1,9 @@
 """What the benchmarks train on: a full-size random checkpoint on disk and three synthetic training sets.
 
 Nothing here downloads anything. The checkpoint has the published architecture of the MiniCPM-V version asked
-for (MiniCPM-Llama3-V-2.5 by default, or MiniCPM-V 2.6) with random weights (memory and speed do not depend on
-the weights' values) and that version's small demo tokenizer (its ids index the 128,256-row or 151,666-row
-embedding; the unused rows cost nothing). The sets, encoded with that tokenizer and its chat template:
+for (MiniCPM-Llama3-V-2.5 by default, MiniCPM-V 2.6 or 2.0) with random weights (memory and speed do not depend
+on the weights' values) and that version's small demo tokenizer (its ids index the 128,256-, 151,666- or
+122,753-row embedding; the unused rows cost nothing). The sets, encoded with that tokenizer and its chat template:
 
     mm                multimodal: one JPEG of 400..2000 px per side (sliced by the real rule), 1-3 exchanges,
                       300..2000 tokens a sample (1209 tokens and 7.6 image views a sample on average)
@@ -14,7 +14,7 @@ embedding; the unused rows cost nothing). The sets, encoded with that tokenizer 
 `prepare_workspace` writes what is missing and reuses what a previous run left (a set is reused only when its
 parameters file matches). The tiny variant (smoke runs on CPU) uses the tiny test architecture, its 112-px
 slicing, 256-token text rows and multimodal samples a quarter of the size. Each version has its own checkpoint,
-tokenizer and sets in the work folder (2.5's keep their names; 2.6's end in `_v2_6`).
+tokenizer and sets in the work folder (2.5's keep their names; 2.6's end in `_v2_6`, 2.0's in `_v2_0`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Workspace:
 
 def slice_settings(tiny: bool, version: str = "2.5"):
     """The slicing of the tiny test architecture (112 px, 16 queries), or of the version's published model (448
-    px and its query count: 96 for 2.5, 64 for 2.6)."""
+    px and its query count: 96 for 2.5, 64 for 2.6 and 2.0)."""
     from finetune.model.image_processing import SliceSettings
     from finetune.synthetic import REFERENCE_CONFIGS
 
@@ -68,7 +68,8 @@ def slice_settings(tiny: bool, version: str = "2.5"):
 
 
 def _suffix(version: str) -> str:
-    """The version's part of the work folder's names: none for 2.5 (the names of earlier runs), `_v2_6` else."""
+    """The version's part of the work folder's names: none for 2.5 (the names of earlier runs), `_v2_6` / `_v2_0`
+    else."""
     return "" if version == "2.5" else "_v" + version.replace(".", "_")
 
 

@@ -1,8 +1,8 @@
 """The baseline: MiniCPM-V LoRA trained the plain transformers + PEFT way, in one process.
 
 This is what the suite is compared against: the published model's own loss path and nothing of the suite's.
-Each row builds the full-size architecture of the version asked for (MiniCPM-Llama3-V-2.5 by default, or
-MiniCPM-V 2.6) with random weights on the GPU in bf16 (finetune.synthetic.build_full_size_random; the tiny test
+Each row builds the full-size architecture of the version asked for (MiniCPM-Llama3-V-2.5 by default,
+MiniCPM-V 2.6 or 2.0) with random weights on the GPU in bf16 (finetune.synthetic.build_full_size_random; the tiny test
 architecture of that version in smoke runs), makes it trainable
 as finetune.py does (PEFT LoRA r64 / alpha 64 / dropout 0.05 on the LLM's q/k/v/o; the resampler, and the
 vision tower in the upstream recipe, as PEFT modules_to_save), and takes optimizer steps the way
@@ -65,7 +65,7 @@ class LoopSettings:
     mm_batch: int = 4  # multimodal samples a step
     workers: int = 6  # DataLoader workers (multimodal)
     tiny: bool = False  # the tiny test architecture (smoke runs; CPU works)
-    version: str = "2.5"  # the MiniCPM-V version (config.json's "version": 2.5 or 2.6)
+    version: str = "2.5"  # the MiniCPM-V version (2.5, 2.6 or 2.0)
 
 
 # --- FLOP accounting ----------------------------------------------------------------------------------------
@@ -73,22 +73,24 @@ class LoopSettings:
 
 def model_shapes(model) -> dict:
     """Weight counts the FLOP formula uses, from the config (weight matrices only; norms and biases ignored)."""
-    from finetune.model.kernels import native_model
+    from finetune.model.kernels import native_model, tower_layers
 
     base = native_model(model)
     c = base.config
     d, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
     head_dim = d // heads
     per_layer = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2 + 3 * d * c.intermediate_size
-    v = c.vision_config
+    # The vision tower's width from its config (2.0's timm-style tower: `vit_settings`), its depth as built.
+    v = c.vit_settings if hasattr(c, "vit_settings") else c.vision_config
+    vision_layers = len(tower_layers(base, "vision"))
     return {
         "llm_layer_params": per_layer * c.num_hidden_layers,
         "lm_head_params": c.vocab_size * d,
         "llm_attn_width": heads * head_dim,
         "llm_layers": c.num_hidden_layers,
-        "vision_layer_params": v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size),
+        "vision_layer_params": vision_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size),
         "vision_width": v.hidden_size,
-        "vision_layers": v.num_hidden_layers,
+        "vision_layers": vision_layers,
         "resampler_params_per_patch": v.hidden_size * d + 2 * d * d,  # kv_proj + k,v in-projections
     }
 
@@ -258,7 +260,8 @@ def run_row(row: LoopRow, settings: LoopSettings, device: torch.device, mm_datas
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     if row.workload == "text":
         vocab = model.get_base_model().config.vocab_size
-        # ids below 128000: no special token of either version (2.5's from 128000, 2.6's <unk> 128244 and 151643+)
+        # ids below 128000: no special token of 2.5 (from 128000) or 2.6 (<unk> 128244, 151643+); 2.0's ids 0..2 and
+        # 101..112 are among them, ordinary ids in a row without image bounds
         batches = text_batches(min(vocab, 128000), settings.text_len, rows=settings.text_rows)
     else:
         batches = mm_batches(mm_dataset, pad_id, settings, device)

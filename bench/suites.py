@@ -1,7 +1,7 @@
 """The benchmark's suites: what each runs, how its rows are run, and the markdown table it prints.
 
     python -m bench SUITE [--smoke] [--gpus N] [--json PATH] [--markdown PATH] [--calibration PATH] ...
-    python -m bench headline|memory --version 2.6 [...]
+    python -m bench headline|memory --version 2.6|2.0 [...]
     python -m bench --list
 
 Suites (bench/README.md has their current results and how they are measured):
@@ -21,7 +21,8 @@ comes from this one run, and the ratios below it are computed from the table's r
 `--version 2.6` runs the headline and memory suites on MiniCPM-V 2.6 (default: MiniCPM-Llama3-V-2.5): its
 full-size random checkpoint, its demo tokenizer and chat template for the sets, `--llm_type qwen` for
 finetune.py; the planner's column is its 2.5 calibration scaled to 2.6's sizes, and `--calibration` records
-its rows as `<row>_v2_6`.
+its rows as `<row>_v2_6`. `--version 2.0` does the same for MiniCPM-V 2.0 (`--llm_type minicpm`, its
+`<用户>`/`<AI>` format, records `<row>_v2_0`).
 
 `--smoke` runs every suite on the CPU with the tiny test architecture and a few steps: the same rows, the same
 table and ratios, numbers that say nothing. There, finetune.py rows without DeepSpeed run in this process (a
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIGS = ROOT / "finetune"
 DEFAULT_WORK_DIR = Path(os.environ.get("BENCH_WORK_DIR", "/tmp/minicpmv-bench"))
 UPSTREAM, LORA_ONLY = ("--tune_vision", "true"), ("--tune_vision", "false")
-MODEL_VERSIONS = ("2.5", "2.6")  # config.json's "version" of the models the suites can run
+MODEL_VERSIONS = ("2.5", "2.6", "2.0")  # the MiniCPM-V versions (finetune.model.versions names) the suites can run
 VERSIONED_SUITES = ("headline", "memory")  # the suites that run on a version other than 2.5
 LEVERS = ("--optim", "adamw_bnb_8bit", "--loss_chunk_size", "512")  # 8-bit AdamW states, a 512-label loss chunk
 
@@ -451,7 +452,7 @@ def environment(smoke: bool, version: str = "2.5") -> dict:
         )
     else:
         device = f"CPU ({os.cpu_count()} cores{', ' + platform.processor() if platform.processor() else ''})"
-    model = {"2.5": "MiniCPM-Llama3-V-2.5", "2.6": "MiniCPM-V 2.6"}[version]
+    model = {"2.5": "MiniCPM-Llama3-V-2.5", "2.6": "MiniCPM-V 2.6", "2.0": "MiniCPM-V 2.0"}[version]
     workload = (f"SMOKE RUN: the tiny test architecture ({model} layout), a few steps; the numbers say nothing about speed or memory" if smoke
                 else f"the full-size {model} architecture with random weights, bf16; 2048-token text rows")  # fmt: skip
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
@@ -665,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="version",
         choices=MODEL_VERSIONS,
         default="2.5",
-        help=f"MiniCPM-V version: 2.5 (MiniCPM-Llama3-V-2.5, the default) or 2.6 ({' and '.join(VERSIONED_SUITES)} suites)",
+        help=f"MiniCPM-V version: 2.5 (MiniCPM-Llama3-V-2.5, the default), 2.6 or 2.0 "
+        f"({' and '.join(VERSIONED_SUITES)} suites)",
     )
     parser.add_argument(
         "--work-dir",

@@ -1,4 +1,4 @@
-"""`python -m finetune.build_tiny OUT_DIR [--version 2.5|2.6] [--seed N] [--shards K] [--demo]`: write a tiny
+"""`python -m finetune.build_tiny OUT_DIR [--version 2.5|2.6|2.0] [--seed N] [--shards K] [--demo]`: write a tiny
 random-weight MiniCPM-V checkpoint in the published layout (tokenizer trained on the bundled demo texts)."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
     parser.add_argument(
         "--version",
-        choices=("2.5", "2.6"),
+        choices=("2.5", "2.6", "2.0"),
         default="2.5",
-        help="MiniCPM-V version: 2.5 (MiniCPM-Llama3-V-2.5, the default) or 2.6 (MiniCPM-V 2.6)",
+        help="MiniCPM-V version: 2.5 (MiniCPM-Llama3-V-2.5, the default), 2.6 (MiniCPM-V 2.6) or 2.0 (MiniCPM-V 2.0)",
     )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
         "--vocab-size",
         type=int,
         default=1024,
-        help="tokenizer size cap incl. the special tokens (2.5: 256, 2.6: 24; default 1024)",
+        help="tokenizer size cap incl. the special tokens (at least 2.5: 512, 2.6: 280, 2.0: 467; default 1024)",
     )
     parser.add_argument(
         "--shards", type=int, default=0, help="also write a sharded copy (published layout) to OUT_DIR-sharded"
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         f"  vocab {config['vocab_size']} (bos {config['bos_token_id']}, eos {config['eos_token_id']}, pad "
         f"{config.get('pad_token_id')}), hidden {config['hidden_size']}, layers {config['num_hidden_layers']}, "
         f"vision hidden {config['vision_config']['hidden_size']}, "
-        f"query_num {config['query_num']}, scale_resolution {config['slice_config']['scale_resolution']}"
+        f"query_num {config['query_num']}, scale_resolution {config.get('slice_config', config)['scale_resolution']}"
     )
     if args.shards:
         sharded = write_published_shards(out_dir, Path(f"{out_dir}-sharded"), args.shards)

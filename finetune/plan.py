@@ -3,6 +3,7 @@
     python -m finetune.plan --gpus 1 --gpu-mem 24 [--q_lora] [--tune-vision true|false] [--target-global-batch 16]
     python -m finetune.plan --gpus 2 --gpu-mem 80 --data train.json --model openbmb/MiniCPM-Llama3-V-2_5
     python -m finetune.plan --gpus 1 --gpu-mem 24 --model openbmb/MiniCPM-V-2_6     # or --version 2.6
+    python -m finetune.plan --gpus 1 --gpu-mem 24 --version 2.0                      # MiniCPM-V 2.0 (uncalibrated)
     python -m finetune.plan --gpus 1 --gpu-mem 24 --emit-args      # only the flags (AUTO=1 finetune_lora.sh)
     python -m finetune.plan --validate                              # predicted vs measured peaks (markdown)
 
@@ -38,10 +39,17 @@ Versions: the model is per MiniCPM-V version (`Setup.version`; `--version`, or t
 parameter counts (weights, LoRA, resampler, vision tower, lm_head) and the vocabulary come from the version's
 published architecture on the meta device; the activation constants are MiniCPM-Llama3-V-2.5's, scaled by the
 LLM's size (checkpointed: layers x hidden, the layer inputs kept; not checkpointed: layers x (hidden +
-intermediate), the tensors each layer saves). The constants are fitted on 2.5's records only; the MiniCPM-V 2.6
-predictions (Qwen2-7B: 28 layers of 3584, vocabulary 151,666, 64 queries) are that fit scaled, checked against
-the 2.6 records (`*_v2_6`, one H200): within 2.2% with activation checkpointing, text and multimodal, and 16-25%
-over without it (the compiled speed mode saves less than the scaled constant says: the safe side).
+intermediate), the tensors each layer saves), and the per-view vision constants by the vision tower's block
+count (`vision_scale`: the blocks each view runs through). The constants are fitted on 2.5's records only; the
+MiniCPM-V 2.6 predictions (Qwen2-7B: 28 layers of 3584, vocabulary 151,666, 64 queries; the same 27-block tower)
+are that fit scaled, checked against the 2.6 records (`*_v2_6`, one H200): within 2.2% with activation
+checkpointing, text and multimodal, and 16-25% over without it (the compiled speed mode saves less than the
+scaled constant says: the safe side). MiniCPM-V 2.0 (MiniCPM-2.4B: 40 layers of 2304, intermediate 5760,
+vocabulary 122,753; 3.43 B parameters in all) is the same fit scaled and is UNCALIBRATED until its peaks are
+measured: its LLM constants scale by its size as 2.6's do, and its vision constants by 26 blocks against 2.5's 27
+(each view of up to 32 x 32 patches at 448 px runs through the tower alone, not packed with other views, which
+the per-view constant, fitted on packed 2.5 views of the same size, does not model; its 64-query resampler of
+width 2304 is not scaled either).
 """
 
 from __future__ import annotations
@@ -129,11 +137,14 @@ class Counts:
     vocab: int
     lm_head: int
     lora_per_rank: int  # LoRA parameters per unit of rank on the default q/k/v/o targets
+    vision_blocks: int  # the vision tower's blocks, as built (2.0 drops its last: drop_vision_last_layer)
 
 
 CALIBRATED_VERSION = "2.5"  # the version every measured peak of plan_calibration.json ran
 # The versions whose full-size architecture the planner can count (finetune.synthetic holds their published configs).
-PLANNED_VERSIONS = ("2.5", "2.6")
+PLANNED_VERSIONS = ("2.5", "2.6", "2.0")
+# The versions whose predictions have been checked against measured peaks (plan_calibration.json's records).
+MEASURED_VERSIONS = ("2.5", "2.6")
 
 
 def published_config(version: str = CALIBRATED_VERSION):
@@ -175,11 +186,22 @@ def activation_scales(version: str) -> tuple[float, float]:
 
 
 @cache
+def vision_scale(version: str) -> float:
+    """Per-view vision activation bytes of `version` relative to the calibrated 2.5: the tower's block count
+    against 2.5's (each block keeps its input when checkpointed, its saved tensors when not; same width 1152 and
+    up to 32 x 32 patches a view in every version). 1.0 for 2.5 and 2.6 (27 blocks), 26 / 27 for 2.0."""
+    if version == CALIBRATED_VERSION:
+        return 1.0
+    return parameter_counts(version).vision_blocks / parameter_counts(CALIBRATED_VERSION).vision_blocks
+
+
+@cache
 def parameter_counts(version: str = CALIBRATED_VERSION) -> Counts:
     """Counted on the meta device from the version's published config (no memory, no weights)."""
     import torch
 
     from finetune.arguments import DEFAULT_LORA_TARGETS
+    from finetune.model.kernels import tower_layers
     from finetune.model_setup import lora_targets
     from finetune.synthetic import build_full_size_random
 
@@ -200,6 +222,7 @@ def parameter_counts(version: str = CALIBRATED_VERSION) -> Counts:
         vocab=model.config.vocab_size,
         lm_head=model.llm.lm_head.weight.numel(),
         lora_per_rank=lora,
+        vision_blocks=len(tower_layers(model, "vision")),
     )
 
 
@@ -226,11 +249,12 @@ class Setup:
     # ZeRO-3: the loss on each rank's rows of lm_head where they can be (finetune.py's default; False: the runs
     # measured before it, which gathered lm_head)
     vocab_shards: bool = True
-    version: str = CALIBRATED_VERSION  # the MiniCPM-V version (config.json's "version"); only 2.5 is calibrated
+    version: str = CALIBRATED_VERSION  # the MiniCPM-V version (VERSIONS' name); the constants are 2.5's, scaled
 
 
 def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
-    """Predicted peak allocated GiB per GPU, by term (for 2.6: 2.5's fit scaled, checked on 2.6's records)."""
+    """Predicted peak allocated GiB per GPU, by term (for 2.6: 2.5's fit scaled, checked on 2.6's records; for
+    2.0: 2.5's fit scaled, not yet checked)."""
     c = parameter_counts(setup.version)
     n = setup.gpus if setup.zero_stage else 1
     lora = c.lora_per_rank * setup.lora_r
@@ -280,7 +304,7 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
         )
     else:
         per_view = constants.vision_frozen_bytes_per_view
-    activations = tokens * per_token + views * per_view
+    activations = tokens * per_token + views * per_view * vision_scale(setup.version)
     logits = (
         min(tokens, setup.loss_chunk) * (c.vocab // n if vocab_shards else c.vocab) * constants.logit_bytes_per_element
     )
@@ -432,7 +456,10 @@ def make_plan(
                     notes.append(f"8-bit AdamW states (bitsandbytes){needs}")
                 if slices != max_slice_nums:
                     notes.append(f"max_slice_nums lowered {max_slice_nums} -> {slices} to fit")
-                if version != CALIBRATED_VERSION:
+                if version not in MEASURED_VERSIONS:
+                    notes.append(f"MiniCPM-V {version}: the {CALIBRATED_VERSION} calibration scaled to its sizes, "
+                                 "uncalibrated (no measured peak of this version yet)")  # fmt: skip
+                elif version != CALIBRATED_VERSION:
                     notes.append(f"MiniCPM-V {version}: the {CALIBRATED_VERSION} calibration scaled to its sizes "
                                  "(checked on H200 peaks: python -m finetune.plan --validate)")  # fmt: skip
                 return Plan(True, setup, predicted, gpu_mem, accumulation, model_max_length, slices,

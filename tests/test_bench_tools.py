@@ -383,7 +383,7 @@ def test_a_trainer_report_becomes_the_planners_setup_and_refreshes_its_record(tm
     ]
 
 
-# --- MiniCPM-V 2.6 (--version 2.6) -----------------------------------------------------------------------------
+# --- MiniCPM-V 2.6 and 2.0 (--version 2.6, --version 2.0) -------------------------------------------------------
 
 
 def test_the_baseline_builds_the_full_size_2_6_with_its_own_dimensions():
@@ -403,32 +403,59 @@ def test_the_baseline_builds_the_full_size_2_6_with_its_own_dimensions():
     assert shapes["llm_layer_params"] == 28 * (3584 * 3584 * 2 + 3584 * 512 * 2 + 3 * 3584 * 18944)
 
 
-def test_version_2_6_settings_and_refusals(tmp_path, capsys):
-    from bench.data import Workspace, slice_settings
-    from bench.suites import Run, TrainerRow, trainer_argv
+def test_the_baseline_builds_the_full_size_2_0_with_its_own_dimensions():
+    """The same for 2.0: MiniCPM-2.4B (40 MHA layers of 2304, vocabulary 122753), 64 queries of width 2304, and the
+    timm-style tower's 26 blocks of width 1152 (27 built, the last dropped) in the FLOP count."""
+    from bench.loop import ROW_BY_NAME, build_model, model_shapes
+    from finetune.model.kernels import tower_layers
+    from finetune.model.versions import MINICPM_V_2, version_of
 
-    assert slice_settings(False, "2.6").query_num == 64 and slice_settings(False).query_num == 96
-    assert slice_settings(True, "2.6").query_num == 16
-    run = Run("headline", True, 1, tmp_path, version="2.6")
+    model = build_model(ROW_BY_NAME["mm_upstream_baseline"], torch.device("meta"), version="2.0")
+    base = model.get_base_model()
+    assert version_of(base.config) is MINICPM_V_2 and type(base.llm).__name__ == "MiniCPMForCausalLM"
+    assert base.config.num_key_value_heads == 36 and tuple(base.resampler.query.shape) == (64, 2304)
+    assert any(p.requires_grad for p in base.vpm.parameters())
+    shapes = model_shapes(model)
+    assert (shapes["llm_layers"], shapes["llm_attn_width"]) == (40, 2304)
+    assert shapes["lm_head_params"] == 122753 * 2304
+    assert shapes["llm_layer_params"] == 40 * (2304 * 2304 * 4 + 3 * 2304 * 5760)
+    blocks = len(tower_layers(model, "vision"))
+    assert (shapes["vision_layers"], shapes["vision_width"]) == (blocks, 1152) and blocks == 26
+    assert shapes["vision_layer_params"] == 26 * (4 * 1152**2 + 2 * 1152 * 4304)
+
+
+@pytest.mark.parametrize("version, query_num, llm_type", [("2.6", 64, "qwen"), ("2.0", 64, "minicpm")])
+def test_version_settings_and_refusals(version, query_num, llm_type, tmp_path, capsys):
+    from bench.data import Workspace, slice_settings
+    from bench.suites import Run, TrainerRow, environment, trainer_argv
+
+    assert slice_settings(False, version).query_num == query_num and slice_settings(False).query_num == 96
+    assert slice_settings(True, version).query_num == 16
+    run = Run("headline", True, 1, tmp_path, version=version)
     run.workspace = Workspace(
-        tmp_path / "c", tmp_path / "t", tmp_path / "m", tmp_path / "u", True, tmp_path / "k", "2.6"
+        tmp_path / "c", tmp_path / "t", tmp_path / "m", tmp_path / "u", True, tmp_path / "k", version
     )
     argv = trainer_argv(TrainerRow("r", "a row", "text"), run, tmp_path / "out")
-    assert argv[argv.index("--llm_type") + 1] == "qwen"
+    assert argv[argv.index("--llm_type") + 1] == llm_type
+    assert f"MiniCPM-V {version} layout" in environment(True, version)["workload"]
     with pytest.raises(SystemExit) as stop:
-        main(["qlora", "--version", "2.6", "--smoke", "--work-dir", str(tmp_path)])
+        main(["qlora", "--version", version, "--smoke", "--work-dir", str(tmp_path)])
     assert (
         stop.value.code == 2
-        and "--version 2.6: only the headline and memory suites run on it" in capsys.readouterr().err
+        and f"--version {version}: only the headline and memory suites run on it" in capsys.readouterr().err
     )
 
 
-@pytest.fixture(scope="module")
-def workspace_v2_6(tmp_path_factory) -> Path:
-    """The tiny 2.6 checkpoint, its tokenizer and data sets, built once for the 2.6 smoke runs."""
-    folder = tmp_path_factory.mktemp("bench_v2_6")
-    prepare_workspace(folder, tiny=True, mm_samples=8, version="2.6")
-    return folder
+# version -> (--llm_type, the start of a text sample in its chat format)
+VERSION_FORMATS = {"2.6": ("qwen", "<|im_start|>system\n"), "2.0": ("minicpm", "<s><用户>")}
+
+
+@pytest.fixture(scope="module", params=list(VERSION_FORMATS))
+def versioned_workspace(request, tmp_path_factory) -> tuple[str, Path]:
+    """(version, folder): the version's tiny checkpoint, its tokenizer and data sets, built once for its smoke runs."""
+    folder = tmp_path_factory.mktemp("bench_v" + request.param.replace(".", "_"))
+    prepare_workspace(folder, tiny=True, mm_samples=8, version=request.param)
+    return request.param, folder
 
 
 @pytest.fixture
@@ -454,44 +481,52 @@ def versions_trained(monkeypatch) -> dict[str, list]:
     return seen
 
 
-def check_2_6_rows(seen: dict[str, list], workspace: Path, baseline_rows: int, trainer_rows: int) -> None:
-    assert seen["baseline"] == ["2.6"] * baseline_rows
+def check_version_rows(
+    seen: dict[str, list], version: str, workspace: Path, baseline_rows: int, trainer_rows: int
+) -> None:
+    from finetune.model.versions import version_of_dict
+
+    suffix = "_v" + version.replace(".", "_")
+    assert seen["baseline"] == [version] * baseline_rows
     assert len(seen["finetune.py"]) == trainer_rows
     for argv in seen["finetune.py"]:
-        assert argv[argv.index("--llm_type") + 1] == "qwen"
-        assert argv[argv.index("--model_name_or_path") + 1] == str(workspace / "checkpoint_tiny_v2_6")
-        assert Path(argv[argv.index("--data_path") + 1]).parent.parent == workspace / "data_tiny_v2_6"
-    config = json.loads((workspace / "checkpoint_tiny_v2_6" / "config.json").read_text())
-    assert config["version"] == 2.6
+        assert argv[argv.index("--llm_type") + 1] == VERSION_FORMATS[version][0]
+        assert argv[argv.index("--model_name_or_path") + 1] == str(workspace / f"checkpoint_tiny{suffix}")
+        assert Path(argv[argv.index("--data_path") + 1]).parent.parent == workspace / f"data_tiny{suffix}"
+    config = json.loads((workspace / f"checkpoint_tiny{suffix}" / "config.json").read_text())
+    assert version_of_dict(config).name == version
 
 
 @pytest.mark.slow
-def test_headline_smoke_run_on_2_6(workspace_v2_6, versions_trained, tmp_path, capsys):
-    status, lines, record = smoke_run(["headline", "--version", "2.6"], workspace_v2_6, tmp_path, capsys)
+def test_headline_smoke_run_on_a_version(versioned_workspace, versions_trained, tmp_path, capsys):
+    version, workspace = versioned_workspace
+    suffix = "_v" + version.replace(".", "_")
+    status, lines, record = smoke_run(["headline", "--version", version], workspace, tmp_path, capsys)
     assert status == 0
     check_header(lines, "headline")
-    assert "MiniCPM-V 2.6" in next(line for line in lines if line.startswith("- workload: "))
+    assert f"MiniCPM-V {version}" in next(line for line in lines if line.startswith("- workload: "))
     _, rows, ratios = table(lines)
     assert list(rows) == [row.name for row in SUITES["headline"].rows(2)]
     assert all(row["tokens_per_s"] > 0 and all(map(math.isfinite, row["losses"])) for row in record["rows"])
-    check_2_6_rows(versions_trained, workspace_v2_6, baseline_rows=5, trainer_rows=4)
-    # the text set is written in 2.6's chat format: ChatML with the default system turn, no BOS
-    text_set = json.loads((workspace_v2_6 / "data_tiny_v2_6" / "text" / "train.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(workspace_v2_6 / "tokenizer_v2_6")
+    check_version_rows(versions_trained, version, workspace, baseline_rows=5, trainer_rows=4)
+    # the text set is written in the version's chat format (2.6: ChatML with the default system turn, no BOS;
+    # 2.0: BOS, then <用户>)
+    text_path = workspace / f"data_tiny{suffix}" / "text" / "train.json"
+    tokenizer = AutoTokenizer.from_pretrained(workspace / f"tokenizer{suffix}")
     dataset = SupervisedDataset(
-        DataSettings(str(workspace_v2_6 / "data_tiny_v2_6" / "text" / "train.json"), model_max_length=256),
-        tokenizer,
-        SliceSettings(112, 14, 9, 16),
+        DataSettings(str(text_path), model_max_length=256), tokenizer, SliceSettings(112, 14, 9, 16)
     )
     ids = dataset.prepare(0, load_pixels=False).input_ids
-    assert len(text_set) == 96 and tokenizer.decode(ids[:5]).startswith("<|im_start|>system\n")
+    assert len(json.loads(text_path.read_text())) == 96
+    assert tokenizer.decode(ids[:5]).startswith(VERSION_FORMATS[version][1])
     assert all(ratio["value"] is not None for ratio in record["ratios"])
     check_ratios(record, ratios)
 
 
 @pytest.mark.slow
-def test_memory_smoke_run_on_2_6(workspace_v2_6, versions_trained, tmp_path, capsys):
-    status, lines, record = smoke_run(["memory", "--version", "2.6"], workspace_v2_6, tmp_path, capsys)
+def test_memory_smoke_run_on_a_version(versioned_workspace, versions_trained, tmp_path, capsys):
+    version, workspace = versioned_workspace
+    status, lines, record = smoke_run(["memory", "--version", version], workspace, tmp_path, capsys)
     assert status == 0
     check_header(lines, "memory")
     _, rows, ratios = table(lines)
@@ -501,7 +536,7 @@ def test_memory_smoke_run_on_2_6(workspace_v2_6, versions_trained, tmp_path, cap
             assert "(skipped: " in cells[0]
         else:
             assert cells[1:4] == ["-", "-", "-"] and float(cells[4]) > 0
-    check_2_6_rows(versions_trained, workspace_v2_6, baseline_rows=2, trainer_rows=4)
+    check_version_rows(versions_trained, version, workspace, baseline_rows=2, trainer_rows=4)
     check_ratios(record, ratios)
 
 
@@ -524,7 +559,7 @@ def test_the_planner_column_and_calibration_records_are_the_rows_version(tmp_pat
     monkeypatch.setattr(trainer_bench, "run", lambda argv, settings: report)
     planned, calibration = {}, tmp_path / "calibration.json"
     header = {"command": "python -m bench memory", "date": "2026-12-02 23:55 UTC", "device": "1 x GPU", "versions": "v"}
-    for version in ("2.5", "2.6"):
+    for version in ("2.5", "2.6", "2.0"):
         run = Run("memory", True, 1, tmp_path / version, version=version)
         run.workspace = Workspace(*(tmp_path / name for name in "ctmu"), True, tmp_path / "k", version)
         result = run_trainer_row(TrainerRow("lora_adamw", "a row", "text"), run)
@@ -533,6 +568,8 @@ def test_the_planner_column_and_calibration_records_are_the_rows_version(tmp_pat
     setup = setup_of_report(report)[0]
     assert planned["2.5"] == predict(setup)["total"]
     assert planned["2.6"] == predict(dataclasses.replace(setup, version="2.6"))["total"] != planned["2.5"]
+    assert planned["2.0"] == predict(dataclasses.replace(setup, version="2.0"))["total"] < planned["2.5"]
     records = {m.name: m for m in load_calibration(calibration)}
-    assert set(records) == {"lora_adamw", "lora_adamw_v2_6"} and records["lora_adamw_v2_6"].setup.version == "2.6"
+    assert set(records) == {"lora_adamw", "lora_adamw_v2_6", "lora_adamw_v2_0"}
+    assert records["lora_adamw_v2_6"].setup.version == "2.6" and records["lora_adamw_v2_0"].setup.version == "2.0"
     assert records["lora_adamw"].setup.version == "2.5" and records["lora_adamw_v2_6"].peak_gib == 21.0

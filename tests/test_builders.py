@@ -498,33 +498,41 @@ def test_v2_6_tokenizer_is_deterministic_and_refuses_a_size_without_room(tmp_pat
     assert len(build_tokenizer(tmp_path / "s", version="2.6", vocab_size=300)) == 300
     with pytest.raises(ValueError, match="vocab_size must be at least 280"):
         build_tokenizer(tmp_path / "x", version="2.6", vocab_size=279)
-    with pytest.raises(ValueError, match="'2.0'"):
-        build_tokenizer(tmp_path / "y", version="2.0")
+    with pytest.raises(ValueError, match="'4.0'"):
+        build_tokenizer(tmp_path / "y", version="4.0")
 
 
-def test_tiny_v2_6_trains_one_step_in_process(tiny_v2_6_dir, demo_factory, tmp_path):
+@pytest.mark.parametrize("version, llm_type", [("2.6", "qwen"), ("2.0", "minicpm")])
+def test_tiny_checkpoint_of_a_version_trains_one_step_on_the_demo_data(
+    version, llm_type, request, demo_factory, tmp_path
+):
     from helpers import base_args
 
     from finetune.train import train
 
+    checkpoint = request.getfixturevalue({"2.6": "tiny_v2_6_dir", "2.0": "tiny_v2_dir"}[version])
     demo = demo_factory(24, 6)
     out = tmp_path / "adapter"
-    trainer = train(base_args(tiny_v2_6_dir, demo / "train.json", out, "--max_steps", "1", "--llm_type", "qwen"))
+    trainer = train(base_args(checkpoint, demo / "train.json", out, "--max_steps", "1", "--llm_type", llm_type))
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert trainer.state.global_step == 1 and len(logged) == 1 and math.isfinite(logged[0])
     assert (out / "adapter_model.safetensors").is_file()
-    assert trainer.train_dataset.encoder.version.name == "2.6"
+    assert trainer.train_dataset.encoder.version.name == version
 
 
-def test_build_tiny_demo_sizes_take_a_version(tmp_path, capsys):
+@pytest.mark.parametrize("version, name", [("2.6", "MiniCPM-V-2_6"), ("2.0", "MiniCPM-V-2")])
+def test_build_tiny_demo_sizes_take_a_version(version, name, tmp_path, capsys):
     from finetune.build_tiny import main as build_tiny_main
+    from finetune.model.versions import version_of_dict
 
-    build_tiny_main([str(tmp_path / "demo"), "--demo", "--version", "2.6"])
-    assert capsys.readouterr().out.startswith(f"wrote tiny MiniCPM-V-2_6 checkpoint to {tmp_path / 'demo'}")
+    build_tiny_main([str(tmp_path / "demo"), "--demo", "--version", version])
+    assert capsys.readouterr().out.startswith(f"wrote tiny {name} checkpoint to {tmp_path / 'demo'}")
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
-    assert config["version"] == 2.6 and config["patch_size"] == DEMO_CONFIG_OVERRIDES["patch_size"]
+    assert version_of_dict(config).name == version and config["patch_size"] == DEMO_CONFIG_OVERRIDES["patch_size"]
     assert config["vision_config"]["hidden_size"] == DEMO_CONFIG_OVERRIDES["vision_config"]["hidden_size"]
     validate_checkpoint_dir(tmp_path / "demo", MiniCPMV)
+    model = AutoModel.from_pretrained(tmp_path / "demo")
+    assert model.config.slice_settings.patch_size == DEMO_CONFIG_OVERRIDES["patch_size"]
 
 
 def test_full_size_v2_6_on_meta_matches_published_parameters():
@@ -561,3 +569,133 @@ def test_full_size_v2_6_config_equals_reference():
     }
     assert {k: config["vision_config"][k] for k in reference["vision_config"]} == reference["vision_config"]
     assert config["slice_config"]["max_slice_nums"] == 9 and config["query_num"] == 64
+
+
+# --- MiniCPM-V 2.0 --------------------------------------------------------------------------------------------
+
+REFERENCE_V2 = Path(__file__).resolve().parent / "reference_v2"
+
+
+def reference_v2(name: str) -> dict:
+    return json.loads((REFERENCE_V2 / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_v2_dir(tmp_path_factory) -> Path:
+    """`python -m finetune.build_tiny --version 2.0 OUT`, run in this process."""
+    from finetune.build_tiny import main as build_tiny_main
+
+    out = tmp_path_factory.mktemp("tiny_v2") / "ckpt"
+    build_tiny_main([str(out), "--version", "2.0"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_v2(tiny_v2_dir):
+    return AutoTokenizer.from_pretrained(tiny_v2_dir)
+
+
+def test_tiny_v2_checkpoint_has_the_published_layout_and_fields(tiny_v2_dir, tokenizer_v2):
+    """The published 2.0 files (no preprocessor_config.json on the hub's main), config.json in its flat layout
+    with no "version" (told apart by its fields), the sizes tiny, the tokenizer files as published."""
+    from finetune.model.versions import MINICPM_V_2, version_of_dict
+
+    assert sorted(p.name for p in tiny_v2_dir.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json",
+    ]  # fmt: skip
+    config = json.loads((tiny_v2_dir / "config.json").read_text())
+    reference = reference_v2("config.json")
+    sizes = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings", "vocab_size", "query_num", "scale_resolution", "torch_dtype"}  # fmt: skip
+    assert set(config) == set(reference) - {"_name_or_path"} | {"vision_config"}
+    assert {k: config[k] for k in config if k not in sizes | {"vision_config"}} == {
+        k: reference[k] for k in config if k not in sizes | {"vision_config"}
+    }
+    assert "version" not in config and version_of_dict(config) is MINICPM_V_2
+    assert config["num_key_value_heads"] == config["num_attention_heads"]  # MHA, as published
+    assert config["vocab_size"] == len(tokenizer_v2) and (config["query_num"], config["scale_resolution"]) == (16, 112)
+    assert json.loads((tiny_v2_dir / "generation_config.json").read_text()) == reference_v2("generation_config.json")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        assert json.loads((tiny_v2_dir / name).read_text()) == reference_v2(name), name
+    validate_checkpoint_dir(tiny_v2_dir, MiniCPMV)
+
+
+def test_v2_tokenizer_has_the_published_special_token_ids_and_role_markers(tokenizer_v2):
+    from finetune.model.tokenization import LlamaTokenizerWrapper
+
+    assert type(tokenizer_v2) is LlamaTokenizerWrapper and detect_llm_type(tokenizer_v2) == "minicpm"
+    published = {
+        int(i): entry["content"] for i, entry in reference_v2("tokenizer_config.json")["added_tokens_decoder"].items()
+    }
+    assert {i: tokenizer_v2.convert_ids_to_tokens(i) for i in published} == published
+    tokens = SpecialTokens.from_tokenizer(tokenizer_v2)
+    assert (tokens.unk, tokens.bos, tokens.eos, tokens.pad) == (0, 1, 2, 0) and tokens.stop_ids == [2]
+    # <用户> / <AI> are matched whole but are not special tokens (decoding keeps them)
+    user, assistant = tokenizer_v2.convert_tokens_to_ids(["<用户>", "<AI>"])
+    ids = tokenizer_v2("<用户>hi<AI>ok")["input_ids"]
+    assert ids[:2] == [1, user] and assistant in ids
+    decoded = tokenizer_v2.decode(ids, skip_special_tokens=True)
+    assert decoded.startswith("<用户>") and "<AI>" in decoded and "<s>" not in decoded
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_v2_tokenizer_round_trips_text_and_adds_bos(tokenizer_v2, text):
+    ids = tokenizer_v2(text)["input_ids"]
+    assert ids[0] == 1 and ids[1:] == tokenizer_v2(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer_v2.decode(ids, skip_special_tokens=True) == text
+
+
+def test_v2_tokenizer_is_deterministic_and_refuses_a_size_without_room(tmp_path):
+    build_tokenizer(tmp_path / "a", version="2.0")
+    build_tokenizer(tmp_path / "b", version="2.0")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    smallest = len(build_tokenizer(tmp_path / "c", version="2.0", corpus=["plain ascii"]))
+    with pytest.raises(ValueError, match=f"vocab_size must be at least {smallest}"):
+        build_tokenizer(tmp_path / "x", version="2.0", vocab_size=smallest - 1)
+
+
+def test_tiny_v2_loads_with_the_auto_classes_and_runs_forward(tiny_v2_dir, tokenizer_v2):
+    from finetune.model.versions import MINICPM_V_2, version_of
+
+    model = AutoModel.from_pretrained(tiny_v2_dir)
+    assert type(model) is MiniCPMV and version_of(model.config) is MINICPM_V_2
+    assert type(model.llm).__name__ == "MiniCPMForCausalLM"
+    stored = load_file(str(tiny_v2_dir / "model.safetensors"))
+    state = model.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[k], t) for k, t in stored.items())
+    image = Image.new("RGB", (260, 150), (200, 30, 30))
+    data = model.prepare_inputs("<用户>(<image>./</image>)\nWhat?<AI>", [image], tokenizer_v2)
+    ids = data["input_ids"][0].tolist()
+    assert len(data["image_bound"][0]) > 1  # 260x150 at scale_resolution 112 is sliced
+    with torch.no_grad():
+        logits = model(data=data).logits
+    assert logits.shape == (1, len(ids), len(tokenizer_v2)) and torch.isfinite(logits).all()
+
+
+def test_full_size_v2_on_meta_matches_published_parameters():
+    expected = []
+    for line in (REFERENCE_V2 / "param_shapes.tsv").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, shape, count = line.split("\t")
+            expected.append((name, tuple(int(d) for d in shape.strip("()").split(",") if d.strip()), int(count)))
+    model = build_full_size_random(device="meta", version="2.0")
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    assert shapes == {name: shape for name, shape, _ in expected}
+    assert sum(p.numel() for p in model.state_dict().values()) == sum(count for *_, count in expected)
+    index = reference_v2("model.safetensors.index.json")
+    assert set(index["weight_map"]) == set(shapes)
+
+
+def test_full_size_v2_config_is_the_published_one():
+    from finetune.synthetic import REFERENCE_CONFIGS
+
+    reference = reference_v2("config.json")
+    assert REFERENCE_CONFIGS["2.0"] == {k: v for k, v in reference.items() if k != "_name_or_path"}
+    config = full_size_config("2.0").to_dict()
+    skipped = ("_name_or_path", "transformers_version", "torch_dtype")
+    assert {k: config[k] for k in reference if k not in skipped} == {
+        k: v for k, v in reference.items() if k not in skipped
+    }
+    assert "vision_config" not in config and "slice_config" not in config

@@ -1,6 +1,6 @@
 """finetune.dataset on MiniCPM-V 2.0: the `<用户>`/`<AI>` template as its chat() writes it (BOS first, no system
 turn), labels on each answer and its EOS, 2.5's placeholder layout; check_data with LLM_TYPE=minicpm; the
-training batch (padded and packed) through the tiny 2.0 model (tests/tiny_v2.py)."""
+training batch (padded and packed) through the tiny 2.0 model (`build_tiny_checkpoint(..., version="2.0")`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import torch
 from helpers import base_args
 from PIL import Image
-from tiny_v2 import build_tiny_v2
 from transformers import AutoModel, AutoTokenizer
 
 import finetune  # noqa: F401
@@ -20,12 +19,13 @@ from finetune.dataset import IGNORE_INDEX, ConversationEncoder, DataCollator, Da
 from finetune.model import MiniCPMVConfig
 from finetune.model.attention import use_varlen_attention
 from finetune.model.versions import MINICPM_V_2
+from finetune.synthetic import build_tiny_checkpoint
 from finetune.train import train
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return build_tiny_v2(tmp_path_factory.mktemp("tiny_v2"))
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_v2"), version="2.0")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_v2 import build_tiny_v2
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
@@ -42,13 +41,14 @@ from finetune.model.resampler import QueryPositionResampler
 from finetune.model.tokenization import SpecialTokens
 from finetune.model.versions import MINICPM_LLAMA3_V_2_5, MINICPM_V_2, MiniCPMV2Config, version_of
 from finetune.model.vit import VisionTransformer, ViTSettings, resample_position_embedding
+from finetune.synthetic import build_tiny_checkpoint
 
 REFERENCE = Path(__file__).parent / "reference_v2"
 
 
 @pytest.fixture(scope="module")
 def tiny_v2_dir(tmp_path_factory) -> Path:
-    return build_tiny_v2(tmp_path_factory.mktemp("tiny_v2"))
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_v2"), version="2.0")
 
 
 @pytest.fixture(scope="module")
@@ -427,10 +427,12 @@ def test_preflight_takes_a_2_0_checkpoint_as_2_0_and_checks_llm_type_against_it(
         preflight([*common, "--llm_type", "llama3"])
 
 
-def test_the_memory_planner_refuses_2_0_in_one_line(capsys):
-    """The planner counts 2.5's and 2.6's published architectures only: a 2.0 checkpoint is named, not planned."""
+def test_the_memory_planner_plans_a_2_0_checkpoint(capsys):
+    """The planner reads a 2.0 checkpoint's version by its fields (its config.json names none) and plans for the
+    2.0 architecture."""
     from finetune.plan import main
 
-    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "\n" not in error and "MiniCPM-V 2.0" in error and "2.5, 2.6" in error
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE), "--emit-args"]) == 0
+    assert "--per_device_train_batch_size" in capsys.readouterr().out
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE)]) == 0
+    assert "model:                   MiniCPM-V 2.0 (openbmb/MiniCPM-V-2 architecture)" in capsys.readouterr().out

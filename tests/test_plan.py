@@ -14,7 +14,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from finetune.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
-from finetune.plan import Setup, main, make_plan, parameter_counts, predict
+from finetune.plan import Setup, activation_scales, main, make_plan, parameter_counts, predict, vision_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = Path(sys.executable).parent
@@ -285,3 +285,57 @@ def test_a_calibration_file_given_on_the_command_line_is_read(tmp_path, capsys):
         line
         == f"| mine | 2 | {predicted:.2f} | 10.00 | {100 * (predicted - 10) / 10:+.1f}% | 2030-01-01, 2 x some GPU | text 2048 |"
     )
+
+
+# --- MiniCPM-V 2.0 (uncalibrated: 2.5's constants scaled to its sizes) -----------------------------------------
+
+REFERENCE_V2 = Path(__file__).resolve().parent / "reference_v2"
+
+
+def test_parameter_counts_of_2_0_are_the_published_ones():
+    """Counted on the meta device from the published 2.0 config: the totals of its checkpoint index (FACTS.md),
+    LoRA on the LLM's q/k/v/o only (MiniCPM's 40 MHA layers of 2304: every projection 2304 -> 2304)."""
+    import json
+
+    from finetune.synthetic import REFERENCE_CONFIGS
+
+    counts = parameter_counts("2.0")
+    published = REFERENCE_CONFIGS["2.0"]
+    assert counts.total == 3_434_965_792
+    assert (counts.vision, counts.resampler) == (397_747_744, 29_514_240)
+    assert counts.total - counts.vision - counts.resampler == 3_007_703_808  # the LLM
+    assert counts.vocab == published["vocab_size"] == 122_753 and counts.lm_head == 122_753 * 2304
+    hidden, layers = published["hidden_size"], published["num_hidden_layers"]
+    assert counts.lora_per_rank == layers * 4 * (hidden + hidden)
+    index = json.loads((REFERENCE_V2 / "model.safetensors.index.json").read_text())
+    assert counts.total * 2 == index["metadata"]["total_size"]  # bf16
+
+
+def test_2_0_activations_and_vision_scale_with_its_sizes():
+    checkpointed, saved = activation_scales("2.0")
+    assert checkpointed == pytest.approx(40 * 2304 / (32 * 4096))
+    assert saved == pytest.approx(40 * (2304 + 5760) / (32 * (4096 + 14336)))
+    assert vision_scale("2.0") == pytest.approx(26 / 27) and vision_scale("2.5") == vision_scale("2.6") == 1.0
+    v2_5, v2 = predict(Setup(views_per_sample=10.0)), predict(Setup(views_per_sample=10.0, version="2.0"))
+    v2_5_text, v2_text = predict(Setup()), predict(Setup(version="2.0"))
+    assert v2["activations"] - v2_text["activations"] == pytest.approx(
+        (v2_5["activations"] - v2_5_text["activations"]) * 26 / 27
+    )
+    assert v2_text["activations"] == pytest.approx(v2_5_text["activations"] * checkpointed)
+    assert v2["logits"] == pytest.approx(2048 * 122_753 * 10 / 1024**3)
+    assert v2["weights"] < v2_5["weights"] / 2
+
+
+def test_plan_for_2_0_by_version_and_by_checkpoint(capsys):
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--version", "2.0"]) == 0
+    by_version = capsys.readouterr().out
+    assert "MiniCPM-V 2.0 (openbmb/MiniCPM-V-2 architecture)" in by_version
+    assert "uncalibrated" in by_version
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE_V2)]) == 0  # the published config.json
+    assert capsys.readouterr().out == by_version
+    plan = make_plan(1, 24, version="2.0")
+    assert plan.fits and plan.setup.version == "2.0"
+    assert plan.predicted["total"] < make_plan(1, 24).predicted["total"]
+    assert main(["--gpus", "1", "--gpu-mem", "24", "--version", "2.6", "--model", str(REFERENCE_V2)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--version 2.6" in error and "MiniCPM-V 2.0" in error

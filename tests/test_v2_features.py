@@ -1,8 +1,8 @@
-"""Every feature of the suite on MiniCPM-V 2.0, on CPU with the tiny 2.0 checkpoint (tests/tiny_v2.py): the
+"""Every feature of the suite on MiniCPM-V 2.0, on CPU with the tiny 2.0 checkpoint (finetune.synthetic): the
 launcher and its LLM_TYPE check, the default LoRA targets on MiniCPM's LLM, QLoRA, DeepSpeed ZeRO-2 and ZeRO-3,
 merge and its base check, the merged model loading without this package, chat and evaluate. What the 2.0 model and
 data path compute is checked in test_model_v2.py and test_dataset_v2.py; here each feature runs the way a user
-runs it. (The planner refuses 2.0: tests/test_plan.py.)"""
+runs it. (The planner's 2.0 model: tests/test_plan.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import torch
 from helpers import base_args, free_port
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_v2 import build_tiny_v2
 
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.arguments import DEFAULT_LORA_TARGETS, UsageError
@@ -30,6 +29,7 @@ from finetune.model.tokenization import SpecialTokens
 from finetune.model.versions import MINICPM_V_2, version_of_dict
 from finetune.model_setup import lora_targets
 from finetune.preflight import preflight
+from finetune.synthetic import build_tiny_checkpoint
 from finetune.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +40,8 @@ PYTHON_BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def model_v2(tmp_path_factory) -> Path:
-    """The tiny 2.0 checkpoint (read-only for tests: copy it to change it). Its config.json names bfloat16, as the
-    published one does, so the tests load it with dtype=float32 to compare logits."""
-    return build_tiny_v2(tmp_path_factory.mktemp("v2") / "model")
+    """The tiny 2.0 checkpoint (read-only for tests: copy it to change it), fp32 weights."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("v2") / "model", version="2.0")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """Tiny random-weight MiniCPM-V checkpoints in the published layout, sharded copies of them, and the full-size
 architecture with random weights (for memory / speed runs), all without the network or the real weights.
 
-Every builder takes the version ("2.5": MiniCPM-Llama3-V-2.5, the default; "2.6": MiniCPM-V 2.6): its published
-config.json (REFERENCE_CONFIGS), its demo tokenizer, its preprocessor_config.json. The tiny sizes are the same
-for both versions.
+Every builder takes the version ("2.5": MiniCPM-Llama3-V-2.5, the default; "2.6": MiniCPM-V 2.6; "2.0":
+MiniCPM-V 2.0): its published config.json (REFERENCE_CONFIGS), its demo tokenizer, its preprocessor_config.json
+(2.0 has none). The tiny sizes are the same for 2.5 and 2.6; 2.0's keep its own shape (MHA, a vision block more,
+as the last one is dropped) at the same widths, and its config.json keeps the published flat layout.
 """
 
 from __future__ import annotations
@@ -119,14 +120,72 @@ REFERENCE_CONFIG_V2_6: dict = {
     },
 }
 
-# Every version the builders make, by config.json's "version" name.
-REFERENCE_CONFIGS: dict[str, dict] = {"2.5": REFERENCE_CONFIG, "2.6": REFERENCE_CONFIG_V2_6}
+# The published config.json of openbmb/MiniCPM-V-2, minus _name_or_path: the full-size 2.0 architecture (MiniCPM-2.4B
+# with its muP scalings, the timm SigLIP tower named by vision_encoder, 64 queries; 3,434,965,792 parameters). It
+# has no "version" field and no nested vision or slice config: its own fields tell it apart.
+REFERENCE_CONFIG_V2: dict = {
+    "architectures": ["MiniCPMV"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
+        "AutoModel": "modeling_minicpmv.MiniCPMV",
+        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
+    },
+    "bos_token_id": 1,
+    "dim_model_base": 256,
+    "drop_vision_last_layer": True,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 2304,
+    "image_size": 448,
+    "initializer_range": 0.1,
+    "intermediate_size": 5760,
+    "max_position_embeddings": 4096,
+    "max_slice_nums": 9,
+    "mm_use_im_start_end": True,
+    "model_type": "minicpmv",
+    "num_attention_heads": 36,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 36,
+    "patch_size": 14,
+    "pretraining_tp": 1,
+    "query_num": 64,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "scale_depth": 1.4,
+    "scale_emb": 12,
+    "scale_resolution": 448,
+    "slice_mode": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",
+    "use_cache": True,
+    "vision_encoder": "vit_so400m_patch14_siglip_384.webli",
+    "vocab_size": 122753,
+}
+
+# Every version the builders make, by config.json's "version" name (2.0's config.json names none).
+REFERENCE_CONFIGS: dict[str, dict] = {"2.5": REFERENCE_CONFIG, "2.6": REFERENCE_CONFIG_V2_6, "2.0": REFERENCE_CONFIG_V2}
 # The tokens the published config.json's bos_token_id / eos_token_id name (2.6's bos_token_id is <|endoftext|>,
 # not the tokenizer's bos_token <|im_start|>), and whether it has a pad_token_id (the 2.6 one has none).
 _CONFIG_TOKENS: dict[str, tuple[str, str, str | None]] = {
     "2.5": (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN),
     "2.6": ("<|endoftext|>", "<|im_end|>", None),
+    "2.0": ("<s>", "</s>", None),
 }
+# MiniCPM-V 2.0's tiny sizes, in its flat layout: the 2.5 / 2.6 tiny widths with 2.0's own shape (MHA, 4 heads of
+# 64; three vision blocks built, the last dropped as drop_vision_last_layer says; 6 x 6 learned positions).
+TINY_FIELDS_V2: dict = {
+    "hidden_size": 256, "intermediate_size": 320, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 4, "query_num": 16, "scale_resolution": 112, "max_position_embeddings": 2048,
+    "torch_dtype": "float32",
+    "vision_config": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 3,
+                      "image_size": 84},
+}  # fmt: skip
+# The slicing fields 2.0's config.json keeps at the top level (the other versions nest them in slice_config).
+_FLAT_SLICE_FIELDS = ("max_slice_nums", "scale_resolution", "patch_size")
 
 # preprocessor_config.json of the published model; scale_resolution / image_feature_size follow the config.
 _PREPROCESSOR_CONFIG: dict = {
@@ -192,15 +251,36 @@ def full_size_config(version: str = "2.5", **overrides) -> MiniCPMVConfig:
 
 
 def tiny_config(tokenizer=None, version: str = "2.5", **overrides) -> MiniCPMVConfig:
-    """A tiny config of MiniCPM-V `version` like the golden one (LLM hidden 256, 2 layers; vision hidden 32,
-    2 layers; 16 queries; scale_resolution 112), every other field the published one. Vocabulary and the
-    bos/eos(/pad) ids the published config names come from `tokenizer` (default: the version's demo tokenizer)."""
+    """A tiny config of MiniCPM-V `version` like the golden one (2.5 / 2.6: LLM hidden 256, 2 layers; vision
+    hidden 32, 2 layers; 16 queries; scale_resolution 112; 2.0: TINY_FIELDS_V2), every other field the published
+    one. Vocabulary and the bos/eos(/pad) ids the published config names come from `tokenizer` (default: the
+    version's demo tokenizer)."""
+    return _fp32_config(tiny_config_fields(tokenizer, version, **overrides))
+
+
+def _fp32_config(fields: dict) -> MiniCPMVConfig:
+    """The config (of the version `fields` describe) of a model built in fp32."""
+    config = MiniCPMVConfig.from_dict(fields)
+    config.dtype = torch.float32
+    return config
+
+
+def tiny_config_fields(tokenizer=None, version: str = "2.5", **overrides) -> dict:
+    """`tiny_config`'s fields as config.json holds them (for 2.0: the published flat layout, a `slice_config`
+    override spread over its top-level slicing fields, `vision_config` the tower's tiny dimensions)."""
     _check_version(version)
     if tokenizer is None:
         tokenizer = _default_tokenizer(version)
     vocab = tokenizer.get_vocab()
     bos, eos, pad = _CONFIG_TOKENS[version]
     fields = json.loads(json.dumps(REFERENCE_CONFIGS[version]))
+    token_fields = {"vocab_size": len(tokenizer), "bos_token_id": vocab[bos], "eos_token_id": vocab[eos]}
+    if version == "2.0":
+        overrides = dict(overrides)
+        fields.update(TINY_FIELDS_V2, **token_fields)
+        fields.update({k: v for k, v in overrides.pop("slice_config", {}).items() if k in _FLAT_SLICE_FIELDS})
+        fields.update(overrides)
+        return fields
     if pad is not None:
         fields["pad_token_id"] = vocab.get(pad, 0)
     if "max_window_layers" in fields:  # Qwen2: sliding window (off) from this layer on; published: all layers
@@ -212,9 +292,6 @@ def tiny_config(tokenizer=None, version: str = "2.5", **overrides) -> MiniCPMVCo
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        vocab_size=len(tokenizer),
-        bos_token_id=vocab[bos],
-        eos_token_id=vocab[eos],
         query_num=16,
         torch_dtype="float32",
         slice_config={"max_slice_nums": 9, "patch_size": 14, "scale_resolution": 112},
@@ -226,11 +303,10 @@ def tiny_config(tokenizer=None, version: str = "2.5", **overrides) -> MiniCPMVCo
             "num_hidden_layers": 2,
             "patch_size": 14,
         },
+        **token_fields,
     )
     fields.update(overrides)
-    config = MiniCPMVConfig.from_dict(fields)
-    config.dtype = torch.float32
-    return config
+    return fields
 
 
 # `make demo`'s tiny model (`python -m finetune.build_tiny --demo`): the tiny config with a wider vision tower and
@@ -297,23 +373,33 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a random-weight tiny MiniCPM-V `version` checkpoint in the published layout: config.json,
     model.safetensors (fp32), the tokenizer files (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json; 2.6 also added_tokens.json), preprocessor_config.json, generation_config.json.
+    special_tokens_map.json; 2.6 also added_tokens.json), preprocessor_config.json (not 2.0, whose published
+    checkpoint has none), generation_config.json. 2.0's config.json holds the published fields only (its flat
+    layout, no "version"), with the tiny sizes and a `vision_config` of the tower's tiny dimensions.
     Deterministic in (seed, corpus, vocab_size, config_overrides, version)."""
     _check_version(version)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir, corpus=corpus, vocab_size=vocab_size, version=version)
-    config = tiny_config(tokenizer, version, **(config_overrides or {}))
+    fields = tiny_config_fields(tokenizer, version, **(config_overrides or {}))
+    config = _fp32_config(fields)
     model = build_tiny_model(config, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if version == "2.0":  # save_pretrained adds transformers' defaults: keep the published file's fields only
+        (out_dir / "config.json").write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
     write_sidecar_files(out_dir, config)
     return out_dir
 
 
 def write_sidecar_files(out_dir: str | Path, config: MiniCPMVConfig) -> None:
     """preprocessor_config.json and generation_config.json as the published model of the config's version has
-    them, with the config's slicing sizes and token ids."""
+    them, with the config's slicing sizes and token ids (2.0: generation_config.json only, as published)."""
     out_dir = Path(out_dir)
+    if version_of(config).name == "2.0":
+        generation = {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                      "eos_token_id": config.eos_token_id, "transformers_version": "4.36.0"}  # fmt: skip
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return
     settings = config.slice_settings
     preprocessor = dict(
         _PREPROCESSOR_CONFIGS[version_of(config).name],
@@ -389,9 +475,9 @@ def build_full_size_random(
     seed: int | None = 0,
     version: str = "2.5",
 ):
-    """The full-size MiniCPM-V `version` (MiniCPM-Llama3-V-2.5: 8.54 B parameters; MiniCPM-V 2.6: 8.10 B), or
-    the architecture `config` describes, with random weights, created directly on `device` in `dtype` (no CPU
-    copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
+    """The full-size MiniCPM-V `version` (MiniCPM-Llama3-V-2.5: 8.54 B parameters; MiniCPM-V 2.6: 8.10 B; MiniCPM-V
+    2.0: 3.43 B), or the architecture `config` describes, with random weights, created directly on `device` in
+    `dtype` (no CPU copy, no disk): seconds on a GPU. `device="meta"` gives shapes only. Returned in eval mode."""
     config = config if config is not None else full_size_config(version)
     device = torch.device(device)
     if seed is not None and device.type != "meta":

@@ -156,20 +156,24 @@ def build_tokenizer(
     version: str = "2.5",
 ) -> MiniCPMVTokenizerFast:
     """Build, save (tokenizer.json, tokenizer_config.json, special_tokens_map.json) and load back the tokenizer
-    of MiniCPM-V `version` ("2.5" here; "2.6": `tokenizer_v2_6.build_tokenizer_v2_6`, which ignores
-    model_max_length and writes the published value).
+    of MiniCPM-V `version` ("2.5" here; "2.6": `tokenizer_v2_6.build_tokenizer_v2_6`, "2.0":
+    `tokenizer_v2.build_tokenizer_v2`, which ignore model_max_length and write the published value).
 
     `corpus` defaults to the demo dataset's texts. With `out_dir=None` the files go to a temporary directory.
     The special tokens get ids base .. base+255, base = 256 + number of merges (at most vocab_size - 256).
     """
-    if version != "2.5":
+    if version == "2.6":
         from .tokenizer_v2_6 import build_tokenizer_v2_6
 
-        if version != "2.6":
-            raise ValueError(
-                f"version must be '2.5' or '2.6' (the MiniCPM-V versions with a demo tokenizer), got {version!r}"
-            )
         return build_tokenizer_v2_6(out_dir, corpus, vocab_size)
+    if version == "2.0":
+        from .tokenizer_v2 import build_tokenizer_v2
+
+        return build_tokenizer_v2(out_dir, corpus, vocab_size)
+    if version != "2.5":
+        raise ValueError(
+            f"version must be '2.5', '2.6' or '2.0' (the MiniCPM-V versions with a demo tokenizer), got {version!r}"
+        )
     if out_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             return build_tokenizer(tmp, corpus, vocab_size, model_max_length)
