@@ -82,6 +82,19 @@ def test_real_2_0_config_builds_exactly_the_published_tensors():
     assert sum(math.prod(shape) for shape in built.values()) == 3_434_965_792
 
 
+@pytest.mark.parametrize("version", ["2.0", "2.5", "2.6"])
+def test_every_tensor_is_created_on_the_device_the_model_is_built_on(version):
+    """Built under a device context (how the benchmarks make a full-size model straight on the GPU, and how
+    loaders build on the meta device), no parameter or buffer is left on the CPU: 2.0's query position table
+    was made from numpy, which ignores the device context."""
+    from finetune.synthetic import full_size_config
+
+    with torch.device("meta"):
+        model = MiniCPMV(full_size_config(version))
+    on_cpu = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not tensor.is_meta]
+    assert on_cpu == []
+
+
 def test_a_version_less_config_is_2_0_by_its_fields_and_2_5_otherwise():
     v2 = json.loads((REFERENCE / "config.json").read_text())
     assert "version" not in v2

@@ -123,7 +123,9 @@ class QueryPositionResampler(Resampler):
     def __init__(self, num_queries: int, embed_dim: int, kv_dim: int, eps: float = 1e-6):
         super().__init__(num_queries, embed_dim, kv_dim, eps)
         side = math.isqrt(num_queries)
-        self.pos_embed = nn.Parameter(self.query_grid_table(embed_dim, side), requires_grad=False)
+        # The table comes from numpy, which ignores a device context: place it where the model is being built.
+        table = self.query_grid_table(embed_dim, side).to(self.query.device)
+        self.pos_embed = nn.Parameter(table, requires_grad=False)
 
     @staticmethod
     def query_grid_table(embed_dim: int, side: int) -> torch.Tensor:
