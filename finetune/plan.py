@@ -3,7 +3,7 @@
     python -m finetune.plan --gpus 1 --gpu-mem 24 [--q_lora] [--tune-vision true|false] [--target-global-batch 16]
     python -m finetune.plan --gpus 2 --gpu-mem 80 --data train.json --model openbmb/MiniCPM-Llama3-V-2_5
     python -m finetune.plan --gpus 1 --gpu-mem 24 --model openbmb/MiniCPM-V-2_6     # or --version 2.6
-    python -m finetune.plan --gpus 1 --gpu-mem 24 --version 2.0                      # MiniCPM-V 2.0 (uncalibrated)
+    python -m finetune.plan --gpus 1 --gpu-mem 24 --version 2.0                      # MiniCPM-V 2.0
     python -m finetune.plan --gpus 1 --gpu-mem 24 --emit-args      # only the flags (AUTO=1 finetune_lora.sh)
     python -m finetune.plan --validate                              # predicted vs measured peaks (markdown)
 
@@ -40,16 +40,15 @@ parameter counts (weights, LoRA, resampler, vision tower, lm_head) and the vocab
 published architecture on the meta device; the activation constants are MiniCPM-Llama3-V-2.5's, scaled by the
 LLM's size (checkpointed: layers x hidden, the layer inputs kept; not checkpointed: layers x (hidden +
 intermediate), the tensors each layer saves), and the per-view vision constants by the vision tower's block
-count (`vision_scale`: the blocks each view runs through). The constants are fitted on 2.5's records only; the
+count (`vision_scale`: the blocks each view runs through). The constants are fitted on 2.5's records; the
 MiniCPM-V 2.6 predictions (Qwen2-7B: 28 layers of 3584, vocabulary 151,666, 64 queries; the same 27-block tower)
 are that fit scaled, checked against the 2.6 records (`*_v2_6`, one H200): within 2.2% with activation
 checkpointing, text and multimodal, and 16-25% over without it (the compiled speed mode saves less than the
 scaled constant says: the safe side). MiniCPM-V 2.0 (MiniCPM-2.4B: 40 layers of 2304, intermediate 5760,
-vocabulary 122,753; 3.43 B parameters in all) is the same fit scaled and is UNCALIBRATED until its peaks are
-measured: its LLM constants scale by its size as 2.6's do, and its vision constants by 26 blocks against 2.5's 27
-(each view of up to 32 x 32 patches at 448 px runs through the tower alone, not packed with other views, which
-the per-view constant, fitted on packed 2.5 views of the same size, does not model; its 64-query resampler of
-width 2304 is not scaled either).
+vocabulary 122,753; 3.43 B parameters in all) takes the same scaled LLM constants, checked on its text records
+(`*_v2_0`: within 4%), but its own per-view vision constants, fitted on its two multimodal records: its tower
+runs a micro-batch's views as one zero-padded frame under a key mask, 3.5x (tuned) and 3.2x (frozen) the bytes
+a view of 2.5's packed NaViT views.
 """
 
 from __future__ import annotations
@@ -117,6 +116,12 @@ class Constants:
     # tower (95.6e6 while it ran through it)
     vision_frozen_bytes_per_view: float = 44.4e6
     vision_nogc_bytes_per_view: float = 1.4e9  # tuned vision tower, not checkpointed: analytical, NOT measured
+    # MiniCPM-V 2.0's timm-style tower runs a micro-batch's views as one zero-padded frame under a key mask
+    # (vit.VisionTransformer), which takes far more a view than the NaViT tower's packed views: its own per-view
+    # constants, fitted on mm_upstream_v2_0 (tuned, checkpointed) and mm_lora_v2_0 (frozen). The tower is not
+    # checkpointed in 2.0's speed mode either way: vision_nogc_bytes_per_view, scaled, as for the others.
+    vision_gc_bytes_per_view_v2_0: float = 335e6
+    vision_frozen_bytes_per_view_v2_0: float = 140e6
     ds_bucket_elements: float = 2e8  # reduce_bucket_size of ds_config_zero2.json
     zero3_live_gib: float = 2.0  # ZeRO-3: gathered parameters in flight (embed / lm_head are 1 GiB each; analytical)
     # the same with ds_config_zero3_lean.json (max live / reuse 2e8 parameters): fitted on the pair that differs only
@@ -140,11 +145,9 @@ class Counts:
     vision_blocks: int  # the vision tower's blocks, as built (2.0 drops its last: drop_vision_last_layer)
 
 
-CALIBRATED_VERSION = "2.5"  # the version every measured peak of plan_calibration.json ran
+CALIBRATED_VERSION = "2.5"  # the version the constants were fitted on (2.0's per-view vision ones aside)
 # The versions whose full-size architecture the planner can count (finetune.synthetic holds their published configs).
 PLANNED_VERSIONS = ("2.5", "2.6", "2.0")
-# The versions whose predictions have been checked against measured peaks (plan_calibration.json's records).
-MEASURED_VERSIONS = ("2.5", "2.6")
 
 
 def published_config(version: str = CALIBRATED_VERSION):
@@ -252,9 +255,24 @@ class Setup:
     version: str = CALIBRATED_VERSION  # the MiniCPM-V version (VERSIONS' name); the constants are 2.5's, scaled
 
 
+def vision_bytes_per_view(setup: Setup, constants: Constants = CONSTANTS) -> float:
+    """Activation bytes a 448-px view adds (vision tower + trained resampler): 2.5's fitted constants, scaled by
+    `vision_scale` for 2.6; 2.0's own fitted ones where it has them (checkpointed tuned tower, frozen tower)."""
+    if setup.tune_vision and not setup.gradient_checkpointing:
+        return constants.vision_nogc_bytes_per_view * vision_scale(setup.version)
+    if setup.version == "2.0":
+        return (
+            constants.vision_gc_bytes_per_view_v2_0
+            if setup.tune_vision
+            else constants.vision_frozen_bytes_per_view_v2_0
+        )
+    per_view = constants.vision_gc_bytes_per_view if setup.tune_vision else constants.vision_frozen_bytes_per_view
+    return per_view * vision_scale(setup.version)
+
+
 def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
     """Predicted peak allocated GiB per GPU, by term (for 2.6: 2.5's fit scaled, checked on 2.6's records; for
-    2.0: 2.5's fit scaled, not yet checked)."""
+    2.0: the same, with its own per-view vision constants)."""
     c = parameter_counts(setup.version)
     n = setup.gpus if setup.zero_stage else 1
     lora = c.lora_per_rank * setup.lora_r
@@ -298,13 +316,7 @@ def predict(setup: Setup, constants: Constants = CONSTANTS) -> dict[str, float]:
         else constants.act_nogc_bytes_per_token * saved_scale
     )
     views = setup.micro_batch * setup.views_per_sample
-    if setup.tune_vision:
-        per_view = (
-            constants.vision_gc_bytes_per_view if setup.gradient_checkpointing else constants.vision_nogc_bytes_per_view
-        )
-    else:
-        per_view = constants.vision_frozen_bytes_per_view
-    activations = tokens * per_token + views * per_view * vision_scale(setup.version)
+    activations = tokens * per_token + views * vision_bytes_per_view(setup, constants)
     logits = (
         min(tokens, setup.loss_chunk) * (c.vocab // n if vocab_shards else c.vocab) * constants.logit_bytes_per_element
     )
@@ -456,10 +468,7 @@ def make_plan(
                     notes.append(f"8-bit AdamW states (bitsandbytes){needs}")
                 if slices != max_slice_nums:
                     notes.append(f"max_slice_nums lowered {max_slice_nums} -> {slices} to fit")
-                if version not in MEASURED_VERSIONS:
-                    notes.append(f"MiniCPM-V {version}: the {CALIBRATED_VERSION} calibration scaled to its sizes, "
-                                 "uncalibrated (no measured peak of this version yet)")  # fmt: skip
-                elif version != CALIBRATED_VERSION:
+                if version != CALIBRATED_VERSION:
                     notes.append(f"MiniCPM-V {version}: the {CALIBRATED_VERSION} calibration scaled to its sizes "
                                  "(checked on H200 peaks: python -m finetune.plan --validate)")  # fmt: skip
                 return Plan(True, setup, predicted, gpu_mem, accumulation, model_max_length, slices,

@@ -14,7 +14,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from finetune.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
-from finetune.plan import Setup, activation_scales, main, make_plan, parameter_counts, predict, vision_scale
+from finetune.plan import CONSTANTS, Setup, activation_scales, main, make_plan, parameter_counts, predict, vision_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_BIN = Path(sys.executable).parent
@@ -258,15 +258,17 @@ def test_validate_compares_every_shipped_measurement_with_its_prediction(capsys)
         predicted, measured, error = float(cells[2]), float(cells[3]), float(cells[4].rstrip("%"))
         assert cells[0] == measurement.name and predicted == round(predict(measurement.setup)["total"], 2)
         assert measured == round(measurement.peak_gib, 2), line
-        if measurement.setup.version == "2.6" and not measurement.setup.gradient_checkpointing:
+        version = measurement.setup.version
+        if version == "2.6" and not measurement.setup.gradient_checkpointing:
             assert 0 < error < 25, line
         else:
-            assert abs(error) < (3 if measurement.setup.version == "2.6" else 16), line
+            assert abs(error) < {"2.5": 16, "2.6": 3, "2.0": 5}[version], line
         if measurement.setup.zero_stage == 3:
             assert error > 0, line
     names = {m.name for m in measurements}
     assert {"upstream_8bit_c512", "lora_nf4_8bit_c512", "speed_mode", "mm_upstream", "lora_zero3_2gpus"} <= names
     assert {"upstream_adamw_v2_6", "mm_upstream_v2_6", "speed_mode_v2_6"} <= names
+    assert {"upstream_adamw_v2_0", "mm_upstream_v2_0", "mm_lora_v2_0", "speed_mode_v2_0"} <= names
 
 
 def test_a_calibration_file_given_on_the_command_line_is_read(tmp_path, capsys):
@@ -287,7 +289,7 @@ def test_a_calibration_file_given_on_the_command_line_is_read(tmp_path, capsys):
     )
 
 
-# --- MiniCPM-V 2.0 (uncalibrated: 2.5's constants scaled to its sizes) -----------------------------------------
+# --- MiniCPM-V 2.0 (2.5's LLM constants scaled to its sizes, its own per-view vision constants) ---------------
 
 REFERENCE_V2 = Path(__file__).resolve().parent / "reference_v2"
 
@@ -318,9 +320,17 @@ def test_2_0_activations_and_vision_scale_with_its_sizes():
     assert vision_scale("2.0") == pytest.approx(26 / 27) and vision_scale("2.5") == vision_scale("2.6") == 1.0
     v2_5, v2 = predict(Setup(views_per_sample=10.0)), predict(Setup(views_per_sample=10.0, version="2.0"))
     v2_5_text, v2_text = predict(Setup()), predict(Setup(version="2.0"))
+    # 2.0's own per-view constant (its padded-frame tower), not 2.5's scaled
     assert v2["activations"] - v2_text["activations"] == pytest.approx(
-        (v2_5["activations"] - v2_5_text["activations"]) * 26 / 27
+        10 * CONSTANTS.vision_gc_bytes_per_view_v2_0 / 1024**3
     )
+    assert CONSTANTS.vision_gc_bytes_per_view_v2_0 > 3 * CONSTANTS.vision_gc_bytes_per_view
+    frozen_v2_5 = predict(Setup(views_per_sample=10.0, tune_vision=False))["activations"] - v2_5_text["activations"]
+    frozen_v2_6 = (
+        predict(Setup(views_per_sample=10.0, tune_vision=False, version="2.6"))["activations"]
+        - predict(Setup(tune_vision=False, version="2.6"))["activations"]
+    )
+    assert frozen_v2_6 == pytest.approx(frozen_v2_5)  # the same tower: 2.5's constant unscaled
     assert v2_text["activations"] == pytest.approx(v2_5_text["activations"] * checkpointed)
     assert v2["logits"] == pytest.approx(2048 * 122_753 * 10 / 1024**3)
     assert v2["weights"] < v2_5["weights"] / 2
@@ -330,7 +340,7 @@ def test_plan_for_2_0_by_version_and_by_checkpoint(capsys):
     assert main(["--gpus", "1", "--gpu-mem", "24", "--version", "2.0"]) == 0
     by_version = capsys.readouterr().out
     assert "MiniCPM-V 2.0 (openbmb/MiniCPM-V-2 architecture)" in by_version
-    assert "uncalibrated" in by_version
+    assert "checked on H200 peaks" in by_version
     assert main(["--gpus", "1", "--gpu-mem", "24", "--model", str(REFERENCE_V2)]) == 0  # the published config.json
     assert capsys.readouterr().out == by_version
     plan = make_plan(1, 24, version="2.0")
