@@ -317,17 +317,23 @@ def test_multi_gpu_suites_smoke_run_their_rows_under_torchrun(workspace, tmp_pat
                       "multimodal: 2 GPUs / 1 GPU (samples/s)": "-"}  # fmt: skip
     check_ratios(record, ratios)
 
-    status, lines, record = smoke_run(["zero3", "--rows", "lora_zero3_2gpus"], workspace, tmp_path, capsys)
-    assert status == 0
-    check_header(lines, "zero3")
-    _, rows, _ = table(lines)
-    report = record["rows"][0]["report"]
-    assert list(rows) == ["lora_zero3_2gpus"] and report["world_size"] == 2 and not report["tune_vision"]
-    assert (
-        "ds_config_zero3_lean.json" in report["deepspeed"]
-        and report["optim"] == "adamw_bnb_8bit"
-        and report["vocab_sharded_loss"]
-    )
+
+def test_zero3_suite_rows_run_finetune_py_with_the_lean_config_and_8bit_states(tmp_path):
+    """The zero3 suite's rows take the scaling suite's torchrun path (run above); what is their own is
+    finetune.py's arguments, which its parser must read as the lean ZeRO-3 recipe. (That recipe trains on two
+    processes in tests/test_training.py.)"""
+    from bench.suites import SUITES, Run, trainer_argv
+    from finetune.arguments import parse_arguments
+
+    run = Run("zero3", smoke=True, gpus=2, work_dir=tmp_path)
+    run.workspace = prepare_workspace(tmp_path / "workspace", tiny=True, mm_samples=2, text_samples=2, checkpoint=False)
+    rows = {row.name: row for row in SUITES["zero3"].rows(2)}
+    assert set(rows) == {"upstream_zero3_2gpus", "lora_zero3_2gpus"}
+    for name, tuned in (("upstream_zero3_2gpus", True), ("lora_zero3_2gpus", False)):
+        assert rows[name].gpus == 2
+        _, _, training, _ = parse_arguments(trainer_argv(rows[name], run, tmp_path / "out"))
+        assert Path(training.deepspeed).name == "ds_config_zero3_lean.json"
+        assert training.optim == "adamw_bnb_8bit" and training.tune_vision is tuned
 
 
 def test_data_smoke_run_times_every_case_of_the_sample(tmp_path, capsys):

@@ -81,13 +81,29 @@ def test_installed_project_imports_from_any_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(ROOT / "finetune" / "__init__.py")
-    # The commands pyproject.toml declares are installed, and each answers --help from elsewhere.
+    # The commands pyproject.toml declares are installed, and each answers --help from elsewhere: one run as a
+    # command, every one through its installed entry point (what its script calls), in one process.
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"minicpmv-finetune", "minicpmv-merge", "minicpmv-check-data"} <= set(scripts)
-    for name in scripts:
-        command = subprocess.run([str(venv / "bin" / name), "--help"], capture_output=True, text=True, timeout=300,
-                                 cwd=elsewhere, env=clean_env())  # fmt: skip
-        assert command.returncode == 0 and "usage" in command.stdout.lower(), f"{name}: {command.stderr[-2000:]}"
+    assert all(os.access(venv / "bin" / name, os.X_OK) for name in scripts)
+    command = subprocess.run([str(venv / "bin" / "minicpmv-plan"), "--help"], capture_output=True, text=True,
+                             timeout=300, cwd=elsewhere, env=clean_env())  # fmt: skip
+    assert command.returncode == 0 and "usage" in command.stdout.lower(), command.stderr[-2000:]
+    answer_help = (
+        "import contextlib, io, sys\n"
+        "from importlib.metadata import entry_points\n"
+        "for entry in entry_points(group='console_scripts'):\n"
+        "    if not entry.name.startswith('minicpmv-'): continue\n"
+        "    sys.argv, out = [entry.name, '--help'], io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        entry.load()()\n"
+        "    print(entry.name, entry.value, 'usage' in out.getvalue().lower())\n"
+    )
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", answer_help], capture_output=True, text=True,
+                            timeout=300, cwd=elsewhere, env=clean_env())  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    answered = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert answered == {name: [target, "True"] for name, target in scripts.items()}
 
 
 # --- 2. the adapter snippet: from finetune/, the repository root, anywhere once installed ------------------------------
