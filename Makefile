@@ -6,7 +6,8 @@ VENV ?= .venv
 # A CPU machine gets the CPU build of torch; where a GPU exists, TORCH_SPEC can name any build.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_run
-# Test processes (pytest-xdist): 2 for a 2-core CPU machine like CI's; `make test TEST_WORKERS=N` on a larger one.
+# make test's processes (pytest-xdist): 2 for a 2-core CPU machine like CI's; `make test TEST_WORKERS=N` on a larger
+# one. (test-fast runs in one: its tests are quick, and each extra process builds the test models again.)
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint clean-demo
@@ -29,7 +30,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal tests
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
