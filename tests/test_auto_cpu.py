@@ -10,12 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import LAUNCHER, PYTHON_BIN
 
 from finetune.distributed import deepspeed_config
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = Path(sys.executable).parent
-LAUNCHER = ROOT / "finetune" / "finetune_lora.sh"
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 import finetune  # noqa: F401
 from finetune.chat import ChatError, build_prompt, chat, conversation, generation_config, load_image, load_model
 from finetune.dataset import DataSettings, SupervisedDataset, open_source, parse_record
 from finetune.evaluate import evaluate, exact_match, lcs_length, normalize, rouge_l, split_record, token_f1
 from finetune.model.image_processing import normalize_pixels
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # The prompt test must see every image syntax of the demo data: one image with / without marker, two images

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_args, free_port
+from helpers import PYTHON_BIN, ROOT, base_args, free_port
 from transformers import AutoModel
 
 import finetune  # noqa: F401
 from finetune.arguments import TrainingArguments, UsageError
 from finetune.train import train
 from finetune.trainer import MiniCPMVTrainer
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import base_args
+from helpers import ROOT, base_args
 from PIL import Image
 
 import finetune  # noqa: F401
@@ -20,7 +19,6 @@ from finetune.demo_report import format_table, question_of
 from finetune.synthetic import DEMO_CONFIG_OVERRIDES, build_tiny_checkpoint
 from finetune.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 LAST_LINE = re.compile(r"held-out exact match: base (\d\.\d{3}) -> fine-tuned (\d\.\d{3})")
 
 

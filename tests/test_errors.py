@@ -10,13 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import LAUNCHER, PYTHON_BIN
 
 from finetune.arguments import UsageError, parse_arguments
 from finetune.preflight import preflight
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = Path(sys.executable).parent
-LAUNCHER = ROOT / "finetune" / "finetune_lora.sh"
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from safetensors.torch import load_file
 
 gguf = pytest.importorskip("gguf")
@@ -31,8 +32,6 @@ from finetune.export import cli  # noqa: E402
 from finetune.gguf_export import GGUFExportError, export_gguf  # noqa: E402
 from finetune.merge import merge  # noqa: E402
 from finetune.model.resampler import sincos_2d_table  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

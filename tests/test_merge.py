@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import base_args
+from helpers import ROOT, base_args
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -28,7 +28,6 @@ from finetune.model.tokenization import SpecialTokens
 from finetune.synthetic import build_tiny_checkpoint
 from finetune.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 LORA_TARGET = r"llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight"
 
 

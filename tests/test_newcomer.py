@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 VENV = Path(sys.executable).parent.parent  # the venv running the tests stands for the Makefile's .venv
 

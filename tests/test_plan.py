@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import PYTHON_BIN, ROOT
 from transformers import HfArgumentParser
 
 from finetune.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from finetune.plan import CONSTANTS, Setup, activation_scales, main, make_plan, parameter_counts, predict, vision_scale
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")

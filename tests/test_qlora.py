@@ -15,14 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import base_args, path_flags
+from helpers import ROOT, base_args, path_flags
 
 import finetune.model_setup as model_setup
 import finetune.train as run
 from finetune.arguments import LoraArguments, ModelArguments, UsageError
 from finetune.model_setup import configure_trainable, load_model_and_tokenizer
-
-ROOT = Path(__file__).resolve().parent.parent
 
 try:
     import bitsandbytes as bnb

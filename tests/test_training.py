@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import base_args, free_port, training_flags
+from helpers import PYTHON_BIN, ROOT, base_args, free_port, training_flags
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
@@ -28,9 +28,6 @@ from finetune.model.attention import llm_attention, vision_attention
 from finetune.model.kernels import compiled_layer_count
 from finetune.model.tokenization import SpecialTokens
 from finetune.train import train
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")

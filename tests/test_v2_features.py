@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import base_args, free_port
+from helpers import LAUNCHER, ROOT, base_args, deepspeed_two_process_run, quick_launcher_env
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -32,10 +32,7 @@ from finetune.preflight import preflight
 from finetune.synthetic import build_tiny_checkpoint
 from finetune.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-LAUNCHER = ROOT / "finetune" / "finetune_lora.sh"
-PYTHON_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +69,6 @@ def data_v2(images_v2, tmp_path_factory) -> Path:
     return path
 
 
-def launcher_env(model: Path, data: Path, out: Path, **settings: str) -> dict:
-    """The launcher's environment for a quick CPU run: one process, no DeepSpeed, 2 steps; LLM_TYPE only if given."""
-    env = {name: value for name, value in os.environ.items() if name != "LLM_TYPE"}
-    env.update(MODEL=str(model), DATA=str(data), OUTPUT_DIR=str(out), MAX_STEPS="2", REPORT_TO="none",
-               SAVE_STEPS="100", GPUS_PER_NODE="1", DS_CONFIG="", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", **settings)  # fmt: skip
-    return env
-
-
 def sample_batch(tokenizer, config, data: Path) -> dict:
     """Every sample of DATA as one padded training batch (data + attention_mask)."""
     dataset = SupervisedDataset(DataSettings(str(data)), tokenizer, config)
@@ -105,7 +93,7 @@ def test_launcher_trains_2_0_with_llm_type_minicpm(model_v2, data_v2, tmp_path):
     from transformers import AutoModel
 
     out = tmp_path / "out"
-    env = launcher_env(model_v2, data_v2, out, LLM_TYPE="minicpm")
+    env = quick_launcher_env(model_v2, data_v2, out, LLM_TYPE="minicpm")
     result = subprocess.run(["sh", str(LAUNCHER), "--dataloader_num_workers", "0"], env=env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -117,7 +105,7 @@ def test_launcher_trains_2_0_with_llm_type_minicpm(model_v2, data_v2, tmp_path):
 
 @pytest.mark.slow
 def test_launcher_refuses_an_llm_type_of_another_version_before_torchrun(model_v2, data_v2, tmp_path):
-    env = launcher_env(model_v2, data_v2, tmp_path / "out", LLM_TYPE="qwen")
+    env = quick_launcher_env(model_v2, data_v2, tmp_path / "out", LLM_TYPE="qwen")
     result = subprocess.run(["sh", str(LAUNCHER)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     error = result.stderr.strip()
@@ -372,24 +360,7 @@ def test_deepspeed_trains_2_0_on_two_processes(model_v2, data_v2, tmp_path, stag
     from peft import PeftModel
     from transformers import AutoModel
 
-    out, report = tmp_path / "out", tmp_path / "report"
-    args = base_args(model_v2, data_v2, out, "--max_steps", "2", "--per_device_train_batch_size", "1",
-                     "--loss_chunk_size", "4", "--deepspeed", str(ROOT / "finetune" / f"ds_config_{stage}.json"))  # fmt: skip
-    command = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(ROOT / "finetune" / "finetune.py"), *args]  # fmt: skip
-    env = dict(
-        os.environ, FINETUNE_RUN_REPORT=str(report), PATH=f"{PYTHON_BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1"
-    )
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads(path.read_text()) for path in sorted(report.glob("rank*.json"))]
-    assert len(ranks) == 2
-    for rank in ranks:
-        assert rank["wrapper"] == "DeepSpeedEngine" and rank["num_processes"] == 2 and rank["global_step"] == 2
-    saved = load_file(out / "adapter_model.safetensors")
-    assert saved and all(tensor.numel() > 0 for tensor in saved.values())
-    assert any("q_proj.lora_A" in name for name in saved)
+    out = deepspeed_two_process_run(model_v2, data_v2, tmp_path, stage)
     PeftModel.from_pretrained(AutoModel.from_pretrained(model_v2, dtype=torch.float32), out)
 
 
