@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune.model import MiniCPMV, MiniCPMVConfig
+from finetune.model.configuration import PUBLISHED_AUTO_MAP
 from finetune.model.versions import version_of
 
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, build_tokenizer
@@ -26,11 +27,7 @@ REFERENCE_CONFIG: dict = {
     "architectures": ["MiniCPMV"],
     "attention_bias": False,
     "attention_dropout": 0.0,
-    "auto_map": {
-        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
-        "AutoModel": "modeling_minicpmv.MiniCPMV",
-        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
-    },
+    "auto_map": dict(PUBLISHED_AUTO_MAP),
     "batch_vision_input": True,
     "bos_token_id": 128000,
     "drop_vision_last_layer": False,
@@ -75,11 +72,7 @@ REFERENCE_CONFIG: dict = {
 REFERENCE_CONFIG_V2_6: dict = {
     "version": 2.6,
     "architectures": ["MiniCPMV"],
-    "auto_map": {
-        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
-        "AutoModel": "modeling_minicpmv.MiniCPMV",
-        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
-    },
+    "auto_map": dict(PUBLISHED_AUTO_MAP),
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
@@ -127,11 +120,7 @@ REFERENCE_CONFIG_V2: dict = {
     "architectures": ["MiniCPMV"],
     "attention_bias": False,
     "attention_dropout": 0.0,
-    "auto_map": {
-        "AutoConfig": "configuration_minicpm.MiniCPMVConfig",
-        "AutoModel": "modeling_minicpmv.MiniCPMV",
-        "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV",
-    },
+    "auto_map": dict(PUBLISHED_AUTO_MAP),
     "bos_token_id": 1,
     "dim_model_base": 256,
     "drop_vision_last_layer": True,
